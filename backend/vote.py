@@ -1,0 +1,66 @@
+"""Similarity-weighted vote of labelled neighbours, per choices field, with abstention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vectorstore import Neighbour
+
+# Cosine similarity can be ≤ 0 for unrelated images; such neighbours still count a little so
+# that a field with support never has zero total weight.
+_MIN_WEIGHT = 1e-6
+
+
+@dataclass(frozen=True)
+class FieldVote:
+    """The outcome for one choices field."""
+
+    field: str
+    label: str | None  # None: abstained
+    score: float  # the winner's share of the neighbours' weight (0 when no support)
+    support: int  # neighbours that carry a label for this field
+    weights: dict[str, float] = field(default_factory=dict)
+    abstain_reason: str | None = None
+
+    @property
+    def abstained(self) -> bool:
+        return self.label is None
+
+
+def vote(
+    neighbours: Sequence[Neighbour],
+    fields: Sequence[str],
+    *,
+    min_neighbours: int,
+    min_score: float,
+) -> dict[str, FieldVote]:
+    """Vote every field; abstain when support < min_neighbours or the share < min_score."""
+    out: dict[str, FieldVote] = {}
+    for name in fields:
+        weights: dict[str, float] = {}
+        support = 0
+        for neighbour in neighbours:
+            label = neighbour.labels.get(name)
+            if label is None:
+                continue
+            support += 1
+            weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
+        if not weights:
+            out[name] = FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours")
+            continue
+        # Ties go to the label name first in sort order, so results are reproducible.
+        winner = min(weights, key=lambda label: (-weights[label], label))
+        share = weights[winner] / sum(weights.values())
+        reason = None
+        if support < min_neighbours:
+            reason = f"only {support} labelled neighbours (minimum {min_neighbours})"
+        elif share < min_score:
+            reason = f"winner's share {share:.2f} below {min_score:.2f}"
+        out[name] = FieldVote(name, None if reason else winner, share, support, weights, reason)
+    return out
+
+
+def task_score(votes: dict[str, FieldVote]) -> float:
+    """The least certain field's share: sorting by it puts the most doubtful tasks first."""
+    return min((v.score for v in votes.values()), default=0.0)

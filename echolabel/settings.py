@@ -1,0 +1,185 @@
+"""One settings object, read once from the environment and validated with clear messages.
+
+Names follow Label Studio's ML-backend conventions where they exist (`LABEL_STUDIO_URL`,
+`LABEL_STUDIO_API_KEY`, `BASIC_AUTH_USER`, `MODEL_DIR`); the rest are prefixed `ECHOLABEL_`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    model_dir: Path = Path("./data")
+    weights_dir: Path | None = None
+    redis_url: str | None = None
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = None
+    encoder: str = "efficientnet_lite0"
+    device: str = "cpu"
+    batch_size: int = 16
+    top_k: int = 10
+    min_neighbours: int = 3
+    min_score: float = 0.5
+    exact_search_max_points: int = 50_000
+    image_allowed_hosts: tuple[str, ...] = ()
+    local_files_root: Path | None = None
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    fetch_timeout_s: float = 10.0
+    log_level: str = "WARNING"
+    log_json: bool = True
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def qdrant_path(self) -> Path:
+        return self.model_dir / "qdrant"
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.model_dir / "projects"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise ConfigError naming the bad variable."""
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        settings = cls(
+            label_studio_url=reader.url("LABEL_STUDIO_URL"),
+            label_studio_api_key=reader.text("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=reader.text("BASIC_AUTH_USER"),
+            basic_auth_pass=reader.text("BASIC_AUTH_PASS"),
+            model_dir=Path(reader.text("MODEL_DIR") or "./data").expanduser(),
+            weights_dir=reader.path("ECHOLABEL_WEIGHTS_DIR"),
+            redis_url=reader.url("REDIS_URL", schemes=("redis", "rediss", "unix")),
+            qdrant_url=reader.url("QDRANT_URL"),
+            qdrant_api_key=reader.text("QDRANT_API_KEY"),
+            encoder=reader.text("ECHOLABEL_ENCODER") or cls.encoder,
+            device=reader.choice("ECHOLABEL_DEVICE", ("auto", "cpu", "cuda"), cls.device),
+            batch_size=reader.integer("ECHOLABEL_BATCH_SIZE", cls.batch_size, minimum=1),
+            top_k=reader.integer("ECHOLABEL_TOP_K", cls.top_k, minimum=1),
+            min_neighbours=reader.integer("ECHOLABEL_MIN_NEIGHBOURS", cls.min_neighbours, 1),
+            min_score=reader.fraction("ECHOLABEL_MIN_SCORE", cls.min_score),
+            exact_search_max_points=reader.integer(
+                "ECHOLABEL_EXACT_SEARCH_MAX_POINTS", cls.exact_search_max_points, minimum=0
+            ),
+            image_allowed_hosts=reader.words("ECHOLABEL_IMAGE_ALLOWED_HOSTS"),
+            local_files_root=reader.path("ECHOLABEL_LOCAL_FILES_ROOT"),
+            max_image_bytes=reader.integer("ECHOLABEL_MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
+            max_image_pixels=reader.integer(
+                "ECHOLABEL_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1
+            ),
+            fetch_timeout_s=float(
+                reader.integer("ECHOLABEL_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1)
+            ),
+            log_level=reader.choice(
+                "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
+            ),
+            log_json=reader.flag("ECHOLABEL_LOG_JSON", cls.log_json),
+        )
+        if settings.basic_auth_user and not settings.basic_auth_pass:
+            raise ConfigError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty")
+        if settings.top_k < settings.min_neighbours:
+            raise ConfigError(
+                f"ECHOLABEL_MIN_NEIGHBOURS={settings.min_neighbours} exceeds "
+                f"ECHOLABEL_TOP_K={settings.top_k}: every field would abstain"
+            )
+        return settings
+
+    def describe(self) -> dict[str, object]:
+        """Settings as plain values with secrets masked, for logs and `/health`."""
+        secret = {"label_studio_api_key", "basic_auth_pass", "qdrant_api_key"}
+        out: dict[str, object] = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name in secret:
+                value = "***" if value else None
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return Path(value).expanduser() if value else None
+
+    def words(self, name: str) -> tuple[str, ...]:
+        value = self.text(name) or ""
+        return tuple(w.strip().lower() for w in value.replace(";", ",").split(",") if w.strip())
+
+    def url(self, name: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+            raise ConfigError(
+                f"{name}={value!r} is not a URL with scheme {'/'.join(schemes)} "
+                f"(example: {schemes[0]}://host:port)"
+            )
+        return value.rstrip("/")
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not an integer") from None
+        if number < minimum:
+            raise ConfigError(f"{name}={number} must be at least {minimum}")
+        return number
+
+    def fraction(self, name: str, default: float) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a number") from None
+        if not 0.0 <= number <= 1.0:
+            raise ConfigError(f"{name}={number} must be between 0 and 1")
+        return number
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.text(name)
+        if value is None:
+            return default
+        for option in options:
+            if value.lower() == option.lower():
+                return option
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(options)}")
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{name}={value!r} must be true or false")

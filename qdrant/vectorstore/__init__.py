@@ -1,0 +1,55 @@
+"""echolabel's vector store: Qdrant (in-process or server) plus an exact in-memory fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    Annotation,
+    CollectionInfo,
+    DimensionMismatchError,
+    Labels,
+    Neighbour,
+    Point,
+    StoreError,
+    TaskId,
+    VectorStore,
+    point_id,
+)
+from .exact import ExactIndex, ExactSearchStore
+from .qdrant_store import QdrantStore
+
+__all__ = [
+    "Annotation",
+    "CollectionInfo",
+    "DimensionMismatchError",
+    "ExactIndex",
+    "ExactSearchStore",
+    "Labels",
+    "Neighbour",
+    "Point",
+    "QdrantStore",
+    "StoreError",
+    "TaskId",
+    "VectorStore",
+    "open_store",
+    "point_id",
+]
+
+
+def open_store(
+    *,
+    path: Path | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    exact_max_points: int = 50_000,
+) -> QdrantStore | ExactSearchStore:
+    """The store for this deployment: a server when `url` is set, else in-process under `path`.
+
+    Only the in-process store gets the exact in-memory index: there this process is the only
+    writer, so the cache cannot go stale.
+    """
+    store = QdrantStore.open(path=path, url=url, api_key=api_key)
+    if store.local and exact_max_points > 0:
+        return ExactSearchStore(store, max_points=exact_max_points)
+    return store

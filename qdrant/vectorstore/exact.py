@@ -1,0 +1,207 @@
+"""Exact nearest-neighbour search over a project's labelled vectors, kept in memory.
+
+qdrant-client's in-process mode answers every query by a Python-level scan; for the small
+labelled sets a project starts with, one NumPy matmul (or a scipy cKDTree) over a cached matrix
+is much faster and gives the same neighbours. `bench/exact_search.py` measures both.
+
+The cache is only valid while this process is the store's sole writer, which is exactly the
+embedded deployment (the in-process Qdrant holds a file lock). With a Qdrant server, other
+processes write too, so `open_store` does not wrap a server store in this class.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .base import Annotation, CollectionInfo, Labels, Neighbour, Point, TaskId
+from .qdrant_store import QdrantStore
+
+Method = Literal["matmul", "kdtree"]
+
+
+class ExactIndex:
+    """Exact cosine top-k over L2-normalised rows, by matmul or by KD-tree.
+
+    On unit vectors Euclidean order equals cosine order (|a-b|² = 2 - 2·cos), so the KD-tree
+    answers the same question; similarity is recovered as 1 - d²/2.
+    """
+
+    def __init__(self, vectors: np.ndarray, method: Method = "matmul") -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.method = method
+        self._tree = cKDTree(self.vectors) if method == "kdtree" and len(self.vectors) else None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, cosine similarities) of the k nearest rows, best first."""
+        k = min(k, len(self.vectors))
+        if k <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        if self._tree is not None:
+            distances, rows = self._tree.query(query, k=k)
+            rows = np.atleast_1d(rows).astype(np.int64)
+            sims = 1.0 - np.square(np.atleast_1d(distances)) / 2.0
+            return rows, sims.astype(np.float32)
+        sims = self.vectors @ query
+        rows = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+        rows = rows[np.argsort(-sims[rows], kind="stable")]
+        return rows.astype(np.int64), sims[rows]
+
+
+@dataclass
+class _LabelledSet:
+    tasks: list[TaskId]
+    points: dict[TaskId, Point]
+    index: ExactIndex | None = None
+
+
+class ExactSearchStore:
+    """A QdrantStore whose `nearest` answers from an in-memory exact index while small.
+
+    Every write goes to Qdrant first; the affected points are then read back from it, so the
+    cache never holds anything Qdrant does not (one source of truth for merge rules).
+    """
+
+    def __init__(self, inner: QdrantStore, max_points: int, method: Method = "matmul") -> None:
+        self.inner = inner
+        self.max_points = max_points
+        self.method = method
+        self._cache: dict[str, _LabelledSet] = {}
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> object:
+        # Generation management, iteration and reads pass straight through.
+        return getattr(self.inner, name)
+
+    # -- writes keep the cache in step --------------------------------------------------------
+
+    def upsert(
+        self,
+        project: int | str,
+        encoder: str,
+        points: Sequence[Point],
+        collection: CollectionInfo | None = None,
+    ) -> None:
+        self.inner.upsert(project, encoder, points, collection=collection)
+        if collection is None:
+            self._refresh(project, [p.task for p in points])
+
+    def set_labels(
+        self,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+        collection: CollectionInfo | None = None,
+    ) -> bool:
+        found = self.inner.set_labels(project, task, labels, annotation, collection=collection)
+        if found and collection is None:
+            self._refresh(project, [task])
+        return found
+
+    def clear_labels(
+        self,
+        project: int | str,
+        annotation_id: int | str,
+        collection: CollectionInfo | None = None,
+    ) -> list[TaskId]:
+        tasks = self.inner.clear_labels(project, annotation_id, collection=collection)
+        if collection is None:
+            self._refresh(project, tasks)
+        return tasks
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        self.inner.switch_generation(project, target)
+        self.invalidate(project)
+
+    def drop_project(self, project: int | str) -> None:
+        self.inner.drop_project(project)
+        self.invalidate(project)
+
+    def invalidate(self, project: int | str) -> None:
+        with self._lock:
+            self._cache.pop(str(project), None)
+
+    def _refresh(self, project: int | str, tasks: Sequence[TaskId]) -> None:
+        with self._lock:
+            cached = self._cache.get(str(project))
+            if cached is None or not tasks:
+                return
+            fresh = self.inner.points(project, tasks)
+            for task in tasks:
+                point = fresh.get(task)
+                if point is not None and point.labelled:
+                    cached.points[task] = point
+                else:
+                    cached.points.pop(task, None)
+            cached.tasks = list(cached.points)
+            cached.index = None
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def nearest(
+        self,
+        project: int | str,
+        vector: np.ndarray,
+        k: int,
+        exclude: Sequence[TaskId] = (),
+        exact: bool = False,
+    ) -> list[Neighbour]:
+        with self._lock:
+            labelled = self._labelled_set(project)
+            if labelled is None:
+                return self.inner.nearest(project, vector, k, exclude, exact=exact)
+            if labelled.index is None:
+                matrix = (
+                    np.stack([labelled.points[t].vector for t in labelled.tasks])
+                    if labelled.tasks
+                    else np.empty((0, 0), dtype=np.float32)
+                )
+                labelled.index = ExactIndex(matrix, self.method)
+            index, tasks, points = labelled.index, labelled.tasks, labelled.points
+        excluded = set(exclude)
+        rows, sims = index.search(vector, k + len(excluded))
+        out = []
+        for row, sim in zip(rows, sims, strict=True):
+            task = tasks[row]
+            if task in excluded:
+                continue
+            point = points[task]
+            out.append(
+                Neighbour(task=task, similarity=float(sim), labels=point.labels, image=point.image)
+            )
+            if len(out) == k:
+                break
+        return out
+
+    def _labelled_set(self, project: int | str) -> _LabelledSet | None:
+        """The cached labelled set, loading it once; None when too big to serve exactly."""
+        key = str(project)
+        cached = self._cache.get(key)
+        if cached is None:
+            if self.inner.count(project, labelled=True) > self.max_points:
+                return None
+            points = {p.task: p for p in self.inner.iter_points(project, labelled=True)}
+            cached = self._cache[key] = _LabelledSet(tasks=list(points), points=points)
+        if len(cached.tasks) > self.max_points:
+            self._cache.pop(key, None)
+            return None
+        return cached
+
+    def iter_points(
+        self,
+        project: int | str,
+        labelled: bool | None = None,
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> Iterator[Point]:
+        return self.inner.iter_points(project, labelled, with_vectors, collection=collection)

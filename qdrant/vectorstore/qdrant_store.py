@@ -1,0 +1,491 @@
+"""The Qdrant store: in-process (`path=`) by default, a Qdrant server when a URL is given.
+
+Each project has an alias `<prefix>_p<project>` pointing at one *generation* collection
+`<prefix>_p<project>_g<n>`; re-embedding builds generation n+1 beside it and swaps the alias
+atomically. The collection's metadata records the encoder, weights and dimension, so vectors
+from another encoder are refused instead of silently mixed.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from .base import (
+    Annotation,
+    CollectionInfo,
+    DimensionMismatchError,
+    Labels,
+    Neighbour,
+    Point,
+    StoreError,
+    TaskId,
+    point_id,
+)
+
+_INDEXED_FIELDS = {
+    "project": models.PayloadSchemaType.KEYWORD,
+    "labelled": models.PayloadSchemaType.BOOL,
+    "annotation_id": models.PayloadSchemaType.KEYWORD,
+}
+_SCROLL_PAGE = 512
+
+
+class QdrantStore:
+    """VectorStore over qdrant-client; one instance per process."""
+
+    def __init__(self, client: QdrantClient, *, prefix: str = "echolabel", local: bool = False):
+        self._client = client
+        self._prefix = prefix
+        # qdrant-client's local mode is not thread-safe; a server client is.
+        self._lock: AbstractContextManager[object] = threading.RLock() if local else nullcontext()
+        self.local = local
+
+    @classmethod
+    def open(
+        cls, *, path: Path | None = None, url: str | None = None, api_key: str | None = None
+    ) -> QdrantStore:
+        """A server store when `url` is given, else an in-process store under `path`."""
+        if url:
+            return cls(QdrantClient(url=url, api_key=api_key, timeout=10), local=False)
+        if path is None:
+            raise StoreError("either a Qdrant URL (QDRANT_URL) or a storage path is required")
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            client = QdrantClient(path=str(path))
+        except RuntimeError as exc:
+            if "already accessed" in str(exc):
+                raise StoreError(
+                    f"the embedded Qdrant storage {path} is locked by another process: only one "
+                    "process may hold it (stop the other `echolabel` process, or run a Qdrant "
+                    "server and set QDRANT_URL)"
+                ) from exc
+            raise
+        return cls(client, local=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+    # -- collections and generations -------------------------------------------------------
+
+    def alias(self, project: int | str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(project))
+        return f"{self._prefix}_p{safe}"
+
+    def collection(self, project: int | str) -> CollectionInfo | None:
+        alias = self.alias(project)
+        with self._lock:
+            target = next(
+                (
+                    a.collection_name
+                    for a in self._client.get_aliases().aliases
+                    if a.alias_name == alias
+                ),
+                None,
+            )
+            if target is None:
+                return None
+            return self._info(project, target)
+
+    def generations(self, project: int | str) -> list[CollectionInfo]:
+        """Every generation collection of the project, live or being built."""
+        pattern = re.compile(re.escape(self.alias(project)) + r"_g(\d+)$")
+        with self._lock:
+            names = [c.name for c in self._client.get_collections().collections]
+            return sorted(
+                (self._info(project, n) for n in names if pattern.match(n)),
+                key=lambda info: info.generation,
+            )
+
+    def _info(self, project: int | str, name: str) -> CollectionInfo:
+        meta = self._client.get_collection(name).config.metadata or {}
+        try:
+            return CollectionInfo(
+                project=project,
+                encoder=str(meta["encoder"]),
+                dim=int(meta["dim"]),
+                weights_id=str(meta.get("weights_id", "")),
+                generation=int(meta["generation"]),
+                name=name,
+            )
+        except KeyError as exc:
+            raise StoreError(
+                f"collection {name} has no echolabel metadata ({exc.args[0]} missing): it was not "
+                "created by echolabel; remove it or use another ECHOLABEL collection prefix"
+            ) from None
+
+    def create_generation(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """A new, empty, not-yet-live generation collection for the project."""
+        with self._lock:
+            existing = self.generations(project)
+            generation = (existing[-1].generation + 1) if existing else 1
+            name = f"{self.alias(project)}_g{generation}"
+            self._client.create_collection(
+                name,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                metadata={
+                    "encoder": encoder,
+                    "dim": dim,
+                    "weights_id": weights_id,
+                    "generation": generation,
+                    "project": str(project),
+                },
+            )
+            if not self.local:  # local mode ignores payload indexes (and warns about them)
+                for field_name, schema in _INDEXED_FIELDS.items():
+                    self._client.create_payload_index(name, field_name, schema)
+            return self._info(project, name)
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        """Point the project's alias at `target` atomically, then drop older generations."""
+        alias = self.alias(project)
+        with self._lock:
+            current = self.collection(project)
+            operations: list[models.AliasOperations] = []
+            if current is not None:
+                operations.append(
+                    models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+                )
+            operations.append(
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(collection_name=target.name, alias_name=alias)
+                )
+            )
+            self._client.update_collection_aliases(change_aliases_operations=operations)
+            for old in self.generations(project):
+                if old.generation < target.generation:
+                    self._client.delete_collection(old.name)
+
+    def ensure_collection(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                info = self.create_generation(project, encoder, dim, weights_id)
+                self.switch_generation(project, info)
+            elif info.encoder != encoder or info.dim != dim:
+                raise DimensionMismatchError(
+                    f"project {project}'s collection {info.name} holds {info.encoder} vectors "
+                    f"({info.dim}-d), not {encoder} ({dim}-d): re-embed the project with "
+                    f"`echolabel reembed --project {project} --encoder {encoder}` or configure "
+                    f"ECHOLABEL_ENCODER={info.encoder}"
+                )
+            return info
+
+    def drop_project(self, project: int | str) -> None:
+        with self._lock:
+            alias = self.alias(project)
+            if self.collection(project) is not None:
+                self._client.update_collection_aliases(
+                    change_aliases_operations=[
+                        models.DeleteAliasOperation(
+                            delete_alias=models.DeleteAlias(alias_name=alias)
+                        )
+                    ]
+                )
+            for info in self.generations(project):
+                self._client.delete_collection(info.name)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        project: int | str,
+        encoder: str,
+        points: Sequence[Point],
+        collection: CollectionInfo | None = None,
+    ) -> None:
+        """Write points into the live collection (or into `collection`, a generation being built).
+
+        Labels stored from a newer annotation survive a re-upsert of the same task.
+        """
+        if not points:
+            return
+        with self._lock:
+            info = collection or self.collection(project)
+            if info is None:
+                raise StoreError(f"project {project} has no collection: call ensure_collection")
+            if info.encoder != encoder:
+                raise DimensionMismatchError(
+                    f"collection {info.name} holds {info.encoder} vectors; refusing {encoder} ones"
+                )
+            ids = [point_id(project, p.task) for p in points]
+            stored = {
+                str(r.id): r.payload or {}
+                for r in self._client.retrieve(info.name, ids=ids, with_payload=True)
+            }
+            structs = []
+            for pid, point in zip(ids, points, strict=True):
+                vector = np.asarray(point.vector, dtype=np.float32).reshape(-1)
+                if vector.shape[0] != info.dim:
+                    raise DimensionMismatchError(
+                        f"task {point.task}: vector has {vector.shape[0]} dimensions, collection "
+                        f"{info.name} ({info.encoder}) expects {info.dim}"
+                    )
+                payload = _payload(project, encoder, point)
+                previous = stored.get(pid)
+                if previous and previous.get("labelled") and not _replaces(point, previous):
+                    for key in ("labels", "labelled", "annotation_id", "annotation_updated_at"):
+                        payload[key] = previous.get(key)
+                structs.append(models.PointStruct(id=pid, vector=vector.tolist(), payload=payload))
+            self._client.upsert(info.name, points=structs, wait=True)
+
+    def set_labels(
+        self,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+        collection: CollectionInfo | None = None,
+    ) -> bool:
+        with self._lock:
+            info = collection or self.collection(project)
+            if info is None:
+                return False
+            pid = point_id(project, task)
+            found = self._client.retrieve(info.name, ids=[pid], with_payload=True)
+            if not found:
+                return False
+            previous = found[0].payload or {}
+            if _is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
+                return True  # a newer annotation is already stored: it wins
+            self._client.set_payload(
+                info.name,
+                payload={
+                    "labels": dict(labels),
+                    "labelled": bool(labels),
+                    "annotation_id": _key(annotation.id),
+                    "annotation_updated_at": annotation.updated_at,
+                },
+                points=[pid],
+                wait=True,
+            )
+            return True
+
+    def clear_labels(
+        self,
+        project: int | str,
+        annotation_id: int | str,
+        collection: CollectionInfo | None = None,
+    ) -> list[TaskId]:
+        with self._lock:
+            info = collection or self.collection(project)
+            if info is None:
+                return []
+            condition = models.Filter(
+                must=[
+                    models.FieldCondition(
+                        key="annotation_id", match=models.MatchValue(value=_key(annotation_id))
+                    )
+                ]
+            )
+            records = self._scroll(info.name, condition, with_vectors=False)
+            if not records:
+                return []
+            self._client.set_payload(
+                info.name,
+                payload={
+                    "labels": {},
+                    "labelled": False,
+                    "annotation_id": None,
+                    "annotation_updated_at": None,
+                },
+                points=[r.id for r in records],
+                wait=True,
+            )
+            return [(r.payload or {})["task"] for r in records]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def has_vectors(self, project: int | str, tasks: Sequence[TaskId]) -> set[TaskId]:
+        return set(self._retrieve(project, tasks, with_vectors=False))
+
+    def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
+        return {
+            task: np.asarray(record.vector, dtype=np.float32)
+            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
+        }
+
+    def points(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, Point]:
+        """Stored points (vector and payload) of these tasks."""
+        return {
+            task: _to_point(record)
+            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
+        }
+
+    def _retrieve(
+        self, project: int | str, tasks: Sequence[TaskId], with_vectors: bool
+    ) -> dict[TaskId, models.Record]:
+        if not tasks:
+            return {}
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return {}
+            by_id = {point_id(project, t): t for t in tasks}
+            records = self._client.retrieve(
+                info.name, ids=list(by_id), with_payload=True, with_vectors=with_vectors
+            )
+            return {by_id[str(r.id)]: r for r in records}
+
+    def nearest(
+        self,
+        project: int | str,
+        vector: np.ndarray,
+        k: int,
+        exclude: Sequence[TaskId] = (),
+        exact: bool = False,
+    ) -> list[Neighbour]:
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return []
+            must_not: list[models.Condition] = []
+            if exclude:
+                must_not.append(
+                    models.HasIdCondition(has_id=[point_id(project, t) for t in exclude])
+                )
+            result = self._client.query_points(
+                info.name,
+                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
+                query_filter=models.Filter(must=[_labelled(True)], must_not=must_not),
+                limit=k,
+                with_payload=True,
+                search_params=models.SearchParams(exact=exact),
+            )
+        return [
+            Neighbour(
+                task=(p.payload or {})["task"],
+                similarity=float(p.score),
+                labels=(p.payload or {}).get("labels") or {},
+                image=(p.payload or {}).get("image", ""),
+            )
+            for p in result.points
+        ]
+
+    def count(self, project: int | str, labelled: bool | None = None) -> int:
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return 0
+            condition = None if labelled is None else models.Filter(must=[_labelled(labelled)])
+            return self._client.count(info.name, count_filter=condition, exact=True).count
+
+    def iter_points(
+        self,
+        project: int | str,
+        labelled: bool | None = None,
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> Iterator[Point]:
+        info = collection or self.collection(project)
+        if info is None:
+            return
+        condition = None if labelled is None else models.Filter(must=[_labelled(labelled)])
+        offset = None
+        while True:
+            with self._lock:
+                records, offset = self._client.scroll(
+                    info.name,
+                    scroll_filter=condition,
+                    limit=_SCROLL_PAGE,
+                    offset=offset,
+                    with_payload=True,
+                    with_vectors=with_vectors,
+                )
+            for record in records:
+                yield _to_point(record)
+            if offset is None:
+                return
+
+    def _scroll(
+        self, name: str, condition: models.Filter, with_vectors: bool
+    ) -> list[models.Record]:
+        out: list[models.Record] = []
+        offset = None
+        while True:
+            records, offset = self._client.scroll(
+                name,
+                scroll_filter=condition,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=True,
+                with_vectors=with_vectors,
+            )
+            out.extend(records)
+            if offset is None:
+                return out
+
+
+def _labelled(value: bool) -> models.FieldCondition:
+    return models.FieldCondition(key="labelled", match=models.MatchValue(value=value))
+
+
+def _key(value: int | str | None) -> str | None:
+    """Annotation ids are stored as text so one keyword index serves int and str ids."""
+    return None if value is None else str(value)
+
+
+def _is_newer(stored: str | None, incoming: str | None) -> bool:
+    """True when the stored annotation time is strictly newer than the incoming one."""
+    return bool(stored and incoming and stored > incoming)
+
+
+def _replaces(point: Point, previous: dict[str, object]) -> bool:
+    """Whether a freshly written point's labels should replace the stored ones."""
+    if not point.labelled:
+        return False
+    stored_time = previous.get("annotation_updated_at")
+    return not _is_newer(
+        stored_time if isinstance(stored_time, str) else None, point.annotation.updated_at
+    )
+
+
+def _payload(project: int | str, encoder: str, point: Point) -> dict[str, object]:
+    payload: dict[str, object] = dict(point.extra)
+    payload.update(
+        {
+            "project": str(project),
+            "task": point.task,
+            "image": point.image,
+            "encoder": encoder,
+            "labels": dict(point.labels),
+            "labelled": point.labelled,
+            "annotation_id": _key(point.annotation.id),
+            "annotation_updated_at": point.annotation.updated_at,
+        }
+    )
+    return payload
+
+
+def _to_point(record: models.Record) -> Point:
+    payload = dict(record.payload or {})
+    vector = record.vector if isinstance(record.vector, list) else []
+    reserved = {
+        "project",
+        "task",
+        "image",
+        "encoder",
+        "labels",
+        "labelled",
+        "annotation_id",
+        "annotation_updated_at",
+    }
+    return Point(
+        task=payload["task"],
+        vector=np.asarray(vector, dtype=np.float32),
+        image=str(payload.get("image", "")),
+        labels=dict(payload.get("labels") or {}),
+        annotation=Annotation(payload.get("annotation_id"), payload.get("annotation_updated_at")),
+        extra={k: v for k, v in payload.items() if k not in reserved},
+    )
