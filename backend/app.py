@@ -1,0 +1,215 @@
+"""The HTTP app Label Studio talks to: /health, /setup, /predict, /webhook.
+
+We speak the ML-backend protocol ourselves instead of using `label-studio-ml` 1.0.9 (PyPI):
+it pins Flask 1.1.2 / werkzeug 2.0.2 and imports redis/rq without declaring them, and the
+maintained 2.x is not on PyPI. See README "Why not label-studio-ml".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from echolabel.images import ImageError
+from echolabel.settings import Settings
+from vectorstore import DimensionMismatchError, StoreError
+from workers.encoders import EncoderError
+
+from .inbox import WebhookInbox
+from .label_config import LabelConfigError, TaskError
+from .model import Services, SimilarityModel
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class RequestError(ValueError):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the app; `services` may be injected (tests), else built from settings at start."""
+    settings = settings or (services.settings if services else Settings.from_env())
+    state: dict[str, Any] = {}
+
+    def handle_webhook(payload: Mapping[str, Any]) -> object:
+        project = payload.get("project")
+        config = project.get("label_config") if isinstance(project, Mapping) else None
+        model = SimilarityModel(state["services"], project, config)
+        return model.fit(str(payload.get("action")), payload)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state["services"] = services or Services.from_settings(settings)
+        inbox = WebhookInbox(settings.model_dir / "webhooks", handle_webhook)
+        state["inbox"] = inbox
+        inbox.start()
+        try:
+            yield
+        finally:
+            inbox.stop()
+            if services is None:
+                state["services"].close()
+
+    app = FastAPI(title="echolabel", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.echolabel = state
+
+    @app.middleware("http")
+    async def basic_auth(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if settings.basic_auth_user and not _authorised(request, settings):
+            return JSONResponse(
+                {"error": "unauthorized", "detail": "basic auth required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="echolabel"'},
+            )
+        return await call_next(request)
+
+    async def errors(_: Request, exc: Exception) -> JSONResponse:
+        status, reason = _status_of(exc)
+        if status >= 500:
+            log.error("request failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return JSONResponse({"error": reason, "detail": str(exc)}, status_code=status)
+
+    # Specific classes only: a handler for bare Exception would also re-raise in Starlette.
+    for error_class in (
+        RequestError,
+        ImageError,
+        LabelConfigError,
+        TaskError,
+        StoreError,
+        EncoderError,
+    ):
+        app.add_exception_handler(error_class, errors)
+
+    @app.get("/health")
+    @app.get("/")
+    async def health() -> dict[str, Any]:
+        services: Services = state["services"]
+        inbox: WebhookInbox = state["inbox"]
+        return {
+            "status": "UP",
+            "model_class": "SimilarityModel",
+            "encoder": settings.encoder,
+            "store": "embedded" if services.store.local else "server",
+            "webhooks_pending": len(inbox.pending()),
+            "webhooks_failed": len(inbox.failed()),
+        }
+
+    @app.post("/setup")
+    async def setup(request: Request) -> dict[str, Any]:
+        body = await _json_object(request)
+        model = SimilarityModel(state["services"], body.get("project"), _config(body, "schema"))
+        return {"model_version": await run_in_threadpool(model.setup)}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        body = await _json_object(request)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError(422, "bad_request", "`tasks` must be a non-empty list of tasks")
+        project = body.get("project") or (
+            tasks[0].get("project") if isinstance(tasks[0], dict) else None
+        )
+        model = SimilarityModel(state["services"], project, _config(body, "label_config"))
+        outcome = await run_in_threadpool(model.predict, tasks, body.get("params"))
+        return {
+            "results": outcome.predictions,
+            "model_version": outcome.predictions[0]["model_version"],
+            "abstained": [{"task": t, "fields": f} for t, f in outcome.abstained.items()],
+            "errors": [
+                {"task": t, "error": e.reason, "detail": str(e)} for t, e in outcome.errors.items()
+            ],
+        }
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> dict[str, Any]:
+        body = await _json_object(request)
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise RequestError(422, "bad_request", "webhook body has no `action`")
+        known = {
+            "ANNOTATION_CREATED",
+            "ANNOTATION_UPDATED",
+            "ANNOTATIONS_CREATED",
+            "ANNOTATION_DELETED",
+            "ANNOTATIONS_DELETED",
+        }
+        if action not in known:
+            return {"status": "ignored", "action": action}
+        if body.get("project") is None:
+            raise RequestError(422, "bad_request", f"{action} webhook without `project`")
+        inbox: WebhookInbox = state["inbox"]
+        return {"status": "queued", "id": inbox.put(body)}
+
+    return app
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(
+            400, "malformed_json", f"request body is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(body, dict):
+        raise RequestError(422, "bad_request", "request body must be a JSON object")
+    return body
+
+
+def _config(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RequestError(422, "bad_request", f"`{key}` must be the label config XML as text")
+    return value
+
+
+def _status_of(exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, RequestError):
+        return exc.status, exc.reason
+    if isinstance(exc, ImageError):
+        return exc.status, exc.reason
+    if isinstance(exc, (LabelConfigError, TaskError)):
+        return 422, "bad_label_config" if isinstance(exc, LabelConfigError) else "bad_task"
+    if isinstance(exc, DimensionMismatchError):
+        return 409, "encoder_mismatch"
+    if isinstance(exc, (StoreError, EncoderError)):
+        return 503, "unavailable"
+    return 500, "internal_error"
+
+
+def _authorised(request: Request, settings: Settings) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return secrets.compare_digest(user, settings.basic_auth_user or "") and (
+        secrets.compare_digest(password, settings.basic_auth_pass or "")
+    )

@@ -1,0 +1,274 @@
+"""The similarity model: Label Studio's predict/fit, shaped like label_studio_ml 2.x.
+
+One `SimilarityModel` is built per request for one project (as label_studio_ml 2.x does) on top
+of process-wide `Services`: the store, the embedder with its loaded encoders, the image
+fetcher and the remembered label schemas.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from echolabel.images import ImageError, ImageFetcher
+from echolabel.settings import Settings
+from vectorstore import (
+    Annotation,
+    ExactSearchStore,
+    Neighbour,
+    QdrantStore,
+    TaskId,
+    open_store,
+)
+from workers.embedding import Embedder, EmbedResult, TaskImage
+
+from .label_config import LabelSchema, TaskError
+from .projects import ProjectRegistry, project_id
+from .vote import FieldVote, task_score, vote
+
+log = logging.getLogger(__name__)
+
+LABEL_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"}
+DELETE_EVENTS = {"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
+
+
+@dataclass
+class Services:
+    """Everything a process builds once: store, embedder, fetcher, project schemas."""
+
+    settings: Settings
+    store: QdrantStore | ExactSearchStore
+    embedder: Embedder
+    fetcher: ImageFetcher
+    projects: ProjectRegistry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            settings=settings,
+            store=open_store(
+                path=settings.qdrant_path,
+                url=settings.qdrant_url,
+                api_key=settings.qdrant_api_key,
+                exact_max_points=settings.exact_search_max_points,
+            ),
+            embedder=Embedder(
+                weights_dir=settings.weights_dir,
+                device=settings.device,
+                batch_size=settings.batch_size,
+            ),
+            fetcher=ImageFetcher(settings),
+            projects=ProjectRegistry(settings.projects_dir),
+        )
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@dataclass
+class Suggestion:
+    """The vote for one query and the neighbours behind it."""
+
+    votes: dict[str, FieldVote]
+    neighbours: list[Neighbour]
+
+    @property
+    def score(self) -> float:
+        return task_score(self.votes)
+
+
+@dataclass
+class PredictOutcome:
+    """One prediction per task, in order, plus what was abstained or refused."""
+
+    predictions: list[dict[str, Any]]
+    abstained: dict[TaskId, dict[str, str]] = field(default_factory=dict)
+    errors: dict[TaskId, ImageError] = field(default_factory=dict)
+
+
+class SimilarityModel:
+    """Suggests choices for a project's image tasks from their nearest labelled neighbours."""
+
+    def __init__(
+        self, services: Services, project: object, label_config: str | None = None
+    ) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.store = services.store
+        self.project = project_id(project)
+        self._label_config = label_config
+        self._schema: LabelSchema | None = None
+
+    @property
+    def schema(self) -> LabelSchema:
+        if self._schema is None:
+            self._schema = self.services.projects.schema(self.project, self._label_config)
+        return self._schema
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder of the project's live collection, else the configured one."""
+        info = self.store.collection(self.project)
+        return info.encoder if info else self.settings.encoder
+
+    @property
+    def model_version(self) -> str:
+        """Encoder + collection generation: changes exactly when suggestions' basis changes."""
+        info = self.store.collection(self.project)
+        if info is None:
+            return f"echolabel-{self.settings.encoder}-g1"
+        return f"echolabel-{info.encoder}-g{info.generation}"
+
+    def setup(self) -> str:
+        """Validate and remember the label config; cheap (Label Studio waits only 3 s)."""
+        _ = self.schema
+        return self.model_version
+
+    # -- predict -------------------------------------------------------------------------
+
+    def predict(
+        self, tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None = None
+    ) -> PredictOutcome:
+        """One prediction per task, in order; a task whose image fails gets an empty one.
+
+        Raises the image error when every task failed, so a single bad upload is a clear 4xx.
+        """
+        schema = self.schema
+        items = [TaskImage(task=_task_id(task), image=schema.image_ref(task)) for task in tasks]
+        vectors, errors = self.ensure_vectors(items)
+        if errors and len(errors) == len(items):
+            raise next(iter(errors.values()))
+        version = self.model_version
+        outcome = PredictOutcome(predictions=[], errors=errors)
+        for item in items:
+            vector = vectors.get(item.task)
+            if vector is None:
+                outcome.predictions.append({"result": [], "score": 0.0, "model_version": version})
+                continue
+            suggestion = self.suggest(vector, exclude=[item.task])
+            abstained = {
+                name: v.abstain_reason or "" for name, v in suggestion.votes.items() if v.abstained
+            }
+            if abstained:
+                outcome.abstained[item.task] = abstained
+            outcome.predictions.append(self._prediction(suggestion, version))
+        return outcome
+
+    def suggest(
+        self,
+        vector: np.ndarray,
+        exclude: Sequence[TaskId] = (),
+        exclude_images: Sequence[str] = (),
+    ) -> Suggestion:
+        """Vote of the top-k labelled neighbours, never counting the query itself."""
+        k = self.settings.top_k
+        neighbours = self.store.nearest(self.project, vector, k + len(exclude_images), exclude)
+        neighbours = [n for n in neighbours if n.image not in exclude_images][:k]
+        votes = vote(
+            neighbours,
+            self.schema.field_names,
+            min_neighbours=self.settings.min_neighbours,
+            min_score=self.settings.min_score,
+        )
+        return Suggestion(votes=votes, neighbours=neighbours)
+
+    def _prediction(self, suggestion: Suggestion, version: str) -> dict[str, Any]:
+        result = [
+            {
+                "from_name": choices.name,
+                "to_name": choices.to_name,
+                "type": "choices",
+                "value": {"choices": [suggestion.votes[choices.name].label]},
+                "score": round(suggestion.votes[choices.name].score, 4),
+            }
+            for choices in self.schema.fields
+            if not suggestion.votes[choices.name].abstained
+        ]
+        return {"result": result, "score": round(suggestion.score, 4), "model_version": version}
+
+    def ensure_vectors(
+        self, items: Sequence[TaskImage]
+    ) -> tuple[dict[TaskId, np.ndarray], dict[TaskId, ImageError]]:
+        """Stored vectors of these tasks, embedding (inline) the ones that have none."""
+        vectors = self.store.vectors(self.project, [i.task for i in items])
+        missing = [i for i in items if i.task not in vectors]
+        if not missing:
+            return vectors, {}
+        result = self.embed(missing)
+        vectors.update({p.task: np.asarray(p.vector, dtype=np.float32) for p in result.points})
+        return vectors, result.failures
+
+    def embed(self, items: Sequence[TaskImage]) -> EmbedResult:
+        """Embed and store these tasks with the project's encoder."""
+        name = self.encoder_name
+        encoder = self.services.embedder.encoder(name)
+        result = self.services.embedder.embed_tasks(name, items, self.services.fetcher.load)
+        if result.points:
+            self.store.ensure_collection(self.project, name, encoder.dim, encoder.weights_id)
+            self.store.upsert(self.project, name, result.points)
+        return result
+
+    # -- learn from annotations --------------------------------------------------------------
+
+    def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply one Label Studio webhook; returns what changed (for logs and tests)."""
+        if event in LABEL_EVENTS:
+            annotations = data.get("annotation") or data.get("annotations") or []
+            if isinstance(annotations, Mapping):
+                annotations = [annotations]
+            task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
+            return {"labelled": [self._learn(a, task) for a in annotations]}
+        if event in DELETE_EVENTS:
+            annotations = data.get("annotations") or data.get("annotation") or []
+            if isinstance(annotations, Mapping):
+                annotations = [annotations]
+            cleared: list[TaskId] = []
+            for annotation in annotations:
+                if isinstance(annotation, Mapping) and annotation.get("id") is not None:
+                    cleared += self.store.clear_labels(self.project, annotation["id"])
+            return {"cleared": cleared}
+        return {"ignored": event}
+
+    def _learn(self, annotation: Mapping[str, Any], task: Mapping[str, Any]) -> TaskId:
+        if not isinstance(annotation, Mapping) or "id" not in annotation:
+            raise TaskError("annotation webhook without an annotation id")
+        task_ref = annotation.get("task")
+        task_key = _task_id(task) if task else task_ref
+        if task_key is None:
+            raise TaskError(f"annotation {annotation['id']} names no task")
+        # A skipped task ("was_cancelled") carries no labels: it must not teach anything.
+        labels = (
+            {}
+            if annotation.get("was_cancelled")
+            else self.schema.labels_from_result(annotation.get("result") or [])
+        )
+        source = Annotation(
+            id=annotation["id"],
+            updated_at=annotation.get("updated_at") or annotation.get("created_at"),
+        )
+        if self.store.set_labels(self.project, task_key, labels, source):
+            return task_key
+        if not task:
+            raise TaskError(
+                f"annotation {annotation['id']}: task {task_key} is not embedded yet and the "
+                "webhook carries no task data to embed it from"
+            )
+        item = TaskImage(task_key, self.schema.image_ref(task), labels, source)
+        result = self.embed([item])
+        if result.failures:
+            raise result.failures[task_key]
+        return task_key
+
+
+def _task_id(task: Mapping[str, Any]) -> TaskId:
+    if not isinstance(task, Mapping):
+        raise TaskError(f"a task must be a JSON object, got {type(task).__name__}")
+    value = task.get("id")
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise TaskError(f"task without a valid `id` (keys present: {sorted(task)})")
+    return value

@@ -1,0 +1,243 @@
+"""`echolabel`: serve the backend, index a folder, predict one image, fetch weights."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from echolabel.logs import configure_logging
+from echolabel.settings import ConfigError, Settings
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".gif", ".webp"}
+INDEX_CHUNK = 64
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"echolabel: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        return int(args.run(args, settings) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI prints the reason, never a traceback, for known errors
+        from backend.label_config import LabelConfigError, TaskError
+        from echolabel.images import ImageError
+        from vectorstore import StoreError
+        from workers.encoders import EncoderError
+
+        if isinstance(
+            exc,
+            (
+                ImageError,
+                LabelConfigError,
+                TaskError,
+                StoreError,
+                EncoderError,
+                FileNotFoundError,
+                ValueError,
+            ),
+        ):
+            print(f"echolabel: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="echolabel",
+        description="Similarity-based pre-annotation for Label Studio. Configuration comes "
+        "from the environment (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, MODEL_DIR, ...).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Label Studio ML backend")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.set_defaults(run=_serve)
+
+    index = sub.add_parser("index", help="embed a folder of images into a project's collection")
+    index.add_argument("images", type=Path, help="folder of images")
+    index.add_argument("--labels", type=Path, help="CSV with an image column and label columns")
+    index.add_argument("--image-column", default="image", help="CSV column with the image path")
+    index.add_argument("--field", action="append", default=[], help="label column (repeatable)")
+    index.add_argument("--project", default="local", help="project id or name (default: local)")
+    index.add_argument("--limit", type=int, help="index only the first N images")
+    index.set_defaults(run=_index)
+
+    predict = sub.add_parser("predict", help="suggest labels for one image")
+    predict.add_argument("image", type=Path)
+    predict.add_argument("--project", default="local")
+    predict.set_defaults(run=_predict)
+
+    weights = sub.add_parser("weights", help="encoder weights")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
+    download = weights_sub.add_parser("download", help="download weights (needs internet)")
+    download.add_argument("encoder")
+    download.add_argument("--dir", type=Path, help="default: ECHOLABEL_WEIGHTS_DIR")
+    download.set_defaults(run=_download_weights)
+    listing = weights_sub.add_parser("list", help="list the registered encoders")
+    listing.set_defaults(run=_list_encoders)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from backend.app import create_app
+
+    print(
+        f"echolabel: serving on http://{args.host}:{args.port} "
+        f"(encoder {settings.encoder}, data in {settings.model_dir.resolve()}, "
+        f"store {'server ' + settings.qdrant_url if settings.qdrant_url else 'embedded'})",
+        file=sys.stderr,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _folder_tasks(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:
+    """(task id, image path, labels) for the folder, from the CSV when one is given."""
+    root: Path = args.images.resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{args.images} is not a folder of images")
+    if args.labels is None:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(p.relative_to(root).as_posix(), p, {}) for p in files]
+    with open(args.labels, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        for needed in [args.image_column, *args.field]:
+            if needed not in columns:
+                raise ValueError(f"{args.labels} has no column {needed!r}; columns: {columns}")
+        return [
+            (
+                row[args.image_column],
+                root / row[args.image_column],
+                {f: row[f] for f in args.field if row.get(f)},
+            )
+            for row in reader
+        ]
+
+
+def _index(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.label_config import ChoicesField, LabelSchema
+    from backend.model import Services, SimilarityModel
+    from workers.embedding import TaskImage
+
+    tasks = _folder_tasks(args)[: args.limit]
+    # The folder is the only place this command reads images from.
+    settings = dataclasses.replace(settings, local_files_root=args.images.resolve())
+    services = Services.from_settings(settings)
+    try:
+        if args.field:
+            classes = {
+                f: sorted({labels[f] for _, _, labels in tasks if f in labels}) for f in args.field
+            }
+            services.projects.save(
+                args.project,
+                LabelSchema(
+                    "image",
+                    "image",
+                    tuple(ChoicesField(f, "image", tuple(classes[f])) for f in args.field),
+                ),
+            )
+        model = SimilarityModel(services, args.project)
+        failures: dict[str, str] = {}
+        with tqdm(total=len(tasks), unit="img", desc=f"index {args.project}") as bar:
+            for start in range(0, len(tasks), INDEX_CHUNK):
+                chunk = [
+                    TaskImage(task=task, image=str(path), labels=labels)
+                    for task, path, labels in tasks[start : start + INDEX_CHUNK]
+                ]
+                result = model.embed(chunk)
+                failures.update({str(t): str(e) for t, e in result.failures.items()})
+                bar.update(len(chunk))
+        store = services.store
+        print(
+            json.dumps(
+                {
+                    "project": args.project,
+                    "points": store.count(args.project),
+                    "labelled": store.count(args.project, labelled=True),
+                    "failed": failures,
+                },
+                indent=2,
+            )
+        )
+        return 1 if failures and len(failures) == len(tasks) else 0
+    finally:
+        services.close()
+
+
+def _predict(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.model import Services, SimilarityModel
+
+    path = args.image.resolve()
+    settings = dataclasses.replace(settings, local_files_root=path.parent)
+    services = Services.from_settings(settings)
+    try:
+        model = SimilarityModel(services, args.project)
+        if services.store.collection(model.project) is None:
+            raise ValueError(
+                f"project {args.project} has no collection yet: run `echolabel index` first"
+            )
+        image = services.fetcher.load(str(path))
+        vector = services.embedder.embed_images(model.encoder_name, [image])[0]
+        suggestion = model.suggest(vector, exclude_images=[str(path)])
+        out: dict[str, Any] = {
+            "image": str(path),
+            "model_version": model.model_version,
+            "suggestions": {
+                name: {
+                    "label": v.label,
+                    "score": round(v.score, 4),
+                    "support": v.support,
+                    **({"abstained": v.abstain_reason} if v.abstained else {}),
+                }
+                for name, v in suggestion.votes.items()
+            },
+            "neighbours": [
+                {"task": n.task, "similarity": round(n.similarity, 4), "labels": dict(n.labels)}
+                for n in suggestion.neighbours
+            ],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    finally:
+        services.close()
+
+
+def _download_weights(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.encoders import default_weights_dir
+    from workers.encoders.weights import download_weights
+
+    target = args.dir or settings.weights_dir or default_weights_dir()
+    for path in download_weights(args.encoder, target):
+        print(path)
+    return 0
+
+
+def _list_encoders(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.encoders import available_encoders
+
+    for name in available_encoders():
+        print(name + ("  (default)" if name == settings.encoder else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""The HTTP protocol as Label Studio 1.23 uses it, driven through the real app."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from backend.app import create_app
+from tests.conftest import png_bytes
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
+<Choices name="plane" toName="image"><Choice value="a"/><Choice value="b"/></Choices></View>"""
+
+
+@pytest.fixture
+def images(settings):
+    """Ten dark and ten bright images under the local-files root."""
+    root = settings.local_files_root
+    paths = {}
+    for i in range(10):
+        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
+            path = root / f"{name}_{i}.png"
+            path.write_bytes(png_bytes((colour, colour, colour), pattern=i + 1))
+            paths[f"{name}_{i}"] = str(path)
+    return paths
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def task(task_id, image):
+    return {"id": task_id, "data": {"image": image}, "project": 7}
+
+
+def annotate(
+    client,
+    task_id,
+    image,
+    organ,
+    annotation_id,
+    updated="2026-01-01T00:00:00Z",
+    action="ANNOTATION_CREATED",
+):
+    body = {
+        "action": action,
+        "project": {"id": 7},
+        "task": task(task_id, image),
+        "annotation": {
+            "id": annotation_id,
+            "task": task_id,
+            "updated_at": updated,
+            "result": [
+                {
+                    "from_name": "organ",
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": [organ]},
+                }
+            ],
+        },
+    }
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200 and response.json()["status"] == "queued"
+
+
+def wait(client):
+    assert client.app.state.echolabel["inbox"].wait_idle(30)
+
+
+def store(client):
+    return client.app.state.echolabel["services"].store
+
+
+def setup_project(client):
+    response = client.post(
+        "/setup",
+        json={
+            "project": "7.1732000000",
+            "schema": CONFIG,
+            "hostname": "http://ls",
+            "access_token": "x",
+        },
+    )
+    assert response.status_code == 200
+    return response.json()["model_version"]
+
+
+def label_half(client, images):
+    for i in range(6):
+        annotate(client, 100 + i, images[f"dark_{i}"], "dark", 1000 + i)
+        annotate(client, 200 + i, images[f"bright_{i}"], "bright", 2000 + i)
+    wait(client)
+
+
+def test_health(client):
+    body = client.get("/health").json()
+    assert body["status"] == "UP" and body["store"] == "embedded"
+
+
+def test_setup_answers_model_version_and_refuses_bad_configs(client):
+    assert setup_project(client) == "echolabel-tiny-test-g1"
+    bad = client.post("/setup", json={"project": "8.1", "schema": "<View></View>"})
+    assert bad.status_code == 422 and "no <Image>" in bad.json()["detail"]
+    bad = client.post(
+        "/setup", json={"project": "8.1", "schema": '<View><Image name="i" value="$i"/></View>'}
+    )
+    assert bad.status_code == 422 and "no <Choices>" in bad.json()["detail"]
+
+
+def test_learns_from_webhooks_and_predicts_in_label_studio_shape(client, images):
+    version = setup_project(client)
+    label_half(client, images)
+    assert store(client).count(7, labelled=True) == 12
+    held_out = [
+        task(300 + 10 * i + j, images[f"{name}_{i}"])
+        for i in (7, 8, 9)
+        for j, name in enumerate(("dark", "bright"))
+    ]
+    response = client.post(
+        "/predict", json={"tasks": held_out, "project": "7.1", "label_config": CONFIG, "params": {}}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["results"]) == len(held_out)
+    for sent, prediction in zip(held_out, body["results"], strict=True):
+        expected = "dark" if "dark" in sent["data"]["image"] else "bright"
+        organ = [r for r in prediction["result"] if r["from_name"] == "organ"]
+        assert organ == [
+            {
+                "from_name": "organ",
+                "to_name": "image",
+                "type": "choices",
+                "value": {"choices": [expected]},
+                "score": organ[0]["score"],
+            }
+        ]
+        assert prediction["model_version"] == version
+        assert 0.5 <= prediction["score"] <= 1.0 or prediction["score"] == 0.0
+    # No neighbour carries a plane label: that field is abstained and reported, not guessed.
+    assert all(not any(r["from_name"] == "plane" for r in p["result"]) for p in body["results"])
+    assert {a["task"] for a in body["abstained"]} == {t["id"] for t in held_out}
+    assert all("no labelled neighbours" in a["fields"]["plane"] for a in body["abstained"])
+
+
+def test_prediction_never_counts_the_task_itself(client, images):
+    setup_project(client)
+    label_half(client, images)
+    body = client.post(
+        "/predict", json={"tasks": [task(100, images["dark_0"])], "project": 7}
+    ).json()
+    model = client.app.state.echolabel["services"]
+    neighbours = model.store.nearest(7, model.store.vectors(7, [100])[100], 10, exclude=[100])
+    assert 100 not in [n.task for n in neighbours]
+    assert body["results"][0]["result"][0]["value"]["choices"] == ["dark"]
+
+
+def test_newest_annotation_wins_and_deletion_clears(client, images):
+    setup_project(client)
+    annotate(client, 1, images["dark_0"], "bright", 11, "2026-01-02T00:00:00Z")
+    annotate(
+        client, 1, images["dark_0"], "dark", 10, "2026-01-01T00:00:00Z", action="ANNOTATION_UPDATED"
+    )
+    wait(client)
+    points = list(store(client).iter_points(7))
+    assert len(points) == 1 and points[0].labels == {"organ": "bright"}
+    client.post(
+        "/webhook",
+        json={"action": "ANNOTATIONS_DELETED", "project": {"id": 7}, "annotations": [{"id": 11}]},
+    )
+    wait(client)
+    assert store(client).count(7, labelled=True) == 0
+    assert store(client).count(7) == 1  # the vector stays; only labels go
+
+
+def test_retried_webhook_creates_no_duplicate(client, images):
+    setup_project(client)
+    for _ in range(3):
+        annotate(client, 1, images["dark_0"], "dark", 10)
+    wait(client)
+    assert store(client).count(7) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "reason"),
+    [
+        (b"", 422, "empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 422, "not_an_image"),
+        (png_bytes(40)[:60], 422, "corrupt"),
+        (b"<html><body>Login</body></html>", 422, "not_an_image"),
+        (b"%PDF-1.4 not an image", 422, "not_an_image"),
+        (b"x" * 300_000, 413, "too_large"),
+    ],
+)
+def test_bad_images_get_clear_errors_and_change_nothing(client, settings, content, status, reason):
+    setup_project(client)
+    path = settings.local_files_root / "bad.png"
+    path.write_bytes(content)
+    response = client.post("/predict", json={"tasks": [task(5, str(path))], "project": 7})
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == reason
+    assert store(client).count(7) == 0
+
+
+def test_decompression_bomb_is_refused(client, settings):
+    setup_project(client)
+    path = settings.local_files_root / "bomb.png"
+    Image.new("1", (5000, 5000)).save(path)  # small file, 25 Mpx > the 1 Mpx bound
+    assert path.stat().st_size < 200_000
+    response = client.post("/predict", json={"tasks": [task(5, str(path))], "project": 7})
+    assert response.status_code == 413 and response.json()["error"] == "too_many_pixels"
+
+
+def test_one_bad_image_in_a_batch_fails_only_its_task(client, images, settings):
+    setup_project(client)
+    bad = settings.local_files_root / "bad.png"
+    bad.write_bytes(b"not an image")
+    response = client.post(
+        "/predict",
+        json={
+            "project": 7,
+            "tasks": [task(1, images["dark_0"]), task(2, str(bad)), task(3, images["bright_0"])],
+        },
+    )
+    body = response.json()
+    assert response.status_code == 200 and len(body["results"]) == 3
+    assert body["results"][1] == {
+        "result": [],
+        "score": 0.0,
+        "model_version": body["model_version"],
+    }
+    assert body["errors"] == [
+        {"task": 2, "error": "not_an_image", "detail": body["errors"][0]["detail"]}
+    ]
+    assert store(client).count(7) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 422, "JSON object"),
+        (b'{"tasks": "x", "project": 7}', 422, "non-empty list"),
+        (b'{"tasks": [{"data": {"image": "/x.png"}}], "project": 7}', 422, "valid `id`"),
+        (b'{"tasks": [{"id": 1, "data": {"img": "/x.png"}}], "project": 7}', 422, "data.image"),
+        (
+            b'{"tasks": [{"id": 1, "data": {"image": "/x.png"}}], "project": 99}',
+            422,
+            "no label config",
+        ),
+        (b'{"tasks": [{"id": 1, "data": {"image": "ftp://h/x.png"}}], "project": 7}', 403, "ftp"),
+    ],
+)
+def test_malformed_requests(client, body, status, text):
+    setup_project(client)
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert text in response.json()["detail"]
+    assert store(client).count(7) == 0
+
+
+def test_webhook_validation(client):
+    assert client.post("/webhook", content=b"{oops").status_code == 400
+    assert client.post("/webhook", json={"project": {"id": 7}}).status_code == 422
+    ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 7}})
+    assert ignored.json() == {"status": "ignored", "action": "PROJECT_UPDATED"}
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 422
+
+
+def test_failed_webhook_is_kept_with_its_reason(client):
+    setup_project(client)
+    client.post(
+        "/webhook",
+        json={
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 7},
+            "annotation": {"id": 5, "task": 1, "result": []},
+        },
+    )
+    wait(client)
+    inbox = client.app.state.echolabel["inbox"]
+    assert len(inbox.failed()) == 1
+    reason = next(inbox.failed_dir.glob("*.error.txt")).read_text()
+    assert "not embedded yet" in reason
+    assert client.get("/health").json()["webhooks_failed"] == 1
+
+
+def test_webhooks_left_on_disk_are_replayed_at_start(settings, images):
+    with TestClient(create_app(settings)) as first:
+        setup_project(first)
+        inbox = first.app.state.echolabel["inbox"]
+        inbox.stop()  # as if the process died before handling it
+        annotate(first, 1, images["dark_0"], "dark", 10)
+        assert len(inbox.pending()) == 1
+    with TestClient(create_app(settings)) as second:
+        wait(second)
+        assert store(second).count(7, labelled=True) == 1
+
+
+def test_basic_auth(settings):
+    secured = dataclasses.replace(settings, basic_auth_user="ls", basic_auth_pass="s3cret")
+    with TestClient(create_app(secured)) as client:
+        assert client.get("/health").status_code == 401
+        token = base64.b64encode(b"ls:wrong").decode()
+        assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 401
+        token = base64.b64encode(b"ls:s3cret").decode()
+        assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 200
+
+
+def test_body_size_limit(client, monkeypatch):
+    import backend.app
+
+    monkeypatch.setattr(backend.app, "MAX_BODY_BYTES", 100)
+    response = client.post("/predict", content=b"{" + b" " * 200 + b"}")
+    assert response.status_code == 413

@@ -1,0 +1,104 @@
+"""Turning tasks into stored points: load images, embed them in batches, build store points.
+
+Used inline by the backend (embedded deployment), by the CLI, and by RQ jobs; it holds each
+encoder once per process and runs one inference at a time, because threads racing for two
+cores are slower than one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from echolabel.images import ImageError
+from vectorstore import Annotation, Point, TaskId
+from workers.encoders import Encoder, load_encoder
+
+log = logging.getLogger(__name__)
+
+ImageLoader = Callable[[str], Image.Image]
+
+
+@dataclass(frozen=True)
+class TaskImage:
+    """A task to embed: its id, image reference, and labels if it is already annotated."""
+
+    task: TaskId
+    image: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotation: Annotation = field(default_factory=Annotation)
+
+
+@dataclass
+class EmbedResult:
+    points: list[Point] = field(default_factory=list)
+    failures: dict[TaskId, ImageError] = field(default_factory=dict)
+
+
+class Embedder:
+    """Keeps loaded encoders for the life of the process and serialises inference."""
+
+    def __init__(self, *, weights_dir: Path | None, device: str = "cpu", batch_size: int = 16):
+        self.weights_dir = weights_dir
+        self.device = device
+        self.batch_size = batch_size
+        self._encoders: dict[str, Encoder] = {}
+        self._load_lock = threading.Lock()
+        self._inference_lock = threading.Lock()
+        self.loads = 0  # how many times an encoder was loaded (workers prove "once" with it)
+
+    def encoder(self, name: str) -> Encoder:
+        with self._load_lock:
+            if name not in self._encoders:
+                log.info("loading encoder", extra={"encoder": name, "device": self.device})
+                self._encoders[name] = load_encoder(
+                    name,
+                    weights_dir=self.weights_dir,
+                    device=self.device,
+                    batch_size=self.batch_size,
+                )
+                self.loads += 1
+            return self._encoders[name]
+
+    def embed_images(self, encoder_name: str, images: Sequence[Image.Image]) -> np.ndarray:
+        encoder = self.encoder(encoder_name)
+        with self._inference_lock:
+            return encoder.embed(images)
+
+    def embed_tasks(
+        self, encoder_name: str, tasks: Sequence[TaskImage], load_image: ImageLoader
+    ) -> EmbedResult:
+        """Points for every task whose image loads; a bad image fails only its own task."""
+        result = EmbedResult()
+        for start in range(0, len(tasks), self.batch_size):
+            batch = tasks[start : start + self.batch_size]
+            loaded: list[tuple[TaskImage, Image.Image]] = []
+            for item in batch:
+                try:
+                    loaded.append((item, load_image(item.image)))
+                except ImageError as exc:
+                    log.warning(
+                        "image refused",
+                        extra={"task": item.task, "reason": exc.reason, "error": str(exc)},
+                    )
+                    result.failures[item.task] = exc
+            if not loaded:
+                continue
+            vectors = self.embed_images(encoder_name, [image for _, image in loaded])
+            for (item, _), vector in zip(loaded, vectors, strict=True):
+                result.points.append(
+                    Point(
+                        task=item.task,
+                        vector=vector,
+                        image=item.image,
+                        labels=dict(item.labels),
+                        annotation=item.annotation,
+                    )
+                )
+        return result
