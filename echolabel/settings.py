@@ -34,7 +34,7 @@ class Settings:
     top_k: int = 10
     min_neighbours: int = 3
     min_score: float = 0.5
-    exact_search_max_points: int = 50_000
+    exact_search_max_points: int = 100_000
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
     max_image_bytes: int = 20 * 1024 * 1024

@@ -42,7 +42,7 @@ def open_store(
     path: Path | None = None,
     url: str | None = None,
     api_key: str | None = None,
-    exact_max_points: int = 50_000,
+    exact_max_points: int = 100_000,
 ) -> QdrantStore | ExactSearchStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 

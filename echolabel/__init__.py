@@ -1,0 +1,1 @@
+"""echolabel: similarity-based pre-annotation ML backend for Label Studio."""

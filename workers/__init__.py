@@ -1,0 +1,1 @@
+"""Background workers: embedding images and keeping the vector store in step with Label Studio."""
