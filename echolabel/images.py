@@ -118,7 +118,7 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Ima
     except Exception as exc:
         raise _corrupt(where, exc) from exc
     try:
-        return _to_rgb(image)
+        return to_rgb(image)
     except ValueError as exc:
         raise ImageError(
             "not_an_image",
@@ -420,7 +420,15 @@ class ImageFetcher:
 # --- Pillow images ---------------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: the one conversion decoding and encoders share.
+
+    Wide greyscale (16/32-bit, float) is stretched from its own min to max, since medical
+    images often use part of the range (12-bit data in 16-bit containers); transparent pixels
+    become black, the background of ultrasound and most medical images.
+    """
+    if image.mode == "RGB":
+        return image
     if image.mode in _HIGH_BIT_MODES:
         grey = _to_uint8(np.asarray(image))
         return Image.fromarray(grey).convert("RGB")

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_ENCODER = "efficientnet_lite0"
+from echolabel.images import to_rgb
 
-# Modes whose pixels are wider than 8 bits; PIL's convert("RGB") clips them at 255.
-_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+DEFAULT_ENCODER = "efficientnet_lite0"
 
 
 @runtime_checkable
@@ -130,28 +129,6 @@ def file_id(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:12]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    Wide greyscale (16-bit, 32-bit, float) is stretched from its own min to max, since medical
-    images often use only part of the range (12-bit data in 16-bit containers). Transparent
-    pixels are composited onto black, the background of ultrasound and most medical images.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _WIDE_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        grey = np.round((pixels - low) * scale).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 @contextmanager
