@@ -28,7 +28,6 @@ class WebhookInbox:
         self.failed_dir = directory / "failed"
         self._handle = handle
         self._wake = threading.Event()
-        self._idle = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -40,7 +39,6 @@ class WebhookInbox:
         tmp = self.directory / f".{name}.tmp"
         tmp.write_text(json.dumps(payload))
         os.replace(tmp, self.directory / f"{name}.json")
-        self._idle.clear()
         self._wake.set()
         return name
 
@@ -66,10 +64,11 @@ class WebhookInbox:
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every pending payload was handled (for tests and graceful shutdown)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.pending() and self._idle.wait(0.05):
-                return True
-        return not self.pending()
+        while self.pending():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)  # a poll, not a spin: the handler thread needs the GIL
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -79,8 +78,6 @@ class WebhookInbox:
                 if self._stop.is_set():
                     return
                 self.process(path)
-            if not self.pending():
-                self._idle.set()
 
     def process(self, path: Path) -> None:
         """Handle one stored payload; on failure keep it in failed/ with the reason."""

@@ -1,0 +1,16 @@
+# One image for the backend (and, later, the RQ workers): same code, selected by env vars.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY backend backend
+COPY workers workers
+COPY qdrant qdrant
+COPY echolabel echolabel
+RUN pip install .
+# Weights for encoders other than the packaged default go here (see README "Weights").
+ENV MODEL_DIR=/data ECHOLABEL_WEIGHTS_DIR=/weights
+VOLUME ["/data", "/weights"]
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
+CMD ["echolabel", "serve", "--host", "0.0.0.0", "--port", "9090"]

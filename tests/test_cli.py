@@ -1,0 +1,89 @@
+"""The `echolabel` CLI: index a folder with a labels CSV, then predict one image."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from echolabel.cli import main
+from tests.conftest import TINY_ENCODER, png_bytes
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = ["image,finding,split"]
+    for i in range(8):
+        for name, colour in (("dark", 25 + i), ("bright", 225 - i)):
+            (root / f"{name}_{i}.png").write_bytes(png_bytes((colour,) * 3, pattern=i + 1))
+            lines.append(f"{name}_{i}.png,{name},train")
+    (root / "broken.png").write_bytes(b"not an image")
+    lines.append("broken.png,dark,train")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)
+    monkeypatch.setenv("ECHOLABEL_MIN_NEIGHBOURS", "2")
+
+
+def test_index_then_predict(folder, tmp_path, capsys):
+    code = main(
+        [
+            "index",
+            str(folder),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--field",
+            "finding",
+            "--project",
+            "demo",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads(out.out)
+    assert summary["points"] == 16 and summary["labelled"] == 16
+    assert list(summary["failed"]) == ["broken.png"]
+    assert "index demo" in out.err  # the progress bar
+
+    query = tmp_path / "query.png"
+    query.write_bytes(png_bytes((30, 30, 30), pattern=3))
+    assert main(["predict", str(query), "--project", "demo"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["suggestions"]["finding"]["label"] == "dark"
+    assert len(result["neighbours"]) == 10
+    assert result["model_version"] == "echolabel-tiny-test-g1"
+
+
+def test_predict_excludes_the_indexed_image_itself(folder, tmp_path, capsys):
+    main(["index", str(folder), "--labels", str(tmp_path / "labels.csv"), "--field", "finding"])
+    capsys.readouterr()
+    assert main(["predict", str(folder / "dark_0.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(n["task"] != "dark_0.png" for n in result["neighbours"])
+
+
+def test_clear_errors(folder, tmp_path, capsys, monkeypatch):
+    assert main(["predict", str(tmp_path / "none.png"), "--project", "empty"]) == 1
+    assert "no collection yet" in capsys.readouterr().err
+    assert (
+        main(["index", str(folder), "--labels", str(tmp_path / "labels.csv"), "--field", "organ"])
+        == 1
+    )
+    assert "no column 'organ'" in capsys.readouterr().err
+    monkeypatch.setenv("ECHOLABEL_TOP_K", "zero")
+    assert main(["weights", "list"]) == 2
+    assert "ECHOLABEL_TOP_K='zero' is not an integer" in capsys.readouterr().err
+
+
+def test_weights_list_marks_the_default(capsys, monkeypatch):
+    monkeypatch.delenv("ECHOLABEL_ENCODER")
+    assert main(["weights", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "efficientnet_lite0  (default)" in lines and "dreamsim" in lines

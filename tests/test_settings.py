@@ -1,0 +1,55 @@
+"""Settings: read once from the environment, validated with messages naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from echolabel.settings import ConfigError, Settings
+
+
+def test_defaults_are_the_embedded_deployment():
+    settings = Settings.from_env({})
+    assert settings.redis_url is None and settings.qdrant_url is None
+    assert settings.encoder == "efficientnet_lite0" and settings.top_k == 10
+    assert settings.qdrant_path == Path("data/qdrant")
+
+
+def test_values_are_parsed():
+    settings = Settings.from_env(
+        {
+            "LABEL_STUDIO_URL": "http://ls:8080/",
+            "MODEL_DIR": "/tmp/x",
+            "ECHOLABEL_IMAGE_ALLOWED_HOSTS": "A.example.org, b.example.org",
+            "ECHOLABEL_MIN_SCORE": "0.6",
+            "ECHOLABEL_DEVICE": "CUDA",
+            "ECHOLABEL_LOG_JSON": "no",
+        }
+    )
+    assert settings.label_studio_url == "http://ls:8080"
+    assert settings.image_allowed_hosts == ("a.example.org", "b.example.org")
+    assert settings.min_score == 0.6 and settings.device == "cuda" and not settings.log_json
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL='ls:8080' is not a URL"),
+        ({"REDIS_URL": "http://r"}, "scheme redis/rediss/unix"),
+        ({"ECHOLABEL_TOP_K": "0"}, "ECHOLABEL_TOP_K=0 must be at least 1"),
+        ({"ECHOLABEL_MIN_SCORE": "2"}, "between 0 and 1"),
+        ({"ECHOLABEL_DEVICE": "tpu"}, "one of auto, cpu, cuda"),
+        ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS is empty"),
+        ({"ECHOLABEL_TOP_K": "2"}, "every field would abstain"),
+    ],
+)
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_describe_masks_secrets():
+    described = Settings.from_env({"LABEL_STUDIO_API_KEY": "secret-token"}).describe()
+    assert described["label_studio_api_key"] == "***"
+    assert "secret-token" not in str(described)
