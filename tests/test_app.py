@@ -37,7 +37,15 @@ def client(settings):
 
 
 def task(task_id, image):
-    return {"id": task_id, "data": {"image": image}, "project": 7}
+    # Extra fields, as Label Studio sends them, are ignored.
+    return {
+        "id": task_id,
+        "data": {"image": image, "note": "x"},
+        "project": 7,
+        "meta": {},
+        "annotations": [],
+        "unknown_field": [1, 2],
+    }
 
 
 def annotate(
