@@ -27,7 +27,7 @@ from workers.encoders import EncoderError
 
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
-from .model import Services, SimilarityModel
+from .model import DELETE_EVENTS, LABEL_EVENTS, Services, SimilarityModel
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise RequestError(422, "bad_request", "webhook body has no `action`")
-        known = {
-            "ANNOTATION_CREATED",
-            "ANNOTATION_UPDATED",
-            "ANNOTATIONS_CREATED",
-            "ANNOTATION_DELETED",
-            "ANNOTATIONS_DELETED",
-        }
-        if action not in known:
+        if action not in LABEL_EVENTS | DELETE_EVENTS:
             return {"status": "ignored", "action": action}
         if body.get("project") is None:
             raise RequestError(422, "bad_request", f"{action} webhook without `project`")

@@ -218,17 +218,11 @@ class SimilarityModel:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Apply one Label Studio webhook; returns what changed (for logs and tests)."""
         if event in LABEL_EVENTS:
-            annotations = data.get("annotation") or data.get("annotations") or []
-            if isinstance(annotations, Mapping):
-                annotations = [annotations]
             task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
-            return {"labelled": [self._learn(a, task) for a in annotations]}
+            return {"labelled": [self._learn(a, task) for a in _annotations(data)]}
         if event in DELETE_EVENTS:
-            annotations = data.get("annotations") or data.get("annotation") or []
-            if isinstance(annotations, Mapping):
-                annotations = [annotations]
             cleared: list[TaskId] = []
-            for annotation in annotations:
+            for annotation in _annotations(data):
                 if isinstance(annotation, Mapping) and annotation.get("id") is not None:
                     cleared += self.store.clear_labels(self.project, annotation["id"])
             return {"cleared": cleared}
@@ -263,6 +257,12 @@ class SimilarityModel:
         if result.failures:
             raise result.failures[task_key]
         return task_key
+
+
+def _annotations(data: Mapping[str, Any]) -> list[Any]:
+    """Single-annotation events carry `annotation`, bulk ones `annotations` (a list)."""
+    found = data.get("annotation") or data.get("annotations") or []
+    return [found] if isinstance(found, Mapping) else list(found)
 
 
 def _task_id(task: Mapping[str, Any]) -> TaskId:
