@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         outcome = await run_in_threadpool(model.predict, tasks, body.get("params"))
         return {
             "results": outcome.predictions,
-            "model_version": outcome.predictions[0]["model_version"],
+            "model_version": model.model_version,
             "abstained": [{"task": t, "fields": f} for t, f in outcome.abstained.items()],
             "errors": [
                 {"task": t, "error": e.reason, "detail": str(e)} for t, e in outcome.errors.items()

@@ -84,9 +84,9 @@ class Suggestion:
 
 @dataclass
 class PredictOutcome:
-    """One prediction per task, in order, plus what was abstained or refused."""
+    """One entry per task, in order (a prediction, or [] for none), plus abstentions/errors."""
 
-    predictions: list[dict[str, Any]]
+    predictions: list[dict[str, Any] | list[Any]]
     abstained: dict[TaskId, dict[str, str]] = field(default_factory=dict)
     errors: dict[TaskId, ImageError] = field(default_factory=dict)
 
@@ -134,7 +134,7 @@ class SimilarityModel:
     def predict(
         self, tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None = None
     ) -> PredictOutcome:
-        """One prediction per task, in order; a task whose image fails gets an empty one.
+        """One entry per task, in order; a task whose image failed gets `[]` (no prediction).
 
         Raises the image error when every task failed, so a single bad upload is a clear 4xx.
         """
@@ -148,7 +148,10 @@ class SimilarityModel:
         for item in items:
             vector = vectors.get(item.task)
             if vector is None:
-                outcome.predictions.append({"result": [], "score": 0.0, "model_version": version})
+                # An empty list stores nothing for this task in Label Studio 1.23 (it iterates
+                # a list of predictions per task), so it asks again later instead of keeping a
+                # blank prediction.
+                outcome.predictions.append([])
                 continue
             suggestion = self.suggest(vector, exclude=[item.task])
             abstained = {
