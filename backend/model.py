@@ -221,8 +221,19 @@ class SimilarityModel:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Apply one Label Studio webhook; returns what changed (for logs and tests)."""
         if event in LABEL_EVENTS:
-            task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
-            return {"labelled": [self._learn(a, task) for a in _annotations(data)]}
+            # ANNOTATIONS_CREATED (bulk) sends lists under both `annotation` and `task`.
+            raw_tasks = data.get("task") or []
+            tasks = {
+                t.get("id"): t
+                for t in ([raw_tasks] if isinstance(raw_tasks, Mapping) else raw_tasks)
+                if isinstance(t, Mapping)
+            }
+            return {
+                "labelled": [
+                    self._learn(a, tasks.get(a.get("task")) if isinstance(a, Mapping) else None)
+                    for a in _annotations(data)
+                ]
+            }
         if event in DELETE_EVENTS:
             cleared: list[TaskId] = []
             for annotation in _annotations(data):
@@ -231,11 +242,10 @@ class SimilarityModel:
             return {"cleared": cleared}
         return {"ignored": event}
 
-    def _learn(self, annotation: Mapping[str, Any], task: Mapping[str, Any]) -> TaskId:
+    def _learn(self, annotation: Mapping[str, Any], task: Mapping[str, Any] | None) -> TaskId:
         if not isinstance(annotation, Mapping) or "id" not in annotation:
             raise TaskError("annotation webhook without an annotation id")
-        task_ref = annotation.get("task")
-        task_key = _task_id(task) if task else task_ref
+        task_key = _task_id(task) if task else annotation.get("task")
         if task_key is None:
             raise TaskError(f"annotation {annotation['id']} names no task")
         # A skipped task ("was_cancelled") carries no labels: it must not teach anything.

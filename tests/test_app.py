@@ -326,3 +326,30 @@ def test_body_size_limit(client, monkeypatch):
     monkeypatch.setattr(backend.app, "MAX_BODY_BYTES", 100)
     response = client.post("/predict", content=b"{" + b" " * 200 + b"}")
     assert response.status_code == 413
+
+
+def test_bulk_annotations_created_matches_each_annotation_to_its_task(client, images):
+    setup_project(client)
+    result = [
+        {
+            "from_name": "organ",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": ["dark"]},
+        }
+    ]
+    body = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": {"id": 7},
+        "task": [task(1, images["dark_0"]), task(2, images["dark_1"])],
+        "annotation": [
+            {"id": 21, "task": 2, "result": result, "updated_at": "2026-01-01T00:00:00Z"},
+            {"id": 11, "task": 1, "result": result, "updated_at": "2026-01-01T00:00:00Z"},
+        ],
+    }
+    assert client.post("/webhook", json=body).status_code == 200
+    wait(client)
+    points = {p.task: p for p in store(client).iter_points(7)}
+    assert set(points) == {1, 2}
+    assert points[1].image == images["dark_0"] and points[2].image == images["dark_1"]
+    assert points[1].annotation.id == "11"
