@@ -27,7 +27,7 @@ from workers.encoders import EncoderError
 
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
-from .model import DELETE_EVENTS, LABEL_EVENTS, Services, SimilarityModel
+from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, Services, SimilarityModel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["services"] = services or Services.from_settings(settings)
+        if state["services"].dispatcher is not None:
+            state["services"].dispatcher.start_collector()
         inbox = WebhookInbox(settings.model_dir / "webhooks", handle_webhook)
         state["inbox"] = inbox
         inbox.start()
@@ -132,6 +134,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             "results": outcome.predictions,
             "model_version": model.model_version,
             "abstained": [{"task": t, "fields": f} for t, f in outcome.abstained.items()],
+            "pending": sorted(outcome.pending, key=str),
             "errors": [
                 {"task": t, "error": e.reason, "detail": str(e)} for t, e in outcome.errors.items()
             ],
@@ -143,7 +146,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise RequestError(422, "bad_request", "webhook body has no `action`")
-        if action not in LABEL_EVENTS | DELETE_EVENTS:
+        if action not in LABEL_EVENTS | DELETE_EVENTS | PREEMBED_EVENTS:
             return {"status": "ignored", "action": action}
         if body.get("project") is None:
             raise RequestError(422, "bad_request", f"{action} webhook without `project`")

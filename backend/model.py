@@ -24,8 +24,9 @@ from vectorstore import (
     TaskId,
     open_store,
 )
-from workers.embedding import Embedder, EmbedResult, TaskImage
+from workers.embedding import Embedder, TaskImage
 
+from .dispatch import EmbedDispatcher
 from .label_config import LabelSchema, TaskError
 from .projects import ProjectRegistry, project_id
 from .vote import FieldVote, task_score, vote
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LABEL_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"}
 DELETE_EVENTS = {"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
+PREEMBED_EVENTS = {"TASKS_CREATED"}
 
 
 @dataclass
@@ -45,18 +47,20 @@ class Services:
     embedder: Embedder
     fetcher: ImageFetcher
     projects: ProjectRegistry
+    dispatcher: EmbedDispatcher | None = None  # set when REDIS_URL is: workers embed
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         settings.model_dir.mkdir(parents=True, exist_ok=True)
+        store = open_store(
+            path=settings.qdrant_path,
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            exact_max_points=settings.exact_search_max_points,
+        )
         return cls(
             settings=settings,
-            store=open_store(
-                path=settings.qdrant_path,
-                url=settings.qdrant_url,
-                api_key=settings.qdrant_api_key,
-                exact_max_points=settings.exact_search_max_points,
-            ),
+            store=store,
             embedder=Embedder(
                 weights_dir=settings.weights_dir,
                 device=settings.device,
@@ -64,9 +68,12 @@ class Services:
             ),
             fetcher=ImageFetcher(settings),
             projects=ProjectRegistry(settings.projects_dir),
+            dispatcher=EmbedDispatcher(settings, store) if settings.redis_url else None,
         )
 
     def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.store.close()
 
 
@@ -83,12 +90,21 @@ class Suggestion:
 
 
 @dataclass
+class EmbedReport:
+    """Tasks whose image failed, and tasks still being embedded by a worker."""
+
+    failures: dict[TaskId, ImageError] = field(default_factory=dict)
+    pending: set[TaskId] = field(default_factory=set)
+
+
+@dataclass
 class PredictOutcome:
     """One entry per task, in order (a prediction, or [] for none), plus abstentions/errors."""
 
     predictions: list[dict[str, Any] | list[Any]]
     abstained: dict[TaskId, dict[str, str]] = field(default_factory=dict)
     errors: dict[TaskId, ImageError] = field(default_factory=dict)
+    pending: set[TaskId] = field(default_factory=set)
 
 
 class SimilarityModel:
@@ -140,17 +156,17 @@ class SimilarityModel:
         """
         schema = self.schema
         items = [TaskImage(task=_task_id(task), image=schema.image_ref(task)) for task in tasks]
-        vectors, errors = self.ensure_vectors(items)
-        if errors and len(errors) == len(items):
-            raise next(iter(errors.values()))
+        vectors, report = self.ensure_vectors(items)
+        if report.failures and len(report.failures) == len(items):
+            raise next(iter(report.failures.values()))
         version = self.model_version
-        outcome = PredictOutcome(predictions=[], errors=errors)
+        outcome = PredictOutcome(predictions=[], errors=report.failures, pending=report.pending)
         for item in items:
             vector = vectors.get(item.task)
             if vector is None:
-                # An empty list stores nothing for this task in Label Studio 1.23 (it iterates
-                # a list of predictions per task), so it asks again later instead of keeping a
-                # blank prediction.
+                # Failed or still embedding. An empty list stores nothing for this task in
+                # Label Studio 1.23 (it iterates a list of predictions per task), so it asks
+                # again later instead of keeping a blank prediction.
                 outcome.predictions.append([])
                 continue
             suggestion = self.suggest(vector, exclude=[item.task])
@@ -196,25 +212,39 @@ class SimilarityModel:
 
     def ensure_vectors(
         self, items: Sequence[TaskImage]
-    ) -> tuple[dict[TaskId, np.ndarray], dict[TaskId, ImageError]]:
-        """Stored vectors of these tasks, embedding (inline) the ones that have none."""
+    ) -> tuple[dict[TaskId, np.ndarray], EmbedReport]:
+        """Stored vectors of these tasks, embedding the ones that have none (bounded wait)."""
         vectors = self.store.vectors(self.project, [i.task for i in items])
         missing = [i for i in items if i.task not in vectors]
         if not missing:
-            return vectors, {}
-        result = self.embed(missing)
-        vectors.update({p.task: np.asarray(p.vector, dtype=np.float32) for p in result.points})
-        return vectors, result.failures
+            return vectors, EmbedReport()
+        report = self.embed(missing, wait_s=self.settings.embed_wait_s)
+        unavailable = set(report.failures) | report.pending
+        done = [i.task for i in missing if i.task not in unavailable]
+        vectors.update(self.store.vectors(self.project, done))
+        return vectors, report
 
-    def embed(self, items: Sequence[TaskImage]) -> EmbedResult:
-        """Embed and store these tasks with the project's encoder."""
+    def embed(self, items: Sequence[TaskImage], wait_s: float = 0.0) -> EmbedReport:
+        """Embed and store these tasks with the project's encoder.
+
+        With REDIS_URL, workers do it: wait up to `wait_s`, the rest stays pending (its
+        result is stored when it lands). Without Redis, or while it is down, inline.
+        """
         name = self.encoder_name
+        dispatcher = self.services.dispatcher
+        if dispatcher is not None:
+            jobs = dispatcher.submit(self.project, name, items)
+            if jobs is not None:
+                if wait_s <= 0:
+                    return EmbedReport(pending={i.task for i in items})
+                outcome = dispatcher.wait(jobs, wait_s)
+                return EmbedReport(failures=outcome.failures, pending=outcome.pending)
         encoder = self.services.embedder.encoder(name)
         result = self.services.embedder.embed_tasks(name, items, self.services.fetcher.load)
         if result.points:
             self.store.ensure_collection(self.project, name, encoder.dim, encoder.weights_id)
             self.store.upsert(self.project, name, result.points)
-        return result
+        return EmbedReport(failures=result.failures)
 
     # -- learn from annotations --------------------------------------------------------------
 
@@ -234,6 +264,9 @@ class SimilarityModel:
                     for a in _annotations(data)
                 ]
             }
+        if event in PREEMBED_EVENTS:
+            tasks = data.get("tasks") or []
+            return self.preembed([t for t in tasks if isinstance(t, Mapping)])
         if event in DELETE_EVENTS:
             cleared: list[TaskId] = []
             for annotation in _annotations(data):
@@ -266,10 +299,26 @@ class SimilarityModel:
                 "webhook carries no task data to embed it from"
             )
         item = TaskImage(task_key, self.schema.image_ref(task), labels, source)
-        result = self.embed([item])
-        if result.failures:
-            raise result.failures[task_key]
+        report = self.embed([item])  # the labels travel with the task: no need to wait
+        if report.failures:
+            raise report.failures[task_key]
         return task_key
+
+    def preembed(self, tasks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Embed imported tasks ahead of time so that later predictions are instant."""
+        items, skipped = [], []
+        for task in tasks:
+            try:
+                items.append(TaskImage(_task_id(task), self.schema.image_ref(task)))
+            except TaskError as exc:
+                skipped.append(str(exc))
+        known = self.store.has_vectors(self.project, [i.task for i in items])
+        report = self.embed([i for i in items if i.task not in known])
+        return {
+            "embedded_or_queued": len(items) - len(known) - len(report.failures),
+            "failed": {str(t): str(e) for t, e in report.failures.items()},
+            "skipped": skipped,
+        }
 
 
 def _annotations(data: Mapping[str, Any]) -> list[Any]:

@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--project", default="local")
     predict.set_defaults(run=_predict)
 
+    worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
+    worker.add_argument("queues", nargs="*", help="queues to work (default: all)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="default: ECHOLABEL_DEVICE"
+    )
+    worker.set_defaults(run=_worker)
+
     weights = sub.add_parser("weights", help="encoder weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True)
     download = weights_sub.add_parser("download", help="download weights (needs internet)")
@@ -219,6 +227,14 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         services.close()
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.queues import QUEUES
+    from workers.worker import run_worker
+
+    run_worker(settings, args.queues or QUEUES, burst=args.burst, device=args.device)
+    return 0
 
 
 def _download_weights(args: argparse.Namespace, settings: Settings) -> int:

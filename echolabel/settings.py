@@ -40,6 +40,9 @@ class Settings:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     fetch_timeout_s: float = 10.0
+    embed_wait_s: float = 20.0
+    job_retry_intervals: tuple[int, ...] = (5, 30, 120)
+    job_timeout_s: int = 3600
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -85,6 +88,9 @@ class Settings:
             fetch_timeout_s=float(
                 reader.integer("ECHOLABEL_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1)
             ),
+            embed_wait_s=float(reader.integer("ECHOLABEL_EMBED_WAIT_S", 20, minimum=0)),
+            job_retry_intervals=reader.intervals("ECHOLABEL_JOB_RETRY_INTERVALS", (5, 30, 120)),
+            job_timeout_s=reader.integer("ECHOLABEL_JOB_TIMEOUT_S", cls.job_timeout_s, minimum=10),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),
@@ -140,6 +146,19 @@ class _EnvReader:
                 f"(example: {schemes[0]}://host:port)"
             )
         return value.rstrip("/")
+
+    def intervals(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        """Comma-separated retry delays in seconds; empty means no retry."""
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            delays = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a list of seconds like 5,30") from None
+        if any(d < 0 for d in delays):
+            raise ConfigError(f"{name}={value!r}: delays must not be negative")
+        return delays
 
     def integer(self, name: str, default: int, minimum: int) -> int:
         value = self.text(name)

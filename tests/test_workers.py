@@ -1,0 +1,247 @@
+"""Embedding through Redis/RQ: real Redis, real worker processes (burst mode), embedded store.
+
+With the embedded store the backend is the store's only writer: workers return vectors and the
+backend's collector upserts them (workers/context.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+from backend.app import create_app
+from tests.conftest import png_bytes
+from workers.embedding import TaskImage
+from workers.queues import EMBED, RedisGate
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
+</View>"""
+
+
+def _redis_or_skip() -> Redis:
+    connection = Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        connection.ping()
+    except Exception as exc:
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); start one to run the worker tests")
+    return connection
+
+
+@pytest.fixture
+def redis_db():
+    connection = _redis_or_skip()
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+@pytest.fixture
+def redis_settings(settings, redis_db):
+    return dataclasses.replace(
+        settings,
+        redis_url=REDIS_URL,
+        encoder="efficientnet_lite0",
+        embed_wait_s=0.0,
+        job_retry_intervals=(0, 0),
+        batch_size=4,
+    )
+
+
+def run_worker(settings, *queues: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A real `echolabel worker --burst` process with the test's configuration."""
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_ENCODER": settings.encoder,
+        "ECHOLABEL_BATCH_SIZE": str(settings.batch_size),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
+        "ECHOLABEL_IMAGE_ALLOWED_HOSTS": ",".join(settings.image_allowed_hosts),
+        "ECHOLABEL_JOB_RETRY_INTERVALS": ",".join(map(str, settings.job_retry_intervals)),
+        "ECHOLABEL_MAX_IMAGE_BYTES": str(settings.max_image_bytes),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "echolabel.cli", "worker", "--burst", *queues],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def write_images(root: Path) -> dict[str, str]:
+    paths = {}
+    for i in range(6):
+        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
+            path = root / f"{name}_{i}.png"
+            path.write_bytes(png_bytes((colour,) * 3, size=(64, 64), pattern=i + 1))
+            paths[f"{name}_{i}"] = str(path)
+    return paths
+
+
+def annotation(task_id, image, organ, annotation_id):
+    return {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 3},
+        "task": {"id": task_id, "data": {"image": image}},
+        "annotation": {
+            "id": annotation_id,
+            "task": task_id,
+            "updated_at": "2026-11-25T00:00:00Z",
+            "result": [
+                {
+                    "from_name": "organ",
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": [organ]},
+                }
+            ],
+        },
+    }
+
+
+def test_predict_queues_embedding_and_workers_fill_the_store(redis_settings, redis_db):
+    images = write_images(redis_settings.local_files_root)
+    with TestClient(create_app(redis_settings)) as client:
+        state = client.app.state.echolabel
+        services = state["services"]
+        assert client.post("/setup", json={"project": 3, "schema": CONFIG}).status_code == 200
+        for i in range(4):
+            client.post("/webhook", json=annotation(10 + i, images[f"dark_{i}"], "dark", 100 + i))
+            client.post(
+                "/webhook", json=annotation(20 + i, images[f"bright_{i}"], "bright", 200 + i)
+            )
+        assert state["inbox"].wait_idle(30)
+        assert services.store.count(3) == 0  # queued, not embedded by the backend
+        assert services.embedder.loads == 0  # the backend never loaded an encoder
+
+        tasks = [
+            {"id": 90, "data": {"image": images["dark_5"]}},
+            {"id": 91, "data": {"image": images["bright_5"]}},
+        ]
+        first = client.post("/predict", json={"tasks": tasks, "project": 3}).json()
+        assert first["results"] == [[], []] and first["pending"] == [90, 91]
+
+        run_worker(redis_settings, EMBED)
+        services.dispatcher.collect_once()
+        assert services.store.count(3, labelled=True) == 8
+        second = client.post("/predict", json={"tasks": tasks, "project": 3}).json()
+        organs = [p["result"][0]["value"]["choices"][0] for p in second["results"]]
+        assert organs == ["dark", "bright"] and second["pending"] == []
+
+    finished = FinishedJobRegistry(EMBED, connection=redis_db).get_job_ids()
+    results = [Job.fetch(j, connection=redis_db).return_value() for j in finished]
+    assert len(results) >= 3  # several batch jobs ...
+    assert {r["loads"] for r in results} == {1}  # ... one model load in the worker
+
+
+def test_transient_failure_is_retried(redis_settings, redis_db):
+    hits = {"count": 0}
+    image = png_bytes((40, 40, 40), size=(64, 64))
+
+    class FlakyImages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits["count"] += 1
+            if hits["count"] == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyImages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = dataclasses.replace(redis_settings, image_allowed_hosts=("127.0.0.1",))
+    url = f"http://127.0.0.1:{server.server_address[1]}/scan.png"
+    try:
+        with TestClient(create_app(settings)) as client:
+            client.post("/setup", json={"project": 3, "schema": CONFIG})
+            client.post(
+                "/predict", json={"tasks": [{"id": 1, "data": {"image": url}}], "project": 3}
+            )
+            run_worker(settings, EMBED)
+            services = client.app.state.echolabel["services"]
+            services.dispatcher.collect_once()
+            assert services.store.count(3) == 1
+    finally:
+        server.shutdown()
+    assert hits["count"] == 2
+    assert FailedJobRegistry(EMBED, connection=redis_db).count == 0
+
+
+def test_permanent_failure_lands_in_the_failed_registry_with_its_reason(redis_settings, redis_db):
+    bad = redis_settings.local_files_root / "broken.png"
+    bad.write_bytes(b"<html>login</html>")
+    with TestClient(create_app(redis_settings)) as client:
+        client.post("/setup", json={"project": 3, "schema": CONFIG})
+        client.post(
+            "/predict", json={"tasks": [{"id": 1, "data": {"image": str(bad)}}], "project": 3}
+        )
+        run_worker(redis_settings, EMBED)
+        failed = FailedJobRegistry(EMBED, connection=redis_db)
+        assert failed.count == 1
+        job = Job.fetch(failed.get_job_ids()[0], connection=redis_db)
+        reason = job.latest_result().exc_string
+        assert "PermanentJobError" in reason and "not_an_image" in reason
+        assert job.retries_left == 0  # not retried: a broken image stays broken
+        # A later request queues a fresh attempt (the user may have fixed the image).
+        services = client.app.state.echolabel["services"]
+        again = services.dispatcher.submit(3, "efficientnet_lite0", [TaskImage(1, str(bad))])
+        assert again[0].id == job.id and again[0].get_status() == "queued"
+
+
+def test_redis_down_means_inline_embedding_and_one_warning(settings, caplog):
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    images = write_images(down.local_files_root)
+    with TestClient(create_app(down)) as client:
+        client.post("/setup", json={"project": 3, "schema": CONFIG})
+        for i in range(3):
+            response = client.post(
+                "/predict",
+                json={"tasks": [{"id": i, "data": {"image": images[f"dark_{i}"]}}], "project": 3},
+            )
+            assert response.status_code == 200 and response.json()["pending"] == []
+        services = client.app.state.echolabel["services"]
+        assert services.store.count(3) == 3  # embedded inline
+        assert services.dispatcher.gate.warnings == 1
+
+
+def test_gate_warns_once_a_minute_and_recovers():
+    clock = {"now": 0.0}
+    gate = RedisGate(warn_every_s=60, clock=lambda: clock["now"])
+
+    def down():
+        raise ConnectionError("refused")
+
+    for second in (0, 10, 59):
+        clock["now"] = second
+        assert gate.call(down) == (False, None)
+    assert gate.warnings == 1
+    clock["now"] = 61
+    gate.call(down)
+    assert gate.warnings == 2
+    assert gate.call(lambda: "up") == (True, "up")

@@ -1,0 +1,81 @@
+"""What jobs run with: one per process, built once, kept across jobs.
+
+A worker process (RQ `SimpleWorker`: no fork per job) builds its context on the first job and
+keeps the loaded encoders in it. The backend installs its own context, so jobs it runs in
+process share its store and encoders.
+
+Who writes vectors is decided here, once: with a Qdrant server every process may write, so
+jobs upsert themselves; an embedded store belongs to one process (a file lock), so jobs of
+other processes return their vectors and the owner upserts them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from echolabel.images import ImageFetcher
+from echolabel.settings import Settings
+from vectorstore import ExactSearchStore, QdrantStore, open_store
+from workers.embedding import Embedder
+
+
+@dataclass
+class JobContext:
+    settings: Settings
+    embedder: Embedder
+    fetcher: ImageFetcher
+    owns_store: bool = False  # True in the process that opened the embedded store
+    _store: QdrantStore | ExactSearchStore | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobContext:
+        return cls(
+            settings=settings,
+            embedder=Embedder(
+                weights_dir=settings.weights_dir,
+                device=settings.device,
+                batch_size=settings.batch_size,
+            ),
+            fetcher=ImageFetcher(settings),
+        )
+
+    @property
+    def writes_store(self) -> bool:
+        """Whether jobs in this process upsert themselves (else they return vectors)."""
+        return bool(self.settings.qdrant_url) or self.owns_store
+
+    @property
+    def store(self) -> QdrantStore | ExactSearchStore:
+        """The store, opened on first use (a server, or the embedded one if we may own it)."""
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(
+                    path=self.settings.qdrant_path,
+                    url=self.settings.qdrant_url,
+                    api_key=self.settings.qdrant_api_key,
+                    exact_max_points=self.settings.exact_search_max_points,
+                )
+                self.owns_store = self._store.local
+            return self._store
+
+
+_current: JobContext | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> JobContext:
+    """This process's context, built from the environment on first use."""
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = JobContext.from_settings(Settings.from_env())
+        return _current
+
+
+def install(context: JobContext | None) -> None:
+    """Make `context` the one jobs in this process use (the backend, tests)."""
+    global _current
+    with _current_lock:
+        _current = context

@@ -1,0 +1,115 @@
+"""RQ job functions: plain functions with plain arguments (ids, names, image references).
+
+They run in an RQ worker, in the backend's own process, or inline from the CLI alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rq import get_current_job
+
+from vectorstore import Annotation, Point
+from workers import context
+from workers.embedding import TaskImage
+
+log = logging.getLogger(__name__)
+
+# Image failures worth retrying: the source may come back. Anything else is the image itself.
+TRANSIENT_IMAGE_REASONS = {"unreachable"}
+
+
+class TransientJobError(RuntimeError):
+    """Worth retrying later (RQ's Retry policy does)."""
+
+
+class PermanentJobError(RuntimeError):
+    """Retrying cannot help; the job goes straight to the failed registry with this reason."""
+
+
+def _no_retry() -> None:
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0  # read by the worker when it handles this failure
+
+
+def task_payload(item: TaskImage) -> dict[str, Any]:
+    """A TaskImage as a job argument (plain JSON-able values)."""
+    return {
+        "task": item.task,
+        "image": item.image,
+        "labels": dict(item.labels),
+        "annotation_id": item.annotation.id,
+        "annotation_updated_at": item.annotation.updated_at,
+    }
+
+
+def _task_image(raw: Mapping[str, Any]) -> TaskImage:
+    return TaskImage(
+        task=raw["task"],
+        image=raw["image"],
+        labels=dict(raw.get("labels") or {}),
+        annotation=Annotation(raw.get("annotation_id"), raw.get("annotation_updated_at")),
+    )
+
+
+def embed_batch(project: int | str, encoder: str, tasks: Sequence[Mapping[str, Any]]) -> dict:
+    """Embed a batch of tasks with `encoder`.
+
+    Upserts the points itself where this process may write the store; otherwise returns
+    them (`points`) for the store's owner to upsert. Failed images are listed in `failed`.
+    """
+    ctx = context.current()
+    items = [_task_image(t) for t in tasks]
+    result = ctx.embedder.embed_tasks(encoder, items, ctx.fetcher.load)
+    transient = {t: e for t, e in result.failures.items() if e.reason in TRANSIENT_IMAGE_REASONS}
+    if transient:
+        raise TransientJobError(
+            f"{len(transient)} image(s) could not be fetched, will retry: "
+            + "; ".join(str(e) for e in list(transient.values())[:3])
+        )
+    failed = {str(t): {"reason": e.reason, "detail": str(e)} for t, e in result.failures.items()}
+    if not result.points:
+        _no_retry()
+        raise PermanentJobError(
+            f"every image of the batch failed (project {project}): "
+            + "; ".join(f"{f['reason']}: {f['detail']}" for f in failed.values())
+        )
+    model = ctx.embedder.encoder(encoder)
+    summary: dict[str, Any] = {
+        "project": project,
+        "encoder": encoder,
+        "dim": model.dim,
+        "weights_id": model.weights_id,
+        "failed": failed,
+        "loads": ctx.embedder.loads,
+    }
+    if ctx.writes_store:
+        ctx.store.ensure_collection(project, encoder, model.dim, model.weights_id)
+        ctx.store.upsert(project, encoder, result.points)
+        summary["stored"] = [p.task for p in result.points]
+    else:
+        summary["points"] = [
+            {
+                **task_payload(TaskImage(p.task, p.image, p.labels, p.annotation)),
+                "vector": p.vector.astype(float).tolist(),
+            }
+            for p in result.points
+        ]
+    return summary
+
+
+def points_of(summary: Mapping[str, Any]) -> list[Point]:
+    """The points an `embed_batch` result carries for the store's owner to upsert."""
+    return [
+        Point(
+            task=raw["task"],
+            vector=raw["vector"],
+            image=raw["image"],
+            labels=dict(raw.get("labels") or {}),
+            annotation=Annotation(raw.get("annotation_id"), raw.get("annotation_updated_at")),
+        )
+        for raw in summary.get("points", [])
+    ]

@@ -1,0 +1,81 @@
+"""The RQ queues, the Redis connection, and how a caller degrades when Redis is down."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Queue, Retry
+
+from echolabel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBED = "embed"
+REEMBED = "reembed"
+EVALUATE = "evaluate"
+QUEUES = (EMBED, REEMBED, EVALUATE)
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+T = TypeVar("T")
+
+
+def connect(url: str) -> Redis:
+    """A Redis connection that fails within seconds, not minutes, when Redis is gone."""
+    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+
+
+def queue(connection: Redis, name: str) -> Queue:
+    return Queue(name, connection=connection)
+
+
+def retry_policy(settings: Settings) -> Retry | None:
+    """Retries with backoff for transient failures (image fetch, Qdrant briefly away)."""
+    delays = settings.job_retry_intervals
+    return Retry(max=len(delays), interval=list(delays)) if delays else None
+
+
+class RedisGate:
+    """Runs a Redis operation, or tells the caller to fall back when Redis is unreachable.
+
+    Warns at most once a minute while Redis stays down, and once when it is back.
+    """
+
+    def __init__(self, warn_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self._warn_every_s = warn_every_s
+        self._clock = clock
+        self._last_warning: float | None = None
+        self._down = False
+        self._lock = threading.Lock()
+        self.warnings = 0
+
+    def call(self, operation: Callable[[], T]) -> tuple[bool, T | None]:
+        """(True, result) when Redis answered, (False, None) when it is unreachable."""
+        try:
+            result = operation()
+        except REDIS_ERRORS as exc:
+            self._record_down(exc)
+            return False, None
+        with self._lock:
+            if self._down:
+                log.warning("redis reachable again: using the queue")
+                self._down = False
+        return True, result
+
+    def _record_down(self, exc: BaseException) -> None:
+        with self._lock:
+            self._down = True
+            now = self._clock()
+            if self._last_warning is None or now - self._last_warning >= self._warn_every_s:
+                self._last_warning = now
+                self.warnings += 1
+                log.warning(
+                    "redis unreachable: embedding inline until it is back",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )

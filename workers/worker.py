@@ -1,0 +1,53 @@
+"""The echolabel RQ worker: one process, models loaded once, kept across jobs.
+
+RQ's default `Worker` forks a work-horse per job: the child would load the encoder again for
+every job, and a CUDA context cannot cross `fork`. `SimpleWorker` runs jobs in the worker
+process itself, so the encoders loaded by the first job (kept in `workers.context`) serve
+every later one. One worker per GPU; scale out with more processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from rq import SimpleWorker
+
+from echolabel.settings import Settings
+from workers import context
+from workers.queues import QUEUES, connect, queue
+
+
+class EcholabelWorker(SimpleWorker):
+    """SimpleWorker that may also run in a non-main thread (the backend's in-process worker)."""
+
+    def _install_signal_handlers(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
+
+
+def run_worker(
+    settings: Settings,
+    queue_names: Sequence[str] = QUEUES,
+    *,
+    burst: bool = False,
+    device: str | None = None,
+) -> bool:
+    """Work the queues until stopped (or, with `burst`, until they are empty)."""
+    if not settings.redis_url:
+        raise ValueError(
+            "REDIS_URL is not set: a worker needs Redis (e.g. redis://127.0.0.1:6379/0)"
+        )
+    unknown = sorted(set(queue_names) - set(QUEUES))
+    if unknown:
+        raise ValueError(f"unknown queue(s) {unknown}; echolabel's queues are {list(QUEUES)}")
+    if device:
+        settings = dataclasses.replace(settings, device=device)
+    context.install(context.JobContext.from_settings(settings))
+    connection = connect(settings.redis_url)
+    worker = EcholabelWorker(
+        [queue(connection, name) for name in queue_names], connection=connection
+    )
+    return worker.work(burst=burst, with_scheduler=not burst, logging_level="WARNING")
