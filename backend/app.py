@@ -23,11 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import DimensionMismatchError, StoreError
+from workers import context
 from workers.encoders import EncoderError
 
+from .admin import Admin
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
 from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, Services, SimilarityModel
+from .projects import project_id
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,21 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["services"] = services or Services.from_settings(settings)
-        if state["services"].dispatcher is not None:
-            state["services"].dispatcher.start_collector()
+        built = state["services"] = services or Services.from_settings(settings)
+        # Jobs run in this process (re-embedding) share its store and loaded encoders.
+        context.install(
+            context.JobContext(
+                settings=built.settings,
+                embedder=built.embedder,
+                fetcher=built.fetcher,
+                owns_store=built.store.local,
+                _store=built.store,
+            )
+        )
+        admin = state["admin"] = Admin(built)
+        if built.dispatcher is not None:
+            built.dispatcher.start_collector()
+            admin.start_store_worker()
         inbox = WebhookInbox(settings.model_dir / "webhooks", handle_webhook)
         state["inbox"] = inbox
         inbox.start()
@@ -64,6 +79,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             yield
         finally:
             inbox.stop()
+            context.install(None)
             if services is None:
                 state["services"].close()
 
@@ -140,12 +156,29 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             ],
         }
 
+    @app.get("/jobs")
+    async def jobs() -> dict[str, Any]:
+        admin: Admin = state["admin"]
+        return {"jobs": await run_in_threadpool(admin.jobs)}
+
+    @app.post("/train")
+    async def train(request: Request) -> dict[str, Any]:
+        """Label Studio's "Start Training" (without its START_TRAINING webhook flag)."""
+        body = await _json_object(request)
+        return await run_in_threadpool(_start_training, body.get("project"))
+
+    def _start_training(project: object) -> dict[str, Any]:
+        admin: Admin = state["admin"]
+        return admin.start_reembed(project_id(project), settings.encoder)
+
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:
         body = await _json_object(request)
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise RequestError(422, "bad_request", "webhook body has no `action`")
+        if action == "START_TRAINING":
+            return await run_in_threadpool(_start_training, body.get("project"))
         if action not in LABEL_EVENTS | DELETE_EVENTS | PREEMBED_EVENTS:
             return {"status": "ignored", "action": action}
         if body.get("project") is None:

@@ -23,11 +23,18 @@ from echolabel.settings import Settings
 from vectorstore import ExactSearchStore, QdrantStore, TaskId
 from workers.embedding import TaskImage
 from workers.jobs import embed_batch, points_of, task_payload
-from workers.queues import EMBED, RedisGate, connect, queue, retry_policy
+from workers.queues import (
+    EMBED,
+    RedisGate,
+    connect,
+    enqueue_unique,
+    fetch_job,
+    queue,
+    retry_policy,
+)
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 APPLIED = "applied"  # job meta flag: this result's points are in the store
 
 
@@ -66,18 +73,14 @@ class EmbedDispatcher:
             key = hashlib.sha1(
                 repr((project, encoder, sorted(str(i.task) for i in batch))).encode()
             ).hexdigest()[:16]
-            job_id = f"embed-{project}-{key}"
-            existing = self._fetch(job_id)
-            if existing is not None and existing.get_status() in _ACTIVE:
-                jobs.append(existing)
-                continue
             jobs.append(
-                self.queue.enqueue(
+                enqueue_unique(
+                    self.queue,
+                    f"embed-{project}-{key}",
                     embed_batch,
                     project,
                     encoder,
                     [task_payload(i) for i in batch],
-                    job_id=job_id,
                     retry=retry_policy(self.settings),
                     job_timeout=self.settings.job_timeout_s,
                     result_ttl=3600,
@@ -86,12 +89,6 @@ class EmbedDispatcher:
                 )
             )
         return jobs
-
-    def _fetch(self, job_id: str) -> Job | None:
-        try:
-            return Job.fetch(job_id, connection=self.connection)
-        except Exception:  # NoSuchJobError, or a job left by another version
-            return None
 
     def wait(self, jobs: Sequence[Job], timeout_s: float) -> DispatchOutcome:
         """Wait up to `timeout_s` for the jobs; apply results; report failures and pending."""
@@ -150,7 +147,7 @@ class EmbedDispatcher:
         registry = FinishedJobRegistry(EMBED, connection=self.connection)
         applied = 0
         for job_id in registry.get_job_ids():
-            job = self._fetch(job_id)
+            job = fetch_job(self.connection, job_id)
             if job is None or job.meta.get(APPLIED):
                 continue
             try:

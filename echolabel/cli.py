@@ -91,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(run=_worker)
 
+    reembed = sub.add_parser("reembed", help="re-embed a project with another encoder")
+    reembed.add_argument("--project", required=True)
+    reembed.add_argument("--encoder", required=True)
+    reembed.add_argument("--no-wait", action="store_true", help="queue it and return")
+    reembed.set_defaults(run=_reembed)
+
+    jobs = sub.add_parser("jobs", help="queued, running and failed jobs with progress")
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(run=_jobs)
+
     weights = sub.add_parser("weights", help="encoder weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True)
     download = weights_sub.add_parser("download", help="download weights (needs internet)")
@@ -230,10 +240,94 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.queues import QUEUES
     from workers.worker import run_worker
 
-    run_worker(settings, args.queues or QUEUES, burst=args.burst, device=args.device)
+    run_worker(settings, args.queues or None, burst=args.burst, device=args.device)
+    return 0
+
+
+def _reembed(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
+    import time
+
+    from backend.admin import reembed_job_id
+    from backend.projects import project_id
+    from workers import jobs
+    from workers.queues import REEMBED, connect, enqueue_unique, queue, retry_policy
+
+    project = project_id(args.project)
+    if not settings.redis_url:
+        # No queue: run it here (the embedded store must not be held by a running server).
+        with tqdm(unit="img", desc=f"re-embed {args.project}") as bar:
+
+            def show(progress: Any) -> None:
+                bar.total = progress.total
+                bar.n = progress.done
+                bar.set_postfix(stage=progress.stage, failed=progress.failed)
+                bar.refresh()
+
+            result = jobs.reembed(project, args.encoder, on_progress=show)
+        print(json.dumps(result, indent=2))
+        return 0
+    connection = connect(settings.redis_url)
+    job = enqueue_unique(
+        queue(connection, REEMBED),
+        reembed_job_id(args.project),
+        jobs.reembed,
+        args.project,
+        args.encoder,
+        retry=retry_policy(settings),
+        job_timeout=settings.job_timeout_s,
+        result_ttl=7 * 24 * 3600,
+        failure_ttl=7 * 24 * 3600,
+        description=f"re-embed project {args.project} with {args.encoder}",
+    )
+    print(f"job {job.id} on queue {REEMBED}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    with tqdm(unit="img", desc=f"re-embed {args.project}") as bar:
+        while True:
+            status = job.get_status(refresh=True)
+            progress = job.get_meta(refresh=True).get("progress", {})
+            bar.total = progress.get("total") or bar.total
+            bar.n = progress.get("done", 0)
+            bar.set_postfix(stage=progress.get("stage", status), eta=progress.get("eta_s"))
+            bar.refresh()
+            if status in ("finished", "failed", "stopped", "canceled"):
+                break
+            time.sleep(1)
+    if status != "finished":
+        result = job.latest_result()
+        print(
+            f"echolabel: re-embedding {status}: {result.exc_string if result else ''}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(job.return_value(), indent=2))
+    return 0
+
+
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.admin import list_rq_jobs
+    from workers.queues import connect
+
+    if not settings.redis_url:
+        print(
+            "echolabel: REDIS_URL is not set: jobs run in the backend; see GET /jobs",
+            file=sys.stderr,
+        )
+        return 1
+    listed = list_rq_jobs(connect(settings.redis_url))
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    for job in listed:
+        progress = job["progress"]
+        done = f"{progress.get('done', '')}/{progress.get('total', '')}" if progress else ""
+        print(
+            f"{job['status']:9} {job['queue']:9} {job['id']:40} {done:12} "
+            f"{job['error'] or job['description'] or ''}"
+        )
     return 0
 
 

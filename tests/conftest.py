@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from redis import Redis
 
 from echolabel.settings import Settings
 from workers.encoders import available_encoders, register_encoder
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# A database of its own, flushed by each test that uses it.
+REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 TINY_ENCODER = "tiny-test"
+TINY_ENCODER_B = "tiny-test-b"
 
 
 class TinyEncoder:
@@ -37,8 +45,25 @@ class TinyEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
 
 
-if TINY_ENCODER not in available_encoders():
-    register_encoder(TINY_ENCODER)(lambda weights_dir, device, batch_size: TinyEncoder())
+class TinyEncoderB(TinyEncoder):
+    """A second, different test encoder (8×8 thumbnail, 64-d) for re-embedding tests."""
+
+    name = TINY_ENCODER_B
+    dim = 64
+    weights_id = "none-b"
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        rows = [
+            np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).reshape(-1) / 255 - 0.5
+            for im in images
+        ]
+        out = np.array(rows, dtype=np.float32).reshape(-1, self.dim)
+        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+
+
+for _name, _factory in ((TINY_ENCODER, TinyEncoder), (TINY_ENCODER_B, TinyEncoderB)):
+    if _name not in available_encoders():
+        register_encoder(_name)(lambda weights_dir, device, batch_size, f=_factory: f())
 
 
 def png_bytes(
@@ -66,3 +91,43 @@ def settings(tmp_path: Path) -> Settings:
         max_image_bytes=200_000,
         max_image_pixels=1_000_000,
     )
+
+
+@pytest.fixture
+def redis_db():
+    """The real Redis (test database, flushed before and after); skipped when absent."""
+    connection = Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        connection.ping()
+    except Exception as exc:
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); start one to run the worker tests")
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+def run_worker(settings: Settings, *queues: str, timeout: float = 240):
+    """A real `echolabel worker --burst` process with the test's configuration."""
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url or REDIS_URL,
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_ENCODER": settings.encoder,
+        "ECHOLABEL_BATCH_SIZE": str(settings.batch_size),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root or ""),
+        "ECHOLABEL_IMAGE_ALLOWED_HOSTS": ",".join(settings.image_allowed_hosts),
+        "ECHOLABEL_JOB_RETRY_INTERVALS": ",".join(map(str, settings.job_retry_intervals)),
+        "ECHOLABEL_MAX_IMAGE_BYTES": str(settings.max_image_bytes),
+        "ECHOLABEL_WEIGHTS_DIR": str(settings.weights_dir or ""),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "echolabel.cli", "worker", "--burst", *queues],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -8,46 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from redis import Redis
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
-from tests.conftest import png_bytes
+from tests.conftest import REDIS_URL, png_bytes, run_worker
 from workers.embedding import TaskImage
 from workers.queues import EMBED, RedisGate
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
 </View>"""
-
-
-def _redis_or_skip() -> Redis:
-    connection = Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        connection.ping()
-    except Exception as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); start one to run the worker tests")
-    return connection
-
-
-@pytest.fixture
-def redis_db():
-    connection = _redis_or_skip()
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
 
 
 @pytest.fixture
@@ -60,31 +37,6 @@ def redis_settings(settings, redis_db):
         job_retry_intervals=(0, 0),
         batch_size=4,
     )
-
-
-def run_worker(settings, *queues: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """A real `echolabel worker --burst` process with the test's configuration."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "MODEL_DIR": str(settings.model_dir),
-        "ECHOLABEL_ENCODER": settings.encoder,
-        "ECHOLABEL_BATCH_SIZE": str(settings.batch_size),
-        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
-        "ECHOLABEL_IMAGE_ALLOWED_HOSTS": ",".join(settings.image_allowed_hosts),
-        "ECHOLABEL_JOB_RETRY_INTERVALS": ",".join(map(str, settings.job_retry_intervals)),
-        "ECHOLABEL_MAX_IMAGE_BYTES": str(settings.max_image_bytes),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "echolabel.cli", "worker", "--burst", *queues],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def write_images(root: Path) -> dict[str, str]:

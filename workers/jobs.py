@@ -6,14 +6,15 @@ They run in an RQ worker, in the backend's own process, or inline from the CLI a
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rq import get_current_job
 
-from vectorstore import Annotation, Point
+from vectorstore import Annotation, Point, StoreError
 from workers import context
 from workers.embedding import TaskImage
+from workers.reembed import Progress, reembed_project
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +114,41 @@ def points_of(summary: Mapping[str, Any]) -> list[Point]:
         )
         for raw in summary.get("points", [])
     ]
+
+
+def reembed(
+    project: int | str,
+    encoder: str,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict:
+    """Re-embed a project with `encoder` (zero downtime); progress in the job's meta
+    (or to `on_progress` when run in process without RQ).
+
+    Runs where the store may be written: any worker with a Qdrant server; with the embedded
+    store, the process that holds it (the backend's in-process worker, or a worker alone).
+    """
+    ctx = context.current()
+    try:
+        store = ctx.store
+    except StoreError as exc:
+        _no_retry()
+        raise PermanentJobError(str(exc)) from None
+    job = get_current_job()
+
+    def report(progress: Progress) -> None:
+        if on_progress is not None:
+            on_progress(progress)
+        if job is not None:
+            job.meta["progress"] = progress.as_meta()
+            job.save_meta()
+
+    done = reembed_project(
+        store,
+        ctx.embedder,
+        ctx.fetcher.load,
+        project,
+        encoder,
+        batch_size=ctx.settings.batch_size,
+        on_progress=report,
+    )
+    return done.as_meta()

@@ -12,6 +12,7 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Retry
+from rq.job import Job, JobStatus
 
 from echolabel.settings import Settings
 
@@ -33,6 +34,26 @@ def connect(url: str) -> Redis:
 
 def queue(connection: Redis, name: str) -> Queue:
     return Queue(name, connection=connection)
+
+
+ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def fetch_job(connection: Redis, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=connection)
+    except Exception:  # NoSuchJobError, or a job another version pickled
+        return None
+
+
+def enqueue_unique(
+    target: Queue, job_id: str, func: Callable[..., object], *args: object, **options: object
+) -> Job:
+    """Enqueue under a deterministic id, unless that job is already queued or running."""
+    existing = fetch_job(target.connection, job_id)
+    if existing is not None and existing.get_status() in ACTIVE:
+        return existing
+    return target.enqueue(func, *args, job_id=job_id, **options)
 
 
 def retry_policy(settings: Settings) -> Retry | None:

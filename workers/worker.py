@@ -15,7 +15,7 @@ from rq import SimpleWorker
 
 from echolabel.settings import Settings
 from workers import context
-from workers.queues import QUEUES, connect, queue
+from workers.queues import QUEUES, REEMBED, connect, queue
 
 
 class EcholabelWorker(SimpleWorker):
@@ -28,14 +28,21 @@ class EcholabelWorker(SimpleWorker):
             super()._install_signal_handlers()
 
 
+def default_queues(settings: Settings) -> tuple[str, ...]:
+    """Every queue with a Qdrant server; without one, `reembed` belongs to the process that
+    holds the embedded store (the backend runs it in process)."""
+    return QUEUES if settings.qdrant_url else tuple(q for q in QUEUES if q != REEMBED)
+
+
 def run_worker(
     settings: Settings,
-    queue_names: Sequence[str] = QUEUES,
+    queue_names: Sequence[str] | None = None,
     *,
     burst: bool = False,
     device: str | None = None,
 ) -> bool:
     """Work the queues until stopped (or, with `burst`, until they are empty)."""
+    queue_names = queue_names or default_queues(settings)
     if not settings.redis_url:
         raise ValueError(
             "REDIS_URL is not set: a worker needs Redis (e.g. redis://127.0.0.1:6379/0)"

@@ -165,6 +165,14 @@ class QdrantStore:
                 if old.generation < target.generation:
                     self._client.delete_collection(old.name)
 
+    def drop_generation(self, target: CollectionInfo) -> None:
+        """Delete a generation that is not live (an abandoned or superseded build)."""
+        with self._lock:
+            live = self.collection(target.project)
+            if live is not None and live.name == target.name:
+                raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
+            self._client.delete_collection(target.name)
+
     def ensure_collection(
         self, project: int | str, encoder: str, dim: int, weights_id: str
     ) -> CollectionInfo:
@@ -248,29 +256,50 @@ class QdrantStore:
         annotation: Annotation,
         collection: CollectionInfo | None = None,
     ) -> bool:
+        """Set labels in `collection`, or in the live one *and* every generation being built
+        (so nothing annotated during a re-embedding is lost). True if the live point exists."""
         with self._lock:
-            info = collection or self.collection(project)
-            if info is None:
-                return False
-            pid = point_id(project, task)
-            found = self._client.retrieve(info.name, ids=[pid], with_payload=True)
-            if not found:
-                return False
-            previous = found[0].payload or {}
-            if _is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
-                return True  # a newer annotation is already stored: it wins
-            self._client.set_payload(
-                info.name,
-                payload={
-                    "labels": dict(labels),
-                    "labelled": bool(labels),
-                    "annotation_id": _key(annotation.id),
-                    "annotation_updated_at": annotation.updated_at,
-                },
-                points=[pid],
-                wait=True,
-            )
-            return True
+            targets = [collection] if collection else self._label_targets(project)
+            found_live = False
+            for index, info in enumerate(targets):
+                found = self._set_labels_in(info, project, task, labels, annotation)
+                found_live = found_live or (found and index == 0)
+            return found_live
+
+    def _label_targets(self, project: int | str) -> list[CollectionInfo]:
+        """The live collection first, then any newer generation under construction."""
+        live = self.collection(project)
+        if live is None:
+            return []
+        return [live] + [g for g in self.generations(project) if g.generation > live.generation]
+
+    def _set_labels_in(
+        self,
+        info: CollectionInfo,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+    ) -> bool:
+        pid = point_id(project, task)
+        found = self._client.retrieve(info.name, ids=[pid], with_payload=True)
+        if not found:
+            return False
+        previous = found[0].payload or {}
+        if _is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
+            return True  # a newer annotation is already stored: it wins
+        self._client.set_payload(
+            info.name,
+            payload={
+                "labels": dict(labels),
+                "labelled": bool(labels),
+                "annotation_id": _key(annotation.id),
+                "annotation_updated_at": annotation.updated_at,
+            },
+            points=[pid],
+            wait=True,
+        )
+        return True
 
     def clear_labels(
         self,
@@ -278,37 +307,49 @@ class QdrantStore:
         annotation_id: int | str,
         collection: CollectionInfo | None = None,
     ) -> list[TaskId]:
+        """Clear labels that came from this annotation, in every generation (live first)."""
         with self._lock:
-            info = collection or self.collection(project)
-            if info is None:
-                return []
-            condition = models.Filter(
-                must=[
-                    models.FieldCondition(
-                        key="annotation_id", match=models.MatchValue(value=_key(annotation_id))
-                    )
-                ]
-            )
-            records = self._scroll(info.name, condition, with_vectors=False)
-            if not records:
-                return []
-            self._client.set_payload(
-                info.name,
-                payload={
-                    "labels": {},
-                    "labelled": False,
-                    "annotation_id": None,
-                    "annotation_updated_at": None,
-                },
-                points=[r.id for r in records],
-                wait=True,
-            )
-            return [(r.payload or {})["task"] for r in records]
+            cleared: list[TaskId] = []
+            targets = [collection] if collection else self._label_targets(project)
+            for index, info in enumerate(targets):
+                tasks = self._clear_labels_in(info, annotation_id)
+                if index == 0:
+                    cleared = tasks
+            return cleared
+
+    def _clear_labels_in(self, info: CollectionInfo, annotation_id: int | str) -> list[TaskId]:
+        condition = models.Filter(
+            must=[
+                models.FieldCondition(
+                    key="annotation_id", match=models.MatchValue(value=_key(annotation_id))
+                )
+            ]
+        )
+        records = self._scroll(info.name, condition, with_vectors=False)
+        if not records:
+            return []
+        self._client.set_payload(
+            info.name,
+            payload={
+                "labels": {},
+                "labelled": False,
+                "annotation_id": None,
+                "annotation_updated_at": None,
+            },
+            points=[r.id for r in records],
+            wait=True,
+        )
+        return [(r.payload or {})["task"] for r in records]
 
     # -- reads -------------------------------------------------------------------------------
 
-    def has_vectors(self, project: int | str, tasks: Sequence[TaskId]) -> set[TaskId]:
-        return set(self._retrieve(project, tasks, with_vectors=False))
+    def has_vectors(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        collection: CollectionInfo | None = None,
+    ) -> set[TaskId]:
+        return set(self._retrieve(project, tasks, with_vectors=False, collection=collection))
 
     def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
         return {
@@ -316,20 +357,28 @@ class QdrantStore:
             for task, record in self._retrieve(project, tasks, with_vectors=True).items()
         }
 
-    def points(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, Point]:
+    def points(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Point]:
         """Stored points (vector and payload) of these tasks."""
-        return {
-            task: _to_point(record)
-            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
-        }
+        found = self._retrieve(project, tasks, with_vectors, collection=collection)
+        return {task: _to_point(record) for task, record in found.items()}
 
     def _retrieve(
-        self, project: int | str, tasks: Sequence[TaskId], with_vectors: bool
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool,
+        collection: CollectionInfo | None = None,
     ) -> dict[TaskId, models.Record]:
         if not tasks:
             return {}
         with self._lock:
-            info = self.collection(project)
+            info = collection or self.collection(project)
             if info is None:
                 return {}
             by_id = {point_id(project, t): t for t in tasks}

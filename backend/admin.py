@@ -1,0 +1,174 @@
+"""Admin operations: start a re-embedding, and see every job with its progress and errors.
+
+With Redis, re-embedding is an RQ job on the `reembed` queue (run by a worker that may write
+the store: any worker with a Qdrant server, the backend's own in-process worker with the
+embedded store). Without Redis, the backend runs the same job function in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+from workers import jobs as job_functions
+from workers.queues import QUEUES, REEMBED, enqueue_unique, queue, retry_policy
+from workers.reembed import Progress
+from workers.worker import EcholabelWorker
+
+from .model import Services
+
+log = logging.getLogger(__name__)
+
+
+def reembed_job_id(project: int | str) -> str:
+    return f"reembed-{project}"
+
+
+@dataclass
+class LocalJob:
+    """A job run in a thread of the backend when there is no Redis."""
+
+    id: str
+    description: str
+    status: str = "started"
+    progress: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class Admin:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.local_jobs: dict[str, LocalJob] = {}
+        self._lock = threading.Lock()
+        self._worker_thread: threading.Thread | None = None
+
+    def start_store_worker(self) -> None:
+        """With Redis and the embedded store, this process runs the store-writing jobs."""
+        dispatcher = self.services.dispatcher
+        if dispatcher is None or not self.services.store.local or self._worker_thread:
+            return
+        worker = EcholabelWorker(
+            [queue(dispatcher.connection, REEMBED)], connection=dispatcher.connection
+        )
+
+        def work() -> None:
+            try:
+                worker.work(logging_level="WARNING")
+            except Exception as exc:  # Redis gone: the HTTP app keeps serving
+                log.warning("in-process reembed worker stopped", extra={"error": str(exc)})
+
+        self._worker_thread = threading.Thread(target=work, name="reembed-worker", daemon=True)
+        self._worker_thread.start()
+
+    def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
+        """Queue (or, without Redis, start) the re-embedding of a project."""
+        dispatcher = self.services.dispatcher
+        if dispatcher is not None:
+            settings = self.services.settings
+            ok, job = dispatcher.gate.call(
+                lambda: enqueue_unique(
+                    queue(dispatcher.connection, REEMBED),
+                    reembed_job_id(project),
+                    job_functions.reembed,
+                    project,
+                    encoder,
+                    retry=retry_policy(settings),
+                    job_timeout=settings.job_timeout_s,
+                    result_ttl=7 * 24 * 3600,
+                    failure_ttl=7 * 24 * 3600,
+                    description=f"re-embed project {project} with {encoder}",
+                )
+            )
+            if ok and job is not None:
+                return {"job": job.id, "status": str(job.get_status()), "queue": REEMBED}
+        return self._start_local(project, encoder)
+
+    def _start_local(self, project: int | str, encoder: str) -> dict[str, Any]:
+        job_id = reembed_job_id(project)
+        with self._lock:
+            running = self.local_jobs.get(job_id)
+            if running is not None and running.status == "started":
+                return {"job": job_id, "status": "started", "queue": "in-process"}
+            local = self.local_jobs[job_id] = LocalJob(
+                job_id, f"re-embed project {project} with {encoder}"
+            )
+
+        def report(progress: Progress) -> None:
+            local.progress = progress.as_meta()
+
+        def run() -> None:
+            try:
+                job_functions.reembed(project, encoder, on_progress=report)
+                local.status = "finished"
+            except Exception as exc:
+                local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.warning("re-embedding failed", extra={"project": project, "error": str(exc)})
+
+        threading.Thread(target=run, name=job_id, daemon=True).start()
+        return {"job": job_id, "status": "started", "queue": "in-process"}
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Queued, running, failed and recently finished jobs, with progress and errors."""
+        out = [
+            {
+                "id": j.id,
+                "queue": "in-process",
+                "status": j.status,
+                "description": j.description,
+                "progress": j.progress,
+                "error": j.error,
+            }
+            for j in self.local_jobs.values()
+        ]
+        dispatcher = self.services.dispatcher
+        if dispatcher is not None:
+            ok, listed = dispatcher.gate.call(lambda: list_rq_jobs(dispatcher.connection))
+            if ok and listed:
+                out += listed
+        return out
+
+
+def list_rq_jobs(connection: Any, finished_limit: int = 20) -> list[dict[str, Any]]:
+    """Every echolabel queue's jobs by state, newest finished ones last."""
+    out: list[dict[str, Any]] = []
+    for name in QUEUES:
+        rq_queue = Queue(name, connection=connection)
+        groups = [
+            ("queued", rq_queue.get_job_ids()),
+            ("started", StartedJobRegistry(name, connection=connection).get_job_ids()),
+            ("failed", FailedJobRegistry(name, connection=connection).get_job_ids()),
+            (
+                "finished",
+                FinishedJobRegistry(name, connection=connection).get_job_ids()[-finished_limit:],
+            ),
+        ]
+        for state, ids in groups:
+            for job in Job.fetch_many(ids, connection=connection):
+                if job is not None:
+                    out.append(describe_job(job, name, state))
+    return out
+
+
+def describe_job(job: Job, queue_name: str, state: str) -> dict[str, Any]:
+    error = None
+    if state == "failed":
+        result = job.latest_result()
+        lines = [ln for ln in ((result.exc_string if result else "") or "").splitlines() if ln]
+        error = lines[-1] if lines else "failed"
+    return {
+        "id": job.id,
+        "queue": queue_name,
+        "status": state,
+        "description": job.description,
+        "progress": job.meta.get("progress", {}),
+        "error": error,
+        "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
+    }

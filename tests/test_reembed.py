@@ -1,0 +1,257 @@
+"""Re-embedding with zero downtime: in process (no Redis) and by a real RQ worker that is
+killed half-way and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import timm
+from fastapi.testclient import TestClient
+from rq import Retry
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from safetensors.torch import save_file
+
+from backend.app import create_app
+from backend.model import Services, SimilarityModel
+from tests.conftest import REDIS_URL, TINY_ENCODER_B, png_bytes, run_worker
+from vectorstore import StoreError
+from workers import jobs
+from workers.embedding import TaskImage
+from workers.queues import REEMBED, connect, enqueue_unique, queue
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
+</View>"""
+
+
+def images(root, count):
+    out = {}
+    for i in range(count):
+        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
+            path = root / f"{name}_{i}.png"
+            path.write_bytes(png_bytes((colour,) * 3, size=(48, 48), pattern=i + 1))
+            out[f"{name}_{i}"] = str(path)
+    return out
+
+
+def webhook(task_id, image, organ, annotation_id, updated="2026-11-25T00:00:00Z"):
+    return {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 5},
+        "task": {"id": task_id, "data": {"image": image}},
+        "annotation": {
+            "id": annotation_id,
+            "task": task_id,
+            "updated_at": updated,
+            "result": [
+                {
+                    "from_name": "organ",
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": [organ]},
+                }
+            ],
+        },
+    }
+
+
+def test_predictions_and_annotations_continue_during_the_rebuild(settings):
+    paths = images(settings.local_files_root, 6)
+    settings = dataclasses.replace(settings, batch_size=2)
+    with TestClient(create_app(settings)) as client:
+        state = client.app.state.echolabel
+        store = state["services"].store
+        client.post("/setup", json={"project": 5, "schema": CONFIG})
+        for i in range(5):
+            client.post("/webhook", json=webhook(10 + i, paths[f"dark_{i}"], "dark", 100 + i))
+            client.post("/webhook", json=webhook(20 + i, paths[f"bright_{i}"], "bright", 200 + i))
+        assert state["inbox"].wait_idle(30)
+        client.post("/webhook", json=webhook(30, paths["dark_5"], "dark", 300))  # unlabelled...
+        client.post(
+            "/webhook",
+            json={
+                "action": "ANNOTATIONS_DELETED",
+                "project": {"id": 5},
+                "annotations": [{"id": 300}],
+            },
+        )  # ...once more
+        assert state["inbox"].wait_idle(30)
+
+        paused, resume = threading.Event(), threading.Event()
+        calls = []
+
+        def hold_after_first_batch(progress):
+            calls.append(progress.as_meta())
+            if len(calls) == 1:
+                paused.set()
+                assert resume.wait(30)
+
+        result = {}
+        rebuild = threading.Thread(
+            target=lambda: result.update(
+                jobs.reembed(5, TINY_ENCODER_B, on_progress=hold_after_first_batch)
+            )
+        )
+        rebuild.start()
+        assert paused.wait(30)
+        # Mid-rebuild: suggestions still come from the live generation ...
+        answer = client.post(
+            "/predict",
+            json={"project": 5, "tasks": [{"id": 40, "data": {"image": paths["bright_5"]}}]},
+        ).json()
+        assert answer["results"][0]["result"][0]["value"]["choices"] == ["bright"]
+        assert answer["model_version"] == "echolabel-tiny-test-g1"
+        # ... and an annotation made now (relabelling task 30) must survive the switch.
+        client.post(
+            "/webhook", json=webhook(30, paths["dark_5"], "bright", 301, "2026-11-26T00:00:00Z")
+        )
+        assert state["inbox"].wait_idle(30)
+        resume.set()
+        rebuild.join(60)
+
+    assert result["stage"] == "switched"
+    assert calls[0]["done"] == 2 and calls[0]["total"] == 11 and calls[0]["images_per_s"] > 0
+    with TestClient(create_app(settings)) as client:
+        store = client.app.state.echolabel["services"].store
+        info = store.collection(5)
+        assert (info.encoder, info.dim, info.generation) == (TINY_ENCODER_B, 64, 2)
+        assert [g.generation for g in store.generations(5)] == [2]  # the old one is gone
+        points = {p.task: p for p in store.iter_points(5)}
+        # 10 labelled, task 30, and task 40 (predicted mid-rebuild: caught by the final pass)
+        assert len(points) == 12
+        assert points[30].labels == {"organ": "bright"}
+        assert points[10].labels == {"organ": "dark"} and len(points[10].vector) == 64
+        answer = client.post(
+            "/predict",
+            json={"project": 5, "tasks": [{"id": 41, "data": {"image": paths["dark_0"]}}]},
+        ).json()
+        assert answer["model_version"] == "echolabel-tiny-test-b-g2"
+        assert answer["results"][0]["result"][0]["value"]["choices"] == ["dark"]
+
+
+def test_a_labelled_task_whose_image_vanished_stops_the_switch(settings):
+    paths = images(settings.local_files_root, 2)
+    services = Services.from_settings(settings)
+    try:
+        model = SimilarityModel(services, 5, CONFIG)
+        model.embed(
+            [TaskImage(1, paths["dark_0"], {"organ": "dark"}), TaskImage(2, paths["bright_0"])]
+        )
+        os.remove(paths["dark_0"])
+        from workers import context
+
+        context.install(
+            context.JobContext(
+                settings,
+                services.embedder,
+                services.fetcher,
+                owns_store=True,
+                _store=services.store,
+            )
+        )
+        with pytest.raises(StoreError, match="live generation is untouched"):
+            jobs.reembed(5, TINY_ENCODER_B)
+        assert services.store.collection(5).generation == 1
+    finally:
+        from workers import context
+
+        context.install(None)
+        services.close()
+
+
+@pytest.fixture
+def resnet_weights(tmp_path):
+    """A real timm ResNet-50 checkpoint file (random weights): the second encoder."""
+    directory = tmp_path / "weights"
+    directory.mkdir()
+    model = timm.create_model("resnet50.a1_in1k", pretrained=False)
+    save_file(model.state_dict(), str(directory / "resnet50.safetensors"))
+    return directory
+
+
+def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
+    settings, redis_db, resnet_weights
+):
+    settings = dataclasses.replace(
+        settings,
+        redis_url=REDIS_URL,
+        encoder="efficientnet_lite0",
+        batch_size=2,
+        job_retry_intervals=(0,),
+        weights_dir=resnet_weights,
+    )
+    paths = images(settings.local_files_root, 12)
+    inline = dataclasses.replace(settings, redis_url=None)
+    services = Services.from_settings(inline)
+    SimilarityModel(services, 5, CONFIG).embed(
+        [
+            TaskImage(i, path, {"organ": name.split("_")[0]})
+            for i, (name, path) in enumerate(sorted(paths.items()))
+        ]
+    )
+    services.close()
+
+    job = enqueue_unique(
+        queue(redis_db, REEMBED),
+        "reembed-5",
+        jobs.reembed,
+        5,
+        "resnet50",
+        retry=Retry(max=1),
+        job_timeout=600,
+    )
+    env = {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_BATCH_SIZE": "2",
+        "ECHOLABEL_WEIGHTS_DIR": str(resnet_weights),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "echolabel.cli", "worker", REEMBED],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while job.get_meta(refresh=True).get("progress", {}).get("done", 0) < 6:
+            assert time.monotonic() < deadline and worker.poll() is None, "no progress"
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    done_before_kill = job.get_meta(refresh=True)["progress"]["done"]
+    assert done_before_kill < 24
+
+    services = Services.from_settings(inline)  # the lock died with the worker
+    info = services.store.collection(5)
+    assert (info.encoder, info.generation) == ("efficientnet_lite0", 1)  # live untouched
+    assert services.store.count(5) == 24
+    services.close()
+
+    # What RQ does once the dead worker's job times out: the abandoned job is retried.
+    StartedJobRegistry(REEMBED, connection=redis_db).cleanup(timestamp=time.time() + 10**6)
+    assert Job.fetch("reembed-5", connection=redis_db).get_status() == "queued"
+    run_worker(settings, REEMBED)
+    finished = Job.fetch("reembed-5", connection=redis_db)
+    result = finished.return_value()
+    assert finished.get_status() == "finished", finished.latest_result().exc_string
+    assert result["skipped"] >= done_before_kill  # finished batches were not redone
+    assert result["done"] == 24 and result["stage"] == "switched"
+
+    services = Services.from_settings(inline)
+    info = services.store.collection(5)
+    assert (info.encoder, info.dim, info.generation) == ("resnet50", 2048, 2)
+    assert services.store.count(5, labelled=True) == 24
+    services.close()
+    assert connect(REDIS_URL).ping()
