@@ -48,25 +48,37 @@ class Admin:
         self.services = services
         self.local_jobs: dict[str, LocalJob] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
 
-    def start_store_worker(self) -> None:
-        """With Redis and the embedded store, this process runs the store-writing jobs."""
+    def start_store_worker(self, every_s: float = 1.0) -> None:
+        """With Redis and the embedded store, this process runs the store-writing jobs.
+
+        Burst runs in a loop rather than one blocking worker: the loop notices `stop` within
+        a second, and a Redis outage only pauses it (RedisGate warns once a minute).
+        """
         dispatcher = self.services.dispatcher
         if dispatcher is None or not self.services.store.local or self._worker_thread:
             return
-        worker = EcholabelWorker(
-            [queue(dispatcher.connection, REEMBED)], connection=dispatcher.connection
-        )
 
-        def work() -> None:
-            try:
-                worker.work(logging_level="WARNING")
-            except Exception as exc:  # Redis gone: the HTTP app keeps serving
-                log.warning("in-process reembed worker stopped", extra={"error": str(exc)})
+        def work_queue() -> None:
+            worker = EcholabelWorker(
+                [queue(dispatcher.connection, REEMBED)], connection=dispatcher.connection
+            )
+            worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
 
-        self._worker_thread = threading.Thread(target=work, name="reembed-worker", daemon=True)
+        def loop() -> None:
+            while not self._stop.is_set():
+                dispatcher.gate.call(work_queue)
+                self._stop.wait(every_s)
+
+        self._worker_thread = threading.Thread(target=loop, name="reembed-worker", daemon=True)
         self._worker_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker_thread is not None:
+            self._worker_thread.join(timeout=30)
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""

@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             yield
         finally:
             inbox.stop()
+            admin.stop()
             context.install(None)
             if services is None:
                 state["services"].close()

@@ -20,7 +20,11 @@ def compose():
 
 def test_services_and_wiring():
     services = compose()["services"]
-    assert {"label-studio", "backend", "qdrant"} <= set(services)
+    assert {"label-studio", "backend", "qdrant", "redis", "worker", "rq-dashboard"} <= set(services)
+    worker = services["worker"]
+    assert worker["command"][:2] == ["echolabel", "worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "--appendonly" in services["redis"]["command"]
     backend = services["backend"]["environment"]
     assert backend["QDRANT_URL"] == "http://qdrant:6333"
     assert backend["LABEL_STUDIO_URL"].startswith("http://label-studio:")
@@ -28,9 +32,10 @@ def test_services_and_wiring():
     assert ls["ML_BLOCK_LOCAL_IP"] == "false" and ls["SSRF_PROTECTION_ENABLED"] == "false"
 
 
-def test_backend_variables_are_ones_the_settings_read():
-    for name in compose()["services"]["backend"]["environment"]:
-        assert f'"{name}"' in SETTINGS_SOURCE, f"{name} is not read by echolabel.settings"
+def test_backend_and_worker_variables_are_ones_the_settings_read():
+    for service in ("backend", "worker"):
+        for name in compose()["services"][service]["environment"]:
+            assert f'"{name}"' in SETTINGS_SOURCE, f"{name} is not read by echolabel.settings"
 
 
 def test_mounted_files_exist_and_parse():

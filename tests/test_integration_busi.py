@@ -8,7 +8,12 @@ split. The bar is derived from the data: the vote must beat always answering the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import os
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import pytest
@@ -16,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from echolabel.settings import Settings
-from tests.conftest import SHARED_DATA
+from tests.conftest import REDIS_URL, SHARED_DATA
 
 BUSI = SHARED_DATA / "busi"
 CONFIG = """<View>
@@ -60,11 +65,39 @@ def annotation_webhook(task_id, image, labels, annotation_id):
     }
 
 
-def test_votes_on_real_ultrasound_beat_the_majority_class(tmp_path):
+@pytest.fixture(params=["inline", "redis-worker"])
+def deployment(request, tmp_path):
+    """The embedded default, and the same with REDIS_URL set and a real worker running."""
+    settings = Settings(model_dir=tmp_path / "model", local_files_root=BUSI)
+    if request.param == "inline":
+        yield settings
+        return
+    request.getfixturevalue("redis_db")
+    settings = dataclasses.replace(settings, redis_url=REDIS_URL, embed_wait_s=300.0)
+    env = {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(BUSI),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "echolabel.cli", "worker", "embed"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield settings
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_votes_on_real_ultrasound_beat_the_majority_class(deployment):
     data = rows()
     train = [(i, r) for i, r in enumerate(data) if r["split"] == "train"]
     test = [(i, r) for i, r in enumerate(data) if r["split"] == "test"]
-    settings = Settings(model_dir=tmp_path / "model", local_files_root=BUSI)
+    settings = deployment
     with TestClient(create_app(settings)) as client:
         setup = client.post("/setup", json={"project": "1.1764000000", "schema": CONFIG})
         assert setup.status_code == 200
@@ -79,6 +112,9 @@ def test_votes_on_real_ultrasound_beat_the_majority_class(tmp_path):
         assert inbox.wait_idle(timeout=600)
         assert not inbox.failed()
         store = client.app.state.echolabel["services"].store
+        deadline = time.monotonic() + 600  # with a worker, vectors land as its jobs finish
+        while store.count(1, labelled=True) < len(train) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert store.count(1, labelled=True) == len(train)
 
         tasks = [{"id": i, "data": {"image": str(BUSI / r["image"])}} for i, r in test]
@@ -90,6 +126,7 @@ def test_votes_on_real_ultrasound_beat_the_majority_class(tmp_path):
 
     predictions = body["results"]
     assert len(predictions) == len(test)
+    assert body["pending"] == []
     abstained = {a["task"]: a["fields"] for a in body["abstained"]}
     correct = voted = 0
     for (task_id, row), prediction in zip(test, predictions, strict=True):

@@ -255,3 +255,27 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
     assert services.store.count(5, labelled=True) == 24
     services.close()
     assert connect(REDIS_URL).ping()
+
+
+def test_training_button_starts_a_reembedding_visible_in_jobs(settings):
+    paths = images(settings.local_files_root, 2)
+    settings = dataclasses.replace(settings, encoder=TINY_ENCODER_B)
+    services = Services.from_settings(dataclasses.replace(settings, encoder="tiny-test"))
+    SimilarityModel(services, 5, CONFIG).embed([TaskImage(1, paths["dark_0"], {"organ": "dark"})])
+    services.close()
+    with TestClient(create_app(settings)) as client:
+        started = client.post("/train", json={"project": "5.1764000000"}).json()
+        assert started == {"job": "reembed-5", "status": "started", "queue": "in-process"}
+        deadline = time.monotonic() + 30
+        while True:
+            listed = client.get("/jobs").json()["jobs"]
+            if listed[0]["status"] != "started" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert listed[0]["status"] == "finished", listed
+        assert listed[0]["progress"]["stage"] == "switched"
+        assert client.app.state.echolabel["services"].store.collection(5).encoder == (
+            TINY_ENCODER_B
+        )
+        again = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
+        assert again.json()["job"] == "reembed-5"

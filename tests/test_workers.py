@@ -160,6 +160,9 @@ def test_permanent_failure_lands_in_the_failed_registry_with_its_reason(redis_se
         reason = job.latest_result().exc_string
         assert "PermanentJobError" in reason and "not_an_image" in reason
         assert job.retries_left == 0  # not retried: a broken image stays broken
+        listed = client.get("/jobs").json()["jobs"]
+        failed_jobs = [j for j in listed if j["status"] == "failed"]
+        assert len(failed_jobs) == 1 and "not_an_image" in failed_jobs[0]["error"]
         # A later request queues a fresh attempt (the user may have fixed the image).
         services = client.app.state.echolabel["services"]
         again = services.dispatcher.submit(3, "efficientnet_lite0", [TaskImage(1, str(bad))])

@@ -57,4 +57,5 @@ def run_worker(
     worker = EcholabelWorker(
         [queue(connection, name) for name in queue_names], connection=connection
     )
-    return worker.work(burst=burst, with_scheduler=not burst, logging_level="WARNING")
+    # The scheduler moves retries with a delay back to their queue (burst runs it once too).
+    return worker.work(burst=burst, with_scheduler=True, logging_level="WARNING")
