@@ -20,7 +20,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from workers import jobs as job_functions
 from workers.queues import QUEUES, REEMBED, enqueue_unique, queue, retry_policy
 from workers.reembed import Progress
-from workers.worker import EcholabelWorker
+from workers.worker import ThreadWorker
 
 from .model import Services
 
@@ -62,7 +62,7 @@ class Admin:
             return
 
         def work_queue() -> None:
-            worker = EcholabelWorker(
+            worker = ThreadWorker(
                 [queue(dispatcher.connection, REEMBED)], connection=dispatcher.connection
             )
             worker.work(burst=True, with_scheduler=True, logging_level="WARNING")

@@ -258,6 +258,10 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     project = project_id(args.project)
     if not settings.redis_url:
         # No queue: run it here (the embedded store must not be held by a running server).
+        from workers import context
+
+        job_context = context.JobContext.from_settings(settings)
+        context.install(job_context)
         with tqdm(unit="img", desc=f"re-embed {args.project}") as bar:
 
             def show(progress: Any) -> None:
@@ -266,7 +270,11 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
                 bar.set_postfix(stage=progress.stage, failed=progress.failed)
                 bar.refresh()
 
-            result = jobs.reembed(project, args.encoder, on_progress=show)
+            try:
+                result = jobs.reembed(project, args.encoder, on_progress=show)
+            finally:
+                context.install(None)
+                job_context.store.close()
         print(json.dumps(result, indent=2))
         return 0
     connection = connect(settings.redis_url)

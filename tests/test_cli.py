@@ -87,3 +87,49 @@ def test_weights_list_marks_the_default(capsys, monkeypatch):
     assert main(["weights", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "efficientnet_lite0  (default)" in lines and "dreamsim" in lines
+
+
+def test_reembed_inline_without_redis(folder, tmp_path, capsys, monkeypatch):
+    main(
+        [
+            "index",
+            str(folder),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--field",
+            "finding",
+            "--project",
+            "demo",
+        ]
+    )
+    capsys.readouterr()
+    # Re-reading the images later needs the folder to be an allowed local root.
+    monkeypatch.setenv("ECHOLABEL_LOCAL_FILES_ROOT", str(folder))
+    assert main(["reembed", "--project", "demo", "--encoder", "tiny-test-b"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["stage"] == "switched" and result["done"] == 16 and result["generation"] == 2
+    assert "re-embed demo" in out.err  # the progress bar
+
+
+def test_jobs_lists_queued_jobs_from_redis(redis_db, monkeypatch, capsys):
+    from tests.conftest import REDIS_URL
+    from workers import jobs
+    from workers.queues import REEMBED, enqueue_unique, queue
+
+    assert main(["jobs"]) == 1
+    assert "REDIS_URL is not set" in capsys.readouterr().err
+    enqueue_unique(
+        queue(redis_db, REEMBED),
+        "reembed-9",
+        jobs.reembed,
+        9,
+        "tiny-test-b",
+        description="re-embed project 9 with tiny-test-b",
+    )
+    monkeypatch.setenv("REDIS_URL", REDIS_URL)
+    assert main(["jobs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(j["id"], j["status"], j["queue"]) for j in listed] == [
+        ("reembed-9", "queued", "reembed")
+    ]

@@ -63,18 +63,28 @@ def webhook(task_id, image, organ, annotation_id, updated="2026-11-25T00:00:00Z"
     }
 
 
-def test_predictions_and_annotations_continue_during_the_rebuild(settings):
-    paths = images(settings.local_files_root, 6)
+@pytest.fixture(params=["in-process", "redis"])
+def rebuild_settings(request, settings):
+    """Without Redis the backend runs the job in a thread; with Redis (and the embedded
+    store) its in-process RQ worker runs it from the `reembed` queue."""
     settings = dataclasses.replace(settings, batch_size=2)
-    with TestClient(create_app(settings)) as client:
-        state = client.app.state.echolabel
-        store = state["services"].store
+    if request.param == "redis":
+        request.getfixturevalue("redis_db")
+        settings = dataclasses.replace(settings, redis_url=REDIS_URL, embed_wait_s=0.0)
+    return settings
+
+
+def test_predictions_and_annotations_continue_during_the_rebuild(rebuild_settings, monkeypatch):
+    settings = rebuild_settings
+    paths = images(settings.local_files_root, 6)
+    with TestClient(create_app(dataclasses.replace(settings, redis_url=None))) as client:
+        inbox = client.app.state.echolabel["inbox"]
         client.post("/setup", json={"project": 5, "schema": CONFIG})
         for i in range(5):
             client.post("/webhook", json=webhook(10 + i, paths[f"dark_{i}"], "dark", 100 + i))
             client.post("/webhook", json=webhook(20 + i, paths[f"bright_{i}"], "bright", 200 + i))
-        assert state["inbox"].wait_idle(30)
-        client.post("/webhook", json=webhook(30, paths["dark_5"], "dark", 300))  # unlabelled...
+        client.post("/webhook", json=webhook(30, paths["dark_5"], "dark", 300))
+        assert inbox.wait_idle(30)
         client.post(
             "/webhook",
             json={
@@ -82,56 +92,71 @@ def test_predictions_and_annotations_continue_during_the_rebuild(settings):
                 "project": {"id": 5},
                 "annotations": [{"id": 300}],
             },
-        )  # ...once more
-        assert state["inbox"].wait_idle(30)
+        )  # task 30: unlabelled
+        assert inbox.wait_idle(30)
 
-        paused, resume = threading.Event(), threading.Event()
-        calls = []
+    paused, resume = threading.Event(), threading.Event()
+    calls = []
+    real_reembed_project = jobs.reembed_project
 
-        def hold_after_first_batch(progress):
+    def held(*args, on_progress, **kwargs):
+        def hook(progress):
+            on_progress(progress)
             calls.append(progress.as_meta())
             if len(calls) == 1:
                 paused.set()
-                assert resume.wait(30)
+                assert resume.wait(60)
 
-        result = {}
-        rebuild = threading.Thread(
-            target=lambda: result.update(
-                jobs.reembed(5, TINY_ENCODER_B, on_progress=hold_after_first_batch)
-            )
+        return real_reembed_project(*args, on_progress=hook, **kwargs)
+
+    monkeypatch.setattr(jobs, "reembed_project", held)
+    # The admin changes the encoder and presses Label Studio's "Start Training".
+    with TestClient(create_app(dataclasses.replace(settings, encoder=TINY_ENCODER_B))) as client:
+        state = client.app.state.echolabel
+        store = state["services"].store
+        assert client.post("/train", json={"project": "5.1764000000"}).json()["job"] == (
+            "reembed-5"
         )
-        rebuild.start()
-        assert paused.wait(30)
+        assert paused.wait(60)
         # Mid-rebuild: suggestions still come from the live generation ...
         answer = client.post(
             "/predict",
-            json={"project": 5, "tasks": [{"id": 40, "data": {"image": paths["bright_5"]}}]},
+            json={"project": 5, "tasks": [{"id": 30, "data": {"image": paths["dark_5"]}}]},
         ).json()
-        assert answer["results"][0]["result"][0]["value"]["choices"] == ["bright"]
+        assert answer["results"][0]["result"][0]["value"]["choices"] == ["dark"]
         assert answer["model_version"] == "echolabel-tiny-test-g1"
+        if not settings.redis_url:  # a task embedded now (inline) is caught by the final pass
+            client.post(
+                "/predict",
+                json={"project": 5, "tasks": [{"id": 40, "data": {"image": paths["bright_5"]}}]},
+            )
         # ... and an annotation made now (relabelling task 30) must survive the switch.
         client.post(
             "/webhook", json=webhook(30, paths["dark_5"], "bright", 301, "2026-11-26T00:00:00Z")
         )
         assert state["inbox"].wait_idle(30)
         resume.set()
-        rebuild.join(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = [j for j in client.get("/jobs").json()["jobs"] if j["id"] == "reembed-5"]
+            if listed and listed[0]["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.2)
+        assert listed[0]["status"] == "finished", listed
+        assert listed[0]["progress"]["stage"] == "switched"
+        assert calls[0]["done"] == 2 and calls[0]["total"] == 11
+        assert calls[0]["images_per_s"] > 0 and calls[0]["eta_s"] > 0
 
-    assert result["stage"] == "switched"
-    assert calls[0]["done"] == 2 and calls[0]["total"] == 11 and calls[0]["images_per_s"] > 0
-    with TestClient(create_app(settings)) as client:
-        store = client.app.state.echolabel["services"].store
         info = store.collection(5)
         assert (info.encoder, info.dim, info.generation) == (TINY_ENCODER_B, 64, 2)
         assert [g.generation for g in store.generations(5)] == [2]  # the old one is gone
         points = {p.task: p for p in store.iter_points(5)}
-        # 10 labelled, task 30, and task 40 (predicted mid-rebuild: caught by the final pass)
-        assert len(points) == 12
+        assert len(points) == (11 if settings.redis_url else 12)
         assert points[30].labels == {"organ": "bright"}
         assert points[10].labels == {"organ": "dark"} and len(points[10].vector) == 64
         answer = client.post(
             "/predict",
-            json={"project": 5, "tasks": [{"id": 41, "data": {"image": paths["dark_0"]}}]},
+            json={"project": 5, "tasks": [{"id": 10, "data": {"image": paths["dark_0"]}}]},
         ).json()
         assert answer["model_version"] == "echolabel-tiny-test-b-g2"
         assert answer["results"][0]["result"][0]["value"]["choices"] == ["dark"]

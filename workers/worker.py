@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from rq import SimpleWorker
+from rq.timeouts import TimerDeathPenalty
 
 from echolabel.settings import Settings
 from workers import context
@@ -19,13 +20,17 @@ from workers.queues import QUEUES, REEMBED, connect, queue
 
 
 class EcholabelWorker(SimpleWorker):
-    """SimpleWorker that may also run in a non-main thread (the backend's in-process worker)."""
+    """SimpleWorker that keeps the process's loaded encoders across jobs."""
+
+
+class ThreadWorker(EcholabelWorker):
+    """For a worker loop in a non-main thread (the backend's in-process `reembed` worker):
+    signals only reach the main thread, so no signal handlers and a timer-based timeout."""
+
+    death_penalty_class = TimerDeathPenalty
 
     def _install_signal_handlers(self) -> None:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            super()._install_signal_handlers()
+        pass
 
 
 def default_queues(settings: Settings) -> tuple[str, ...]:
