@@ -7,7 +7,6 @@ None and the caller embeds inline (RedisGate warns once a minute).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -22,16 +21,8 @@ from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import ExactSearchStore, QdrantStore, TaskId
 from workers.embedding import TaskImage
-from workers.jobs import embed_batch, points_of, task_payload
-from workers.queues import (
-    EMBED,
-    RedisGate,
-    connect,
-    enqueue_unique,
-    fetch_job,
-    queue,
-    retry_policy,
-)
+from workers.jobs import enqueue_embed, points_of
+from workers.queues import EMBED, RedisGate, connect, fetch_job, queue
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +57,7 @@ class EmbedDispatcher:
         return jobs if ok else None
 
     def _enqueue(self, project: int | str, encoder: str, items: Sequence[TaskImage]) -> list[Job]:
-        size = self.settings.batch_size
-        jobs = []
-        for start in range(0, len(items), size):
-            batch = items[start : start + size]
-            key = hashlib.sha1(
-                repr((project, encoder, sorted(str(i.task) for i in batch))).encode()
-            ).hexdigest()[:16]
-            jobs.append(
-                enqueue_unique(
-                    self.queue,
-                    f"embed-{project}-{key}",
-                    embed_batch,
-                    project,
-                    encoder,
-                    [task_payload(i) for i in batch],
-                    retry=retry_policy(self.settings),
-                    job_timeout=self.settings.job_timeout_s,
-                    result_ttl=3600,
-                    failure_ttl=7 * 24 * 3600,
-                    description=f"embed {len(batch)} task(s) of project {project} with {encoder}",
-                )
-            )
-        return jobs
+        return enqueue_embed(self.connection, self.settings, project, encoder, items)
 
     def wait(self, jobs: Sequence[Job], timeout_s: float) -> DispatchOutcome:
         """Wait up to `timeout_s` for the jobs; apply results; report failures and pending."""

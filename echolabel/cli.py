@@ -36,12 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the CLI prints the reason, never a traceback, for known errors
         from backend.label_config import LabelConfigError, TaskError
         from echolabel.images import ImageError
+        from echolabel.labelstudio import LabelStudioError
         from vectorstore import StoreError
         from workers.encoders import EncoderError
 
         if isinstance(
             exc,
             (
+                LabelStudioError,
                 ImageError,
                 LabelConfigError,
                 TaskError,
@@ -70,11 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     index = sub.add_parser("index", help="embed a folder of images into a project's collection")
-    index.add_argument("images", type=Path, help="folder of images")
+    index.add_argument(
+        "images",
+        type=Path,
+        nargs="?",
+        help="folder of images; without it, --project names a Label Studio project whose tasks "
+        "are pre-embedded (queued to the workers when REDIS_URL is set)",
+    )
     index.add_argument("--labels", type=Path, help="CSV with an image column and label columns")
     index.add_argument("--image-column", default="image", help="CSV column with the image path")
     index.add_argument("--field", action="append", default=[], help="label column (repeatable)")
-    index.add_argument("--project", default="local", help="project id or name (default: local)")
+    index.add_argument("--project", help="project id or name (default for a folder: local)")
     index.add_argument("--limit", type=int, help="index only the first N images")
     index.set_defaults(run=_index)
 
@@ -152,13 +160,89 @@ def _folder_tasks(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, s
 
 
 def _index(args: argparse.Namespace, settings: Settings) -> int:
+    if args.images is None:
+        if not args.project:
+            raise ValueError("give a folder of images, or --project N for a Label Studio project")
+        return _index_label_studio_project(args, settings)
+    args.project = args.project or "local"
+    return _index_folder(args, settings)
+
+
+def _index_label_studio_project(args: argparse.Namespace, settings: Settings) -> int:
+    """Pre-embed a Label Studio project's tasks so that its predictions are instant."""
+    from backend.label_config import TaskError, parse_label_config
+    from backend.model import Services, SimilarityModel
+    from backend.projects import project_id
+    from echolabel.labelstudio import LabelStudioClient
+    from workers.embedding import TaskImage
+    from workers.jobs import enqueue_embed
+    from workers.queues import connect
+
+    project = project_id(args.project)
+    client = LabelStudioClient(settings)
+    try:
+        schema = parse_label_config(client.label_config(project))
+        items, skipped = [], 0
+        for task in client.tasks(project):
+            try:
+                items.append(TaskImage(task["id"], schema.image_ref(task)))
+            except (TaskError, KeyError):
+                skipped += 1
+    finally:
+        client.close()
+    items = items[: args.limit]
+    if settings.redis_url:
+        # The workers embed; the process holding the store (backend or a worker with a Qdrant
+        # server) stores the vectors. The project's encoder is the configured one.
+        jobs = enqueue_embed(
+            connect(settings.redis_url), settings, project, settings.encoder, items
+        )
+        print(
+            json.dumps(
+                {"project": project, "tasks": len(items), "skipped": skipped, "jobs": len(jobs)},
+                indent=2,
+            )
+        )
+        return 0
+    services = Services.from_settings(settings)
+    try:
+        model = SimilarityModel(services, project)
+        known = services.store.has_vectors(project, [i.task for i in items])
+        todo = [i for i in items if i.task not in known]
+        failed: dict[str, str] = {}
+        with tqdm(total=len(todo), unit="img", desc=f"index {project}") as bar:
+            for start in range(0, len(todo), INDEX_CHUNK):
+                chunk = todo[start : start + INDEX_CHUNK]
+                report = model.embed(chunk)
+                failed.update({str(t): str(e) for t, e in report.failures.items()})
+                bar.update(len(chunk))
+        print(
+            json.dumps(
+                {
+                    "project": project,
+                    "tasks": len(items),
+                    "skipped": skipped,
+                    "already_embedded": len(known),
+                    "points": services.store.count(project),
+                    "failed": failed,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    finally:
+        services.close()
+
+
+def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
     from backend.label_config import ChoicesField, LabelSchema
     from backend.model import Services, SimilarityModel
     from workers.embedding import TaskImage
 
     tasks = _folder_tasks(args)[: args.limit]
-    # The folder is the only place this command reads images from.
-    settings = dataclasses.replace(settings, local_files_root=args.images.resolve())
+    # The folder is the only place this command reads images from; it embeds here (a folder
+    # is indexed before any server runs, so this process holds the store).
+    settings = dataclasses.replace(settings, local_files_root=args.images.resolve(), redis_url=None)
     services = Services.from_settings(settings)
     try:
         if args.field:

@@ -5,15 +5,20 @@ They run in an RQ worker, in the backend's own process, or inline from the CLI a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from redis import Redis
 from rq import get_current_job
+from rq.job import Job
 
+from echolabel.settings import Settings
 from vectorstore import Annotation, Point, StoreError
 from workers import context
 from workers.embedding import TaskImage
+from workers.queues import EMBED, enqueue_unique, queue, retry_policy
 from workers.reembed import Progress, reembed_project
 
 log = logging.getLogger(__name__)
@@ -100,6 +105,39 @@ def embed_batch(project: int | str, encoder: str, tasks: Sequence[Mapping[str, A
             for p in result.points
         ]
     return summary
+
+
+def enqueue_embed(
+    connection: Redis,
+    settings: Settings,
+    project: int | str,
+    encoder: str,
+    items: Sequence[TaskImage],
+) -> list[Job]:
+    """One `embed_batch` job per batch; a batch already queued or running is not queued twice
+    (its id is derived from the project, encoder and task ids)."""
+    jobs = []
+    for start in range(0, len(items), settings.batch_size):
+        batch = items[start : start + settings.batch_size]
+        key = hashlib.sha1(
+            repr((project, encoder, sorted(str(i.task) for i in batch))).encode()
+        ).hexdigest()[:16]
+        jobs.append(
+            enqueue_unique(
+                queue(connection, EMBED),
+                f"embed-{project}-{key}",
+                embed_batch,
+                project,
+                encoder,
+                [task_payload(i) for i in batch],
+                retry=retry_policy(settings),
+                job_timeout=settings.job_timeout_s,
+                result_ttl=3600,
+                failure_ttl=7 * 24 * 3600,
+                description=f"embed {len(batch)} task(s) of project {project} with {encoder}",
+            )
+        )
+    return jobs
 
 
 def points_of(summary: Mapping[str, Any]) -> list[Point]:
