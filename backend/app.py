@@ -59,15 +59,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         built = state["services"] = services or Services.from_settings(settings)
         # Jobs run in this process (re-embedding) share its store and loaded encoders.
-        context.install(
-            context.JobContext(
-                settings=built.settings,
-                embedder=built.embedder,
-                fetcher=built.fetcher,
-                owns_store=built.store.local,
-                _store=built.store,
-            )
-        )
+        context.install(built.job_context())
         admin = state["admin"] = Admin(built)
         if built.dispatcher is not None:
             built.dispatcher.start_collector()

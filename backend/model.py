@@ -24,6 +24,7 @@ from vectorstore import (
     TaskId,
     open_store,
 )
+from workers.context import JobContext
 from workers.embedding import Embedder, TaskImage
 
 from .dispatch import EmbedDispatcher
@@ -61,14 +62,20 @@ class Services:
         return cls(
             settings=settings,
             store=store,
-            embedder=Embedder(
-                weights_dir=settings.weights_dir,
-                device=settings.device,
-                batch_size=settings.batch_size,
-            ),
+            embedder=Embedder.from_settings(settings),
             fetcher=ImageFetcher(settings),
             projects=ProjectRegistry(settings.projects_dir),
             dispatcher=EmbedDispatcher(settings, store) if settings.redis_url else None,
+        )
+
+    def job_context(self) -> JobContext:
+        """The context for jobs run in this process: this process's store and encoders."""
+        return JobContext(
+            settings=self.settings,
+            embedder=self.embedder,
+            fetcher=self.fetcher,
+            owns_store=self.store.local,
+            _store=self.store,
         )
 
     def close(self) -> None:

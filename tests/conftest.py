@@ -78,6 +78,47 @@ def png_bytes(
     return buffer.getvalue()
 
 
+def dark_and_bright(root: Path, count: int, size: tuple[int, int] = (32, 32)) -> dict[str, str]:
+    """`count` dark and `count` bright PNGs under root, each with a distinct bright square."""
+    paths = {}
+    for i in range(count):
+        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
+            path = root / f"{name}_{i}.png"
+            path.write_bytes(png_bytes((colour,) * 3, size=size, pattern=i + 1))
+            paths[f"{name}_{i}"] = str(path)
+    return paths
+
+
+def annotation_webhook(
+    project: int,
+    task: dict,
+    labels: dict[str, str],
+    annotation_id: int,
+    updated_at: str = "2026-11-25T00:00:00Z",
+    action: str = "ANNOTATION_CREATED",
+) -> dict:
+    """The body Label Studio 1.23 posts for an annotation with these choices."""
+    return {
+        "action": action,
+        "project": {"id": project},
+        "task": task,
+        "annotation": {
+            "id": annotation_id,
+            "task": task["id"],
+            "updated_at": updated_at,
+            "result": [
+                {
+                    "from_name": field,
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": [value]},
+                }
+                for field, value in labels.items()
+            ],
+        },
+    }
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     images = tmp_path / "images"

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from backend.app import create_app
-from tests.conftest import png_bytes
+from tests.conftest import annotation_webhook, dark_and_bright, png_bytes
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
@@ -20,14 +20,7 @@ CONFIG = """<View><Image name="image" value="$image"/>
 @pytest.fixture
 def images(settings):
     """Ten dark and ten bright images under the local-files root."""
-    root = settings.local_files_root
-    paths = {}
-    for i in range(10):
-        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
-            path = root / f"{name}_{i}.png"
-            path.write_bytes(png_bytes((colour, colour, colour), pattern=i + 1))
-            paths[f"{name}_{i}"] = str(path)
-    return paths
+    return dark_and_bright(settings.local_files_root, 10)
 
 
 @pytest.fixture
@@ -57,24 +50,9 @@ def annotate(
     updated="2026-01-01T00:00:00Z",
     action="ANNOTATION_CREATED",
 ):
-    body = {
-        "action": action,
-        "project": {"id": 7},
-        "task": task(task_id, image),
-        "annotation": {
-            "id": annotation_id,
-            "task": task_id,
-            "updated_at": updated,
-            "result": [
-                {
-                    "from_name": "organ",
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": [organ]},
-                }
-            ],
-        },
-    }
+    body = annotation_webhook(
+        7, task(task_id, image), {"organ": organ}, annotation_id, updated, action
+    )
     response = client.post("/webhook", json=body)
     assert response.status_code == 200 and response.json()["status"] == "queued"
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from echolabel.settings import Settings
-from tests.conftest import REDIS_URL, SHARED_DATA
+from tests.conftest import REDIS_URL, SHARED_DATA, annotation_webhook
 
 BUSI = SHARED_DATA / "busi"
 CONFIG = """<View>
@@ -41,28 +41,6 @@ pytestmark = [
 def rows():
     with open(BUSI / "labels.csv", newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def annotation_webhook(task_id, image, labels, annotation_id):
-    return {
-        "action": "ANNOTATION_CREATED",
-        "project": {"id": 1},
-        "task": {"id": task_id, "data": {"image": image}, "project": 1},
-        "annotation": {
-            "id": annotation_id,
-            "task": task_id,
-            "updated_at": "2026-11-25T10:00:00.000000Z",
-            "result": [
-                {
-                    "from_name": field,
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": [value]},
-                }
-                for field, value in labels.items()
-            ],
-        },
-    }
 
 
 @pytest.fixture(params=["inline", "redis-worker"])
@@ -105,7 +83,13 @@ def test_votes_on_real_ultrasound_beat_the_majority_class(deployment):
             labels = {"finding": row["finding"], "organ": row["organ"]}
             response = client.post(
                 "/webhook",
-                json=annotation_webhook(i, str(BUSI / row["image"]), labels, 10_000 + i),
+                json=annotation_webhook(
+                    1,
+                    {"id": i, "data": {"image": str(BUSI / row["image"])}, "project": 1},
+                    labels,
+                    10_000 + i,
+                    "2026-11-25T10:00:00.000000Z",
+                ),
             )
             assert response.status_code == 200
         inbox = client.app.state.echolabel["inbox"]

@@ -21,7 +21,13 @@ from safetensors.torch import save_file
 
 from backend.app import create_app
 from backend.model import Services, SimilarityModel
-from tests.conftest import REDIS_URL, TINY_ENCODER_B, png_bytes, run_worker
+from tests.conftest import (
+    REDIS_URL,
+    TINY_ENCODER_B,
+    annotation_webhook,
+    dark_and_bright,
+    run_worker,
+)
 from vectorstore import StoreError
 from workers import jobs
 from workers.embedding import TaskImage
@@ -33,34 +39,12 @@ CONFIG = """<View><Image name="image" value="$image"/>
 
 
 def images(root, count):
-    out = {}
-    for i in range(count):
-        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
-            path = root / f"{name}_{i}.png"
-            path.write_bytes(png_bytes((colour,) * 3, size=(48, 48), pattern=i + 1))
-            out[f"{name}_{i}"] = str(path)
-    return out
+    return dark_and_bright(root, count, size=(48, 48))
 
 
 def webhook(task_id, image, organ, annotation_id, updated="2026-11-25T00:00:00Z"):
-    return {
-        "action": "ANNOTATION_CREATED",
-        "project": {"id": 5},
-        "task": {"id": task_id, "data": {"image": image}},
-        "annotation": {
-            "id": annotation_id,
-            "task": task_id,
-            "updated_at": updated,
-            "result": [
-                {
-                    "from_name": "organ",
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": [organ]},
-                }
-            ],
-        },
-    }
+    task = {"id": task_id, "data": {"image": image}}
+    return annotation_webhook(5, task, {"organ": organ}, annotation_id, updated)
 
 
 @pytest.fixture(params=["in-process", "redis"])
@@ -173,15 +157,7 @@ def test_a_labelled_task_whose_image_vanished_stops_the_switch(settings):
         os.remove(paths["dark_0"])
         from workers import context
 
-        context.install(
-            context.JobContext(
-                settings,
-                services.embedder,
-                services.fetcher,
-                owns_store=True,
-                _store=services.store,
-            )
-        )
+        context.install(services.job_context())
         with pytest.raises(StoreError, match="live generation is untouched"):
             jobs.reembed(5, TINY_ENCODER_B)
         assert services.store.collection(5).generation == 1
@@ -246,6 +222,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the scheduler it forks dies with it
     )
     try:
         deadline = time.monotonic() + 180
@@ -253,7 +230,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
             assert time.monotonic() < deadline and worker.poll() is None, "no progress"
             time.sleep(0.2)
     finally:
-        worker.send_signal(signal.SIGKILL)
+        os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
     done_before_kill = job.get_meta(refresh=True)["progress"]["done"]
     assert done_before_kill < 24

@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
-from tests.conftest import REDIS_URL, png_bytes, run_worker
+from tests.conftest import REDIS_URL, annotation_webhook, dark_and_bright, png_bytes, run_worker
 from workers.embedding import TaskImage
 from workers.queues import EMBED, RedisGate
 
@@ -40,34 +40,12 @@ def redis_settings(settings, redis_db):
 
 
 def write_images(root: Path) -> dict[str, str]:
-    paths = {}
-    for i in range(6):
-        for name, colour in (("dark", 20 + i), ("bright", 230 - i)):
-            path = root / f"{name}_{i}.png"
-            path.write_bytes(png_bytes((colour,) * 3, size=(64, 64), pattern=i + 1))
-            paths[f"{name}_{i}"] = str(path)
-    return paths
+    return dark_and_bright(root, 6, size=(64, 64))
 
 
 def annotation(task_id, image, organ, annotation_id):
-    return {
-        "action": "ANNOTATION_CREATED",
-        "project": {"id": 3},
-        "task": {"id": task_id, "data": {"image": image}},
-        "annotation": {
-            "id": annotation_id,
-            "task": task_id,
-            "updated_at": "2026-11-25T00:00:00Z",
-            "result": [
-                {
-                    "from_name": "organ",
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": [organ]},
-                }
-            ],
-        },
-    }
+    task = {"id": task_id, "data": {"image": image}}
+    return annotation_webhook(3, task, {"organ": organ}, annotation_id)
 
 
 def test_predict_queues_embedding_and_workers_fill_the_store(redis_settings, redis_db):
@@ -200,3 +178,20 @@ def test_gate_warns_once_a_minute_and_recovers():
     gate.call(down)
     assert gate.warnings == 2
     assert gate.call(lambda: "up") == (True, "up")
+
+
+def test_newer_annotation_of_a_task_still_queued_is_not_lost(redis_settings, redis_db):
+    images = write_images(redis_settings.local_files_root)
+    with TestClient(create_app(redis_settings)) as client:
+        state = client.app.state.echolabel
+        client.post("/setup", json={"project": 3, "schema": CONFIG})
+        first = annotation(10, images["dark_0"], "bright", 100)
+        second = annotation(10, images["dark_0"], "dark", 101)
+        second["annotation"]["updated_at"] = "2026-11-26T00:00:00Z"
+        client.post("/webhook", json=first)
+        client.post("/webhook", json=second)  # arrives while the first job is still queued
+        assert state["inbox"].wait_idle(30)
+        run_worker(redis_settings, EMBED)
+        state["services"].dispatcher.collect_once()
+        points = list(state["services"].store.iter_points(3))
+        assert len(points) == 1 and points[0].labels == {"organ": "dark"}

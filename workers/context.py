@@ -33,11 +33,7 @@ class JobContext:
     def from_settings(cls, settings: Settings) -> JobContext:
         return cls(
             settings=settings,
-            embedder=Embedder(
-                weights_dir=settings.weights_dir,
-                device=settings.device,
-                batch_size=settings.batch_size,
-            ),
+            embedder=Embedder.from_settings(settings),
             fetcher=ImageFetcher(settings),
         )
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from echolabel.images import ImageError
+from echolabel.settings import Settings
 from vectorstore import Annotation, Point, TaskId
 from workers.encoders import Encoder, load_encoder
 
@@ -52,6 +53,14 @@ class Embedder:
         self._load_lock = threading.Lock()
         self._inference_lock = threading.Lock()
         self.loads = 0  # how many times an encoder was loaded (workers prove "once" with it)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Embedder:
+        return cls(
+            weights_dir=settings.weights_dir,
+            device=settings.device,
+            batch_size=settings.batch_size,
+        )
 
     def encoder(self, name: str) -> Encoder:
         with self._load_lock:

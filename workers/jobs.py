@@ -115,12 +115,16 @@ def enqueue_embed(
     items: Sequence[TaskImage],
 ) -> list[Job]:
     """One `embed_batch` job per batch; a batch already queued or running is not queued twice
-    (its id is derived from the project, encoder and task ids)."""
+    (its id is derived from the project, encoder, task ids and annotations)."""
     jobs = []
     for start in range(0, len(items), settings.batch_size):
         batch = items[start : start + settings.batch_size]
+        # The annotation is part of the key: a newer annotation of a task still queued gets a
+        # job of its own (the store keeps the newest labels whichever job lands last).
         key = hashlib.sha1(
-            repr((project, encoder, sorted(str(i.task) for i in batch))).encode()
+            repr(
+                (project, encoder, sorted((str(i.task), str(i.annotation)) for i in batch))
+            ).encode()
         ).hexdigest()[:16]
         jobs.append(
             enqueue_unique(
