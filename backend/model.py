@@ -16,6 +16,7 @@ import numpy as np
 
 from echolabel.images import ImageError, ImageFetcher
 from echolabel.settings import Settings
+from echolabel.vote import FieldVote, task_score, vote
 from vectorstore import (
     Annotation,
     ExactSearchStore,
@@ -30,7 +31,6 @@ from workers.embedding import Embedder, TaskImage
 from .dispatch import EmbedDispatcher
 from .label_config import LabelSchema, TaskError
 from .projects import ProjectRegistry, project_id
-from .vote import FieldVote, task_score, vote
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.vote import task_score, vote
+from echolabel.vote import task_score, vote
 from vectorstore import Neighbour
 
 
