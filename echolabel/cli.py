@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -16,13 +15,14 @@ from tqdm import tqdm
 from echolabel.logs import configure_logging
 from echolabel.settings import ConfigError, Settings
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".gif", ".webp"}
 INDEX_CHUNK = 64
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # reports record the command that produced them
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -91,6 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--project", default="local")
     predict.set_defaults(run=_predict)
 
+    evaluate = sub.add_parser(
+        "evaluate", help="label-match report (the papers' metrics) for encoders on a folder"
+    )
+    evaluate.add_argument("--images", type=Path, required=True, help="folder of images")
+    evaluate.add_argument(
+        "--labels", type=Path, required=True, help="CSV with image paths relative to --images"
+    )
+    evaluate.add_argument("--field", action="append", required=True, help="label column")
+    evaluate.add_argument("--image-column", default="image")
+    evaluate.add_argument("--patient-column", help="patient/study id column: leave-patient-out")
+    evaluate.add_argument("--encoders", help="comma-separated (default: ECHOLABEL_ENCODER)")
+    evaluate.add_argument("--k", type=int, default=10)
+    evaluate.add_argument("--min-class-size", type=int, default=20)
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json/html")
+    evaluate.set_defaults(run=_evaluate)
+
     worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
     worker.add_argument("queues", nargs="*", help="queues to work (default: all)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
@@ -133,30 +149,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _folder_tasks(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:
-    """(task id, image path, labels) for the folder, from the CSV when one is given."""
-    root: Path = args.images.resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{args.images} is not a folder of images")
-    if args.labels is None:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(p.relative_to(root).as_posix(), p, {}) for p in files]
-    with open(args.labels, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        for needed in [args.image_column, *args.field]:
-            if needed not in columns:
-                raise ValueError(f"{args.labels} has no column {needed!r}; columns: {columns}")
-        return [
-            (
-                row[args.image_column],
-                root / row[args.image_column],
-                {f: row[f] for f in args.field if row.get(f)},
-            )
-            for row in reader
-        ]
 
 
 def _index(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,18 +229,19 @@ def _index_label_studio_project(args: argparse.Namespace, settings: Settings) ->
 def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
     from backend.label_config import ChoicesField, LabelSchema
     from backend.model import Services, SimilarityModel
+    from echolabel.folders import read_folder
     from workers.embedding import TaskImage
 
-    tasks = _folder_tasks(args)[: args.limit]
+    items = read_folder(
+        args.images, args.labels, image_column=args.image_column, fields=tuple(args.field)
+    )[: args.limit]
     # The folder is the only place this command reads images from; it embeds here (a folder
     # is indexed before any server runs, so this process holds the store).
     settings = dataclasses.replace(settings, local_files_root=args.images.resolve(), redis_url=None)
     services = Services.from_settings(settings)
     try:
         if args.field:
-            classes = {
-                f: sorted({labels[f] for _, _, labels in tasks if f in labels}) for f in args.field
-            }
+            classes = {f: sorted({i.labels[f] for i in items if f in i.labels}) for f in args.field}
             services.projects.save(
                 args.project,
                 LabelSchema(
@@ -259,11 +252,11 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
             )
         model = SimilarityModel(services, args.project)
         failures: dict[str, str] = {}
-        with tqdm(total=len(tasks), unit="img", desc=f"index {args.project}") as bar:
-            for start in range(0, len(tasks), INDEX_CHUNK):
+        with tqdm(total=len(items), unit="img", desc=f"index {args.project}") as bar:
+            for start in range(0, len(items), INDEX_CHUNK):
                 chunk = [
-                    TaskImage(task=task, image=str(path), labels=labels)
-                    for task, path, labels in tasks[start : start + INDEX_CHUNK]
+                    TaskImage(task=i.task, image=str(i.path), labels=i.labels)
+                    for i in items[start : start + INDEX_CHUNK]
                 ]
                 result = model.embed(chunk)
                 failures.update({str(t): str(e) for t, e in result.failures.items()})
@@ -280,7 +273,7 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
                 indent=2,
             )
         )
-        return 1 if failures and len(failures) == len(tasks) else 0
+        return 1 if failures and len(failures) == len(items) else 0
     finally:
         services.close()
 
@@ -321,6 +314,44 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         services.close()
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    from echolabel.folders import read_folder
+    from workers.evaluation.report import headline, write_report
+    from workers.evaluation.runner import evaluate_folder
+
+    items = read_folder(
+        args.images,
+        args.labels,
+        image_column=args.image_column,
+        fields=tuple(args.field),
+        group_column=args.patient_column,
+    )
+    encoders = [e.strip() for e in (args.encoders or settings.encoder).split(",") if e.strip()]
+    with tqdm(total=len(items) * len(encoders), unit="img", desc="evaluate") as bar:
+
+        def show(encoder: str, count: int) -> None:
+            bar.set_postfix(encoder=encoder)
+            bar.update(count)
+
+        report = evaluate_folder(
+            items,
+            args.field,
+            encoders,
+            settings,
+            root=args.images.resolve(),
+            k=args.k,
+            min_class_size=args.min_class_size,
+            command="echolabel " + shlex.join(args.argv),
+            on_progress=show,
+        )
+    json_path, html_path = write_report(report, args.out)
+    print(headline(report))
+    print(f"\n{json_path}\n{html_path}", file=sys.stderr)
+    return 0
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

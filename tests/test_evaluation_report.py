@@ -1,0 +1,69 @@
+"""`echolabel evaluate`: report.json's contract and a self-contained report.html."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from echolabel.cli import main
+from tests.conftest import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+
+
+def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = dark_and_bright(root, 12)
+    lines = ["image,shade,patient"]
+    for name in paths:
+        lines.append(f"{name}.png,{name.split('_')[0]},p{int(name.split('_')[1]) // 2}")
+    (root / "broken.png").write_bytes(b"not an image")
+    lines.append("broken.png,dark,p99")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+
+    code = main(
+        [
+            "evaluate",
+            "--images",
+            str(root),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--field",
+            "shade",
+            "--patient-column",
+            "patient",
+            "--encoders",
+            f"{TINY_ENCODER},{TINY_ENCODER_B}",
+            "--min-class-size",
+            "5",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "shade" in out.out and TINY_ENCODER_B in out.out  # the headline table
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["dataset"]["items"] == 25 and report["dataset"]["groups"] is True
+    assert len(report["dataset"]["fingerprint"]) == 16 and "evaluate" in report["command"]
+    for name in (TINY_ENCODER, TINY_ENCODER_B):
+        block = report["encoders"][name]
+        assert block["images"] == 24 and list(block["failed"]) == ["broken.png"]
+        shade = block["fields"]["shade"]
+        for cls in ("dark", "bright"):
+            stats = shade["classes"][cls]
+            assert stats["count"] == 12
+            assert set(stats["precision_at_k"]) == {"1", "3", "5", "10"}
+            # 12 of 24 labelled: the papers' random expectation is 12/24 × 10.
+            assert stats["random_expectation"] == 5.0
+        assert shade["weighted_same_in_top10"] > shade["weighted_random_expectation"]
+        assert set(shade["precision_at_k"]) == {"micro", "macro"}
+        assert shade["vote"]["accuracy"] == 1.0 and shade["vote"]["macro_f1"] == 1.0
+        # Patients known: `fields` is the leave-patient-out view, both are kept.
+        assert shade == block["leave_patient_out"]["shade"]
+        assert "leave_one_out" in block
+
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
+    assert "Confusion of the vote" in page and "http" not in page  # offline: nothing to fetch

@@ -1,0 +1,1 @@
+"""Offline evaluation of retrieval and voting quality over a project's labelled images."""

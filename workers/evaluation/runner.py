@@ -1,0 +1,109 @@
+"""Evaluate encoders on a labelled folder: embed every image once per encoder, then measure."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echolabel.folders import Item, fingerprint
+from echolabel.images import ImageFetcher
+from echolabel.settings import Settings
+from workers.embedding import Embedder, TaskImage
+
+from .report import SCHEMA_VERSION, evaluate_vectors
+
+Progress = Callable[[str, int], None]  # (encoder, images just embedded)
+
+
+def evaluate_folder(
+    items: Sequence[Item],
+    fields: Sequence[str],
+    encoders: Sequence[str],
+    settings: Settings,
+    *,
+    root: Path,
+    k: int = 10,
+    min_class_size: int = 20,
+    command: str = "",
+    on_progress: Progress = lambda encoder, n: None,
+) -> dict[str, Any]:
+    """The report for these items: one block per encoder under `encoders`."""
+    # The folder is the only place images are read from.
+    settings = dataclasses.replace(settings, local_files_root=root)
+    fetcher = ImageFetcher(settings)
+    embedder = Embedder.from_settings(settings)
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "k": k,
+        "settings": {
+            "min_neighbours": settings.min_neighbours,
+            "min_score": settings.min_score,
+            "min_class_size": min_class_size,
+        },
+        "dataset": {
+            "description": f"folder {root}",
+            "items": len(items),
+            "fingerprint": fingerprint(list(items)),
+            "groups": any(i.group for i in items),
+            "fields": list(fields),
+        },
+        "encoders": {},
+    }
+    try:
+        for name in encoders:
+            model = embedder.encoder(name)
+            vectors, kept, failed = _embed_all(embedder, fetcher, name, items, on_progress)
+            labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
+            groups = [kept_item.group for kept_item in kept]
+            result = evaluate_vectors(
+                vectors,
+                labels,
+                groups=groups,
+                k=k,
+                min_class_size=min_class_size,
+                min_neighbours=settings.min_neighbours,
+                min_score=settings.min_score,
+            )
+            report["encoders"][name] = {
+                "encoder": name,
+                "weights_id": model.weights_id,
+                "dim": model.dim,
+                "images": len(kept),
+                "failed": failed,
+                **result,
+            }
+    finally:
+        fetcher.close()
+    return report
+
+
+def _embed_all(
+    embedder: Embedder,
+    fetcher: ImageFetcher,
+    encoder: str,
+    items: Sequence[Item],
+    on_progress: Progress,
+) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+    by_task = {item.task: item for item in items}
+    rows: list[np.ndarray] = []
+    kept: list[Item] = []
+    failed: dict[str, str] = {}
+    chunk = max(embedder.batch_size, 32)
+    for start in range(0, len(items), chunk):
+        batch = [TaskImage(i.task, str(i.path)) for i in items[start : start + chunk]]
+        result = embedder.embed_tasks(encoder, batch, fetcher.load)
+        for point in result.points:
+            rows.append(np.asarray(point.vector, dtype=np.float32))
+            kept.append(by_task[point.task])
+        failed.update({str(t): f"{e.reason}: {e}" for t, e in result.failures.items()})
+        on_progress(encoder, len(batch))
+    if not rows:
+        raise ValueError(f"no image could be read with {encoder}: {list(failed.values())[:3]}")
+    return np.stack(rows), kept, failed
