@@ -67,3 +67,64 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
     page = (tmp_path / "out" / "report.html").read_text()
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
     assert "Confusion of the vote" in page and "http" not in page  # offline: nothing to fetch
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_report_renders_in_a_real_browser(tmp_path, monkeypatch):
+    """Headless Debian Chromium opens report.html: tables and every plot are drawn."""
+    import os
+
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = dark_and_bright(root, 10)
+    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(root),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--field",
+                "shade",
+                "--encoders",
+                TINY_ENCODER,
+                "--min-class-size",
+                "5",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    shot = tmp_path / "out" / "report.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((tmp_path / "out" / "report.html").as_uri())
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+        heading = page.inner_text("h1")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert heading == "echolabel evaluation"
+    assert len(widths) == 4 and all(w > 100 for w in widths)  # every plot decoded
+    assert shot.stat().st_size > 20_000
