@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,16 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from workers import jobs as job_functions
-from workers.queues import QUEUES, REEMBED, enqueue_unique, queue, retry_policy
+from workers.queues import (
+    EMBED,
+    EVALUATE,
+    QUEUES,
+    REEMBED,
+    STORE_QUEUES,
+    enqueue_unique,
+    queue,
+    retry_policy,
+)
 from workers.reembed import Progress
 from workers.worker import ThreadWorker
 
@@ -40,6 +50,7 @@ class LocalJob:
     status: str = "started"
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    result: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.time)
 
 
@@ -63,7 +74,8 @@ class Admin:
 
         def work_queue() -> None:
             worker = ThreadWorker(
-                [queue(dispatcher.connection, REEMBED)], connection=dispatcher.connection
+                [queue(dispatcher.connection, name) for name in STORE_QUEUES],
+                connection=dispatcher.connection,
             )
             worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
 
@@ -82,47 +94,80 @@ class Admin:
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""
+        return self._start(
+            reembed_job_id(project),
+            REEMBED,
+            job_functions.reembed,
+            (project, encoder),
+            f"re-embed project {project} with {encoder}",
+            with_progress=True,
+        )
+
+    def start_evaluation(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) the evaluation report of a project's labelled tasks."""
+        return self._start(
+            f"evaluate-{project}",
+            EVALUATE,
+            job_functions.evaluate_project,
+            (project,),
+            f"evaluate project {project}",
+        )
+
+    def _start(
+        self,
+        job_id: str,
+        queue_name: str,
+        func: Callable[..., dict],
+        args: tuple[Any, ...],
+        description: str,
+        with_progress: bool = False,
+    ) -> dict[str, Any]:
         dispatcher = self.services.dispatcher
         if dispatcher is not None:
             settings = self.services.settings
             ok, job = dispatcher.gate.call(
                 lambda: enqueue_unique(
-                    queue(dispatcher.connection, REEMBED),
-                    reembed_job_id(project),
-                    job_functions.reembed,
-                    project,
-                    encoder,
+                    queue(dispatcher.connection, queue_name),
+                    job_id,
+                    func,
+                    *args,
                     retry=retry_policy(settings),
                     job_timeout=settings.job_timeout_s,
                     result_ttl=7 * 24 * 3600,
                     failure_ttl=7 * 24 * 3600,
-                    description=f"re-embed project {project} with {encoder}",
+                    description=description,
                 )
             )
             if ok and job is not None:
-                return {"job": job.id, "status": str(job.get_status()), "queue": REEMBED}
-        return self._start_local(project, encoder)
+                return {"job": job.id, "status": str(job.get_status()), "queue": queue_name}
+        return self._start_local(job_id, func, args, description, with_progress)
 
-    def _start_local(self, project: int | str, encoder: str) -> dict[str, Any]:
-        job_id = reembed_job_id(project)
+    def _start_local(
+        self,
+        job_id: str,
+        func: Callable[..., dict],
+        args: tuple[Any, ...],
+        description: str,
+        with_progress: bool,
+    ) -> dict[str, Any]:
+        """Without Redis: the same job function in a thread of this process."""
         with self._lock:
             running = self.local_jobs.get(job_id)
             if running is not None and running.status == "started":
                 return {"job": job_id, "status": "started", "queue": "in-process"}
-            local = self.local_jobs[job_id] = LocalJob(
-                job_id, f"re-embed project {project} with {encoder}"
-            )
+            local = self.local_jobs[job_id] = LocalJob(job_id, description)
 
         def report(progress: Progress) -> None:
             local.progress = progress.as_meta()
 
         def run() -> None:
             try:
-                job_functions.reembed(project, encoder, on_progress=report)
+                options = {"on_progress": report} if with_progress else {}
+                local.result = func(*args, **options)
                 local.status = "finished"
             except Exception as exc:
                 local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.warning("re-embedding failed", extra={"project": project, "error": str(exc)})
+                log.warning("job failed", extra={"job": job_id, "error": str(exc)})
 
         threading.Thread(target=run, name=job_id, daemon=True).start()
         return {"job": job_id, "status": "started", "queue": "in-process"}
@@ -137,6 +182,7 @@ class Admin:
                 "description": j.description,
                 "progress": j.progress,
                 "error": j.error,
+                "result": j.result,
             }
             for j in self.local_jobs.values()
         ]
@@ -175,6 +221,8 @@ def describe_job(job: Job, queue_name: str, state: str) -> dict[str, Any]:
         result = job.latest_result()
         lines = [ln for ln in ((result.exc_string if result else "") or "").splitlines() if ln]
         error = lines[-1] if lines else "failed"
+    # Embedding results carry vectors; the others are small summaries worth showing.
+    result = job.return_value() if state == "finished" and queue_name != EMBED else None
     return {
         "id": job.id,
         "queue": queue_name,
@@ -182,5 +230,6 @@ def describe_job(job: Job, queue_name: str, state: str) -> dict[str, Any]:
         "description": job.description,
         "progress": job.meta.get("progress", {}),
         "error": error,
+        "result": result,
         "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
     }

@@ -154,6 +154,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         admin: Admin = state["admin"]
         return {"jobs": await run_in_threadpool(admin.jobs)}
 
+    @app.post("/projects/{project}/evaluate")
+    async def evaluate(project: str) -> dict[str, Any]:
+        """Start the evaluation report of a project (see GET /jobs for its result)."""
+        admin: Admin = state["admin"]
+        return await run_in_threadpool(admin.start_evaluation, project_id(project))
+
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
         """Label Studio's "Start Training" (without its START_TRAINING webhook flag)."""

@@ -128,3 +128,39 @@ def test_report_renders_in_a_real_browser(tmp_path, monkeypatch):
     assert heading == "echolabel evaluation"
     assert len(widths) == 4 and all(w > 100 for w in widths)  # every plot decoded
     assert shot.stat().st_size > 20_000
+
+
+def test_admin_evaluates_a_project_from_the_store(settings):
+    import time
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+    from backend.model import Services, SimilarityModel
+    from workers.embedding import TaskImage
+
+    paths = dark_and_bright(settings.local_files_root, 8)
+    services = Services.from_settings(settings)
+    config = (
+        '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
+        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
+    )
+    SimilarityModel(services, 4, config).embed(
+        [TaskImage(n, p, {"shade": n.split("_")[0]}) for n, p in paths.items()]
+    )
+    services.close()
+    with TestClient(create_app(settings)) as client:
+        started = client.post("/projects/4/evaluate").json()
+        assert started["job"] == "evaluate-4"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            job = next(j for j in client.get("/jobs").json()["jobs"] if j["id"] == "evaluate-4")
+            if job["status"] != "started":
+                break
+            time.sleep(0.1)
+    assert job["status"] == "finished", job
+    report = json.loads(Path(job["result"]["report_json"]).read_text())
+    shade = report["encoders"][TINY_ENCODER]["fields"]["shade"]
+    assert shade["classes"]["dark"]["count"] == 8 and shade["vote"]["accuracy"] == 1.0
+    assert Path(job["result"]["report_html"]).exists() and "shade" in job["result"]["headline"]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from redis import Redis
 from rq import get_current_job
 from rq.job import Job
@@ -194,3 +196,73 @@ def reembed(
         on_progress=report,
     )
     return done.as_meta()
+
+
+def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) -> dict:
+    """The evaluation report of a project's labelled points (labels from the store, vectors
+    of its live generation), written under MODEL_DIR/reports/<project>/<time>/."""
+    from workers.evaluation.report import SCHEMA_VERSION, evaluate_vectors, headline, write_report
+
+    ctx = context.current()
+    store = ctx.store
+    info = store.collection(project)
+    if info is None:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no collection: nothing to evaluate")
+    points = list(store.iter_points(project, labelled=True))
+    if len(points) < 2:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has {len(points)} labelled task(s): need 2+")
+    fields = sorted({name for p in points for name in p.labels})
+    settings = ctx.settings
+    result = evaluate_vectors(
+        np.stack([p.vector for p in points]),
+        {name: [p.labels.get(name) for p in points] for name in fields},
+        k=k,
+        min_class_size=min_class_size,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+    )
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "command": f"evaluate_project({project!r}, k={k}, min_class_size={min_class_size})",
+        "created": stamp,
+        "k": k,
+        "settings": {
+            "min_neighbours": settings.min_neighbours,
+            "min_score": settings.min_score,
+            "min_class_size": min_class_size,
+        },
+        "dataset": {
+            "description": f"project {project}, generation {info.generation}",
+            "items": len(points),
+            "fingerprint": _fingerprint(points),
+            "groups": False,
+            "fields": fields,
+        },
+        "encoders": {
+            info.encoder: {
+                "encoder": info.encoder,
+                "weights_id": info.weights_id,
+                "dim": info.dim,
+                "images": len(points),
+                "failed": {},
+                **result,
+            }
+        },
+    }
+    out_dir = settings.model_dir / "reports" / str(project) / stamp
+    json_path, html_path = write_report(report, out_dir)
+    return {
+        "report_json": str(json_path),
+        "report_html": str(html_path),
+        "headline": headline(report),
+    }
+
+
+def _fingerprint(points: Sequence[Point]) -> str:
+    digest = hashlib.sha256()
+    for point in sorted(points, key=lambda p: str(p.task)):
+        digest.update(f"{point.task}\t{sorted(point.labels.items())}\n".encode())
+    return digest.hexdigest()[:16]

@@ -22,6 +22,8 @@ EMBED = "embed"
 REEMBED = "reembed"
 EVALUATE = "evaluate"
 QUEUES = (EMBED, REEMBED, EVALUATE)
+# Jobs on these read or write the store: with the embedded store, only its owner runs them.
+STORE_QUEUES = (REEMBED, EVALUATE)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from echolabel.settings import Settings
 from workers import context
-from workers.queues import QUEUES, REEMBED, connect, queue
+from workers.queues import QUEUES, STORE_QUEUES, connect, queue
 
 
 class EcholabelWorker(SimpleWorker):
@@ -34,9 +34,9 @@ class ThreadWorker(EcholabelWorker):
 
 
 def default_queues(settings: Settings) -> tuple[str, ...]:
-    """Every queue with a Qdrant server; without one, `reembed` belongs to the process that
-    holds the embedded store (the backend runs it in process)."""
-    return QUEUES if settings.qdrant_url else tuple(q for q in QUEUES if q != REEMBED)
+    """Every queue with a Qdrant server; without one, the store's queues belong to the process
+    that holds the embedded store (the backend runs them in process)."""
+    return QUEUES if settings.qdrant_url else tuple(q for q in QUEUES if q not in STORE_QUEUES)
 
 
 def run_worker(
