@@ -26,19 +26,24 @@ TINY_ENCODER_B = "tiny-test-b"
 
 
 class TinyEncoder:
-    """A centred 4×4 grey thumbnail as a 16-d vector: fast, deterministic, image-dependent.
+    """A centred grey thumbnail (side × side) as a vector: fast, deterministic, image-dependent.
 
     For protocol tests only; quality claims use the real encoders on real images.
     """
 
     name = TINY_ENCODER
-    dim = 16
+    side = 4
     weights_id = "none"
     device = "cpu"
 
+    @property
+    def dim(self) -> int:
+        return self.side * self.side
+
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        size = (self.side, self.side)
         rows = [
-            np.asarray(im.convert("L").resize((4, 4)), dtype=np.float32).reshape(-1) / 255 - 0.5
+            np.asarray(im.convert("L").resize(size), dtype=np.float32).reshape(-1) / 255 - 0.5
             for im in images
         ]
         out = np.array(rows, dtype=np.float32).reshape(-1, self.dim)
@@ -49,16 +54,8 @@ class TinyEncoderB(TinyEncoder):
     """A second, different test encoder (8×8 thumbnail, 64-d) for re-embedding tests."""
 
     name = TINY_ENCODER_B
-    dim = 64
+    side = 8
     weights_id = "none-b"
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        rows = [
-            np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).reshape(-1) / 255 - 0.5
-            for im in images
-        ]
-        out = np.array(rows, dtype=np.float32).reshape(-1, self.dim)
-        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
 
 
 for _name, _factory in ((TINY_ENCODER, TinyEncoder), (TINY_ENCODER_B, TinyEncoderB)):

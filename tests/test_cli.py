@@ -32,19 +32,16 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("ECHOLABEL_MIN_NEIGHBOURS", "2")
 
 
-def test_index_then_predict(folder, tmp_path, capsys):
-    code = main(
-        [
-            "index",
-            str(folder),
-            "--labels",
-            str(tmp_path / "labels.csv"),
-            "--field",
-            "finding",
-            "--project",
-            "demo",
-        ]
+def index_demo(folder, tmp_path) -> int:
+    """Index the folder with its labels CSV into project "demo"."""
+    labels = str(tmp_path / "labels.csv")
+    return main(
+        ["index", str(folder), "--labels", labels, "--field", "finding", "--project", "demo"]
     )
+
+
+def test_index_then_predict(folder, tmp_path, capsys):
+    code = index_demo(folder, tmp_path)
     out = capsys.readouterr()
     assert code == 0, out.err
     summary = json.loads(out.out)
@@ -90,18 +87,7 @@ def test_weights_list_marks_the_default(capsys, monkeypatch):
 
 
 def test_reembed_inline_without_redis(folder, tmp_path, capsys, monkeypatch):
-    main(
-        [
-            "index",
-            str(folder),
-            "--labels",
-            str(tmp_path / "labels.csv"),
-            "--field",
-            "finding",
-            "--project",
-            "demo",
-        ]
-    )
+    index_demo(folder, tmp_path)
     capsys.readouterr()
     # Re-reading the images later needs the folder to be an allowed local root.
     monkeypatch.setenv("ECHOLABEL_LOCAL_FILES_ROOT", str(folder))
