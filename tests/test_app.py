@@ -331,3 +331,19 @@ def test_bulk_annotations_created_matches_each_annotation_to_its_task(client, im
     assert set(points) == {1, 2}
     assert points[1].image == images["dark_0"] and points[2].image == images["dark_1"]
     assert points[1].annotation.id == "11"
+
+
+def test_tasks_created_pre_embeds_imported_tasks(client, images):
+    setup_project(client)
+    body = {
+        "action": "TASKS_CREATED",
+        "project": {"id": 7},
+        "tasks": [
+            task(1, images["dark_0"]),
+            task(2, images["bright_0"]),
+            {"id": 3, "data": {"other": "no image"}},
+        ],
+    }
+    assert client.post("/webhook", json=body).json()["status"] == "queued"
+    wait(client)
+    assert store(client).count(7) == 2 and store(client).count(7, labelled=True) == 0
