@@ -63,10 +63,13 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
         # Patients known: `fields` is the leave-patient-out view, both are kept.
         assert shade == block["leave_patient_out"]["shade"]
         assert "leave_one_out" in block
+        pixels = block["pixels"]["leave_patient_out"]  # same shade retrieved: closer pixels
+        assert pixels["retrieved"]["mse"] < pixels["random"]["mse"]
 
     page = (tmp_path / "out" / "report.html").read_text()
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
-    assert "Confusion of the vote" in page and "http" not in page  # offline: nothing to fetch
+    assert "Confusion of the vote" in page and "Pixel similarity" in page
+    assert "http" not in page  # offline: nothing to fetch
 
 
 CHROMIUM = "/usr/bin/chromium"

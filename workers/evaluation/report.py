@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import label_match, leave_one_out_neighbours, precision_at_k, vote_metrics
+from .pixels import pixel_metrics
 
 SCHEMA_VERSION = 1
 
@@ -27,15 +28,18 @@ def evaluate_vectors(
     min_class_size: int = 20,
     min_neighbours: int = 3,
     min_score: float = 0.5,
+    thumbnails: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric for one encoder's vectors, per label field (leave-one-out; with `groups`,
-    leave-patient-out too)."""
+    leave-patient-out too); with `thumbnails`, pixel metrics of the retrieved sets."""
     views = {"leave_one_out": None}
     if groups is not None and any(g is not None for g in groups):
         views["leave_patient_out"] = groups
     out: dict[str, Any] = {}
     for view, view_groups in views.items():
         indices, sims = leave_one_out_neighbours(vectors, k, groups=view_groups)
+        if thumbnails is not None:
+            out.setdefault("pixels", {})[view] = pixel_metrics(thumbnails, indices)
         fields: dict[str, Any] = {}
         for name, field_labels in labels.items():
             match = label_match(field_labels, indices, k=k, min_class_size=min_class_size)
@@ -147,6 +151,9 @@ def render_html(report: Mapping[str, Any]) -> str:
             confusion = result["fields"][name]["vote"]["confusion"]
             parts.append(f"<h3>Confusion of the vote — {html.escape(encoder)}</h3>")
             parts.append(_confusion_table(confusion))
+    if any("pixels" in result for result in encoders.values()):
+        parts.append("<h2>Pixel similarity of the retrieved sets</h2>")
+        parts.append(_pixel_table(encoders))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -190,6 +197,24 @@ def _class_table(encoders: Mapping[str, Any], name: str) -> str:
             f"<tr><td>{html.escape(str(cls))}</td><td>{stats['count']}</td>"
             f"<td>{stats['random_expectation']:.2f}</td>{cells}</tr>"
         )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _pixel_table(encoders: Mapping[str, Any]) -> str:
+    head = (
+        "<tr><th>encoder</th><th>view</th><th>histogram similarity: top k</th>"
+        "<th>random</th><th>MSE: top k</th><th>random</th></tr>"
+    )
+    rows = []
+    for encoder, result in encoders.items():
+        for view, metrics in result.get("pixels", {}).items():
+            top, rand = metrics["retrieved"], metrics["random"]
+            rows.append(
+                f"<tr><td>{html.escape(encoder)}</td><td>{view.replace('_', ' ')}</td>"
+                f"<td>{top['histogram_similarity']:.3f}</td>"
+                f"<td>{rand['histogram_similarity']:.3f}</td>"
+                f"<td>{top['mse']:.4f}</td><td>{rand['mse']:.4f}</td></tr>"
+            )
     return f"<table>{head}{''.join(rows)}</table>"
 
 

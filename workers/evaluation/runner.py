@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder, TaskImage
 
+from .pixels import thumbnail
 from .report import SCHEMA_VERSION, evaluate_vectors
 
 Progress = Callable[[str, int], None]  # (encoder, images just embedded)
@@ -56,10 +58,18 @@ def evaluate_folder(
         },
         "encoders": {},
     }
+    thumbnails: dict[str, np.ndarray] = {}
+
+    def load(ref: str) -> Image.Image:
+        image = fetcher.load(ref)
+        if ref not in thumbnails:  # decoded once per encoder anyway; thumbnail the first time
+            thumbnails[ref] = thumbnail(image)
+        return image
+
     try:
         for name in encoders:
             model = embedder.encoder(name)
-            vectors, kept, failed = _embed_all(embedder, fetcher, name, items, on_progress)
+            vectors, kept, failed = _embed_all(embedder, load, name, items, on_progress)
             labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
             groups = [kept_item.group for kept_item in kept]
             result = evaluate_vectors(
@@ -70,6 +80,7 @@ def evaluate_folder(
                 min_class_size=min_class_size,
                 min_neighbours=settings.min_neighbours,
                 min_score=settings.min_score,
+                thumbnails=np.stack([thumbnails[str(i.path)] for i in kept]),
             )
             report["encoders"][name] = {
                 "encoder": name,
@@ -86,7 +97,7 @@ def evaluate_folder(
 
 def _embed_all(
     embedder: Embedder,
-    fetcher: ImageFetcher,
+    load: Callable[[str], Image.Image],
     encoder: str,
     items: Sequence[Item],
     on_progress: Progress,
@@ -98,7 +109,7 @@ def _embed_all(
     chunk = max(embedder.batch_size, 32)
     for start in range(0, len(items), chunk):
         batch = [TaskImage(i.task, str(i.path)) for i in items[start : start + chunk]]
-        result = embedder.embed_tasks(encoder, batch, fetcher.load)
+        result = embedder.embed_tasks(encoder, batch, load)
         for point in result.points:
             rows.append(np.asarray(point.vector, dtype=np.float32))
             kept.append(by_task[point.task])
