@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import sys
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from echolabel.labelstudio import LabelStudioError
         from vectorstore import StoreError
         from workers.encoders import EncoderError
+        from workers.jobs import PermanentJobError
 
         if isinstance(
             exc,
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 TaskError,
                 StoreError,
                 EncoderError,
+                PermanentJobError,
                 FileNotFoundError,
                 ValueError,
             ),
@@ -94,17 +97,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate", help="label-match report (the papers' metrics) for encoders on a folder"
     )
-    evaluate.add_argument("--images", type=Path, required=True, help="folder of images")
+    evaluate.add_argument("--images", type=Path, help="folder of images")
+    evaluate.add_argument("--labels", type=Path, help="CSV with image paths relative to --images")
+    evaluate.add_argument("--field", action="append", default=[], help="label column")
     evaluate.add_argument(
-        "--labels", type=Path, required=True, help="CSV with image paths relative to --images"
+        "--group-map",
+        action="append",
+        default=[],
+        metavar="FIELD=CSV",
+        help="CSV (label,group) adding the field FIELD_group, e.g. organ → organ group",
     )
-    evaluate.add_argument("--field", action="append", required=True, help="label column")
+    evaluate.add_argument("--project", help="evaluate a project in the store instead")
     evaluate.add_argument("--image-column", default="image")
     evaluate.add_argument("--patient-column", help="patient/study id column: leave-patient-out")
     evaluate.add_argument("--encoders", help="comma-separated (default: ECHOLABEL_ENCODER)")
     evaluate.add_argument("--k", type=int, default=10)
     evaluate.add_argument("--min-class-size", type=int, default=20)
-    evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json/html")
+    evaluate.add_argument("--out", type=Path, help="folder for report.json/html (folder mode)")
     evaluate.set_defaults(run=_evaluate)
 
     worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
@@ -323,13 +332,21 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from workers.evaluation.report import headline, write_report
     from workers.evaluation.runner import evaluate_folder
 
-    items = read_folder(
-        args.images,
-        args.labels,
-        image_column=args.image_column,
-        fields=tuple(args.field),
-        group_column=args.patient_column,
+    if args.project:
+        return _evaluate_project(args, settings)
+    if not (args.images and args.labels and args.field and args.out):
+        raise ValueError("evaluate needs --images, --labels, --field and --out (or --project)")
+    items = _with_groups(
+        read_folder(
+            args.images,
+            args.labels,
+            image_column=args.image_column,
+            fields=tuple(args.field),
+            group_column=args.patient_column,
+        ),
+        args.group_map,
     )
+    fields = [*args.field, *(f"{spec.split('=', 1)[0]}_group" for spec in args.group_map)]
     encoders = [e.strip() for e in (args.encoders or settings.encoder).split(",") if e.strip()]
     with tqdm(total=len(items) * len(encoders), unit="img", desc="evaluate") as bar:
 
@@ -339,7 +356,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
         report = evaluate_folder(
             items,
-            args.field,
+            fields,
             encoders,
             settings,
             root=args.images.resolve(),
@@ -351,6 +368,69 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     json_path, html_path = write_report(report, args.out)
     print(headline(report))
     print(f"\n{json_path}\n{html_path}", file=sys.stderr)
+    return 0
+
+
+def _with_groups(items: list[Any], specs: Sequence[str]) -> list[Any]:
+    """Add `<field>_group` labels from `FIELD=CSV` mappings (two columns: label, group)."""
+    for spec in specs:
+        field_name, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--group-map {spec!r}: expected FIELD=path/to/mapping.csv")
+        with open(path, newline="") as handle:
+            mapping = {row[0]: row[1] for row in csv.reader(handle) if len(row) >= 2}
+        items = [
+            dataclasses.replace(
+                item,
+                labels={**item.labels, f"{field_name}_group": mapping[item.labels[field_name]]},
+            )
+            if item.labels.get(field_name) in mapping
+            else item
+            for item in items
+        ]
+    return items
+
+
+def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
+    """The report of a project in the store: queued to the `evaluate` workers with Redis."""
+    import time
+
+    from backend.projects import project_id
+    from workers import context, jobs
+    from workers.queues import EVALUATE, connect, enqueue_unique, queue
+
+    project = project_id(args.project)
+    options = {"k": args.k, "min_class_size": args.min_class_size}
+    if settings.redis_url:
+        job = enqueue_unique(
+            queue(connect(settings.redis_url), EVALUATE),
+            f"evaluate-{project}",
+            jobs.evaluate_project,
+            project,
+            job_timeout=settings.job_timeout_s,
+            kwargs=options,
+            description=f"evaluate project {project}",
+        )
+        while (status := job.get_status(refresh=True)) not in ("finished", "failed"):
+            time.sleep(1)
+        if status == "failed":
+            failure = job.latest_result()
+            print(
+                f"echolabel: evaluation failed: {failure.exc_string if failure else ''}",
+                file=sys.stderr,
+            )
+            return 1
+        result = job.return_value()
+    else:
+        job_context = context.JobContext.from_settings(settings)
+        context.install(job_context)
+        try:
+            result = jobs.evaluate_project(project, **options)
+        finally:
+            context.install(None)
+            job_context.store.close()
+    print(result["headline"])
+    print(f"\n{result['report_json']}\n{result['report_html']}", file=sys.stderr)
     return 0
 
 

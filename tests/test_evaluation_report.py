@@ -167,3 +167,61 @@ def test_admin_evaluates_a_project_from_the_store(settings):
     shade = report["encoders"][TINY_ENCODER]["fields"]["shade"]
     assert shade["classes"]["dark"]["count"] == 8 and shade["vote"]["accuracy"] == 1.0
     assert Path(job["result"]["report_html"]).exists() and "shade" in job["result"]["headline"]
+
+
+def test_group_map_adds_a_group_field_and_project_mode_reads_the_store(
+    tmp_path, monkeypatch, capsys
+):
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = dark_and_bright(root, 6)
+    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "groups.csv").write_text("dark,any\nbright,any\n")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(root),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--field",
+                "shade",
+                "--group-map",
+                f"shade={tmp_path / 'groups.csv'}",
+                "--min-class-size",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    group = report["encoders"][TINY_ENCODER]["fields"]["shade_group"]
+    assert group["classes"]["any"]["count"] == 12 and group["weighted_same_in_top10"] == 10.0
+
+    assert main(["evaluate", "--project", "none"]) == 1
+    assert "no collection" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "index",
+                str(root),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--field",
+                "shade",
+                "--project",
+                "p1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--project", "p1", "--min-class-size", "2"]) == 0
+    out = capsys.readouterr()
+    assert "shade" in out.out and "report.html" in out.err
