@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--encoders", help="comma-separated (default: ECHOLABEL_ENCODER)")
     evaluate.add_argument("--k", type=int, default=10)
     evaluate.add_argument("--min-class-size", type=int, default=20)
+    evaluate.add_argument(
+        "--choose-k", help="comma-separated candidate k: pick the best on a validation split"
+    )
     evaluate.add_argument("--out", type=Path, help="folder for report.json/html (folder mode)")
     evaluate.set_defaults(run=_evaluate)
 
@@ -362,6 +365,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             root=args.images.resolve(),
             k=args.k,
             min_class_size=args.min_class_size,
+            k_candidates=[int(k) for k in (args.choose_k or "").split(",") if k.strip()],
             command="echolabel " + shlex.join(args.argv),
             on_progress=show,
         )

@@ -359,3 +359,24 @@ def test_nothing_voted_gives_no_accuracy(top3):
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_choose_k_prefers_the_k_that_votes_best_on_the_validation_split():
+    from workers.evaluation.metrics import choose_k
+
+    # A small class A (0°, 3°) beside a large class B (20°..60°): one neighbour is right for
+    # every query; nine neighbours outvote A's queries with B's.
+    angles = [0, 3, 20, 25, 30, 35, 40, 45, 50, 55, 60]
+    labels = ["A", "A"] + ["B"] * 9
+    vectors = np.array(
+        [[np.cos(np.radians(a)), np.sin(np.radians(a))] for a in angles], dtype=np.float32
+    )
+    indices, sims = leave_one_out_neighbours(vectors, 9)
+    chosen = choose_k(labels, indices, sims, [1, 9], validation_fraction=0.99)
+    assert chosen["candidates"] == {"1": 1.0, "9": 9 / 11}  # A's two queries fail at k=9
+    assert chosen["best_k"] == 1 and chosen["validation_queries"] == 11
+    assert chosen["held_out_micro_f1"] is None  # nothing held out at this fraction
+    half = choose_k(labels, indices, sims, [1, 9], groups=["p"] * 2 + [None] * 9, seed=3)
+    assert half["validation_queries"] + half["held_out_queries"] == 11
+    with pytest.raises(ValueError, match=r"1\.\.9"):
+        choose_k(labels, indices, sims, [10])

@@ -34,6 +34,8 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
             "patient",
             "--encoders",
             f"{TINY_ENCODER},{TINY_ENCODER_B}",
+            "--choose-k",
+            "1,3,5",
             "--min-class-size",
             "5",
             "--out",
@@ -60,6 +62,7 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
         assert shade["weighted_same_in_top10"] > shade["weighted_random_expectation"]
         assert set(shade["precision_at_k"]) == {"micro", "macro"}
         assert shade["vote"]["accuracy"] == 1.0 and shade["vote"]["macro_f1"] == 1.0
+        assert shade["vote"]["choose_k"]["best_k"] in (1, 3, 5)
         # Patients known: `fields` is the leave-patient-out view, both are kept.
         assert shade == block["leave_patient_out"]["shade"]
         assert "leave_one_out" in block
@@ -69,6 +72,7 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
     page = (tmp_path / "out" / "report.html").read_text()
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
     assert "Confusion of the vote" in page and "Pixel similarity" in page
+    assert "best k on a validation split" in page
     assert "http" not in page  # offline: nothing to fetch
 
 

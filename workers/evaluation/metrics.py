@@ -384,3 +384,71 @@ def _macro_f1(
     if not per_class:
         return None, per_class
     return float(np.mean([v["f1"] for v in per_class.values()])), per_class
+
+
+def choose_k(
+    labels: Sequence[str | None],
+    indices: np.ndarray,
+    similarities: np.ndarray,
+    candidates: Sequence[int],
+    *,
+    field: str = "label",
+    groups: Sequence[Hashable | None] | None = None,
+    validation_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The number of voting neighbours k that maximises micro-F1 on a validation split.
+
+    Labelled queries are split at random (by group when `groups` is given, so one patient's
+    images stay on one side); every query still retrieves from all other items. The vote runs
+    with min_neighbours = 1 and min_score = 0, so every query with a labelled neighbour is
+    voted and micro-F1 equals accuracy. Ties go to the smaller k. The chosen k's accuracy on
+    the held-out queries is reported next to it, never used to choose.
+    """
+    idx = np.asarray(indices)
+    if not candidates or min(candidates) < 1 or max(candidates) > idx.shape[1]:
+        raise ValueError(
+            f"candidates {list(candidates)} must lie in 1..{idx.shape[1]} (the retrieved k)"
+        )
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    names = list(labels)
+    queries = [q for q, name in enumerate(names) if name is not None]
+    keys = [groups[q] if groups is not None and groups[q] is not None else f"#{q}" for q in queries]
+    units = sorted(set(map(str, keys)))
+    rng = np.random.default_rng(seed)
+    chosen_units = set(rng.permutation(units)[: max(1, round(len(units) * validation_fraction))])
+    validation = [q for q, key in zip(queries, keys, strict=True) if str(key) in chosen_units]
+    held_out = [q for q in queries if q not in set(validation)]
+
+    def accuracy(subset: Sequence[int], k: int) -> float | None:
+        correct = voted = 0
+        for q in subset:
+            neighbours = [
+                Neighbour(
+                    task=int(j),
+                    similarity=float(s),
+                    labels={} if names[j] is None else {field: names[j]},
+                )
+                for j, s in zip(idx[q, :k], np.asarray(similarities)[q, :k], strict=True)
+                if j != MISSING
+            ]
+            outcome = vote(neighbours, [field], min_neighbours=1, min_score=0.0)[field]
+            if not outcome.abstained:
+                voted += 1
+                correct += outcome.label == names[q]
+        return correct / voted if voted else None
+
+    scores = {str(k): accuracy(validation, k) for k in sorted(set(candidates))}
+    best = min(
+        (int(k) for k in scores if scores[k] is not None),
+        key=lambda k: (-(scores[str(k)] or 0.0), k),
+        default=None,
+    )
+    return {
+        "candidates": scores,
+        "best_k": best,
+        "validation_queries": len(validation),
+        "held_out_queries": len(held_out),
+        "held_out_micro_f1": accuracy(held_out, best) if best is not None else None,
+    }

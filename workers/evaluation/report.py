@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import label_match, leave_one_out_neighbours, precision_at_k, vote_metrics
+from .metrics import (
+    choose_k,
+    label_match,
+    leave_one_out_neighbours,
+    precision_at_k,
+    vote_metrics,
+)
 from .pixels import pixel_metrics
 
 SCHEMA_VERSION = 1
@@ -29,15 +35,19 @@ def evaluate_vectors(
     min_neighbours: int = 3,
     min_score: float = 0.5,
     thumbnails: np.ndarray | None = None,
+    k_candidates: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Every metric for one encoder's vectors, per label field (leave-one-out; with `groups`,
-    leave-patient-out too); with `thumbnails`, pixel metrics of the retrieved sets."""
+    leave-patient-out too); with `thumbnails`, pixel metrics of the retrieved sets; with
+    `k_candidates`, the k that a validation split prefers (`choose_k`)."""
     views = {"leave_one_out": None}
     if groups is not None and any(g is not None for g in groups):
         views["leave_patient_out"] = groups
     out: dict[str, Any] = {}
     for view, view_groups in views.items():
-        indices, sims = leave_one_out_neighbours(vectors, k, groups=view_groups)
+        retrieve = max([k, *k_candidates])
+        all_indices, all_sims = leave_one_out_neighbours(vectors, retrieve, groups=view_groups)
+        indices, sims = all_indices[:, :k], all_sims[:, :k]
         if thumbnails is not None:
             out.setdefault("pixels", {})[view] = pixel_metrics(thumbnails, indices)
         fields: dict[str, Any] = {}
@@ -57,6 +67,15 @@ def evaluate_vectors(
                 cls: {**stats, "precision_at_k": precision["per_class"].get(cls, {})}
                 for cls, stats in match["per_class"].items()
             }
+            if k_candidates:
+                votes["choose_k"] = choose_k(
+                    field_labels,
+                    all_indices,
+                    all_sims,
+                    k_candidates,
+                    field=name,
+                    groups=view_groups,
+                )
             fields[name] = {
                 **{key: value for key, value in match.items() if key != "per_class"},
                 "classes": classes,
@@ -132,6 +151,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     for name in field_names:
         parts.append(f"<h2>Field “{html.escape(name)}”</h2>")
         parts.append(_summary_table(encoders, name))
+        parts.append(_choose_k_line(encoders, name))
         parts.append(_class_table(encoders, name))
         for title, draw in (
             (
@@ -178,6 +198,20 @@ def _summary_table(encoders: Mapping[str, Any], name: str) -> str:
             f"<td>{vote['coverage']:.2f}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _choose_k_line(encoders: Mapping[str, Any], name: str) -> str:
+    lines = []
+    for encoder, result in encoders.items():
+        chosen = result["fields"][name]["vote"].get("choose_k")
+        if chosen and chosen["best_k"] is not None:
+            tried = ", ".join(f"k={k}: {_num(v)}" for k, v in chosen["candidates"].items())
+            lines.append(
+                f"{html.escape(encoder)}: best k on a validation split = {chosen['best_k']} "
+                f"(micro-F1 {tried}); held-out micro-F1 at it "
+                f"{_num(chosen['held_out_micro_f1'])}"
+            )
+    return "<p>" + "<br>".join(lines) + "</p>" if lines else ""
 
 
 def _class_table(encoders: Mapping[str, Any], name: str) -> str:

@@ -31,6 +31,7 @@ def evaluate_folder(
     root: Path,
     k: int = 10,
     min_class_size: int = 20,
+    k_candidates: Sequence[int] = (),
     command: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
@@ -81,6 +82,7 @@ def evaluate_folder(
                 min_neighbours=settings.min_neighbours,
                 min_score=settings.min_score,
                 thumbnails=np.stack([thumbnails[str(i.path)] for i in kept]),
+                k_candidates=k_candidates,
             )
             report["encoders"][name] = {
                 "encoder": name,
