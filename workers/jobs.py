@@ -201,7 +201,7 @@ def reembed(
 def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) -> dict:
     """The evaluation report of a project's labelled points (labels from the store, vectors
     of its live generation), written under MODEL_DIR/reports/<project>/<time>/."""
-    from workers.evaluation.report import SCHEMA_VERSION, evaluate_vectors, headline, write_report
+    from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
 
     ctx = context.current()
     store = ctx.store
@@ -223,35 +223,29 @@ def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) 
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
     )
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "command": f"evaluate_project({project!r}, k={k}, min_class_size={min_class_size})",
-        "created": stamp,
-        "k": k,
-        "settings": {
-            "min_neighbours": settings.min_neighbours,
-            "min_score": settings.min_score,
-            "min_class_size": min_class_size,
-        },
-        "dataset": {
+    report = new_report(
+        command=f"evaluate_project({project!r}, k={k}, min_class_size={min_class_size})",
+        k=k,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+        min_class_size=min_class_size,
+        dataset={
             "description": f"project {project}, generation {info.generation}",
             "items": len(points),
             "fingerprint": _fingerprint(points),
             "groups": False,
             "fields": fields,
         },
-        "encoders": {
-            info.encoder: {
-                "encoder": info.encoder,
-                "weights_id": info.weights_id,
-                "dim": info.dim,
-                "images": len(points),
-                "failed": {},
-                **result,
-            }
-        },
+    )
+    report["encoders"][info.encoder] = {
+        "encoder": info.encoder,
+        "weights_id": info.weights_id,
+        "dim": info.dim,
+        "images": len(points),
+        "failed": {},
+        **result,
     }
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir = settings.model_dir / "reports" / str(project) / stamp
     json_path, html_path = write_report(report, out_dir)
     return {

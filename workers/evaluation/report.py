@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,31 @@ def evaluate_vectors(
     # The contract's `fields` is the leave-patient-out view when patients are known.
     out["fields"] = out.get("leave_patient_out", out["leave_one_out"])
     return out
+
+
+def new_report(
+    *,
+    command: str,
+    k: int,
+    min_neighbours: int,
+    min_score: float,
+    min_class_size: int,
+    dataset: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The report's header; encoders are added under `encoders` as they are measured."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "k": k,
+        "settings": {
+            "min_neighbours": min_neighbours,
+            "min_score": min_score,
+            "min_class_size": min_class_size,
+        },
+        "dataset": dict(dataset),
+        "encoders": {},
+    }
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:

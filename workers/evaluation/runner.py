@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from echolabel.settings import Settings
 from workers.embedding import Embedder, TaskImage
 
 from .pixels import thumbnail
-from .report import SCHEMA_VERSION, evaluate_vectors
+from .report import evaluate_vectors, new_report
 
 Progress = Callable[[str, int], None]  # (encoder, images just embedded)
 
@@ -40,25 +39,20 @@ def evaluate_folder(
     settings = dataclasses.replace(settings, local_files_root=root)
     fetcher = ImageFetcher(settings)
     embedder = Embedder.from_settings(settings)
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "k": k,
-        "settings": {
-            "min_neighbours": settings.min_neighbours,
-            "min_score": settings.min_score,
-            "min_class_size": min_class_size,
-        },
-        "dataset": {
+    report = new_report(
+        command=command,
+        k=k,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+        min_class_size=min_class_size,
+        dataset={
             "description": f"folder {root}",
             "items": len(items),
             "fingerprint": fingerprint(list(items)),
             "groups": any(i.group for i in items),
             "fields": list(fields),
         },
-        "encoders": {},
-    }
+    )
     thumbnails: dict[str, np.ndarray] = {}
 
     def load(ref: str) -> Image.Image:
