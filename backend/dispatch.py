@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -19,20 +18,14 @@ from rq.registry import FinishedJobRegistry
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import ExactSearchStore, QdrantStore, TaskId
-from workers.embedding import TaskImage
+from vectorstore import ExactSearchStore, QdrantStore
+from workers.embedding import EmbedReport, TaskImage
 from workers.jobs import enqueue_embed, points_of
 from workers.queues import EMBED, RedisGate, connect, fetch_job, queue
 
 log = logging.getLogger(__name__)
 
 APPLIED = "applied"  # job meta flag: this result's points are in the store
-
-
-@dataclass
-class DispatchOutcome:
-    failures: dict[TaskId, ImageError] = field(default_factory=dict)
-    pending: set[TaskId] = field(default_factory=set)
 
 
 class EmbedDispatcher:
@@ -59,10 +52,10 @@ class EmbedDispatcher:
     def _enqueue(self, project: int | str, encoder: str, items: Sequence[TaskImage]) -> list[Job]:
         return enqueue_embed(self.connection, self.settings, project, encoder, items)
 
-    def wait(self, jobs: Sequence[Job], timeout_s: float) -> DispatchOutcome:
+    def wait(self, jobs: Sequence[Job], timeout_s: float) -> EmbedReport:
         """Wait up to `timeout_s` for the jobs; apply results; report failures and pending."""
         deadline = time.monotonic() + timeout_s
-        outcome = DispatchOutcome()
+        outcome = EmbedReport()
         remaining = list(jobs)
         while remaining:
             still = []

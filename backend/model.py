@@ -26,7 +26,7 @@ from vectorstore import (
     open_store,
 )
 from workers.context import JobContext
-from workers.embedding import Embedder, TaskImage
+from workers.embedding import Embedder, EmbedReport, TaskImage
 
 from .dispatch import EmbedDispatcher
 from .label_config import LabelSchema, TaskError
@@ -94,14 +94,6 @@ class Suggestion:
     @property
     def score(self) -> float:
         return task_score(self.votes)
-
-
-@dataclass
-class EmbedReport:
-    """Tasks whose image failed, and tasks still being embedded by a worker."""
-
-    failures: dict[TaskId, ImageError] = field(default_factory=dict)
-    pending: set[TaskId] = field(default_factory=set)
 
 
 @dataclass
@@ -244,8 +236,7 @@ class SimilarityModel:
             if jobs is not None:
                 if wait_s <= 0:
                     return EmbedReport(pending={i.task for i in items})
-                outcome = dispatcher.wait(jobs, wait_s)
-                return EmbedReport(failures=outcome.failures, pending=outcome.pending)
+                return dispatcher.wait(jobs, wait_s)
         encoder = self.services.embedder.encoder(name)
         result = self.services.embedder.embed_tasks(name, items, self.services.fetcher.load)
         if result.points:

@@ -9,6 +9,16 @@ from echolabel.cli import main
 from tests.conftest import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
 
 
+def shaded_folder(tmp_path, count):
+    """`count` dark and bright images under tmp_path/images, labelled in tmp_path/labels.csv."""
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = dark_and_bright(root, count)
+    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch, capsys):
     root = tmp_path / "images"
     root.mkdir()
@@ -88,11 +98,7 @@ def test_report_renders_in_a_real_browser(tmp_path, monkeypatch):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    root = tmp_path / "images"
-    root.mkdir()
-    paths = dark_and_bright(root, 10)
-    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths]
-    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    root = shaded_folder(tmp_path, 10)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     assert (
         main(
@@ -176,11 +182,7 @@ def test_admin_evaluates_a_project_from_the_store(settings):
 def test_group_map_adds_a_group_field_and_project_mode_reads_the_store(
     tmp_path, monkeypatch, capsys
 ):
-    root = tmp_path / "images"
-    root.mkdir()
-    paths = dark_and_bright(root, 6)
-    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths]
-    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    root = shaded_folder(tmp_path, 6)
     (tmp_path / "groups.csv").write_text("dark,any\nbright,any\n")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)

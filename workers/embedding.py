@@ -42,6 +42,14 @@ class EmbedResult:
     failures: dict[TaskId, ImageError] = field(default_factory=dict)
 
 
+@dataclass
+class EmbedReport:
+    """Tasks whose image failed, and tasks still being embedded by a worker."""
+
+    failures: dict[TaskId, ImageError] = field(default_factory=dict)
+    pending: set[TaskId] = field(default_factory=set)
+
+
 class Embedder:
     """Keeps loaded encoders for the life of the process and serialises inference."""
 
