@@ -84,8 +84,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         if settings.basic_auth_user and not _authorised(request, settings):
+            detail = "basic auth required"
+            if request.url.path == "/webhook":
+                detail += (
+                    ": Label Studio sends the webhook it created for this backend without "
+                    "credentials; add an `Authorization: Basic ...` header to it (project "
+                    "Settings → Webhooks → Headers) or connect it with `echolabel connect`"
+                )
             return JSONResponse(
-                {"error": "unauthorized", "detail": "basic auth required"},
+                {"error": "unauthorized", "detail": detail},
                 status_code=401,
                 headers={"WWW-Authenticate": 'Basic realm="echolabel"'},
             )
@@ -235,9 +242,16 @@ def _authorised(request: Request, settings: Settings) -> bool:
     if scheme.lower() != "basic":
         return False
     try:
-        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
         return False
-    return secrets.compare_digest(user, settings.basic_auth_user or "") and (
-        secrets.compare_digest(password, settings.basic_auth_pass or "")
+    # No charset is agreed (RFC 7617): Label Studio's requests sends latin-1, browsers UTF-8.
+    try:
+        decoded = raw.decode()
+    except UnicodeDecodeError:
+        decoded = raw.decode("latin-1")
+    user, _, password = decoded.partition(":")
+    # compare_digest takes non-ASCII only as bytes.
+    return secrets.compare_digest(user.encode(), (settings.basic_auth_user or "").encode()) and (
+        secrets.compare_digest(password.encode(), (settings.basic_auth_pass or "").encode())
     )

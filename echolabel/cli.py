@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=9090)
     serve.set_defaults(run=_serve)
 
+    connect = sub.add_parser(
+        "connect",
+        help="connect this backend to a Label Studio project (and let its webhook through "
+        "basic auth)",
+    )
+    connect.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    connect.add_argument(
+        "--backend-url",
+        required=True,
+        help="this backend's URL as Label Studio reaches it, e.g. http://backend:9090",
+    )
+    connect.add_argument("--title", default="echolabel")
+    connect.set_defaults(run=_connect)
+
     index = sub.add_parser("index", help="embed a folder of images into a project's collection")
     index.add_argument(
         "images",
@@ -160,6 +174,37 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         file=sys.stderr,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _connect(args: argparse.Namespace, settings: Settings) -> int:
+    from echolabel.labelstudio import LabelStudioClient
+
+    client = LabelStudioClient(settings)
+    url = args.backend_url.rstrip("/")
+    basic_auth = (
+        (settings.basic_auth_user, settings.basic_auth_pass or "")
+        if settings.basic_auth_user
+        else None
+    )
+    if any(b.get("url", "").rstrip("/") == url for b in client.backends(args.project)):
+        print(f"echolabel: {url} is already connected to project {args.project}")
+        if basic_auth:
+            client.authorise_webhooks(args.project, url, basic_auth)
+    else:
+        client.connect_backend(args.project, url, args.title, basic_auth=basic_auth)
+        print(f"echolabel: connected {url} to project {args.project}")
+    hooks = [h for h in client.webhooks(args.project) if h.get("url") == f"{url}/webhook"]
+    if not hooks:
+        print(
+            f"echolabel: project {args.project} has no webhook to {url}/webhook, so the backend "
+            "will not learn from new annotations: Label Studio's SSRF protection refused the "
+            "address (set SSRF_PROTECTION_ENABLED=false in Label Studio, or add the webhook "
+            "under Settings → Webhooks)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"echolabel: webhook {url}/webhook present" + (" with basic auth" if basic_auth else ""))
     return 0
 
 

@@ -1,7 +1,13 @@
-"""The little of Label Studio's REST API we read: a project's label config and its tasks."""
+"""The part of Label Studio's REST API we use: read projects and tasks, set projects up.
+
+Reads serve indexing and evaluation; the set-up calls (projects, local storage, import,
+connecting a backend, annotations, predictions) serve `echolabel demo` and the end-to-end tests
+against a real Label Studio.
+"""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +17,7 @@ from echolabel.labelstudio_auth import LabelStudioAuth
 from echolabel.settings import Settings
 
 PAGE_SIZE = 100
+PREDICT_ACTION_TIMEOUT_S = 130.0
 
 
 class LabelStudioError(RuntimeError):
@@ -33,24 +40,40 @@ class LabelStudioClient:
     def close(self) -> None:
         self._client.close()
 
-    def _get(self, path: str, **params: object) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: dict[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         url = f"{self.base_url}{path}"
+        extra = {} if timeout is None else {"timeout": timeout}
         try:
-            response = self._client.get(url, params=params)
+            response = self._client.request(method, url, json=json, params=params, **extra)
         except httpx.HTTPError as exc:
             raise LabelStudioError(
                 f"Label Studio at {self.base_url} is unreachable: {exc}"
             ) from None
         if response.status_code in (401, 403):
             raise LabelStudioError(
-                f"Label Studio refused {path} ({response.status_code}): check "
-                "LABEL_STUDIO_API_KEY (a legacy token or a personal access token)"
+                f"Label Studio refused {method} {path} ({response.status_code}): check "
+                f"LABEL_STUDIO_API_KEY (a legacy token or a personal access token); "
+                f"{_detail(response)}"
             )
         if response.status_code == 404:
             raise LabelStudioError(f"Label Studio has no {path} (404): check the project id")
         if response.status_code >= 400:
-            raise LabelStudioError(f"Label Studio answered {response.status_code} for {path}")
-        return response.json()
+            raise LabelStudioError(
+                f"Label Studio answered {response.status_code} for {method} {path}: "
+                f"{_detail(response)}"
+            )
+        return response.json() if response.content else None
+
+    def _get(self, path: str, **params: object) -> Any:
+        return self._request("GET", path, params=params)
 
     def label_config(self, project: int) -> str:
         return str(self._get(f"/api/projects/{project}/").get("label_config", ""))
@@ -66,3 +89,114 @@ class LabelStudioClient:
             if len(tasks) < PAGE_SIZE or (total is not None and page * PAGE_SIZE >= total):
                 return
             page += 1
+
+    # Set-up calls (demo and end-to-end tests).
+
+    def create_project(self, title: str, label_config: str) -> int:
+        body = {"title": title, "label_config": label_config}
+        return int(self._request("POST", "/api/projects/", json=body)["id"])
+
+    def add_local_storage(self, project: int, path: str) -> int:
+        """Let the project's tasks read files under `path` (inside LOCAL_FILES_DOCUMENT_ROOT)."""
+        body = {"project": project, "path": path, "title": "images", "use_blob_urls": True}
+        return int(self._request("POST", "/api/storages/localfiles/", json=body)["id"])
+
+    def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> list[int]:
+        """Import task data objects; the new task ids in import order."""
+        answer = self._request(
+            "POST",
+            f"/api/projects/{project}/import",
+            json=tasks,
+            params={"return_task_ids": "true"},
+        )
+        return [int(task_id) for task_id in answer["task_ids"]]
+
+    def connect_backend(
+        self,
+        project: int,
+        url: str,
+        title: str,
+        basic_auth: tuple[str, str] | None = None,
+    ) -> int:
+        """Add an ML backend to the project; Label Studio checks /health and /setup first.
+
+        Label Studio also creates the backend's webhook, but sends it without the backend's
+        basic auth: with `basic_auth` the webhook gets the Authorization header added, else
+        the backend would refuse every annotation event and never learn.
+        """
+        body: dict[str, Any] = {
+            "url": url,
+            "project": project,
+            "title": title,
+            "is_interactive": False,
+        }
+        if basic_auth:
+            body |= {
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": basic_auth[0],
+                "basic_auth_pass": basic_auth[1],
+            }
+        backend = int(self._request("POST", "/api/ml", json=body)["id"])
+        if basic_auth:
+            self.authorise_webhooks(project, url, basic_auth)
+        return backend
+
+    def authorise_webhooks(self, project: int, url: str, basic_auth: tuple[str, str]) -> int:
+        """Add basic auth to the project's webhooks that point at the backend at `url`."""
+        header = {"Authorization": basic_auth_header(*basic_auth)}
+        target = url.rstrip("/") + "/webhook"
+        hooks = [hook for hook in self.webhooks(project) if hook.get("url") == target]
+        if not hooks:
+            raise LabelStudioError(
+                f"project {project} has no webhook to {target}: Label Studio creates it when the "
+                "backend is connected unless SSRF protection refused the address "
+                "(set SSRF_PROTECTION_ENABLED=false or add it under Settings → Webhooks)"
+            )
+        for hook in hooks:
+            headers = dict(hook.get("headers") or {}) | header
+            self._request("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
+        return len(hooks)
+
+    def backends(self, project: int) -> list[dict[str, Any]]:
+        """The ML backends connected to the project."""
+        return list(self._get("/api/ml", project=project))
+
+    def webhooks(self, project: int) -> list[dict[str, Any]]:
+        return list(self._get("/api/webhooks/", project=project))
+
+    def annotate(self, task: int, result: list[dict[str, Any]]) -> int:
+        answer = self._request("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
+        return int(answer["id"])
+
+    def retrieve_predictions(self, project: int, tasks: list[int]) -> None:
+        """The Data Manager's "Retrieve Predictions" action on `tasks` (one /predict call)."""
+        self._request(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": False, "included": tasks}},
+            # Label Studio waits up to ML_TIMEOUT_PREDICT (100 s) for the backend's /predict.
+            timeout=PREDICT_ACTION_TIMEOUT_S,
+        )
+
+    def predictions(self, task: int) -> list[dict[str, Any]]:
+        return list(self._get("/api/predictions/", task=task))
+
+    def create_personal_access_token(self) -> str:
+        """A new personal access token (JWT refresh token) of the authenticated user."""
+        return str(self._request("POST", "/api/token/")["token"])
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """`Basic ...` as Label Studio's own client (requests) sends it: latin-1 when it fits."""
+    raw = f"{user}:{password}"
+    try:
+        encoded = raw.encode("latin-1")
+    except UnicodeEncodeError:
+        encoded = raw.encode()
+    return "Basic " + base64.b64encode(encoded).decode()
+
+
+def _detail(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return text[:300] if text else "(empty body)"

@@ -6,7 +6,10 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,17 +106,17 @@ def annotation_webhook(
             "id": annotation_id,
             "task": task["id"],
             "updated_at": updated_at,
-            "result": [
-                {
-                    "from_name": field,
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": [value]},
-                }
-                for field, value in labels.items()
-            ],
+            "result": choices_result(labels),
         },
     }
+
+
+def choices_result(labels: dict[str, str], to_name: str = "image") -> list[dict]:
+    """An annotation's `result`: one choice per choices field, as Label Studio stores it."""
+    return [
+        {"from_name": field, "to_name": to_name, "type": "choices", "value": {"choices": [value]}}
+        for field, value in labels.items()
+    ]
 
 
 @pytest.fixture
@@ -169,3 +172,59 @@ def run_worker(settings: Settings, *queues: str, timeout: float = 240):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@contextmanager
+def serving(app, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on loopback in a thread; yields its base URL."""
+    import uvicorn
+
+    from echolabel.labelstudio_server import free_port
+
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on port {port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+LABEL_STUDIO_HOME = Path(os.environ.get("ECHOLABEL_TEST_LABEL_STUDIO", ROOT / ".label-studio"))
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio 1.23.2 on loopback for the whole session (installed on first use).
+
+    It lives in its own venv under `.label-studio/` (or $ECHOLABEL_TEST_LABEL_STUDIO), with a
+    migrated empty database kept there as a template. Local files are served from `files_root`.
+    """
+    from echolabel.labelstudio_server import LabelStudioServer, ensure_installed
+
+    executable = ensure_installed(LABEL_STUDIO_HOME / "venv")
+    root = tmp_path_factory.mktemp("label-studio")
+    server = LabelStudioServer(
+        executable=executable,
+        data_dir=root / "data",
+        username="admin@example.com",
+        password="echolabel-test-pass",
+        token="5e1f0c4d2b3a49687766554433221100aabbccdd",
+        local_files_root=root / "files",
+        template_dir=LABEL_STUDIO_HOME / "template",
+    )
+    (root / "files").mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -296,6 +296,20 @@ def test_basic_auth(settings):
         assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 401
         token = base64.b64encode(b"ls:s3cret").decode()
         assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 200
+        refused = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
+        assert refused.status_code == 401
+        assert "Settings → Webhooks" in refused.json()["detail"]
+
+
+def test_basic_auth_password_as_label_studio_encodes_it(settings):
+    """Label Studio (requests) encodes non-ASCII credentials as latin-1, browsers as UTF-8."""
+    secured = dataclasses.replace(settings, basic_auth_user="ls", basic_auth_pass="sécret")
+    with TestClient(create_app(secured)) as client:
+        for raw in ("ls:sécret".encode("latin-1"), "ls:sécret".encode()):
+            header = {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+            assert client.get("/health", headers=header).status_code == 200
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"ls:secret").decode()}
+        assert client.get("/health", headers=wrong).status_code == 401
 
 
 def test_body_size_limit(client, monkeypatch):
