@@ -18,11 +18,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.concurrency import run_in_threadpool
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import DimensionMismatchError, StoreError
+from vectorstore import DimensionMismatchError, StoreError, StoreUnavailableError
 from workers import context
 from workers.encoders import EncoderError
 
@@ -64,7 +65,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if built.dispatcher is not None:
             built.dispatcher.start_collector()
             admin.start_store_worker()
-        inbox = WebhookInbox(settings.model_dir / "webhooks", handle_webhook)
+        inbox = WebhookInbox(
+            settings.model_dir / "webhooks",
+            handle_webhook,
+            transient=(StoreUnavailableError, RedisConnectionError),
+            retry_after_s=settings.job_retry_intervals,
+        )
         state["inbox"] = inbox
         inbox.start()
         try:
@@ -127,6 +133,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             "store": "embedded" if services.store.local else "server",
             "webhooks_pending": len(inbox.pending()),
             "webhooks_failed": len(inbox.failed()),
+            "webhooks_blocked_by": inbox.blocked_by,
         }
 
     @app.post("/setup")

@@ -2,7 +2,9 @@
 
 Label Studio waits 1 s for a webhook and never retries. Each payload is written to disk before
 we answer, then handled by one background thread in arrival order; a crash or restart replays
-what is left. A payload that cannot be handled is moved to `failed/` next to its reason.
+what is left. A payload that cannot be handled is moved to `failed/` next to its reason; one
+that failed for a transient reason (the Qdrant server is down) stays first in line and is
+retried with backoff, so later annotations never overtake it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,20 @@ Handler = Callable[[Mapping[str, Any]], object]
 
 
 class WebhookInbox:
-    def __init__(self, directory: Path, handle: Handler) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        handle: Handler,
+        *,
+        transient: tuple[type[BaseException], ...] = (),
+        retry_after_s: Sequence[float] = (5, 30, 120),
+    ) -> None:
         self.directory = directory
         self.failed_dir = directory / "failed"
         self._handle = handle
+        self._transient = transient
+        self._retry_after_s = tuple(retry_after_s) or (5,)
+        self.blocked_by: str | None = None  # the transient error the inbox is waiting out
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,19 +83,33 @@ class WebhookInbox:
         return True
 
     def _run(self) -> None:
+        attempts = 0
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
             for path in self.pending():
                 if self._stop.is_set():
                     return
-                self.process(path)
+                if not self.process(path):
+                    delay = self._retry_after_s[min(attempts, len(self._retry_after_s) - 1)]
+                    attempts += 1
+                    self._stop.wait(delay)
+                    self._wake.set()
+                    break
+                attempts = 0
 
-    def process(self, path: Path) -> None:
-        """Handle one stored payload; on failure keep it in failed/ with the reason."""
+    def process(self, path: Path) -> bool:
+        """Handle one stored payload; False when it must be retried later (transient error).
+
+        On any other failure the payload is kept in failed/ with the reason.
+        """
         try:
             payload = json.loads(path.read_text())
             self._handle(payload)
+        except self._transient as exc:
+            self.blocked_by = f"{type(exc).__name__}: {exc}"
+            log.warning("webhook deferred", extra={"file": path.name, "error": self.blocked_by})
+            return False
         except Exception as exc:  # one bad webhook must not stop the others
             log.warning(
                 "webhook failed", extra={"file": path.name, "error": f"{type(exc).__name__}: {exc}"}
@@ -91,5 +117,7 @@ class WebhookInbox:
             self.failed_dir.mkdir(exist_ok=True)
             (self.failed_dir / f"{path.stem}.error.txt").write_text(f"{type(exc).__name__}: {exc}")
             os.replace(path, self.failed_dir / path.name)
-            return
-        path.unlink(missing_ok=True)
+        else:
+            path.unlink(missing_ok=True)
+        self.blocked_by = None
+        return True

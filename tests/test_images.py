@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
@@ -11,7 +10,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -22,9 +20,8 @@ from PIL import Image
 
 from echolabel.images import ImageError, ImageFetcher, decode_image
 from echolabel.settings import Settings
+from tests.fake_label_studio import KEY, MAX_BYTES, PNG, FakeLabelStudio, running
 
-KEY = "0123456789abcdef0123456789abcdef01234567"
-MAX_BYTES = 100_000
 DICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 BUSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi" / "images"
 
@@ -38,9 +35,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
 def gradient(mode: str = "RGB", size: tuple[int, int] = (16, 8)) -> Image.Image:
     ramp = np.tile(np.linspace(0, 255, size[0], dtype=np.uint8), (size[1], 1))
     return Image.fromarray(ramp).convert(mode)
-
-
-PNG = encode(gradient())
 
 
 def decode(data: bytes, max_pixels: int = 10_000_000) -> Image.Image:
@@ -243,79 +237,14 @@ def test_real_ultrasound_images_decode():
 # --- a fake Label Studio and a second host ---------------------------------------------------
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, length: bool = True, **headers: str) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        if length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        # The client may stop reading, as it should for oversize bodies.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        host = self.headers.get("Host", "")
-        auth = self.headers.get("Authorization")
-        with self.server.lock:
-            self.server.seen.append((host, self.path, auth))
-        other = f"http://localhost:{self.server.server_address[1]}"
-        path = self.path.split("?")[0]
-        if path.startswith("/data/upload/"):
-            if auth == f"Token {KEY}":
-                self._send(200, PNG, Content_Type="image/png")
-            else:
-                self._send(401, b'{"detail": "Authentication credentials were not provided."}')
-        elif path == "/public.png":
-            self._send(200, PNG, Content_Type="image/png")
-        elif path == "/away":
-            self._send(302, b"", Location=f"{other}/public.png")
-        elif path == "/home":
-            self._send(302, b"", Location="/data/upload/1/a.png")
-        elif path == "/ftp":
-            self._send(302, b"", Location="ftp://example.org/a.png")
-        elif path == "/loop":
-            self._send(302, b"", Location="/loop")
-        elif path == "/big-declared":
-            self._send(200, b"\0" * (MAX_BYTES + 1))
-        elif path == "/big-streamed":
-            self._send(200, b"\0" * (MAX_BYTES * 3), length=False)
-        elif path == "/login":
-            self._send(200, b"<!doctype html><html><body>Log in</body></html>")
-        elif path == "/error":
-            self._send(500, b"Internal Server Error")
-        elif path == "/slow":
-            time.sleep(1.0)
-            self._send(200, PNG)
-        else:
-            self._send(404, b'{"detail": "Not found."}')
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    seen: list[tuple[str, str, str | None]]
-    lock: threading.Lock
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[_Server]:
-    server = _Server(("127.0.0.1", 0), Handler)
-    server.seen, server.lock = [], threading.Lock()
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def server() -> Iterator[FakeLabelStudio]:
+    with running() as fake:
+        yield fake
 
 
 @pytest.fixture
-def ls(server: _Server) -> str:
+def ls(server: FakeLabelStudio) -> str:
     server.seen.clear()
     return f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -337,7 +266,7 @@ def fetcher(**overrides: object) -> ImageFetcher:
     return ImageFetcher(Settings(**{**defaults, **overrides}), client=shared_client())
 
 
-def seen_auth(server: _Server, host: str) -> list[str | None]:
+def seen_auth(server: FakeLabelStudio, host: str) -> list[str | None]:
     return [auth for seen_host, _, auth in server.seen if seen_host == host]
 
 

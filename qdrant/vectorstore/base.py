@@ -24,6 +24,10 @@ class StoreError(RuntimeError):
     """The store refused an operation; the message says what was expected and what was found."""
 
 
+class StoreUnavailableError(StoreError):
+    """The Qdrant server did not answer (down, unreachable, refused): worth retrying later."""
+
+
 class DimensionMismatchError(StoreError):
     """A vector does not fit the collection's encoder or dimension."""
 

@@ -8,14 +8,17 @@ from another encoder are refused instead of silently mixed.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from .base import (
     Annotation,
@@ -25,6 +28,7 @@ from .base import (
     Neighbour,
     Point,
     StoreError,
+    StoreUnavailableError,
     TaskId,
     point_id,
 )
@@ -53,7 +57,8 @@ class QdrantStore:
     ) -> QdrantStore:
         """A server store when `url` is given, else an in-process store under `path`."""
         if url:
-            return cls(QdrantClient(url=url, api_key=api_key, timeout=10), local=False)
+            client = QdrantClient(url=url, api_key=api_key, timeout=10, check_compatibility=False)
+            return cls(_ServerGuard(client, url), local=False)  # type: ignore[arg-type]
         if path is None:
             raise StoreError("either a Qdrant URL (QDRANT_URL) or a storage path is required")
         path.mkdir(parents=True, exist_ok=True)
@@ -474,6 +479,47 @@ class QdrantStore:
             out.extend(records)
             if offset is None:
                 return out
+
+
+class _ServerGuard:
+    """A QdrantClient whose transport failures become StoreUnavailableError naming the server.
+
+    qdrant-client raises httpx and its own ResponseHandlingException for a server that is down;
+    callers (HTTP app, jobs, CLI) should see one store error that says what to check.
+    """
+
+    def __init__(self, client: QdrantClient, url: str) -> None:
+        self._client = client
+        self._url = url
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: object, **kwargs: object) -> object:
+            try:
+                return attribute(*args, **kwargs)
+            except (ResponseHandlingException, httpx.TransportError) as exc:
+                raise StoreUnavailableError(
+                    f"the Qdrant server at {self._url} is unreachable ({exc}): check QDRANT_URL "
+                    "and that Qdrant is running"
+                ) from None
+            except UnexpectedResponse as exc:
+                if exc.status_code in (401, 403):
+                    raise StoreUnavailableError(
+                        f"the Qdrant server at {self._url} refused us ({exc.status_code}): "
+                        "check QDRANT_API_KEY"
+                    ) from None
+                if exc.status_code is not None and exc.status_code >= 500:
+                    raise StoreUnavailableError(
+                        f"the Qdrant server at {self._url} failed ({exc.status_code}): "
+                        f"{exc.reason_phrase}"
+                    ) from None
+                raise
+
+        return call
 
 
 def _labelled(value: bool) -> models.FieldCondition:
