@@ -12,5 +12,6 @@ RUN pip install .
 ENV MODEL_DIR=/data ECHOLABEL_WEIGHTS_DIR=/weights
 VOLUME ["/data", "/weights"]
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
+# `echolabel health` sends the backend's own basic auth (BASIC_AUTH_USER/PASS) when it is set.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s CMD ["echolabel", "health"]
 CMD ["echolabel", "serve", "--host", "0.0.0.0", "--port", "9090"]

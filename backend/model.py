@@ -23,9 +23,8 @@ from vectorstore import (
     Neighbour,
     QdrantStore,
     TaskId,
-    open_store,
 )
-from workers.context import JobContext
+from workers.context import JobContext, open_configured_store
 from workers.embedding import Embedder, EmbedReport, TaskImage
 
 from .dispatch import EmbedDispatcher
@@ -53,12 +52,7 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         settings.model_dir.mkdir(parents=True, exist_ok=True)
-        store = open_store(
-            path=settings.qdrant_path,
-            url=settings.qdrant_url,
-            api_key=settings.qdrant_api_key,
-            exact_max_points=settings.exact_search_max_points,
-        )
+        store = open_configured_store(settings)
         return cls(
             settings=settings,
             store=store,

@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=9090)
     serve.set_defaults(run=_serve)
 
+    health = sub.add_parser(
+        "health", help="ask a running backend for /health (exit 1 unless it answers UP)"
+    )
+    health.add_argument("--url", default="http://127.0.0.1:9090", help="the backend's base URL")
+    health.set_defaults(run=_health)
+
     connect = sub.add_parser(
         "connect",
         help="connect this backend to a Label Studio project (and let its webhook through "
@@ -175,6 +181,24 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _health(args: argparse.Namespace, settings: Settings) -> int:
+    """For container health checks: the backend's /health with its own basic auth."""
+    import httpx
+
+    auth = (settings.basic_auth_user, settings.basic_auth_pass or "")
+    try:
+        answer = httpx.get(
+            f"{args.url.rstrip('/')}/health",
+            auth=auth if settings.basic_auth_user else None,
+            timeout=5.0,
+        )
+    except httpx.HTTPError as exc:
+        print(f"echolabel: no answer from {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(answer.text)
+    return 0 if answer.status_code == 200 and answer.json().get("status") == "UP" else 1
 
 
 def _connect(args: argparse.Namespace, settings: Settings) -> int:

@@ -28,6 +28,8 @@ class Settings:
     redis_url: str | None = None
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
+    qdrant_shards: int = 1
+    qdrant_replication_factor: int = 1
     encoder: str = "efficientnet_lite0"
     device: str = "cpu"
     batch_size: int = 16
@@ -70,6 +72,10 @@ class Settings:
             redis_url=reader.url("REDIS_URL", schemes=("redis", "rediss", "unix")),
             qdrant_url=reader.url("QDRANT_URL"),
             qdrant_api_key=reader.text("QDRANT_API_KEY"),
+            qdrant_shards=reader.integer("QDRANT_SHARDS", cls.qdrant_shards, minimum=1),
+            qdrant_replication_factor=reader.integer(
+                "QDRANT_REPLICATION_FACTOR", cls.qdrant_replication_factor, minimum=1
+            ),
             encoder=reader.text("ECHOLABEL_ENCODER") or cls.encoder,
             device=reader.choice("ECHOLABEL_DEVICE", ("auto", "cpu", "cuda"), cls.device),
             batch_size=reader.integer("ECHOLABEL_BATCH_SIZE", cls.batch_size, minimum=1),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from backend.app import create_app
 from echolabel.cli import main
-from tests.conftest import TINY_ENCODER, png_bytes
+from tests.conftest import TINY_ENCODER, png_bytes, serving
 
 
 @pytest.fixture
@@ -119,3 +121,15 @@ def test_jobs_lists_queued_jobs_from_redis(redis_db, monkeypatch, capsys):
     assert [(j["id"], j["status"], j["queue"]) for j in listed] == [
         ("reembed-9", "queued", "reembed")
     ]
+
+
+def test_health_answers_for_a_running_backend_with_its_basic_auth(settings, monkeypatch, capsys):
+    secured = dataclasses.replace(settings, basic_auth_user="ls", basic_auth_pass="pw")
+    with serving(create_app(secured)) as url:
+        assert main(["health", "--url", url]) == 1  # no credentials: 401
+        monkeypatch.setenv("BASIC_AUTH_USER", "ls")
+        monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
+        assert main(["health", "--url", url]) == 0
+        assert '"status":"UP"' in capsys.readouterr().out
+    assert main(["health", "--url", url]) == 1
+    assert "no answer" in capsys.readouterr().err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -14,8 +18,76 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_SOURCE = (ROOT / "echolabel" / "settings.py").read_text()
 
 
-def compose():
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def compose(name: str = "docker-compose.yml"):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def compose_schema(tmp_path_factory):
+    """The Compose file JSON schema, as shipped in docker-compose 1.29.2's wheel on PyPI.
+
+    Fetched from the package registry (no Compose schema package exists there); skipped with
+    the reason where the registry cannot be reached.
+    """
+    folder = tmp_path_factory.mktemp("compose-schema")
+    download = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
+            *("docker-compose==1.29.2", "-d", str(folder)),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(folder.glob("docker_compose-*.whl"))
+    if download.returncode != 0 or not wheels:
+        pytest.skip(f"docker-compose's schema could not be fetched: {download.stderr[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return json.loads(wheel.read("compose/config/compose_spec.json"))
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.cluster.yml"])
+def test_compose_files_follow_the_compose_schema(compose_schema, name):
+    document = compose(name)
+    # The top-level `name` joined the Compose spec after this (2021) schema was published.
+    document.pop("name", None)
+    errors = sorted(
+        f"{'/'.join(map(str, error.path))}: {error.message}"
+        for error in jsonschema.Draft7Validator(compose_schema).iter_errors(document)
+    )
+    assert errors == []
+
+
+def test_cluster_variant_is_qdrant_distributed_mode_with_sharded_collections():
+    base, cluster = compose()["services"], compose("docker-compose.cluster.yml")["services"]
+    peers = [name for name in cluster if name.startswith("qdrant")]
+    assert len(peers) >= 3 and set(peers) - {"qdrant"} <= set(cluster)
+    first_uri = cluster["qdrant"]["command"][cluster["qdrant"]["command"].index("--uri") + 1]
+    for name in peers:
+        assert cluster[name]["environment"]["QDRANT__CLUSTER__ENABLED"] == "true"
+        if name != "qdrant":
+            command = cluster[name]["command"]
+            assert command[command.index("--bootstrap") + 1] == first_uri
+            assert any(v.endswith(":/qdrant/storage") for v in cluster[name]["volumes"])
+    for service in ("backend", "worker"):
+        environment = cluster[service]["environment"]
+        assert {"QDRANT_SHARDS", "QDRANT_REPLICATION_FACTOR"} <= set(environment)
+        assert base[service]["environment"]["QDRANT_URL"] == "http://qdrant:6333"
+        for name in environment:
+            assert f'"{name}"' in SETTINGS_SOURCE, f"{name} is not read by echolabel.settings"
+
+
+def test_env_example_names_every_variable_compose_asks_for():
+    text = "\n".join(
+        (ROOT / name).read_text() for name in ("docker-compose.yml", "docker-compose.cluster.yml")
+    )
+    asked = set(re.findall(r"\$\{([A-Z_]+)", text))
+    documented = set(re.findall(r"^#?\s*([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert asked <= documented, asked - documented
+
+
+def test_backend_health_check_uses_its_own_credentials():
+    backend = compose()["services"]["backend"]
+    assert backend["healthcheck"]["test"] == ["CMD", "echolabel", "health"]
 
 
 def test_services_and_wiring():

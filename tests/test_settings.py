@@ -25,8 +25,11 @@ def test_values_are_parsed():
             "ECHOLABEL_MIN_SCORE": "0.6",
             "ECHOLABEL_DEVICE": "CUDA",
             "ECHOLABEL_LOG_JSON": "no",
+            "QDRANT_SHARDS": "6",
+            "QDRANT_REPLICATION_FACTOR": "2",
         }
     )
+    assert (settings.qdrant_shards, settings.qdrant_replication_factor) == (6, 2)
     assert settings.label_studio_url == "http://ls:8080"
     assert settings.image_allowed_hosts == ("a.example.org", "b.example.org")
     assert settings.min_score == 0.6 and settings.device == "cuda" and not settings.log_json

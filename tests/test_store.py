@@ -225,3 +225,25 @@ def test_second_process_gets_a_clear_lock_error(tmp_path):
 def test_store_needs_a_path_or_url():
     with pytest.raises(StoreError, match="QDRANT_URL"):
         QdrantStore.open()
+
+
+def test_cluster_settings_reach_every_new_generation(tmp_path):
+    """QDRANT_SHARDS / QDRANT_REPLICATION_FACTOR: configuration for a Qdrant cluster."""
+    inner = QdrantStore.open(path=tmp_path / "q")
+    created: list[dict] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(inner._client, name)
+
+        def create_collection(self, name, **kwargs):
+            created.append(kwargs)
+            return inner._client.create_collection(name, **kwargs)
+
+    store = QdrantStore(Recording(), local=True, shards=6, replication_factor=2)
+    store.ensure_collection(1, "tiny-test", DIM, "none")
+    first = store.collection(1)
+    store.create_generation(1, "tiny-test", DIM, "none")
+    assert [(c["shard_number"], c["replication_factor"]) for c in created] == [(6, 2), (6, 2)]
+    assert first is not None and first.generation == 1
+    inner.close()

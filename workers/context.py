@@ -47,12 +47,7 @@ class JobContext:
         """The store, opened on first use (a server, or the embedded one if we may own it)."""
         with self._lock:
             if self._store is None:
-                self._store = open_store(
-                    path=self.settings.qdrant_path,
-                    url=self.settings.qdrant_url,
-                    api_key=self.settings.qdrant_api_key,
-                    exact_max_points=self.settings.exact_search_max_points,
-                )
+                self._store = open_configured_store(self.settings)
                 self.owns_store = self._store.local
             return self._store
 
@@ -75,3 +70,15 @@ def install(context: JobContext | None) -> None:
     global _current
     with _current_lock:
         _current = context
+
+
+def open_configured_store(settings: Settings) -> QdrantStore | ExactSearchStore:
+    """The store the settings describe: the Qdrant server or the embedded one under MODEL_DIR."""
+    return open_store(
+        path=settings.qdrant_path,
+        url=settings.qdrant_url,
+        api_key=settings.qdrant_api_key,
+        exact_max_points=settings.exact_search_max_points,
+        shards=settings.qdrant_shards,
+        replication_factor=settings.qdrant_replication_factor,
+    )

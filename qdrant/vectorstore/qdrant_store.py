@@ -44,21 +44,47 @@ _SCROLL_PAGE = 512
 class QdrantStore:
     """VectorStore over qdrant-client; one instance per process."""
 
-    def __init__(self, client: QdrantClient, *, prefix: str = "echolabel", local: bool = False):
+    def __init__(
+        self,
+        client: QdrantClient,
+        *,
+        prefix: str = "echolabel",
+        local: bool = False,
+        shards: int = 1,
+        replication_factor: int = 1,
+    ):
         self._client = client
         self._prefix = prefix
+        # Distributed Qdrant: how each new generation collection is split and copied.
+        self._shards = shards
+        self._replication_factor = replication_factor
         # qdrant-client's local mode is not thread-safe; a server client is.
         self._lock: AbstractContextManager[object] = threading.RLock() if local else nullcontext()
         self.local = local
 
     @classmethod
     def open(
-        cls, *, path: Path | None = None, url: str | None = None, api_key: str | None = None
+        cls,
+        *,
+        path: Path | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        shards: int = 1,
+        replication_factor: int = 1,
     ) -> QdrantStore:
-        """A server store when `url` is given, else an in-process store under `path`."""
+        """A server store when `url` is given, else an in-process store under `path`.
+
+        `shards` and `replication_factor` apply to collections created on a Qdrant cluster.
+        """
         if url:
             client = QdrantClient(url=url, api_key=api_key, timeout=10, check_compatibility=False)
-            return cls(_ServerGuard(client, url), local=False)  # type: ignore[arg-type]
+            guarded = _ServerGuard(client, url)
+            return cls(
+                guarded,  # type: ignore[arg-type]
+                local=False,
+                shards=shards,
+                replication_factor=replication_factor,
+            )
         if path is None:
             raise StoreError("either a Qdrant URL (QDRANT_URL) or a storage path is required")
         path.mkdir(parents=True, exist_ok=True)
@@ -137,6 +163,8 @@ class QdrantStore:
             self._client.create_collection(
                 name,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                shard_number=self._shards,
+                replication_factor=self._replication_factor,
                 metadata={
                     "encoder": encoder,
                     "dim": dim,
