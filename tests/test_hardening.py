@@ -287,3 +287,38 @@ def test_concurrent_predictions_on_loopback(settings):
         f"p95 {q[94] * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms; "
         f"/health under load {health_s * 1000:.1f} ms"
     )
+
+
+def test_secrets_and_image_bytes_stay_out_of_logs_and_payloads(settings, fake_ls, caplog):
+    password = "basic-auth-secret-1234"
+    secured = dataclasses.replace(
+        settings,
+        label_studio_url=fake_ls,
+        label_studio_api_key=KEY,
+        basic_auth_user="ls",
+        basic_auth_pass=password,
+    )
+    auth = ("ls", password)
+    caplog.set_level("DEBUG")
+    images = dark_and_bright(settings.local_files_root, 2)
+    with TestClient(create_app(secured)) as client:
+        client.post("/setup", json={"project": "7.1", "schema": CONFIG}, auth=auth)
+        for n in range(2):
+            task = {"id": n, "data": {"image": images[f"dark_{n}"]}}
+            body = annotation_webhook(7, task, {"organ": "dark"}, n)
+            client.post("/webhook", json=body, auth=auth)
+        assert client.app.state.echolabel["inbox"].wait_idle(30)
+        for ref in ("/data/upload/1/a.png", "/data/upload/401", "/error"):
+            task = {"id": 9, "data": {"image": ref}}
+            client.post("/predict", json={"project": 7, "tasks": [task]}, auth=auth)
+        client.post("/predict", json={"project": 7, "tasks": []}, auth=("ls", "wrong"))
+        inner = client.app.state.echolabel["services"].store.inner
+        records, _ = inner._client.scroll(inner.alias(7), limit=100)
+        payloads = [record.payload for record in records]
+    logged = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    assert any("webhook" in r.getMessage() or "HTTP" in r.getMessage() for r in caplog.records)
+    assert KEY not in logged and password not in logged
+    assert len(payloads) == 3, "the labelled tasks and the predicted one were stored"
+    for payload in payloads:  # references and labels only: never image bytes
+        for value in payload.values():
+            assert not isinstance(value, bytes) and len(str(value)) < 500, payload
