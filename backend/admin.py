@@ -22,6 +22,7 @@ from workers import jobs as job_functions
 from workers.queues import (
     EMBED,
     EVALUATE,
+    PREANNOTATE,
     QUEUES,
     REEMBED,
     STORE_QUEUES,
@@ -32,6 +33,7 @@ from workers.queues import (
 from workers.reembed import Progress
 from workers.worker import ThreadWorker
 
+from . import preannotate
 from .model import Services
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,27 @@ class Admin:
             (project, encoder),
             f"re-embed project {project} with {encoder}",
             with_progress=True,
+        )
+
+    def start_preannotate(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) pushing predictions for every unlabelled task of the project."""
+        return self._start(
+            f"preannotate-{project}",
+            PREANNOTATE,
+            preannotate.preannotate_project,
+            (project,),
+            f"pre-annotate project {project}",
+            with_progress=True,
+        )
+
+    def start_refresh(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) updating the predictions that recent label changes affect."""
+        return self._start(
+            f"refresh-{project}",
+            PREANNOTATE,
+            preannotate.refresh_project,
+            (project,),
+            f"refresh predictions of project {project}",
         )
 
     def start_evaluation(self, project: int | str) -> dict[str, Any]:

@@ -54,7 +54,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         project = payload.get("project")
         config = project.get("label_config") if isinstance(project, Mapping) else None
         model = SimilarityModel(state["services"], project, config)
-        return model.fit(str(payload.get("action")), payload)
+        action = str(payload.get("action"))
+        outcome = model.fit(action, payload)
+        changed = [*outcome.get("labelled", []), *outcome.get("cleared", [])]
+        if changed and model.store.note_label_changes(model.project, changed) >= max(
+            settings.refresh_after, 1
+        ):
+            info = model.store.collection(model.project)
+            if settings.refresh_after and info is not None and info.published_version:
+                state["admin"].start_refresh(model.project)
+        if action in PREEMBED_EVENTS and settings.preannotate_on_import:
+            state["admin"].start_preannotate(model.project)
+        return outcome
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

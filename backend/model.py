@@ -62,6 +62,18 @@ class Services:
             dispatcher=EmbedDispatcher(settings, store) if settings.redis_url else None,
         )
 
+    @classmethod
+    def from_job_context(cls, ctx: JobContext) -> Services:
+        """Services for a job: the worker's store and encoders; embedding inline (the job
+        itself runs on a worker)."""
+        return cls(
+            settings=ctx.settings,
+            store=ctx.store,
+            embedder=ctx.embedder,
+            fetcher=ctx.fetcher,
+            projects=ProjectRegistry(ctx.settings.projects_dir),
+        )
+
     def job_context(self) -> JobContext:
         """The context for jobs run in this process: this process's store and encoders."""
         return JobContext(
@@ -127,11 +139,12 @@ class SimilarityModel:
 
     @property
     def model_version(self) -> str:
-        """Encoder + collection generation: changes exactly when suggestions' basis changes."""
+        """Encoder + collection generation, plus the label state of the last push (see
+        backend/preannotate.py): Label Studio skips tasks holding a prediction of it."""
         info = self.store.collection(self.project)
         if info is None:
             return f"echolabel-{self.settings.encoder}-g1"
-        return f"echolabel-{info.encoder}-g{info.generation}"
+        return info.published_version or f"echolabel-{info.encoder}-g{info.generation}"
 
     def setup(self) -> str:
         """Validate and remember the label config; cheap (Label Studio waits only 3 s)."""
@@ -168,7 +181,7 @@ class SimilarityModel:
             }
             if abstained:
                 outcome.abstained[item.task] = abstained
-            outcome.predictions.append(self._prediction(suggestion, version))
+            outcome.predictions.append(self.prediction(suggestion, version))
         return outcome
 
     def suggest(
@@ -189,7 +202,8 @@ class SimilarityModel:
         )
         return Suggestion(votes=votes, neighbours=neighbours)
 
-    def _prediction(self, suggestion: Suggestion, version: str) -> dict[str, Any]:
+    def prediction(self, suggestion: Suggestion, version: str) -> dict[str, Any]:
+        """Label Studio's prediction: one choice per field that did not abstain (may be none)."""
         result = [
             {
                 "from_name": choices.name,

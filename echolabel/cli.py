@@ -153,6 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     reembed.add_argument("--no-wait", action="store_true", help="queue it and return")
     reembed.set_defaults(run=_reembed)
 
+    preannotate = sub.add_parser(
+        "preannotate",
+        help="push predictions for every unlabelled task into Label Studio (background job)",
+    )
+    preannotate.add_argument("--project", type=int, required=True, help="Label Studio project")
+    preannotate.add_argument(
+        "--refresh",
+        action="store_true",
+        help="only update the predictions that label changes since the last push affect",
+    )
+    preannotate.add_argument("--no-wait", action="store_true", help="queue it and return")
+    preannotate.set_defaults(run=_preannotate)
+
     jobs = sub.add_parser("jobs", help="queued, running and failed jobs with progress")
     jobs.add_argument("--json", action="store_true")
     jobs.set_defaults(run=_jobs)
@@ -165,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     download.set_defaults(run=_download_weights)
     listing = weights_sub.add_parser("list", help="list the registered encoders")
     listing.set_defaults(run=_list_encoders)
+
     return parser
 
 
@@ -516,52 +530,98 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
-    import time
-
     from backend.admin import reembed_job_id
     from backend.projects import project_id
     from workers import jobs
-    from workers.queues import REEMBED, connect, enqueue_unique, queue, retry_policy
+    from workers.queues import REEMBED
 
-    project = project_id(args.project)
+    return _run_job(
+        settings,
+        REEMBED,
+        reembed_job_id(args.project),
+        jobs.reembed,
+        (project_id(args.project), args.encoder),
+        f"re-embed project {args.project} with {args.encoder}",
+        unit="img",
+        no_wait=args.no_wait,
+    )
+
+
+def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
+    """Push predictions into Label Studio (or refresh them) and follow the progress."""
+    from backend import preannotate
+    from workers.queues import PREANNOTATE
+
+    kind, func = (
+        ("refresh", preannotate.refresh_project)
+        if args.refresh
+        else ("preannotate", preannotate.preannotate_project)
+    )
+    return _run_job(
+        settings,
+        PREANNOTATE,
+        f"{kind}-{args.project}",
+        func,
+        (args.project,),
+        f"{kind} project {args.project}",
+        unit="task",
+        no_wait=args.no_wait,
+    )
+
+
+def _run_job(
+    settings: Settings,
+    queue_name: str,
+    job_id: str,
+    func: Any,
+    job_args: tuple[Any, ...],
+    description: str,
+    *,
+    unit: str,
+    no_wait: bool,
+) -> int:
+    """Run a job function here (no REDIS_URL) or queue it, with a progress bar either way."""
+    import time
+
+    from workers.queues import connect, enqueue_unique, queue, retry_policy
+
     if not settings.redis_url:
         # No queue: run it here (the embedded store must not be held by a running server).
         from workers import context
 
         job_context = context.JobContext.from_settings(settings)
         context.install(job_context)
-        with tqdm(unit="img", desc=f"re-embed {args.project}") as bar:
+        with tqdm(unit=unit, desc=description) as bar:
 
             def show(progress: Any) -> None:
-                bar.total = progress.total
-                bar.n = progress.done
-                bar.set_postfix(stage=progress.stage, failed=progress.failed)
+                meta = progress.as_meta()
+                bar.total, bar.n = meta.get("total") or bar.total, meta.get("done", 0)
+                bar.set_postfix(stage=meta.get("stage"), eta=meta.get("eta_s"))
                 bar.refresh()
 
             try:
-                result = jobs.reembed(project, args.encoder, on_progress=show)
+                result = func(*job_args, on_progress=show)
             finally:
                 context.install(None)
                 job_context.store.close()
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, default=str))
         return 0
     connection = connect(settings.redis_url)
     job = enqueue_unique(
-        queue(connection, REEMBED),
-        reembed_job_id(args.project),
-        jobs.reembed,
-        args.project,
-        args.encoder,
+        queue(connection, queue_name),
+        job_id,
+        func,
+        *job_args,
         retry=retry_policy(settings),
         job_timeout=settings.job_timeout_s,
         result_ttl=7 * 24 * 3600,
         failure_ttl=7 * 24 * 3600,
-        description=f"re-embed project {args.project} with {args.encoder}",
+        description=description,
     )
-    print(f"job {job.id} on queue {REEMBED}", file=sys.stderr)
-    if args.no_wait:
+    print(f"job {job.id} on queue {queue_name}", file=sys.stderr)
+    if no_wait:
         return 0
-    with tqdm(unit="img", desc=f"re-embed {args.project}") as bar:
+    with tqdm(unit=unit, desc=description) as bar:
         while True:
             status = job.get_status(refresh=True)
             progress = job.get_meta(refresh=True).get("progress", {})
@@ -575,11 +635,11 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     if status != "finished":
         result = job.latest_result()
         print(
-            f"echolabel: re-embedding {status}: {result.exc_string if result else ''}",
+            f"echolabel: {description} {status}: {result.exc_string if result else ''}",
             file=sys.stderr,
         )
         return 1
-    print(json.dumps(job.return_value(), indent=2))
+    print(json.dumps(job.return_value(), indent=2, default=str))
     return 0
 
 

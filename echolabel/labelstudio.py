@@ -8,6 +8,7 @@ against a real Label Studio.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,11 +18,16 @@ from echolabel.labelstudio_auth import LabelStudioAuth
 from echolabel.settings import Settings
 
 PAGE_SIZE = 100
+GET_RETRY_DELAYS_S = (0.5, 2.0)
 PREDICT_ACTION_TIMEOUT_S = 130.0
 
 
 class LabelStudioError(RuntimeError):
     """Label Studio could not be reached or refused; the message says what to check."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio did not answer, or answered 5xx: worth retrying later."""
 
 
 class LabelStudioClient:
@@ -51,12 +57,26 @@ class LabelStudioClient:
     ) -> Any:
         url = f"{self.base_url}{path}"
         extra = {} if timeout is None else {"timeout": timeout}
-        try:
-            response = self._client.request(method, url, json=json, params=params, **extra)
-        except httpx.HTTPError as exc:
-            raise LabelStudioError(
-                f"Label Studio at {self.base_url} is unreachable: {exc}"
-            ) from None
+        # Reads are retried on timeouts and 5xx; writes are not (the caller decides: a write
+        # that timed out may have happened).
+        delays = GET_RETRY_DELAYS_S if method == "GET" else ()
+        for attempt in range(len(delays) + 1):
+            try:
+                response = self._client.request(method, url, json=json, params=params, **extra)
+            except httpx.HTTPError as exc:
+                failure = LabelStudioUnavailable(
+                    f"Label Studio at {self.base_url} is unreachable ({method} {path}): {exc}"
+                )
+            else:
+                if response.status_code < 500:
+                    break
+                failure = LabelStudioUnavailable(
+                    f"Label Studio answered {response.status_code} for {method} {path}: "
+                    f"{_detail(response)}"
+                )
+            if attempt == len(delays):
+                raise failure
+            time.sleep(delays[attempt])
         if response.status_code in (401, 403):
             raise LabelStudioError(
                 f"Label Studio refused {method} {path} ({response.status_code}): check "
@@ -78,11 +98,14 @@ class LabelStudioClient:
     def label_config(self, project: int) -> str:
         return str(self._get(f"/api/projects/{project}/").get("label_config", ""))
 
-    def tasks(self, project: int) -> Iterator[dict[str, Any]]:
-        """Every task of the project, page by page."""
+    def tasks(self, project: int, full: bool = False) -> Iterator[dict[str, Any]]:
+        """Every task of the project, page by page; `full` adds annotations and predictions."""
         page = 1
+        extra = {"fields": "all"} if full else {}
         while True:
-            body = self._get("/api/tasks/", project=project, page=page, page_size=PAGE_SIZE)
+            body = self._get(
+                "/api/tasks/", project=project, page=page, page_size=PAGE_SIZE, **extra
+            )
             tasks = body.get("tasks", []) if isinstance(body, dict) else body
             yield from tasks
             total = body.get("total") if isinstance(body, dict) else None
@@ -181,6 +204,42 @@ class LabelStudioClient:
 
     def predictions(self, task: int) -> list[dict[str, Any]]:
         return list(self._get("/api/predictions/", task=task))
+
+    # Predictions (the pre-annotation push).
+
+    def project(self, project: int) -> dict[str, Any]:
+        return dict(self._get(f"/api/projects/{project}/"))
+
+    def import_predictions(self, project: int, predictions: list[dict[str, Any]]) -> int:
+        """Create predictions in bulk (`task`, `result`, `score`, `model_version` each)."""
+        answer = self._request(
+            "POST", f"/api/projects/{project}/import/predictions", json=predictions
+        )
+        return int(answer.get("created", 0))
+
+    def update_prediction(self, prediction: int, result: list[Any], score: float) -> None:
+        self._request(
+            "PATCH", f"/api/predictions/{prediction}/", json={"result": result, "score": score}
+        )
+
+    def delete_prediction(self, prediction: int) -> None:
+        self._request("DELETE", f"/api/predictions/{prediction}/")
+
+    def model_versions(self, project: int) -> dict[str, int]:
+        """Prediction count per model_version in the project."""
+        return {
+            str(k): int(v) for k, v in self._get(f"/api/projects/{project}/model-versions/").items()
+        }
+
+    def delete_model_version(self, project: int, version: str) -> int:
+        answer = self._request(
+            "DELETE", f"/api/projects/{project}/model-versions/", json={"model_version": version}
+        )
+        return int((answer or {}).get("deleted_predictions", 0))
+
+    def set_model_version(self, project: int, version: str) -> None:
+        """The project's model_version: which predictions annotators are shown."""
+        self._request("PATCH", f"/api/projects/{project}/", json={"model_version": version})
 
     def create_personal_access_token(self) -> str:
         """A new personal access token (JWT refresh token) of the authenticated user."""

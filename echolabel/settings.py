@@ -45,6 +45,8 @@ class Settings:
     embed_wait_s: float = 20.0
     job_retry_intervals: tuple[int, ...] = (5, 30, 120)
     job_timeout_s: int = 3600
+    refresh_after: int = 10
+    preannotate_on_import: bool = False
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -97,6 +99,10 @@ class Settings:
             embed_wait_s=float(reader.integer("ECHOLABEL_EMBED_WAIT_S", 20, minimum=0)),
             job_retry_intervals=reader.intervals("ECHOLABEL_JOB_RETRY_INTERVALS", (5, 30, 120)),
             job_timeout_s=reader.integer("ECHOLABEL_JOB_TIMEOUT_S", cls.job_timeout_s, minimum=10),
+            refresh_after=reader.integer("ECHOLABEL_REFRESH_AFTER", cls.refresh_after, minimum=0),
+            preannotate_on_import=reader.flag(
+                "ECHOLABEL_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import
+            ),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),

@@ -97,7 +97,7 @@ def test_reembed_inline_without_redis(folder, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr()
     result = json.loads(out.out)
     assert result["stage"] == "switched" and result["done"] == 16 and result["generation"] == 2
-    assert "re-embed demo" in out.err  # the progress bar
+    assert "re-embed project demo" in out.err  # the progress bar
 
 
 def test_jobs_lists_queued_jobs_from_redis(redis_db, monkeypatch, capsys):

@@ -12,12 +12,15 @@ import csv
 import math
 import random
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from backend.app import create_app
+from backend.model import SimilarityModel
+from backend.preannotate import PreAnnotator
 from echolabel.cli import main
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
@@ -192,3 +195,132 @@ def test_legacy_token_fetches_images_and_predictions_are_stored(
             names = {(r["from_name"], r["to_name"]) for r in prediction["result"]}
             assert names == {("organ", "image"), ("finding", "image")}
             assert prediction["model_version"].startswith("echolabel-efficientnet_lite0-g")
+
+
+class Crash(RuntimeError):
+    """Stands in for a kill between two batches of a push."""
+
+
+def finding_accuracy(admin, rows_by_task: dict[int, dict], version: str) -> tuple[int, int]:
+    correct = voted = 0
+    for task, row in rows_by_task.items():
+        for prediction in admin.predictions(task):
+            assert prediction["model_version"] == version
+            finding = [r for r in prediction["result"] if r["from_name"] == "finding"]
+            if finding:
+                voted += 1
+                correct += finding[0]["value"]["choices"] == [row["finding"]]
+    return correct, voted
+
+
+def wait_for_job(app, job_id: str, timeout: float = 600) -> dict:
+    admin = app.state.echolabel["admin"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = admin.local_jobs.get(job_id)
+        if job is not None and job.status != "started":
+            assert job.status == "finished", job.error
+            return job.result
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} did not finish")
+
+
+def test_preannotate_push_resume_and_refresh_against_real_label_studio(label_studio, tmp_path):
+    admin = LabelStudioClient(
+        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    )
+    rows = busi_rows()
+    train = [r for r in rows if r["split"] == "train"]
+    annotated = stratified_sample(train, 0.35, seed=11)
+    later = [r for r in stratified_sample(train, 0.5, seed=12) if r not in annotated][:30]
+    unlabelled = [r for r in rows if r["split"] == "test"] + later
+    settings = Settings(
+        model_dir=tmp_path / "model",
+        label_studio_url=label_studio.url,
+        label_studio_api_key=admin.create_personal_access_token(),
+        basic_auth_user=BASIC_AUTH[0],
+        basic_auth_pass=BASIC_AUTH[1],
+        refresh_after=len(later),
+    )
+    app = create_app(settings)
+    with serving(app) as backend_url:
+        ids = set_up_project(admin, label_studio, annotated + unlabelled, "push", backend_url)
+        project = ids.pop("project")
+        for row in annotated:
+            labels = {"organ": row["organ"], "finding": row["finding"]}
+            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+        inbox = app.state.echolabel["inbox"]
+        assert inbox.wait_idle(timeout=600)
+        services = app.state.echolabel["services"]
+        targets = {ids[Path(r["image"]).name]: r for r in unlabelled}
+
+        # A push killed after two batches, then resumed by the next run.
+        batches = []
+
+        def crash_after_two_batches(progress):
+            if progress.stage == "voting and pushing" and progress.done > progress.already:
+                batches.append(progress.done)
+                if len(batches) == 2:
+                    raise Crash
+
+        crashing = PreAnnotator(services, admin, project, crash_after_two_batches, batch_size=40)
+        with pytest.raises(Crash):
+            crashing.push()
+        partial = sum(len(admin.predictions(t)) for t in targets)
+        assert 0 < partial <= 80
+        result = app.state.echolabel["admin"].start_preannotate(project)
+        pushed = wait_for_job(app, result["job"])
+        version = pushed["model_version"]
+        counts = {t: len(admin.predictions(t)) for t in targets}
+        assert set(counts.values()) <= {0, 1}, "one prediction per task, no duplicate"
+        assert sum(counts.values()) == pushed["pushed"] + pushed["already_current"]
+        assert pushed["pushed"] + pushed["already_current"] + pushed["abstained"] == len(targets)
+        assert pushed["already_current"] == partial
+        # Annotators are shown this version: the project names it, or names the backend (then
+        # Label Studio asks /setup, which answers it).
+        assert admin.project(project)["model_version"] in (version, "echolabel")
+        shown = next(t for t, n in counts.items() if n)
+        assert [p["model_version"] for p in admin._get(f"/api/tasks/{shown}/")["predictions"]] == [
+            version
+        ]
+        correct, voted = finding_accuracy(admin, targets, version)
+        counts_a = Counter(r["finding"] for r in annotated)
+        majority = max(counts_a.values()) / sum(counts_a.values())
+        z = (correct / voted - majority) / math.sqrt(majority * (1 - majority) / voted)
+        print(
+            f"\npush: {pushed['pushed']} new + {partial} resumed, {pushed['abstained']} "
+            f"abstained; accuracy {correct / voted:.3f} on {voted} vs majority {majority:.3f} "
+            f"(z={z:.1f}); {pushed['tasks_per_s']} tasks/s"
+        )
+        assert z > 3
+
+        # "Retrieve Predictions" afterwards adds nothing: /setup answers the pushed version.
+        before = {t: admin.predictions(t) for t in targets}
+        admin.retrieve_predictions(project, list(targets))
+        assert {t: admin.predictions(t) for t in targets} == before
+
+        # Annotating `later` triggers one refresh (ECHOLABEL_REFRESH_AFTER = len(later)).
+        for row in later:
+            labels = {"organ": row["organ"], "finding": row["finding"]}
+            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+            del targets[ids[Path(row["image"]).name]]
+        assert inbox.wait_idle(timeout=300)
+        refreshed = wait_for_job(app, f"refresh-{project}")
+        assert refreshed["label_changes"] == len(later) and refreshed["affected"] > 0
+        assert refreshed["updated"] + refreshed["created"] + refreshed["deleted"] > 0
+
+        # Exact: every unlabelled task's stored prediction is what a fresh vote gives now.
+        model = SimilarityModel(services, project)
+        vectors = services.store.vectors(project, list(targets))
+        for task in targets:
+            fresh = model.prediction(model.suggest(vectors[task], exclude=[task]), version)
+            stored = admin.predictions(task)
+            assert [p["result"] for p in stored] == ([fresh["result"]] if fresh["result"] else [])
+        correct_after, voted_after = finding_accuracy(admin, targets, version)
+    print(
+        f"refresh: {refreshed['affected']} affected of {len(targets)} unlabelled by "
+        f"{len(later)} new labels, {refreshed['updated']} updated, {refreshed['created']} "
+        f"created, {refreshed['deleted']} deleted in {refreshed['seconds']} s; accuracy "
+        f"{correct_after / voted_after:.3f} on {voted_after}"
+    )
+    assert correct_after / voted_after >= correct / voted - 2 / voted

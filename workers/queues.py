@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 EMBED = "embed"
 REEMBED = "reembed"
 EVALUATE = "evaluate"
-QUEUES = (EMBED, REEMBED, EVALUATE)
+PREANNOTATE = "preannotate"  # pushing predictions into Label Studio, and refreshing them
+QUEUES = (EMBED, REEMBED, EVALUATE, PREANNOTATE)
 # Jobs on these read or write the store: with the embedded store, only its owner runs them.
-STORE_QUEUES = (REEMBED, EVALUATE)
+STORE_QUEUES = (REEMBED, EVALUATE, PREANNOTATE)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")

@@ -47,6 +47,12 @@ class CollectionInfo:
     weights_id: str
     generation: int
     name: str
+    # Pre-annotation state (see backend/preannotate.py): the model_version of the predictions
+    # last pushed to Label Studio, and a counter of label changes.
+    published_version: str | None = None
+    label_state: int = 0
+    label_changes: tuple[TaskId, ...] = ()
+    vote_radius_min: float = -1.0
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ _INDEXED_FIELDS = {
     "annotation_id": models.PayloadSchemaType.KEYWORD,
 }
 _SCROLL_PAGE = 512
+# Label changes remembered between refreshes; more mean "refresh everything".
+_MAX_CHANGES = 5000
 
 
 class QdrantStore:
@@ -145,12 +147,103 @@ class QdrantStore:
                 weights_id=str(meta.get("weights_id", "")),
                 generation=int(meta["generation"]),
                 name=name,
+                published_version=meta.get("published_version") or None,
+                label_state=int(meta.get("label_state") or 0),
+                label_changes=tuple(meta.get("label_changes") or ()),
+                vote_radius_min=float(meta.get("vote_radius_min", -1.0)),
             )
         except KeyError as exc:
             raise StoreError(
                 f"collection {name} has no echolabel metadata ({exc.args[0]} missing): it was not "
                 "created by echolabel; remove it or use another ECHOLABEL collection prefix"
             ) from None
+
+    # -- pre-annotation state -----------------------------------------------------------------
+
+    def set_prediction_state(
+        self,
+        project: int | str,
+        *,
+        published_version: str | None = None,
+        vote_radius_min: float | None = None,
+    ) -> None:
+        """Record what Label Studio holds: the model_version of the predictions last pushed,
+        and a lower bound of their vote radii (the k-th labelled neighbour's similarity)."""
+        values: dict[str, object] = {}
+        if published_version is not None:
+            values["published_version"] = published_version
+        if vote_radius_min is not None:
+            values["vote_radius_min"] = vote_radius_min
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                raise StoreError(f"project {project} has no collection")
+            self._client.update_collection(info.name, metadata=values)
+
+    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
+        """Count label changes of these tasks (kept until `take_label_changes`); the new count.
+
+        Called by the one process that applies webhooks, so a read-modify-write is safe.
+        """
+        with self._lock:
+            info = self.collection(project)
+            if info is None or not tasks:
+                return 0
+            changes = list(dict.fromkeys([*info.label_changes, *tasks]))[-_MAX_CHANGES:]
+            self._client.update_collection(
+                info.name,
+                metadata={"label_state": info.label_state + len(tasks), "label_changes": changes},
+            )
+            return len(changes)
+
+    def take_label_changes(self, project: int | str) -> list[TaskId]:
+        """The tasks whose labels changed since the last call, forgetting them."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None or not info.label_changes:
+                return []
+            self._client.update_collection(info.name, metadata={"label_changes": []})
+            return list(info.label_changes)
+
+    def set_vote_state(self, project: int | str, states: dict[TaskId, dict[str, object]]) -> None:
+        """Per-task pre-annotation state in the payload (`vote_radius`, `pushed_version`)."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None or not states:
+                return
+            self._client.batch_update_points(
+                info.name,
+                update_operations=[
+                    models.SetPayloadOperation(
+                        set_payload=models.SetPayload(
+                            payload=dict(state), points=[point_id(project, task)]
+                        )
+                    )
+                    for task, state in states.items()
+                ],
+                wait=True,
+            )
+
+    def unlabelled_near(
+        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    ) -> list[tuple[TaskId, float, dict[str, object]]]:
+        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return []
+            result = self._client.query_points(
+                info.name,
+                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
+                query_filter=models.Filter(must=[_labelled(False)]),
+                limit=limit,
+                score_threshold=min_similarity,
+                with_payload=True,
+            )
+        return [
+            ((p.payload or {})["task"], float(p.score), dict(p.payload or {}))
+            for p in result.points
+        ]
 
     def create_generation(
         self, project: int | str, encoder: str, dim: int, weights_id: str

@@ -1,0 +1,413 @@
+"""Pre-annotate whole projects: predictions pushed into Label Studio, kept fresh as labels grow.
+
+Label Studio's "Retrieve Predictions" is one synchronous call with a 100 s timeout; for whole
+projects we vote every unlabelled task in the background and write the predictions through
+Label Studio's API instead.
+
+Versions. A push writes every prediction under one new `model_version`,
+`echolabel-<encoder>-g<generation>-s<label state>` (the label state counts label changes), then
+deletes our older versions and records the new one in the collection's metadata; /setup answers
+it from then on, so "Retrieve Predictions" skips the tasks we pushed (no duplicates), and the
+project's model_version (what annotators are shown) is set to it. A refresh re-votes only the
+unlabelled tasks whose top-k a newly labelled task can enter and updates those predictions in
+place, keeping the version, so the project keeps one current prediction per task.
+
+Affected tasks. Each pushed task keeps its vote radius (the k-th labelled neighbour's
+similarity) in its payload, and the collection a lower bound of all radii. A new label at x can
+change the vote of u only if sim(u, x) >= radius(u): the store's unlabelled points within the
+lower bound of x are the candidates, the per-task radius decides.
+
+Resuming. The push reads which tasks already hold a prediction of the target version from Label
+Studio itself before writing, so a killed push continues where it stopped without duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rq import get_current_job
+
+from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
+from vectorstore import Annotation, CollectionInfo, TaskId
+from workers import context
+from workers.embedding import TaskImage
+from workers.jobs import TransientJobError
+
+from .label_config import LabelSchema, TaskError
+from .model import Services, SimilarityModel, Suggestion
+
+log = logging.getLogger(__name__)
+
+VERSION_PREFIX = "echolabel-"
+PUSH_BATCH = 200
+WRITE_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
+# More label changes than this since the last refresh: a full push is cheaper than the search.
+MAX_REFRESH_CHANGES = 2000
+
+
+def push_version(info: CollectionInfo) -> str:
+    return f"{VERSION_PREFIX}{info.encoder}-g{info.generation}-s{info.label_state}"
+
+
+def vote_radius(suggestion: Suggestion, k: int) -> float:
+    """The similarity a new labelled point must reach to enter this task's top-k."""
+    if len(suggestion.neighbours) < k:
+        return -1.0
+    return min(n.similarity for n in suggestion.neighbours)
+
+
+@dataclass
+class PushProgress:
+    """What the push did so far; `as_meta()` goes into the job's meta (and the CLI bar)."""
+
+    total: int = 0
+    done: int = 0
+    pushed: int = 0
+    abstained: int = 0
+    already: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    stage: str = "reading tasks"
+    started: float = field(default_factory=time.monotonic)
+
+    def as_meta(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = self.total - self.done
+        return {
+            "stage": self.stage,
+            "done": self.done,
+            "total": self.total,
+            "pushed": self.pushed,
+            "abstained": self.abstained,
+            "already_current": self.already,
+            "failed": len(self.failed),
+            "tasks_per_s": round(rate, 2),
+            "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else 0.0,
+        }
+
+
+class PreAnnotator:
+    """Pushes and refreshes the predictions of one Label Studio project."""
+
+    def __init__(
+        self,
+        services: Services,
+        client: LabelStudioClient,
+        project: int,
+        on_progress: Callable[[PushProgress], None] | None = None,
+        batch_size: int = PUSH_BATCH,
+    ) -> None:
+        self.services = services
+        self.client = client
+        self.project = project
+        self.store = services.store
+        self.on_progress = on_progress or (lambda _: None)
+        self.batch_size = batch_size
+        self.top_k = services.settings.top_k
+
+    # -- push -----------------------------------------------------------------------------
+
+    def push(self) -> dict[str, Any]:
+        """Vote every unlabelled task and write the predictions under a new version."""
+        progress = PushProgress()
+        self.on_progress(progress)
+        schema = self.services.projects.remember(
+            self.project, self.client.label_config(self.project)
+        )
+        model = SimilarityModel(self.services, self.project)
+        self.store.take_label_changes(self.project)  # a push re-votes every task anyway
+        tasks = list(self.client.tasks(self.project, full=True))
+        labelled = [t for t in tasks if _latest_annotation(t) is not None]
+        unlabelled = [t for t in tasks if _latest_annotation(t) is None]
+
+        progress.stage = "embedding"
+        self._embed_missing(model, schema, labelled, unlabelled, progress)
+        info = self.store.collection(self.project)
+        if info is None:
+            return {"project": self.project, "tasks": len(tasks), "pushed": 0, **progress.failed}
+        target = push_version(info)
+
+        progress.stage = "voting and pushing"
+        current = [t for t in unlabelled if _has_version(t, target)]
+        todo = [t for t in unlabelled if not _has_version(t, target)]
+        progress.total, progress.done, progress.already = (
+            len(unlabelled),
+            len(current),
+            len(current),
+        )
+        self.on_progress(progress)
+        # Tasks a killed push already wrote keep the radii it stored.
+        stored = self.store.points(self.project, [t["id"] for t in current], with_vectors=False)
+        radii = [float(p.extra.get("vote_radius", -1.0)) for p in stored.values()]  # type: ignore[arg-type]
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            radii += self._push_batch(model, batch, target, progress)
+            progress.done += len(batch)
+            self.on_progress(progress)
+
+        progress.stage = "switching version"
+        self.on_progress(progress)
+        stale = self._publish(target, radii)
+        return {
+            "project": self.project,
+            "model_version": target,
+            "tasks": len(tasks),
+            "labelled": len(labelled),
+            **progress.as_meta(),
+            "failed_tasks": progress.failed,
+            "deleted_stale_predictions": stale,
+        }
+
+    def _embed_missing(
+        self,
+        model: SimilarityModel,
+        schema: LabelSchema,
+        labelled: Sequence[Mapping[str, Any]],
+        unlabelled: Sequence[Mapping[str, Any]],
+        progress: PushProgress,
+    ) -> None:
+        """Embed what the store lacks: labelled tasks (with their labels, e.g. annotated before
+        the backend was connected) and unlabelled ones."""
+        items: list[TaskImage] = []
+        for task in [*labelled, *unlabelled]:
+            try:
+                items.append(TaskImage(task["id"], schema.image_ref(task)))
+            except TaskError as exc:
+                progress.failed[str(task["id"])] = str(exc)
+        known = self.store.has_vectors(self.project, [i.task for i in items])
+        latest = {t["id"]: _latest_annotation(t) for t in labelled}
+        missing = []
+        for item in items:
+            if item.task in known:
+                continue
+            annotation = latest.get(item.task)
+            if annotation is not None:
+                item = TaskImage(
+                    item.task,
+                    item.image,
+                    schema.labels_from_result(annotation.get("result") or []),
+                    _annotation_source(annotation),
+                )
+            missing.append(item)
+        progress.total = len(missing)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            report = model.embed(chunk)
+            progress.failed.update({str(t): str(e) for t, e in report.failures.items()})
+            progress.done = start + len(chunk)
+            self.on_progress(progress)
+
+    def _push_batch(
+        self,
+        model: SimilarityModel,
+        batch: Sequence[Mapping[str, Any]],
+        target: str,
+        progress: PushProgress,
+    ) -> list[float]:
+        vectors = self.store.vectors(self.project, [t["id"] for t in batch])
+        predictions: list[dict[str, Any]] = []
+        states: dict[TaskId, dict[str, object]] = {}
+        for task in batch:
+            vector = vectors.get(task["id"])
+            if vector is None:
+                continue  # its image failed: listed in `failed`
+            suggestion = model.suggest(vector, exclude=[task["id"]])
+            radius = vote_radius(suggestion, self.top_k)
+            prediction = model.prediction(suggestion, target)
+            states[task["id"]] = {"vote_radius": radius}
+            if not prediction["result"]:
+                progress.abstained += 1
+                continue
+            predictions.append({"task": task["id"], **prediction})
+        self._write(predictions, target)
+        progress.pushed += len(predictions)
+        self.store.set_vote_state(self.project, states)
+        return [float(s["vote_radius"]) for s in states.values()]  # type: ignore[arg-type]
+
+    def _write(self, predictions: list[dict[str, Any]], target: str) -> None:
+        """Import predictions, retrying with backoff; after a failed attempt, re-read which
+        tasks already got theirs (a write that timed out may have happened)."""
+        pending = predictions
+        for delay in (*WRITE_RETRY_DELAYS_S, None):
+            if not pending:
+                return
+            try:
+                self.client.import_predictions(self.project, pending)
+                return
+            except LabelStudioUnavailable as exc:
+                if delay is None:
+                    raise
+                log.warning("prediction push failed, retrying", extra={"error": str(exc)})
+                time.sleep(delay)
+                pending = [
+                    p for p in pending if not self._holds(p["task"], target, retry_reads=True)
+                ]
+
+    def _holds(self, task: TaskId, version: str, retry_reads: bool = False) -> bool:
+        try:
+            return any(
+                p.get("model_version") == version for p in self.client.predictions(int(task))
+            )
+        except LabelStudioUnavailable:
+            if retry_reads:
+                return False
+            raise
+
+    def _publish(self, target: str, radii: Sequence[float]) -> int:
+        """Drop our older versions, record the new one, show it to annotators."""
+        deleted = 0
+        for version in self.client.model_versions(self.project):
+            if version.startswith(VERSION_PREFIX) and version != target:
+                deleted += self.client.delete_model_version(self.project, version)
+        self.store.set_prediction_state(
+            self.project,
+            published_version=target,
+            vote_radius_min=min(radii) if radii else 1.0,
+        )
+        shown = self.client.project(self.project).get("model_version") or ""
+        titles = {b.get("title") for b in self.client.backends(self.project)}
+        if shown != target and shown not in titles:  # a backend title means "ask the backend"
+            self.client.set_model_version(self.project, target)
+        return deleted
+
+    # -- refresh --------------------------------------------------------------------------
+
+    def refresh(self) -> dict[str, Any]:
+        """Re-vote the unlabelled tasks whose top-k the latest label changes can enter."""
+        started = time.perf_counter()
+        info = self.store.collection(self.project)
+        if info is None or not info.published_version:
+            return {"project": self.project, "skipped": "never pushed: run preannotate first"}
+        changed = self.store.take_label_changes(self.project)
+        if len(changed) >= MAX_REFRESH_CHANGES:
+            return {"project": self.project, "full_push": True, **self.push()}
+        model = SimilarityModel(self.services, self.project)
+        affected = self.affected_by(changed, info.vote_radius_min)
+        updated = created = deleted = 0
+        radii: list[float] = []
+        vectors = self.store.vectors(self.project, list(affected))
+        states: dict[TaskId, dict[str, object]] = {}
+        for task, vector in vectors.items():
+            suggestion = model.suggest(vector, exclude=[task])
+            radius = vote_radius(suggestion, self.top_k)
+            states[task], radii = {"vote_radius": radius}, [*radii, radius]
+            prediction = model.prediction(suggestion, info.published_version)
+            ours = [
+                p
+                for p in self.client.predictions(int(task))
+                if p.get("model_version") == info.published_version
+            ]
+            if not prediction["result"]:
+                for old in ours:
+                    self.client.delete_prediction(old["id"])
+                    deleted += 1
+            elif not ours:
+                self._write([{"task": task, **prediction}], info.published_version)
+                created += 1
+            elif ours[0].get("result") != prediction["result"]:
+                self.client.update_prediction(
+                    ours[0]["id"], prediction["result"], prediction["score"]
+                )
+                updated += 1
+        self.store.set_vote_state(self.project, states)
+        if radii and min(radii) < info.vote_radius_min:
+            self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
+        return {
+            "project": self.project,
+            "label_changes": len(changed),
+            "affected": len(affected),
+            "updated": updated,
+            "created": created,
+            "deleted": deleted,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def affected_by(self, changed: Iterable[TaskId], radius_min: float) -> set[TaskId]:
+        """Unlabelled tasks whose top-k one of these (newly labelled) tasks can enter."""
+        affected: set[TaskId] = set()
+        for task, vector in self.store.vectors(self.project, list(changed)).items():
+            limit = 1024
+            while True:
+                near = self.store.unlabelled_near(self.project, vector, radius_min, limit)
+                affected.update(
+                    t
+                    for t, similarity, payload in near
+                    if t != task and similarity >= float(payload.get("vote_radius", -1.0))  # type: ignore[arg-type]
+                )
+                if len(near) < limit:
+                    break
+                limit *= 4
+        return affected
+
+
+def _latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The task's newest annotation that is not a skip, or None when it has none."""
+    annotations = [
+        a
+        for a in task.get("annotations") or []
+        if isinstance(a, Mapping) and not a.get("was_cancelled")
+    ]
+    if not annotations:
+        return None
+    return max(annotations, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""))
+
+
+def _annotation_source(annotation: Mapping[str, Any]) -> Annotation:
+    return Annotation(
+        id=annotation.get("id"),
+        updated_at=annotation.get("updated_at") or annotation.get("created_at"),
+    )
+
+
+def _has_version(task: Mapping[str, Any], version: str) -> bool:
+    return any(
+        isinstance(p, Mapping) and p.get("model_version") == version
+        for p in task.get("predictions") or []
+    )
+
+
+# -- job functions (RQ queue `preannotate`, or a thread of the backend without Redis) --------
+
+
+def preannotate_project(
+    project: int, on_progress: Callable[[PushProgress], None] | None = None
+) -> dict[str, Any]:
+    """Push predictions for every unlabelled task of a Label Studio project."""
+    with _annotator(project, on_progress) as annotator:
+        return annotator.push()
+
+
+def refresh_project(
+    project: int, on_progress: Callable[[PushProgress], None] | None = None
+) -> dict[str, Any]:
+    """Update the pushed predictions that the label changes since the last refresh affect."""
+    with _annotator(project, on_progress) as annotator:
+        return annotator.refresh()
+
+
+@contextmanager
+def _annotator(
+    project: int, on_progress: Callable[[PushProgress], None] | None
+) -> Iterator[PreAnnotator]:
+    ctx = context.current()
+    job = get_current_job()
+
+    def report(progress: PushProgress) -> None:
+        if on_progress is not None:
+            on_progress(progress)
+        if job is not None:
+            job.meta["progress"] = progress.as_meta()
+            job.save_meta()
+
+    client = LabelStudioClient(ctx.settings)
+    try:
+        yield PreAnnotator(Services.from_job_context(ctx), client, int(project), report)
+    except LabelStudioUnavailable as exc:
+        raise TransientJobError(str(exc)) from None
+    finally:
+        client.close()
