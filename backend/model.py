@@ -8,6 +8,7 @@ fetcher and the remembered label schemas.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from vectorstore import (
 from workers.context import JobContext, open_configured_store
 from workers.embedding import Embedder, EmbedReport, TaskImage
 
+from .backlog import Backlog
 from .dispatch import EmbedDispatcher
 from .label_config import LabelSchema, TaskError
 from .projects import ProjectRegistry, project_id
@@ -48,6 +50,14 @@ class Services:
     fetcher: ImageFetcher
     projects: ProjectRegistry
     dispatcher: EmbedDispatcher | None = None  # set when REDIS_URL is: workers embed
+    # Without workers: what a /predict had no time to embed is embedded after the reply.
+    backlog: Backlog | None = None
+
+    def __post_init__(self) -> None:
+        if self.backlog is None and self.dispatcher is None:
+            self.backlog = Backlog(
+                lambda project, items: SimilarityModel(self, project).embed(items)
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -245,12 +255,27 @@ class SimilarityModel:
                 if wait_s <= 0:
                     return EmbedReport(pending={i.task for i in items})
                 return dispatcher.wait(jobs, wait_s)
+        backlog = self.services.backlog
+        if wait_s <= 0 or backlog is None:
+            return EmbedReport(failures=self._embed_inline(name, items))
+        # Inline within the wait; the rest after the reply (Label Studio asks again).
+        deadline = time.monotonic() + wait_s
+        report, rest = EmbedReport(), list(items)
+        while rest and time.monotonic() < deadline:
+            chunk, rest = rest[: self.settings.batch_size], rest[self.settings.batch_size :]
+            report.failures.update(self._embed_inline(name, chunk))
+        if rest:
+            backlog.submit(self.project, rest)
+            report.pending = {i.task for i in rest}
+        return report
+
+    def _embed_inline(self, name: str, items: Sequence[TaskImage]) -> dict[TaskId, ImageError]:
         encoder = self.services.embedder.encoder(name)
         result = self.services.embedder.embed_tasks(name, items, self.services.fetcher.load)
         if result.points:
             self.store.ensure_collection(self.project, name, encoder.dim, encoder.weights_id)
             self.store.upsert(self.project, name, result.points)
-        return EmbedReport(failures=result.failures)
+        return result.failures
 
     # -- learn from annotations --------------------------------------------------------------
 

@@ -100,14 +100,14 @@ class PreAnnotator:
         client: LabelStudioClient,
         project: int,
         on_progress: Callable[[PushProgress], None] | None = None,
-        batch_size: int = PUSH_BATCH,
+        batch_size: int | None = None,
     ) -> None:
         self.services = services
         self.client = client
         self.project = project
         self.store = services.store
         self.on_progress = on_progress or (lambda _: None)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or PUSH_BATCH
         self.top_k = services.settings.top_k
 
     # -- push -----------------------------------------------------------------------------

@@ -50,6 +50,17 @@ class EmbedReport:
     pending: set[TaskId] = field(default_factory=set)
 
 
+@dataclass
+class _Request:
+    """One caller's images waiting for a forward pass."""
+
+    encoder: str
+    images: list[Image.Image]
+    done: bool = False
+    vectors: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class Embedder:
     """Keeps loaded encoders for the life of the process and serialises inference."""
 
@@ -60,7 +71,11 @@ class Embedder:
         self._encoders: dict[str, Encoder] = {}
         self._load_lock = threading.Lock()
         self._inference_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._waiting: list[_Request] = []
         self.loads = 0  # how many times an encoder was loaded (workers prove "once" with it)
+        self.inferences = 0  # forward passes run, and requests they served (merged batches)
+        self.merged_requests = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
@@ -84,9 +99,55 @@ class Embedder:
             return self._encoders[name]
 
     def embed_images(self, encoder_name: str, images: Sequence[Image.Image]) -> np.ndarray:
+        """Vectors of these images; concurrent callers are merged into shared batches.
+
+        One inference runs at a time. Whoever holds the inference lock embeds every waiting
+        request of the same encoder (up to a batch) in one forward pass, so eight threads
+        asking for one image each cost one batch of eight, not eight passes fighting for two
+        cores.
+        """
         encoder = self.encoder(encoder_name)
+        request = _Request(encoder_name, list(images))
+        with self._queue_lock:
+            self._waiting.append(request)
         with self._inference_lock:
-            return encoder.embed(images)
+            while not request.done:
+                self._infer(encoder, self._take(encoder_name))
+        if request.error is not None:
+            raise request.error
+        assert request.vectors is not None
+        return request.vectors
+
+    def _take(self, encoder_name: str) -> list[_Request]:
+        """Waiting requests of this encoder, oldest first, up to a batch (at least one)."""
+        taken: list[_Request] = []
+        size = 0
+        with self._queue_lock:
+            for request in list(self._waiting):
+                if request.encoder != encoder_name:
+                    continue
+                if taken and size + len(request.images) > self.batch_size:
+                    break
+                taken.append(request)
+                size += len(request.images)
+                self._waiting.remove(request)
+        return taken
+
+    def _infer(self, encoder: Encoder, requests: list[_Request]) -> None:
+        images = [image for request in requests for image in request.images]
+        try:
+            vectors = encoder.embed(images) if images else np.empty((0, encoder.dim))
+        except Exception as exc:  # every merged caller gets the failure, not a hang
+            for request in requests:
+                request.error, request.done = exc, True
+            return
+        self.inferences += 1
+        self.merged_requests += len(requests)
+        start = 0
+        for request in requests:
+            request.vectors = vectors[start : start + len(request.images)]
+            request.done = True
+            start += len(request.images)
 
     def embed_tasks(
         self, encoder_name: str, tasks: Sequence[TaskImage], load_image: ImageLoader
