@@ -1,4 +1,5 @@
-"""A fake Label Studio for image-fetching tests: tokens, redirects, oversize and bad bodies.
+"""Fake Label Studios: an HTTP one for image fetching (tokens, redirects, oversize and bad
+bodies), and an in-memory API for the prediction push.
 
 Serves `PNG` under /data/upload/ to the legacy token `KEY` only, and one path per failure mode
 (see `Handler.do_GET`). Records (host, path, Authorization) of every request in `seen`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
+
+from echolabel.labelstudio import LabelStudioUnavailable
 
 KEY = "0123456789abcdef0123456789abcdef01234567"
 MAX_BYTES = 100_000
@@ -103,3 +107,70 @@ def running() -> Iterator[FakeLabelStudio]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FakeLabelStudioAPI:
+    """The Label Studio API calls the push makes, in memory (tests, bench/preannotate.py).
+
+    `fail_imports_after` makes imports fail as a 500 would after that many.
+    """
+
+    def __init__(
+        self, tasks: list[dict], label_config: str, fail_imports_after: int | None = None
+    ) -> None:
+        self.tasks_by_id = {t["id"]: t for t in tasks}
+        self.config = label_config
+        self.predictions_by_id: dict[int, dict] = {}
+        self.ids = itertools.count(1)
+        self.imports = 0
+        self.fail_imports_after = fail_imports_after
+        self.model_version = "echolabel"
+
+    def label_config(self, project):
+        return self.config
+
+    def tasks(self, project, full=False):
+        for task in self.tasks_by_id.values():
+            yield {**task, "predictions": self.predictions(task["id"])}
+
+    def import_predictions(self, project, predictions):
+        if self.fail_imports_after is not None and self.imports >= self.fail_imports_after:
+            raise LabelStudioUnavailable("Label Studio answered 500 for POST import/predictions")
+        self.imports += 1
+        for prediction in predictions:
+            pid = next(self.ids)
+            self.predictions_by_id[pid] = {"id": pid, **prediction}
+        return len(predictions)
+
+    def predictions(self, task):
+        return [p for p in self.predictions_by_id.values() if p["task"] == task]
+
+    def update_prediction(self, prediction, result, score):
+        self.predictions_by_id[prediction] |= {"result": result, "score": score}
+
+    def delete_prediction(self, prediction):
+        del self.predictions_by_id[prediction]
+
+    def model_versions(self, project):
+        versions: dict[str, int] = {}
+        for p in self.predictions_by_id.values():
+            versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
+        return versions
+
+    def delete_model_version(self, project, version):
+        doomed = [i for i, p in self.predictions_by_id.items() if p["model_version"] == version]
+        for i in doomed:
+            del self.predictions_by_id[i]
+        return len(doomed)
+
+    def project(self, project):
+        return {"id": project, "model_version": self.model_version}
+
+    def backends(self, project):
+        return [{"title": "echolabel"}]
+
+    def set_model_version(self, project, version):
+        self.model_version = version
+
+    def close(self):
+        pass

@@ -4,7 +4,6 @@ tests/test_labelstudio_e2e.py), so failures can be injected exactly where they h
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import pytest
 from rq import SimpleWorker
@@ -14,75 +13,14 @@ from rq.registry import FailedJobRegistry
 import backend.preannotate as preannotate
 from backend.model import Services, SimilarityModel
 from backend.preannotate import PreAnnotator
-from echolabel.labelstudio import LabelStudioUnavailable
 from tests.conftest import REDIS_URL, choices_result, dark_and_bright
+from tests.fake_label_studio import FakeLabelStudioAPI
 from workers import context
 from workers.queues import PREANNOTATE, connect, queue
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
 </View>"""
-
-
-class FakeLabelStudioAPI:
-    """The calls the push makes, in memory; `fail_imports_after` breaks it like a 500 would."""
-
-    def __init__(self, tasks: list[dict], fail_imports_after: int | None = None) -> None:
-        self.tasks_by_id = {t["id"]: t for t in tasks}
-        self.predictions_by_id: dict[int, dict] = {}
-        self.ids = itertools.count(1)
-        self.imports = 0
-        self.fail_imports_after = fail_imports_after
-        self.model_version = "echolabel"
-
-    def label_config(self, project):
-        return CONFIG
-
-    def tasks(self, project, full=False):
-        for task in self.tasks_by_id.values():
-            yield {**task, "predictions": self.predictions(task["id"])}
-
-    def import_predictions(self, project, predictions):
-        if self.fail_imports_after is not None and self.imports >= self.fail_imports_after:
-            raise LabelStudioUnavailable("Label Studio answered 500 for POST import/predictions")
-        self.imports += 1
-        for prediction in predictions:
-            pid = next(self.ids)
-            self.predictions_by_id[pid] = {"id": pid, **prediction}
-        return len(predictions)
-
-    def predictions(self, task):
-        return [p for p in self.predictions_by_id.values() if p["task"] == task]
-
-    def update_prediction(self, prediction, result, score):
-        self.predictions_by_id[prediction] |= {"result": result, "score": score}
-
-    def delete_prediction(self, prediction):
-        del self.predictions_by_id[prediction]
-
-    def model_versions(self, project):
-        versions: dict[str, int] = {}
-        for p in self.predictions_by_id.values():
-            versions[p["model_version"]] = versions.get(p["model_version"], 0) + 1
-        return versions
-
-    def delete_model_version(self, project, version):
-        doomed = [i for i, p in self.predictions_by_id.items() if p["model_version"] == version]
-        for i in doomed:
-            del self.predictions_by_id[i]
-        return len(doomed)
-
-    def project(self, project):
-        return {"id": project, "model_version": self.model_version}
-
-    def backends(self, project):
-        return [{"title": "echolabel"}]
-
-    def set_model_version(self, project, version):
-        self.model_version = version
-
-    def close(self):
-        pass
 
 
 @pytest.fixture
@@ -112,7 +50,7 @@ def services(settings):
 def test_push_embeds_labelled_tasks_votes_the_rest_and_publishes_one_version(
     services, project_tasks
 ):
-    api = FakeLabelStudioAPI(project_tasks)
+    api = FakeLabelStudioAPI(project_tasks, CONFIG)
     result = PreAnnotator(services, api, 1, batch_size=4).push()
     unlabelled = [t["id"] for t in project_tasks if not t["annotations"]]
     assert result["pushed"] + result["abstained"] == len(unlabelled) == 10
@@ -132,7 +70,7 @@ def test_push_embeds_labelled_tasks_votes_the_rest_and_publishes_one_version(
 def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_nothing(
     settings, project_tasks, redis_db, monkeypatch
 ):
-    api = FakeLabelStudioAPI(project_tasks, fail_imports_after=1)
+    api = FakeLabelStudioAPI(project_tasks, CONFIG, fail_imports_after=1)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     monkeypatch.setattr(preannotate, "PUSH_BATCH", 4)
     monkeypatch.setattr(preannotate, "WRITE_RETRY_DELAYS_S", (0.0, 0.0))
