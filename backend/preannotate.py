@@ -12,10 +12,12 @@ project's model_version (what annotators are shown) is set to it. A refresh re-v
 unlabelled tasks whose top-k a newly labelled task can enter and updates those predictions in
 place, keeping the version, so the project keeps one current prediction per task.
 
-Affected tasks. Each pushed task keeps its vote radius (the k-th labelled neighbour's
-similarity) in its payload, and the collection a lower bound of all radii. A new label at x can
-change the vote of u only if sim(u, x) >= radius(u): the store's unlabelled points within the
-lower bound of x are the candidates, the per-task radius decides.
+Affected tasks. A label added, changed or removed at x changes the vote of an unlabelled task u
+only if x is (or was) among u's top k, i.e. sim(u, x) >= r(u), the similarity of u's k-th
+labelled neighbour now. The collection keeps a lower bound of every pushed task's r: the store's
+unlabelled points at least that similar to x are the candidates, and one exact top-k search per
+candidate (the same search that re-votes it) decides. Nothing is written per task but the
+predictions that change.
 
 Resuming. The push reads which tasks already hold a prediction of the target version from Label
 Studio itself before writing, so a killed push continues where it stopped without duplicates.
@@ -141,9 +143,8 @@ class PreAnnotator:
             len(current),
         )
         self.on_progress(progress)
-        # Tasks a killed push already wrote keep the radii it stored.
-        stored = self.store.points(self.project, [t["id"] for t in current], with_vectors=False)
-        radii = [float(p.extra.get("vote_radius", -1.0)) for p in stored.values()]  # type: ignore[arg-type]
+        # A killed push wrote these already: their radii still bound the refresh search.
+        radii = self._radii(model, [t["id"] for t in current])
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             radii += self._push_batch(model, batch, target, progress)
@@ -209,25 +210,31 @@ class PreAnnotator:
         target: str,
         progress: PushProgress,
     ) -> list[float]:
+        """Vote and write one batch; the vote radii of its tasks."""
         vectors = self.store.vectors(self.project, [t["id"] for t in batch])
         predictions: list[dict[str, Any]] = []
-        states: dict[TaskId, dict[str, object]] = {}
+        radii: list[float] = []
         for task in batch:
             vector = vectors.get(task["id"])
             if vector is None:
                 continue  # its image failed: listed in `failed`
             suggestion = model.suggest(vector, exclude=[task["id"]])
-            radius = vote_radius(suggestion, self.top_k)
+            radii.append(vote_radius(suggestion, self.top_k))
             prediction = model.prediction(suggestion, target)
-            states[task["id"]] = {"vote_radius": radius}
             if not prediction["result"]:
                 progress.abstained += 1
                 continue
             predictions.append({"task": task["id"], **prediction})
         self._write(predictions, target)
         progress.pushed += len(predictions)
-        self.store.set_vote_state(self.project, states)
-        return [float(s["vote_radius"]) for s in states.values()]  # type: ignore[arg-type]
+        return radii
+
+    def _radii(self, model: SimilarityModel, tasks: Sequence[TaskId]) -> list[float]:
+        vectors = self.store.vectors(self.project, list(tasks))
+        return [
+            vote_radius(model.suggest(vector, exclude=[task]), self.top_k)
+            for task, vector in vectors.items()
+        ]
 
     def _write(self, predictions: list[dict[str, Any]], target: str) -> None:
         """Import predictions, retrying with backoff; after a failed attempt, re-read which
@@ -287,15 +294,9 @@ class PreAnnotator:
         if len(changed) >= MAX_REFRESH_CHANGES:
             return {"project": self.project, "full_push": True, **self.push()}
         model = SimilarityModel(self.services, self.project)
-        affected = self.affected_by(changed, info.vote_radius_min)
+        revotes = self.affected_by(model, changed, info.vote_radius_min)
         updated = created = deleted = 0
-        radii: list[float] = []
-        vectors = self.store.vectors(self.project, list(affected))
-        states: dict[TaskId, dict[str, object]] = {}
-        for task, vector in vectors.items():
-            suggestion = model.suggest(vector, exclude=[task])
-            radius = vote_radius(suggestion, self.top_k)
-            states[task], radii = {"vote_radius": radius}, [*radii, radius]
+        for task, suggestion in revotes.items():
             prediction = model.prediction(suggestion, info.published_version)
             ours = [
                 p
@@ -314,35 +315,42 @@ class PreAnnotator:
                     ours[0]["id"], prediction["result"], prediction["score"]
                 )
                 updated += 1
-        self.store.set_vote_state(self.project, states)
+        radii = [vote_radius(s, self.top_k) for s in revotes.values()]
         if radii and min(radii) < info.vote_radius_min:
             self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
         return {
             "project": self.project,
             "label_changes": len(changed),
-            "affected": len(affected),
+            "affected": len(revotes),
             "updated": updated,
             "created": created,
             "deleted": deleted,
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    def affected_by(self, changed: Iterable[TaskId], radius_min: float) -> set[TaskId]:
-        """Unlabelled tasks whose top-k one of these (newly labelled) tasks can enter."""
-        affected: set[TaskId] = set()
+    def affected_by(
+        self, model: SimilarityModel, changed: Iterable[TaskId], radius_min: float
+    ) -> dict[TaskId, Suggestion]:
+        """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, with
+        their new votes."""
+        candidates: dict[TaskId, float] = {}  # task -> its highest similarity to a change
         for task, vector in self.store.vectors(self.project, list(changed)).items():
             limit = 1024
             while True:
                 near = self.store.unlabelled_near(self.project, vector, radius_min, limit)
-                affected.update(
-                    t
-                    for t, similarity, payload in near
-                    if t != task and similarity >= float(payload.get("vote_radius", -1.0))  # type: ignore[arg-type]
-                )
+                for other, similarity, _ in near:
+                    if other != task:
+                        candidates[other] = max(similarity, candidates.get(other, -1.0))
                 if len(near) < limit:
                     break
                 limit *= 4
-        return affected
+        revotes: dict[TaskId, Suggestion] = {}
+        vectors = self.store.vectors(self.project, list(candidates))
+        for task, vector in vectors.items():
+            suggestion = model.suggest(vector, exclude=[task])
+            if candidates[task] >= vote_radius(suggestion, self.top_k):
+                revotes[task] = suggestion
+        return revotes
 
 
 def _latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -205,25 +205,6 @@ class QdrantStore:
             self._client.update_collection(info.name, metadata={"label_changes": []})
             return list(info.label_changes)
 
-    def set_vote_state(self, project: int | str, states: dict[TaskId, dict[str, object]]) -> None:
-        """Per-task pre-annotation state in the payload (`vote_radius`, `pushed_version`)."""
-        with self._lock:
-            info = self.collection(project)
-            if info is None or not states:
-                return
-            self._client.batch_update_points(
-                info.name,
-                update_operations=[
-                    models.SetPayloadOperation(
-                        set_payload=models.SetPayload(
-                            payload=dict(state), points=[point_id(project, task)]
-                        )
-                    )
-                    for task, state in states.items()
-                ],
-                wait=True,
-            )
-
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
     ) -> list[tuple[TaskId, float, dict[str, object]]]:

@@ -1,0 +1,189 @@
+"""Pre-annotation cost: tasks/s pushed, and the refresh cost per new annotation, by size.
+
+What is timed is our side of the push (README "Pre-annotating whole projects"): voting every
+unlabelled task, finding the tasks new labels can affect, re-voting them. Vectors are synthetic
+(clustered, L2-normalised; embedding speed is bench/embedding.py's), the store is the embedded
+default's search path (qdrant-client local mode, in memory, and the exact in-memory index), and
+Label Studio is the in-memory API of tests/fake_label_studio.py (a real one adds its HTTP and
+database time per call: see the end-to-end test's printout).
+
+Usage (from the repository root): python -m bench.preannotate [--sizes 1000,15000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from qdrant_client import QdrantClient
+
+from backend.model import Services
+from backend.preannotate import PreAnnotator
+from backend.projects import ProjectRegistry
+from echolabel.images import ImageFetcher
+from echolabel.settings import Settings
+from tests.fake_label_studio import FakeLabelStudioAPI
+from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
+from workers.embedding import Embedder
+
+DIM = 384
+CLASSES = 8
+LABELLED_SHARE = 0.2
+NEW_LABELS = 10
+CONFIG = (
+    '<View><Image name="image" value="$image"/><Choices name="finding" toName="image">'
+    + "".join(f'<Choice value="c{c}"/>' for c in range(CLASSES))
+    + "</Choices></View>"
+)
+
+
+def clustered(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    centres = rng.normal(size=(CLASSES, DIM))
+    classes = rng.integers(0, CLASSES, size=n)
+    rows = centres[classes] + 1.2 * rng.normal(size=(n, DIM))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows.astype(np.float32), classes
+
+
+def result(label: int) -> list[dict]:
+    return [
+        {
+            "from_name": "finding",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": [f"c{label}"]},
+        }
+    ]
+
+
+def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    vectors, classes = clustered(n, rng)
+    labelled = rng.random(n) < LABELLED_SHARE
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(model_dir=Path(tmp), encoder="synthetic")
+        # qdrant-client's local mode in memory: the embedded store's search path without its
+        # per-point disk commit (~17 ms a point here), which would make loading 100k points
+        # take half an hour and is not what this measures.
+        store = ExactSearchStore(
+            QdrantStore(QdrantClient(":memory:"), local=True),
+            max_points=settings.exact_search_max_points,
+        )
+        services = Services(
+            settings=settings,
+            store=store,
+            embedder=Embedder.from_settings(settings),
+            fetcher=ImageFetcher(settings),
+            projects=ProjectRegistry(settings.projects_dir),
+        )
+        try:
+            store = services.store
+            store.ensure_collection(1, "synthetic", DIM, "none")
+            start = time.perf_counter()
+            points = [
+                Point(
+                    task=i,
+                    vector=vectors[i],
+                    image=f"/data/{i}.png",
+                    labels={"finding": f"c{classes[i]}"} if labelled[i] else {},
+                    annotation=Annotation(i, "2026-11-25T00:00:00Z")
+                    if labelled[i]
+                    else Annotation(),
+                )
+                for i in range(n)
+            ]
+            for chunk in range(0, n, 1000):
+                store.upsert(1, "synthetic", points[chunk : chunk + 1000])
+            load_s = time.perf_counter() - start
+            tasks = [
+                {
+                    "id": i,
+                    "data": {"image": f"/data/{i}.png"},
+                    "annotations": [{"id": i, "result": result(classes[i]), "updated_at": "2026"}]
+                    if labelled[i]
+                    else [],
+                }
+                for i in range(n)
+            ]
+            api = FakeLabelStudioAPI(tasks, CONFIG)
+            annotator = PreAnnotator(services, api, 1)
+            start = time.perf_counter()
+            pushed = annotator.push()
+            push_s = time.perf_counter() - start
+            unlabelled = [i for i in range(n) if not labelled[i]]
+            refresh_rows = []
+            for round_ in range(refreshes):
+                picks = rng.choice(unlabelled, size=NEW_LABELS, replace=False)
+                for task in picks:
+                    store.set_labels(
+                        1,
+                        int(task),
+                        {"finding": f"c{classes[task]}"},
+                        Annotation(f"new-{round_}-{task}", "2026-11-26T00:00:00Z"),
+                    )
+                    unlabelled.remove(int(task))
+                store.note_label_changes(1, [int(t) for t in picks])
+                start = time.perf_counter()
+                refreshed = annotator.refresh()
+                refresh_rows.append((time.perf_counter() - start, refreshed))
+        finally:
+            services.close()
+    times = [t for t, _ in refresh_rows]
+    affected = [r["affected"] for _, r in refresh_rows]
+    return {
+        "tasks": n,
+        "labelled": int(labelled.sum()),
+        "load_s": round(load_s, 2),
+        "push_s": round(push_s, 2),
+        "pushed": pushed["pushed"],
+        "abstained": pushed["abstained"],
+        "push_tasks_per_s": round((n - int(labelled.sum())) / push_s, 1),
+        "refresh_new_labels": NEW_LABELS,
+        "refresh_s_median": round(statistics.median(times), 3),
+        "refresh_s_max": round(max(times), 3),
+        "refresh_ms_per_annotation": round(1000 * statistics.median(times) / NEW_LABELS, 1),
+        "affected_per_refresh_median": statistics.median(affected),
+        "revote_all_s_estimate": round(push_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,15000,100000")
+    parser.add_argument("--refreshes", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/preannotate.json"))
+    args = parser.parse_args()
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        row = run_size(size, args.refreshes)
+        rows.append(row)
+        print(
+            f"{row['tasks']:>7} tasks: push {row['push_s']:>7.2f} s "
+            f"({row['push_tasks_per_s']:>7.1f} tasks/s), refresh after {NEW_LABELS} labels "
+            f"{row['refresh_s_median']:.3f} s median ({row['refresh_ms_per_annotation']} ms per "
+            f"annotation, {row['affected_per_refresh_median']} tasks re-voted) vs re-voting "
+            f"everything {row['push_s']:.2f} s: "
+            f"{row['push_s'] / max(row['refresh_s_median'], 1e-9):.1f}x",
+            flush=True,
+        )
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
+        "cpus": __import__("os").cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "dim": DIM,
+        "labelled_share": LABELLED_SHARE,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
