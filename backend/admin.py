@@ -63,6 +63,7 @@ class Admin:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
+        self._timer_thread: threading.Thread | None = None
 
     def start_store_worker(self, every_s: float = 1.0) -> None:
         """With Redis and the embedded store, this process runs the store-writing jobs.
@@ -89,10 +90,30 @@ class Admin:
         self._worker_thread = threading.Thread(target=loop, name="reembed-worker", daemon=True)
         self._worker_thread.start()
 
+    def start_refresh_timer(self, every_s: float) -> None:
+        """Refresh pushed predictions of projects with label changes every `every_s` seconds
+        (besides the refresh every ECHOLABEL_REFRESH_AFTER changes)."""
+        if every_s <= 0 or self._timer_thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                for project in self.services.projects.known():
+                    try:
+                        info = self.services.store.collection(project)
+                        if info is not None and info.published_version and info.label_changes:
+                            self.start_refresh(project)
+                    except Exception as exc:  # one project's trouble must not stop the timer
+                        log.warning("refresh timer", extra={"project": project, "error": str(exc)})
+
+        self._timer_thread = threading.Thread(target=loop, name="refresh-timer", daemon=True)
+        self._timer_thread.start()
+
     def stop(self) -> None:
         self._stop.set()
-        if self._worker_thread is not None:
-            self._worker_thread.join(timeout=30)
+        for thread in (self._worker_thread, self._timer_thread):
+            if thread is not None:
+                thread.join(timeout=30)
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""

@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if built.dispatcher is not None:
             built.dispatcher.start_collector()
             admin.start_store_worker()
+        admin.start_refresh_timer(settings.refresh_interval_s)
         inbox = WebhookInbox(
             settings.model_dir / "webhooks",
             handle_webhook,

@@ -50,6 +50,7 @@ PUSH_BATCH = 200
 WRITE_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
 # More label changes than this since the last refresh: a full push is cheaper than the search.
 MAX_REFRESH_CHANGES = 2000
+SIMILARITY_EPS = 1e-5
 
 
 def push_version(info: CollectionInfo) -> str:
@@ -331,13 +332,15 @@ class PreAnnotator:
     def affected_by(
         self, model: SimilarityModel, changed: Iterable[TaskId], radius_min: float
     ) -> dict[TaskId, Suggestion]:
-        """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, with
-        their new votes."""
+        """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, and the
+        changed tasks that are unlabelled now, with their new votes."""
         candidates: dict[TaskId, float] = {}  # task -> its highest similarity to a change
         for task, vector in self.store.vectors(self.project, list(changed)).items():
             limit = 1024
             while True:
-                near = self.store.unlabelled_near(self.project, vector, radius_min, limit)
+                near = self.store.unlabelled_near(
+                    self.project, vector, radius_min - SIMILARITY_EPS, limit
+                )
                 for other, similarity, _ in near:
                     if other != task:
                         candidates[other] = max(similarity, candidates.get(other, -1.0))
@@ -345,10 +348,19 @@ class PreAnnotator:
                     break
                 limit *= 4
         revotes: dict[TaskId, Suggestion] = {}
+        changed_set = set(changed)
+        # A task whose labels were removed is unlabelled now: it needs a prediction itself.
+        for task, point in self.store.points(self.project, list(changed_set)).items():
+            if not point.labelled:
+                candidates[task] = 1.0
         vectors = self.store.vectors(self.project, list(candidates))
         for task, vector in vectors.items():
             suggestion = model.suggest(vector, exclude=[task])
-            if candidates[task] >= vote_radius(suggestion, self.top_k):
+            # A changed task among the neighbours, or one that left them (removed labels). The
+            # store and the exact index compute similarities in different float orders: the
+            # tolerance keeps a task sitting exactly at the k-th place from being missed.
+            entered = any(n.task in changed_set for n in suggestion.neighbours)
+            if entered or candidates[task] >= vote_radius(suggestion, self.top_k) - SIMILARITY_EPS:
                 revotes[task] = suggestion
         return revotes
 

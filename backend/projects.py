@@ -70,5 +70,11 @@ class ProjectRegistry:
             schema = self._schemas[str(project)] = LabelSchema.from_json(path.read_text())
             return schema
 
+    def known(self) -> list[int | str]:
+        """Every project a schema was remembered for."""
+        if not self._dir.exists():
+            return []
+        return [project_id(path.stem) for path in sorted(self._dir.glob("*.json"))]
+
     def _path(self, project: int | str) -> Path:
         return self._dir / f"{project}.json"

@@ -46,6 +46,7 @@ class Settings:
     job_retry_intervals: tuple[int, ...] = (5, 30, 120)
     job_timeout_s: int = 3600
     refresh_after: int = 10
+    refresh_interval_s: float = 300.0
     preannotate_on_import: bool = False
     log_level: str = "WARNING"
     log_json: bool = True
@@ -100,6 +101,9 @@ class Settings:
             job_retry_intervals=reader.intervals("ECHOLABEL_JOB_RETRY_INTERVALS", (5, 30, 120)),
             job_timeout_s=reader.integer("ECHOLABEL_JOB_TIMEOUT_S", cls.job_timeout_s, minimum=10),
             refresh_after=reader.integer("ECHOLABEL_REFRESH_AFTER", cls.refresh_after, minimum=0),
+            refresh_interval_s=float(
+                reader.integer("ECHOLABEL_REFRESH_INTERVAL_S", int(cls.refresh_interval_s), 0)
+            ),
             preannotate_on_import=reader.flag(
                 "ECHOLABEL_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import
             ),

@@ -4,7 +4,9 @@ tests/test_labelstudio_e2e.py), so failures can be injected exactly where they h
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import numpy as np
 import pytest
 from rq import SimpleWorker
 from rq.job import Job
@@ -106,3 +108,113 @@ def preannotate_retry():
     from rq import Retry
 
     return Retry(max=1, interval=0)
+
+
+def test_refresh_timer_refreshes_projects_with_pending_label_changes(
+    services, project_tasks, monkeypatch
+):
+    from backend.admin import Admin
+    from vectorstore import Annotation
+
+    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    PreAnnotator(services, api, 1).push()
+    unlabelled = next(t["id"] for t in project_tasks if not t["annotations"])
+    services.store.set_labels(1, unlabelled, {"organ": "dark"}, Annotation(999, "2027"))
+    services.store.note_label_changes(1, [unlabelled])
+    context.install(services.job_context())
+    admin = Admin(services)
+    try:
+        admin.start_refresh_timer(0.05)
+        deadline = time.monotonic() + 20
+        while admin.local_jobs.get("refresh-1") is None or (
+            admin.local_jobs["refresh-1"].status == "started"
+        ):
+            assert time.monotonic() < deadline, "the timer did not start a refresh"
+            time.sleep(0.05)
+        job = admin.local_jobs["refresh-1"]
+        assert job.status == "finished", job.error
+        assert job.result["label_changes"] == 1
+    finally:
+        admin.stop()
+        context.install(None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed):
+    """Labels added and removed in rounds; after each refresh, every unlabelled task's stored
+    prediction is exactly what voting it now gives (nothing missed, nothing stale)."""
+    from qdrant_client import QdrantClient
+
+    from backend.projects import ProjectRegistry
+    from bench.preannotate import CONFIG as BENCH_CONFIG
+    from bench.preannotate import DIM, clustered, result
+    from echolabel.images import ImageFetcher
+    from echolabel.settings import Settings
+    from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
+    from workers.embedding import Embedder
+
+    rng = np.random.default_rng(seed)
+    n = 500
+    vectors, classes = clustered(n, rng)
+    labelled = rng.random(n) < 0.2
+    settings = Settings(model_dir=tmp_path, encoder="synthetic")
+    store = ExactSearchStore(QdrantStore(QdrantClient(":memory:"), local=True), 100_000)
+    services = Services(
+        settings=settings,
+        store=store,
+        embedder=Embedder.from_settings(settings),
+        fetcher=ImageFetcher(settings),
+        projects=ProjectRegistry(settings.projects_dir),
+    )
+    store.ensure_collection(1, "synthetic", DIM, "none")
+    store.upsert(
+        1,
+        "synthetic",
+        [
+            Point(
+                task=i,
+                vector=vectors[i],
+                image=f"/d/{i}",
+                labels={"finding": f"c{classes[i]}"} if labelled[i] else {},
+                annotation=Annotation(i, "2026") if labelled[i] else Annotation(),
+            )
+            for i in range(n)
+        ],
+    )
+    tasks = [
+        {
+            "id": i,
+            "data": {"image": f"/d/{i}"},
+            "annotations": [{"id": i, "result": result(classes[i]), "updated_at": "2026"}]
+            if labelled[i]
+            else [],
+        }
+        for i in range(n)
+    ]
+    api = FakeLabelStudioAPI(tasks, BENCH_CONFIG)
+    annotator = PreAnnotator(services, api, 1)
+    version = annotator.push()["model_version"]
+    unlabelled = [i for i in range(n) if not labelled[i]]
+    still_labelled = [i for i in range(n) if labelled[i]]
+    model = SimilarityModel(services, 1)
+    for round_ in range(3):
+        added = [int(t) for t in rng.choice(unlabelled, 12, replace=False)]
+        for task in added:
+            store.set_labels(
+                1, task, {"finding": f"c{classes[task]}"}, Annotation(f"n{task}", "2027")
+            )
+            unlabelled.remove(task)
+        removed = still_labelled[round_ * 2 : round_ * 2 + 2]
+        for task in removed:
+            store.clear_labels(1, task)
+            unlabelled.append(task)
+        store.note_label_changes(1, added + removed)
+        refreshed = annotator.refresh()
+        assert refreshed["label_changes"] == len(added) + len(removed)
+        vectors_now = store.vectors(1, unlabelled)
+        for task in unlabelled:
+            fresh = model.prediction(model.suggest(vectors_now[task], exclude=[task]), version)
+            stored = [p["result"] for p in api.predictions(task)]
+            assert stored == ([fresh["result"]] if fresh["result"] else []), (round_, task)
+        assert refreshed["affected"] < len(unlabelled), "a refresh must not re-vote the world"

@@ -27,8 +27,13 @@ def test_values_are_parsed():
             "ECHOLABEL_LOG_JSON": "no",
             "QDRANT_SHARDS": "6",
             "QDRANT_REPLICATION_FACTOR": "2",
+            "ECHOLABEL_REFRESH_AFTER": "25",
+            "ECHOLABEL_REFRESH_INTERVAL_S": "0",
+            "ECHOLABEL_PREANNOTATE_ON_IMPORT": "true",
         }
     )
+    assert (settings.refresh_after, settings.refresh_interval_s) == (25, 0.0)
+    assert settings.preannotate_on_import
     assert (settings.qdrant_shards, settings.qdrant_replication_factor) == (6, 2)
     assert settings.label_studio_url == "http://ls:8080"
     assert settings.image_allowed_hosts == ("a.example.org", "b.example.org")
