@@ -28,6 +28,7 @@ from workers import context
 from workers.encoders import EncoderError
 
 from .admin import Admin
+from .doctor import Doctor
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
 from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, Services, SimilarityModel
@@ -174,6 +175,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 {"task": t, "error": e.reason, "detail": str(e)} for t, e in outcome.errors.items()
             ],
         }
+
+    @app.get("/doctor")
+    async def doctor(project: int | None = None, backend_url: str | None = None) -> dict:
+        """`echolabel doctor` run inside the backend: with its store and loaded encoder."""
+        services: Services = state["services"]
+        checker = Doctor(
+            settings,
+            store=lambda: services.store,
+            load_weights=lambda: services.embedder.encoder(settings.encoder),
+        )
+        checks = await run_in_threadpool(checker.run, project, backend_url)
+        return {"healthy": checker.healthy, "checks": [c.as_dict() for c in checks]}
 
     @app.get("/jobs")
     async def jobs() -> dict[str, Any]:

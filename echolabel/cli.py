@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default="http://127.0.0.1:9090", help="the backend's base URL")
     health.set_defaults(run=_health)
 
+    doctor = sub.add_parser(
+        "doctor", help="check the set-up step by step and say what to fix (exit 1 on a failure)"
+    )
+    doctor.add_argument("--project", type=int, help="also check this Label Studio project")
+    doctor.add_argument(
+        "--backend-url", help="the backend's URL as Label Studio knows it (webhook check)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.set_defaults(run=_doctor)
+
     connect = sub.add_parser(
         "connect",
         help="connect this backend to a Label Studio project (and let its webhook through "
@@ -213,6 +223,30 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(answer.text)
     return 0 if answer.status_code == 200 and answer.json().get("status") == "UP" else 1
+
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.doctor import Doctor
+    from workers.context import open_configured_store
+
+    opened: list[Any] = []
+
+    def store() -> Any:
+        if not opened:
+            opened.append(open_configured_store(settings))
+        return opened[0]
+
+    checker = Doctor(settings, store=store)
+    try:
+        checks = checker.run(args.project, args.backend_url)
+    finally:
+        for handle in opened:
+            handle.close()
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        print("\n".join(c.line() for c in checks))
+    return 0 if checker.healthy else 1
 
 
 def _connect(args: argparse.Namespace, settings: Settings) -> int:

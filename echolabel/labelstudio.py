@@ -38,10 +38,13 @@ class LabelStudioClient:
                 "Label Studio"
             )
         self.base_url = settings.label_studio_url
-        self._client = client or httpx.Client(
-            auth=LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key),
-            timeout=settings.fetch_timeout_s,
-        )
+        self._auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+        self._client = client or httpx.Client(auth=self._auth, timeout=settings.fetch_timeout_s)
+
+    @property
+    def token_kind(self) -> str:
+        """ "legacy" or "personal_access_token" (see echolabel.labelstudio_auth)."""
+        return self._auth.token_kind
 
     def close(self) -> None:
         self._client.close()
@@ -94,6 +97,10 @@ class LabelStudioClient:
 
     def _get(self, path: str, **params: object) -> Any:
         return self._request("GET", path, params=params)
+
+    def whoami(self) -> dict[str, Any]:
+        """The user our token belongs to (proves the token is accepted)."""
+        return dict(self._get("/api/current-user/whoami"))
 
     def label_config(self, project: int) -> str:
         return str(self._get(f"/api/projects/{project}/").get("label_config", ""))
