@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from rq import get_current_job
 
 from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
@@ -335,33 +336,50 @@ class PreAnnotator:
         """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, and the
         changed tasks that are unlabelled now, with their new votes."""
         candidates: dict[TaskId, float] = {}  # task -> its highest similarity to a change
+        candidate_vectors: dict[TaskId, np.ndarray] = {}
         for task, vector in self.store.vectors(self.project, list(changed)).items():
-            limit = 1024
+            limit = 4096
             while True:
                 near = self.store.unlabelled_near(
                     self.project, vector, radius_min - SIMILARITY_EPS, limit
                 )
-                for other, similarity, _ in near:
+                for other, similarity, other_vector in near:
                     if other != task:
                         candidates[other] = max(similarity, candidates.get(other, -1.0))
+                        candidate_vectors[other] = other_vector
                 if len(near) < limit:
                     break
                 limit *= 4
-        revotes: dict[TaskId, Suggestion] = {}
         changed_set = set(changed)
         # A task whose labels were removed is unlabelled now: it needs a prediction itself.
-        for task, point in self.store.points(self.project, list(changed_set)).items():
-            if not point.labelled:
-                candidates[task] = 1.0
-        vectors = self.store.vectors(self.project, list(candidates))
-        for task, vector in vectors.items():
-            suggestion = model.suggest(vector, exclude=[task])
-            # A changed task among the neighbours, or one that left them (removed labels). The
-            # store and the exact index compute similarities in different float orders: the
-            # tolerance keeps a task sitting exactly at the k-th place from being missed.
+        now_unlabelled = [
+            task
+            for task, point in self.store.points(self.project, list(changed_set)).items()
+            if not point.labelled
+        ]
+        tasks = list(candidate_vectors)
+        kth = (
+            self.store.kth_similarities(
+                self.project, np.stack([candidate_vectors[t] for t in tasks]), self.top_k
+            )
+            if tasks and hasattr(self.store, "kth_similarities")
+            else None
+        )
+        revotes: dict[TaskId, Suggestion] = {}
+        vectors = {**candidate_vectors, **self.store.vectors(self.project, now_unlabelled)}
+        for row, task in enumerate(tasks):
+            # The store and the exact index compute similarities in different float orders:
+            # the tolerance keeps a task sitting exactly at the k-th place from being missed.
+            if kth is not None and candidates[task] < kth[row] - SIMILARITY_EPS:
+                continue  # no change reaches its top k: its vote stands
+            suggestion = model.suggest(vectors[task], exclude=[task])
             entered = any(n.task in changed_set for n in suggestion.neighbours)
-            if entered or candidates[task] >= vote_radius(suggestion, self.top_k) - SIMILARITY_EPS:
+            radius = vote_radius(suggestion, self.top_k)
+            if entered or candidates[task] >= radius - SIMILARITY_EPS:
                 revotes[task] = suggestion
+        for task in now_unlabelled:
+            if task in vectors:
+                revotes[task] = model.suggest(vectors[task], exclude=[task])
         return revotes
 
 

@@ -40,6 +40,14 @@ class ExactIndex:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    def kth_similarities(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The k-th best cosine similarity of each query (one matmul); -1 with fewer rows."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.vectors.shape[1])
+        if len(self.vectors) < k or k <= 0:
+            return np.full(len(queries), -1.0, dtype=np.float32)
+        sims = queries @ self.vectors.T
+        return np.partition(sims, len(self.vectors) - k, axis=1)[:, len(self.vectors) - k]
+
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, cosine similarities) of the k nearest rows, best first."""
         k = min(k, len(self.vectors))
@@ -182,6 +190,27 @@ class ExactSearchStore:
             if len(out) == k:
                 break
         return out
+
+    def kth_similarities(
+        self, project: int | str, queries: np.ndarray, k: int
+    ) -> np.ndarray | None:
+        """Each query's k-th labelled neighbour's similarity, all in one matmul (queries that
+        are not labelled points themselves); None when the labelled set is not held here."""
+        with self._lock:
+            labelled = self._labelled_set(project)
+            if labelled is None:
+                return None
+            if labelled.index is None:
+                matrix = (
+                    np.stack([labelled.points[t].vector for t in labelled.tasks])
+                    if labelled.tasks
+                    else np.empty((0, 0), dtype=np.float32)
+                )
+                labelled.index = ExactIndex(matrix, self.method)
+            index = labelled.index
+        if len(index) == 0:
+            return np.full(len(queries), -1.0, dtype=np.float32)
+        return index.kth_similarities(queries, k)
 
     def _labelled_set(self, project: int | str) -> _LabelledSet | None:
         """The cached labelled set, loading it once; None when too big to serve exactly."""

@@ -207,8 +207,9 @@ class QdrantStore:
 
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[tuple[TaskId, float, dict[str, object]]]:
-        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first."""
+    ) -> list[tuple[TaskId, float, np.ndarray]]:
+        """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
+        similar first."""
         with self._lock:
             info = self.collection(project)
             if info is None:
@@ -219,10 +220,15 @@ class QdrantStore:
                 query_filter=models.Filter(must=[_labelled(False)]),
                 limit=limit,
                 score_threshold=min_similarity,
-                with_payload=True,
+                with_payload=["task"],
+                with_vectors=True,
             )
         return [
-            ((p.payload or {})["task"], float(p.score), dict(p.payload or {}))
+            (
+                (p.payload or {})["task"],
+                float(p.score),
+                np.asarray(p.vector, dtype=np.float32),
+            )
             for p in result.points
         ]
 
