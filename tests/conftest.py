@@ -228,3 +228,17 @@ def label_studio(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio_pat(label_studio) -> str:
+    """The admin's personal access token (Label Studio 1.23 allows one valid token a user)."""
+    from echolabel.labelstudio import LabelStudioClient
+
+    admin = LabelStudioClient(
+        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    )
+    try:
+        return admin.create_personal_access_token()
+    finally:
+        admin.close()

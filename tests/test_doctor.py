@@ -28,12 +28,11 @@ def doctor(monkeypatch, capsys, env: dict[str, str], *args: str) -> tuple[int, s
 
 
 def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
-    label_studio, tmp_path, monkeypatch, capsys
+    label_studio, label_studio_pat, tmp_path, monkeypatch, capsys
 ):
     admin = LabelStudioClient(
         Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     )
-    personal_token = admin.create_personal_access_token()
     rows = busi_rows()[::130]  # six images, all three findings
     settings = Settings(
         model_dir=tmp_path / "model",
@@ -73,7 +72,7 @@ def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
 
         # Healthy from the CLI with a personal access token (the store is the backend's).
         code, out = doctor(
-            monkeypatch, capsys, env | {"LABEL_STUDIO_API_KEY": personal_token}, *checks
+            monkeypatch, capsys, env | {"LABEL_STUDIO_API_KEY": label_studio_pat}, *checks
         )
         assert code == 0, out
         assert "personal access token" in out and "✗" not in out

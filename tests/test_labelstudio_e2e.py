@@ -92,19 +92,20 @@ def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> 
     return {"project": project} | dict(zip(names, ids, strict=True))
 
 
-def test_suggestions_reach_annotators_through_a_real_label_studio(label_studio, tmp_path):
+def test_suggestions_reach_annotators_through_a_real_label_studio(
+    label_studio, label_studio_pat, tmp_path
+):
     """Personal access token (the 1.23 default) for images; BUSI train share annotated."""
     admin = LabelStudioClient(
         Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     )
-    personal_token = admin.create_personal_access_token()
     rows = busi_rows()
     annotated = stratified_sample([r for r in rows if r["split"] == "train"], 0.5, seed=7)
     unlabelled = [r for r in rows if r["split"] == "test"]
     settings = Settings(
         model_dir=tmp_path / "model",
         label_studio_url=label_studio.url,
-        label_studio_api_key=personal_token,
+        label_studio_api_key=label_studio_pat,
         basic_auth_user=BASIC_AUTH[0],
         basic_auth_pass=BASIC_AUTH[1],
     )
@@ -213,6 +214,8 @@ def finding_accuracy(admin, rows_by_task: dict[int, dict], version: str) -> tupl
     for task, row in rows_by_task.items():
         for prediction in admin.predictions(task):
             assert prediction["model_version"] == version
+            names = {(r["from_name"], r["to_name"]) for r in prediction["result"]}
+            assert names <= {("organ", "image"), ("finding", "image")} and names
             finding = [r for r in prediction["result"] if r["from_name"] == "finding"]
             if finding:
                 voted += 1
@@ -232,7 +235,9 @@ def wait_for_job(app, job_id: str, timeout: float = 600) -> dict:
     raise AssertionError(f"{job_id} did not finish")
 
 
-def test_preannotate_push_resume_and_refresh_against_real_label_studio(label_studio, tmp_path):
+def test_preannotate_push_resume_and_refresh_against_real_label_studio(
+    label_studio, label_studio_pat, tmp_path
+):
     admin = LabelStudioClient(
         Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     )
@@ -244,7 +249,7 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(label_stu
     settings = Settings(
         model_dir=tmp_path / "model",
         label_studio_url=label_studio.url,
-        label_studio_api_key=admin.create_personal_access_token(),
+        label_studio_api_key=label_studio_pat,
         basic_auth_user=BASIC_AUTH[0],
         basic_auth_pass=BASIC_AUTH[1],
         refresh_after=len(later),
