@@ -199,6 +199,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         admin: Admin = state["admin"]
         return await run_in_threadpool(admin.start_evaluation, project_id(project))
 
+    @app.post("/projects/{project}/preannotate")
+    async def preannotate(project: int, refresh: bool = False) -> dict[str, Any]:
+        """Start pushing predictions into Label Studio (or refreshing them); see GET /jobs."""
+        admin: Admin = state["admin"]
+        start = admin.start_refresh if refresh else admin.start_preannotate
+        return await run_in_threadpool(start, project)
+
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
         """Label Studio's "Start Training" (without its START_TRAINING webhook flag)."""

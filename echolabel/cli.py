@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -79,6 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--url", default="http://127.0.0.1:9090", help="the backend's base URL")
     health.set_defaults(run=_health)
+
+    demo = sub.add_parser(
+        "demo", help="a real Label Studio with this backend connected, on a folder of images"
+    )
+    demo.add_argument("--images", type=Path, required=True, help="folder of images (read only)")
+    demo.add_argument("--labels", type=Path, help="CSV with an `image` column and label fields")
+    demo.add_argument("--field", action="append", default=[], help="a label column (repeat)")
+    demo.add_argument(
+        "--annotate", type=float, default=0.2, help="share of tasks annotated from the CSV"
+    )
+    demo.add_argument(
+        "--home",
+        type=Path,
+        default=Path("~/.cache/echolabel/demo").expanduser(),
+        help="where Label Studio's venv and the demo's data live",
+    )
+    demo.add_argument("--port", type=int, help="Label Studio's port (default: a free one)")
+    demo.add_argument(
+        "--exit-after-setup", action="store_true", help="stop everything once set up (tests)"
+    )
+    demo.set_defaults(run=_demo)
 
     doctor = sub.add_parser(
         "doctor", help="check the set-up step by step and say what to fix (exit 1 on a failure)"
@@ -223,6 +245,43 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(answer.text)
     return 0 if answer.status_code == 200 and answer.json().get("status") == "UP" else 1
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from echolabel.demo import USER, running_demo
+
+    if args.labels and not args.field:
+        raise ValueError("with --labels, name the label columns to use with --field")
+    if not args.labels:
+        args.annotate = 0.0
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    with running_demo(
+        args.images,
+        args.labels,
+        args.field,
+        home=args.home,
+        annotate=args.annotate,
+        port=args.port,
+        say=say,
+    ) as demo:
+        print(
+            f"\nOpen {demo.url}\n  user {USER}\n  password {demo.password}\n"
+            f"{demo.tasks} tasks, {demo.annotated} annotated from the CSV"
+            + (", the others pre-annotated" if demo.annotated else "")
+            + f"; backend {demo.backend_url}\n",
+            flush=True,
+        )
+        if args.exit_after_setup:
+            return 0
+        say("running until Ctrl-C")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            say("stopping Label Studio and the backend")
+    return 0
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:

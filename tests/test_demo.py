@@ -1,0 +1,79 @@
+"""`echolabel demo` on a copy of part of BUSI: a real Label Studio whose unannotated tasks carry
+our predictions; afterwards every process it started is gone and the folder is unchanged."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+
+import pytest
+
+from echolabel.demo import running_demo
+from echolabel.labelstudio import LabelStudioClient
+from echolabel.settings import Settings
+from tests.conftest import LABEL_STUDIO_HOME, SHARED_DATA
+
+BUSI = SHARED_DATA / "busi"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.labelstudio,
+    pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
+]
+
+
+def checksums(folder) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_demo_sets_up_label_studio_with_predictions_and_leaves_nothing_behind(tmp_path):
+    folder = tmp_path / "busi-subset"
+    (folder / "images").mkdir(parents=True)
+    with open(BUSI / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[::13]  # 60 images, all three findings
+    for row in rows:
+        shutil.copyfile(BUSI / row["image"], folder / row["image"])
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "finding"])
+        writer.writeheader()
+        writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
+    before = checksums(folder)
+
+    with running_demo(
+        folder,
+        folder / "labels.csv",
+        ["finding"],
+        home=LABEL_STUDIO_HOME,
+        annotate=0.5,
+        say=lambda _: None,
+    ) as demo:
+        pids = [demo.label_studio._process.pid, demo.backend_process.pid]
+        client = LabelStudioClient(
+            Settings(label_studio_url=demo.label_studio.url, label_studio_api_key=demo.token)
+        )
+        tasks = list(client.tasks(demo.project, full=True))
+        unannotated = [t for t in tasks if not t["annotations"]]
+        predicted = [t for t in unannotated if t["predictions"]]
+        assert len(tasks) == len(rows) and demo.annotated == len(tasks) - len(unannotated)
+        # The others abstained (too few or too split neighbours): no prediction by design.
+        assert len(predicted) >= len(unannotated) / 2
+        for task in predicted:
+            (prediction,) = task["predictions"]
+            assert prediction["result"][0]["from_name"] == "finding"
+        client.close()
+    assert not any(alive(pid) for pid in pids), "every process the demo started is gone"
+    assert checksums(folder) == before, "the demo never writes inside the images folder"
