@@ -1,0 +1,117 @@
+"""The README's screenshots, taken from a real Label Studio set up by `echolabel demo`, in
+Debian's headless Chromium; each page is checked for what it must show.
+
+Written to a temp folder; with ECHOLABEL_UPDATE_SCREENSHOTS=1 to docs/screenshots/ (committed,
+each at most 200 KB).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from echolabel.demo import USER, running_demo
+from echolabel.labelstudio import LabelStudioClient
+from echolabel.settings import Settings
+from tests.conftest import LABEL_STUDIO_HOME, ROOT, SHARED_DATA
+
+BUSI = SHARED_DATA / "busi"
+CHROMIUM = "/usr/bin/chromium"
+MAX_BYTES = 200_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.labelstudio,
+    pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+]
+
+
+def busi_subset(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    with open(BUSI / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[::13]
+    for row in rows:
+        shutil.copyfile(BUSI / row["image"], folder / row["image"])
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "finding"])
+        writer.writeheader()
+        writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
+    return folder
+
+
+def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = (
+        ROOT / "docs" / "screenshots"
+        if os.environ.get("ECHOLABEL_UPDATE_SCREENSHOTS") == "1"
+        else tmp_path / "shots"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    folder = busi_subset(tmp_path / "busi-subset")
+    with running_demo(
+        folder,
+        folder / "labels.csv",
+        ["finding"],
+        home=LABEL_STUDIO_HOME,
+        annotate=0.5,
+        say=lambda _: None,
+    ) as demo:
+        client = LabelStudioClient(
+            Settings(label_studio_url=demo.label_studio.url, label_studio_api_key=demo.token)
+        )
+        tasks = list(client.tasks(demo.project, full=True))
+        client.close()
+        task = next(t for t in tasks if t["predictions"] and not t["annotations"])
+        (prediction,) = task["predictions"]
+        (choice,) = prediction["result"]
+        label = choice["value"]["choices"][0]
+        base = demo.label_studio.url
+        predicted = sum(1 for t in tasks if t["predictions"])
+        score = f"{round(prediction['score'] * 100, 2):g}%"  # how the prediction's tab shows it
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            page.goto(f"{base}/user/login/")
+            page.fill("input[name=email]", USER)
+            page.fill("input[name=password]", demo.password)
+            page.click("button[type=submit]")
+            page.wait_for_load_state("networkidle")
+
+            page.goto(f"{base}/projects/")
+            page.wait_for_selector(f"text=echolabel demo: {folder.name}")
+            shoot(page, out / "demo-projects.jpg")
+            projects_text = page.inner_text("body")
+
+            page.goto(demo.url)
+            page.wait_for_selector(f"text=Predictions: {predicted}")
+            page.wait_for_load_state("networkidle")
+            shoot(page, out / "data-manager.jpg")
+            manager_text = page.inner_text("body")
+
+            page.goto(f"{base}/projects/{demo.project}/data?task={task['id']}")
+            page.wait_for_selector(f"text={score}")
+            page.wait_for_load_state("networkidle")
+            checked = page.is_checked(f"label:has-text('{label}') input[type=checkbox]")
+            shoot(page, out / "task-with-suggestion.jpg")
+            task_text = page.inner_text("body")
+            browser.close()
+
+    assert f"echolabel demo: {folder.name}" in projects_text
+    assert f"Predictions: {predicted}" in manager_text and predicted > 0
+    assert checked, f"our suggestion {label!r} is selected on the task"
+    assert score in task_text, (score, task_text)
+    assert re.search(r"echolabe.*g\d+-s\d+", task_text), "our model version names the tab"
+    for shot in out.glob("*.jpg"):
+        assert shot.stat().st_size <= MAX_BYTES, shot
+
+
+def shoot(page, path: Path) -> None:
+    page.screenshot(path=str(path), type="jpeg", quality=70)
