@@ -133,7 +133,12 @@ class PreAnnotator:
         self._embed_missing(model, schema, labelled, unlabelled, progress)
         info = self.store.collection(self.project)
         if info is None:
-            return {"project": self.project, "tasks": len(tasks), "pushed": 0, **progress.failed}
+            return {
+                "project": self.project,
+                "tasks": len(tasks),
+                "pushed": 0,
+                "failed_tasks": progress.failed,
+            }
         target = push_version(info)
 
         progress.stage = "voting and pushing"
