@@ -18,6 +18,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,56 +63,75 @@ def result(label: int) -> list[dict]:
     ]
 
 
-def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
+@dataclass
+class SyntheticProject:
+    """A project of synthetic vectors in an in-memory store, and its in-memory Label Studio."""
+
+    services: Services
+    api: FakeLabelStudioAPI
+    classes: np.ndarray
+    labelled: np.ndarray
+
+
+def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> SyntheticProject:
+    """Project 1: n clustered vectors, LABELLED_SHARE of them annotated with their class."""
     vectors, classes = clustered(n, rng)
     labelled = rng.random(n) < LABELLED_SHARE
+    settings = Settings(model_dir=model_dir, encoder="synthetic")
+    # qdrant-client's local mode in memory: the embedded store's search path without its
+    # per-point disk commit (~17 ms a point here), which would make loading 100k points take
+    # half an hour and is not what this measures.
+    store = ExactSearchStore(
+        QdrantStore(QdrantClient(":memory:"), local=True),
+        max_points=settings.exact_search_max_points,
+    )
+    services = Services(
+        settings=settings,
+        store=store,
+        embedder=Embedder.from_settings(settings),
+        fetcher=ImageFetcher(settings),
+        projects=ProjectRegistry(settings.projects_dir),
+    )
+    store.ensure_collection(1, "synthetic", DIM, "none")
+    points = [
+        Point(
+            task=i,
+            vector=vectors[i],
+            image=f"/data/{i}.png",
+            labels={"finding": f"c{classes[i]}"} if labelled[i] else {},
+            annotation=Annotation(i, "2026-11-25T00:00:00Z") if labelled[i] else Annotation(),
+        )
+        for i in range(n)
+    ]
+    for chunk in range(0, n, 1000):
+        store.upsert(1, "synthetic", points[chunk : chunk + 1000])
+    tasks = [
+        {
+            "id": i,
+            "data": {"image": f"/data/{i}.png"},
+            "annotations": [{"id": i, "result": result(classes[i]), "updated_at": "2026"}]
+            if labelled[i]
+            else [],
+        }
+        for i in range(n)
+    ]
+    return SyntheticProject(services, FakeLabelStudioAPI(tasks, CONFIG), classes, labelled)
+
+
+def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(model_dir=Path(tmp), encoder="synthetic")
-        # qdrant-client's local mode in memory: the embedded store's search path without its
-        # per-point disk commit (~17 ms a point here), which would make loading 100k points
-        # take half an hour and is not what this measures.
-        store = ExactSearchStore(
-            QdrantStore(QdrantClient(":memory:"), local=True),
-            max_points=settings.exact_search_max_points,
+        start = time.perf_counter()
+        project = synthetic_project(n, rng, Path(tmp))
+        load_s = time.perf_counter() - start
+        services, api, classes, labelled = (
+            project.services,
+            project.api,
+            project.classes,
+            project.labelled,
         )
-        services = Services(
-            settings=settings,
-            store=store,
-            embedder=Embedder.from_settings(settings),
-            fetcher=ImageFetcher(settings),
-            projects=ProjectRegistry(settings.projects_dir),
-        )
+        store = services.store
         try:
-            store = services.store
-            store.ensure_collection(1, "synthetic", DIM, "none")
-            start = time.perf_counter()
-            points = [
-                Point(
-                    task=i,
-                    vector=vectors[i],
-                    image=f"/data/{i}.png",
-                    labels={"finding": f"c{classes[i]}"} if labelled[i] else {},
-                    annotation=Annotation(i, "2026-11-25T00:00:00Z")
-                    if labelled[i]
-                    else Annotation(),
-                )
-                for i in range(n)
-            ]
-            for chunk in range(0, n, 1000):
-                store.upsert(1, "synthetic", points[chunk : chunk + 1000])
-            load_s = time.perf_counter() - start
-            tasks = [
-                {
-                    "id": i,
-                    "data": {"image": f"/data/{i}.png"},
-                    "annotations": [{"id": i, "result": result(classes[i]), "updated_at": "2026"}]
-                    if labelled[i]
-                    else [],
-                }
-                for i in range(n)
-            ]
-            api = FakeLabelStudioAPI(tasks, CONFIG)
             annotator = PreAnnotator(services, api, 1)
             start = time.perf_counter()
             pushed = annotator.push()

@@ -242,3 +242,22 @@ def label_studio_pat(label_studio) -> str:
         return admin.create_personal_access_token()
     finally:
         admin.close()
+
+
+def busi_subset(folder: Path, every: int = 13) -> Path:
+    """A copy of every `every`-th BUSI image (all three findings) with a labels.csv of its own,
+    for tests that must not touch ../shared/data (the demo reads the folder it is given)."""
+    import csv
+    import shutil
+
+    busi = SHARED_DATA / "busi"
+    (folder / "images").mkdir(parents=True)
+    with open(busi / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[::every]
+    for row in rows:
+        shutil.copyfile(busi / row["image"], folder / row["image"])
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "finding"])
+        writer.writeheader()
+        writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
+    return folder

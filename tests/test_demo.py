@@ -3,17 +3,15 @@ our predictions; afterwards every process it started is gone and the folder is u
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
-import shutil
 
 import pytest
 
 from echolabel.demo import running_demo
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import LABEL_STUDIO_HOME, SHARED_DATA
+from tests.conftest import LABEL_STUDIO_HOME, SHARED_DATA, busi_subset
 
 BUSI = SHARED_DATA / "busi"
 
@@ -41,16 +39,8 @@ def alive(pid: int) -> bool:
 
 
 def test_demo_sets_up_label_studio_with_predictions_and_leaves_nothing_behind(tmp_path):
-    folder = tmp_path / "busi-subset"
-    (folder / "images").mkdir(parents=True)
-    with open(BUSI / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))[::13]  # 60 images, all three findings
-    for row in rows:
-        shutil.copyfile(BUSI / row["image"], folder / row["image"])
-    with open(folder / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "finding"])
-        writer.writeheader()
-        writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
+    folder = busi_subset(tmp_path / "busi-subset")
+    rows = (folder / "labels.csv").read_text().splitlines()[1:]
     before = checksums(folder)
 
     with running_demo(

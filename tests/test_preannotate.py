@@ -144,55 +144,19 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
 def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed):
     """Labels added and removed in rounds; after each refresh, every unlabelled task's stored
     prediction is exactly what voting it now gives (nothing missed, nothing stale)."""
-    from qdrant_client import QdrantClient
-
-    from backend.projects import ProjectRegistry
-    from bench.preannotate import CONFIG as BENCH_CONFIG
-    from bench.preannotate import DIM, clustered, result
-    from echolabel.images import ImageFetcher
-    from echolabel.settings import Settings
-    from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
-    from workers.embedding import Embedder
+    from bench.preannotate import synthetic_project
+    from vectorstore import Annotation
 
     rng = np.random.default_rng(seed)
     n = 500
-    vectors, classes = clustered(n, rng)
-    labelled = rng.random(n) < 0.2
-    settings = Settings(model_dir=tmp_path, encoder="synthetic")
-    store = ExactSearchStore(QdrantStore(QdrantClient(":memory:"), local=True), 100_000)
-    services = Services(
-        settings=settings,
-        store=store,
-        embedder=Embedder.from_settings(settings),
-        fetcher=ImageFetcher(settings),
-        projects=ProjectRegistry(settings.projects_dir),
+    project = synthetic_project(n, rng, tmp_path)
+    services, api, classes, labelled = (
+        project.services,
+        project.api,
+        project.classes,
+        project.labelled,
     )
-    store.ensure_collection(1, "synthetic", DIM, "none")
-    store.upsert(
-        1,
-        "synthetic",
-        [
-            Point(
-                task=i,
-                vector=vectors[i],
-                image=f"/d/{i}",
-                labels={"finding": f"c{classes[i]}"} if labelled[i] else {},
-                annotation=Annotation(i, "2026") if labelled[i] else Annotation(),
-            )
-            for i in range(n)
-        ],
-    )
-    tasks = [
-        {
-            "id": i,
-            "data": {"image": f"/d/{i}"},
-            "annotations": [{"id": i, "result": result(classes[i]), "updated_at": "2026"}]
-            if labelled[i]
-            else [],
-        }
-        for i in range(n)
-    ]
-    api = FakeLabelStudioAPI(tasks, BENCH_CONFIG)
+    store = services.store
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
     unlabelled = [i for i in range(n) if not labelled[i]]

@@ -7,10 +7,8 @@ each at most 200 KB).
 
 from __future__ import annotations
 
-import csv
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from echolabel.demo import USER, running_demo
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import LABEL_STUDIO_HOME, ROOT, SHARED_DATA
+from tests.conftest import LABEL_STUDIO_HOME, ROOT, SHARED_DATA, busi_subset
 
 BUSI = SHARED_DATA / "busi"
 CHROMIUM = "/usr/bin/chromium"
@@ -30,19 +28,6 @@ pytestmark = [
     pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
 ]
-
-
-def busi_subset(folder: Path) -> Path:
-    (folder / "images").mkdir(parents=True)
-    with open(BUSI / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))[::13]
-    for row in rows:
-        shutil.copyfile(BUSI / row["image"], folder / row["image"])
-    with open(folder / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "finding"])
-        writer.writeheader()
-        writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
-    return folder
 
 
 def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):

@@ -168,14 +168,7 @@ class ExactSearchStore:
             labelled = self._labelled_set(project)
             if labelled is None:
                 return self.inner.nearest(project, vector, k, exclude, exact=exact)
-            if labelled.index is None:
-                matrix = (
-                    np.stack([labelled.points[t].vector for t in labelled.tasks])
-                    if labelled.tasks
-                    else np.empty((0, 0), dtype=np.float32)
-                )
-                labelled.index = ExactIndex(matrix, self.method)
-            index, tasks, points = labelled.index, labelled.tasks, labelled.points
+            index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
         excluded = set(exclude)
         rows, sims = index.search(vector, k + len(excluded))
         out = []
@@ -200,17 +193,21 @@ class ExactSearchStore:
             labelled = self._labelled_set(project)
             if labelled is None:
                 return None
-            if labelled.index is None:
-                matrix = (
-                    np.stack([labelled.points[t].vector for t in labelled.tasks])
-                    if labelled.tasks
-                    else np.empty((0, 0), dtype=np.float32)
-                )
-                labelled.index = ExactIndex(matrix, self.method)
-            index = labelled.index
+            index = self._index(labelled)
         if len(index) == 0:
             return np.full(len(queries), -1.0, dtype=np.float32)
         return index.kth_similarities(queries, k)
+
+    def _index(self, labelled: _LabelledSet) -> ExactIndex:
+        """The labelled set's index, built on first use after a change."""
+        if labelled.index is None:
+            matrix = (
+                np.stack([labelled.points[t].vector for t in labelled.tasks])
+                if labelled.tasks
+                else np.empty((0, 0), dtype=np.float32)
+            )
+            labelled.index = ExactIndex(matrix, self.method)
+        return labelled.index
 
     def _labelled_set(self, project: int | str) -> _LabelledSet | None:
         """The cached labelled set, loading it once; None when too big to serve exactly."""
