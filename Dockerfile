@@ -7,6 +7,8 @@ COPY backend backend
 COPY workers workers
 COPY qdrant qdrant
 COPY echolabel echolabel
+# `bench` is a package of the distribution (`echolabel bench`), so the install needs it.
+COPY bench bench
 RUN pip install .
 # Weights for encoders other than the packaged default go here (see README "Weights").
 ENV MODEL_DIR=/data ECHOLABEL_WEIGHTS_DIR=/weights

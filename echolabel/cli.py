@@ -211,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     listing = weights_sub.add_parser("list", help="list the registered encoders")
     listing.set_defaults(run=_list_encoders)
 
+    bench = sub.add_parser("bench", help="performance benchmarks (README 'Performance')")
+    bench.add_argument("--smoke", action="store_true", help="small sizes: under a minute")
+    bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory")
+    bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -776,6 +781,12 @@ def _list_encoders(args: argparse.Namespace, settings: Settings) -> int:
     for name in available_encoders():
         print(name + ("  (default)" if name == settings.encoder else ""))
     return 0
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.suite import run_from_cli
+
+    return run_from_cli(args.smoke, args.only, args.out, args.argv)
 
 
 if __name__ == "__main__":

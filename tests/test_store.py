@@ -166,8 +166,10 @@ def test_exact_cache_follows_writes(tmp_path):
     store.ensure_collection(1, "enc", DIM, "w")
     store.upsert(1, "enc", [Point(task=0, vector=v[0], labels={"f": "a"})])
     assert [n.task for n in store.nearest(1, v[1], k=5)] == [0]  # cache now loaded
+    index = store._cache["1"].index
     store.upsert(1, "enc", [Point(task=1, vector=v[1])])
     assert [n.task for n in store.nearest(1, v[1], k=5)] == [0]  # unlabelled: not a neighbour
+    assert store._cache["1"].index is index, "embedding an unlabelled task keeps the matrix"
     store.set_labels(1, 1, {"f": "b"}, Annotation(id=3))
     assert store.nearest(1, v[1], k=5)[0].task == 1
     store.clear_labels(1, 3)

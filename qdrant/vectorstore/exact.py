@@ -2,7 +2,7 @@
 
 qdrant-client's in-process mode answers every query by a Python-level scan; for the small
 labelled sets a project starts with, one NumPy matmul (or a scipy cKDTree) over a cached matrix
-is much faster and gives the same neighbours. `bench/exact_search.py` measures both.
+is much faster and gives the same neighbours. `echolabel bench --only search` measures both.
 
 The cache is only valid while this process is the store's sole writer, which is exactly the
 embedded deployment (the in-process Qdrant holds a file lock). With a Qdrant server, other
@@ -145,14 +145,17 @@ class ExactSearchStore:
             if cached is None or not tasks:
                 return
             fresh = self.inner.points(project, tasks)
+            changed = False
             for task in tasks:
                 point = fresh.get(task)
                 if point is not None and point.labelled:
                     cached.points[task] = point
-                else:
-                    cached.points.pop(task, None)
-            cached.tasks = list(cached.points)
-            cached.index = None
+                    changed = True
+                elif cached.points.pop(task, None) is not None:
+                    changed = True
+            if changed:  # embedding unlabelled tasks must not throw the matrix away
+                cached.tasks = list(cached.points)
+                cached.index = None
 
     # -- reads --------------------------------------------------------------------------------
 

@@ -1,0 +1,5 @@
+"""echolabel's benchmark suite: `echolabel bench` (README "Performance").
+
+Benchmarks are scripts that print numbers measured in one run, side by side, with ratios
+against baselines measured in the same run; tests only check that they run and parse.
+"""
