@@ -215,8 +215,8 @@ class Doctor:
             self.add("webhook", None, "skipped: no backend")
             return
         self.add("backend connected", True, ", ".join(urls))
-        hooks = {str(h.get("url")): h for h in client.webhooks(project)}
-        missing = [u for u in urls if f"{u}/webhook" not in hooks]
+        hooks = {u: client.webhooks_to(project, u) for u in urls}
+        missing = [u for u in urls if not hooks[u]]
         if missing:
             self.add(
                 "webhook",
@@ -229,12 +229,7 @@ class Doctor:
             )
             return
         if self.settings.basic_auth_user:
-            unauthorised = [
-                u
-                for u in urls
-                if "authorization"
-                not in {k.lower() for k in hooks[f"{u}/webhook"].get("headers") or {}}
-            ]
+            unauthorised = [u for u in urls if not all(map(_has_authorization, hooks[u]))]
             if unauthorised:
                 self.add(
                     "webhook",
@@ -304,3 +299,7 @@ class Doctor:
         else:
             self.add("collection encoder", True, f"{info.encoder}, generation {info.generation}")
         self.add("tasks stored", True, f"{embedded} embedded, {labelled} labelled")
+
+
+def _has_authorization(hook: dict) -> bool:
+    return "authorization" in {str(k).lower() for k in hook.get("headers") or {}}

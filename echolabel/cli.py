@@ -330,8 +330,7 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
     else:
         client.connect_backend(args.project, url, args.title, basic_auth=basic_auth)
         print(f"echolabel: connected {url} to project {args.project}")
-    hooks = [h for h in client.webhooks(args.project) if h.get("url") == f"{url}/webhook"]
-    if not hooks:
+    if not client.webhooks_to(args.project, url):
         print(
             f"echolabel: project {args.project} has no webhook to {url}/webhook, so the backend "
             "will not learn from new annotations: Label Studio's SSRF protection refused the "

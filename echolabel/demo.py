@@ -161,7 +161,7 @@ def _set_up(
         say(f"importing {len(items)} images")
         ids = client.import_tasks(project, [{"image": ref} for ref in refs])
         client.connect_backend(project, backend_url, "echolabel")
-        if not any(h.get("url") == f"{backend_url}/webhook" for h in client.webhooks(project)):
+        if not client.webhooks_to(project, backend_url):
             raise LabelStudioError("Label Studio created no webhook for the backend")
         chosen = pick_annotated(items, annotate, fields[0] if fields else None)
         say(f"annotating {len(chosen)} tasks from the labels CSV")

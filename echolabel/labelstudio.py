@@ -174,11 +174,11 @@ class LabelStudioClient:
     def authorise_webhooks(self, project: int, url: str, basic_auth: tuple[str, str]) -> int:
         """Add basic auth to the project's webhooks that point at the backend at `url`."""
         header = {"Authorization": basic_auth_header(*basic_auth)}
-        target = url.rstrip("/") + "/webhook"
-        hooks = [hook for hook in self.webhooks(project) if hook.get("url") == target]
+        hooks = self.webhooks_to(project, url)
         if not hooks:
             raise LabelStudioError(
-                f"project {project} has no webhook to {target}: Label Studio creates it when the "
+                f"project {project} has no webhook to {webhook_url(url)}: Label Studio creates "
+                "it when the "
                 "backend is connected unless SSRF protection refused the address "
                 "(set SSRF_PROTECTION_ENABLED=false or add it under Settings → Webhooks)"
             )
@@ -193,6 +193,12 @@ class LabelStudioClient:
 
     def webhooks(self, project: int) -> list[dict[str, Any]]:
         return list(self._get("/api/webhooks/", project=project))
+
+    def webhooks_to(self, project: int, backend_url: str) -> list[dict[str, Any]]:
+        """The project's webhooks to the backend at `backend_url` (the one Label Studio
+        creates when the backend is connected, unless its SSRF protection refused it)."""
+        target = webhook_url(backend_url)
+        return [hook for hook in self.webhooks(project) if hook.get("url") == target]
 
     def annotate(self, task: int, result: list[dict[str, Any]]) -> int:
         answer = self._request("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
@@ -251,6 +257,11 @@ class LabelStudioClient:
     def create_personal_access_token(self) -> str:
         """A new personal access token (JWT refresh token) of the authenticated user."""
         return str(self._request("POST", "/api/token/")["token"])
+
+
+def webhook_url(backend_url: str) -> str:
+    """Where Label Studio sends a connected backend's events."""
+    return backend_url.rstrip("/") + "/webhook"
 
 
 def basic_auth_header(user: str, password: str) -> str:

@@ -86,9 +86,8 @@ def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> 
         project, [{"image": f"/data/local-files/?d={folder}/{name}"} for name in names]
     )
     admin.connect_backend(project, backend_url, "echolabel", basic_auth=BASIC_AUTH)
-    hooks = admin.webhooks(project)
     # Without its webhook a connected backend shows "Connected" but never learns.
-    assert any(hook["url"] == f"{backend_url}/webhook" for hook in hooks), hooks
+    assert admin.webhooks_to(project, backend_url), admin.webhooks(project)
     return {"project": project} | dict(zip(names, ids, strict=True))
 
 
