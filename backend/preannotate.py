@@ -258,19 +258,19 @@ class PreAnnotator:
                     raise
                 log.warning("prediction push failed, retrying", extra={"error": str(exc)})
                 time.sleep(delay)
-                pending = [
-                    p for p in pending if not self._holds(p["task"], target, retry_reads=True)
-                ]
+                pending = [p for p in pending if not self._holds(p["task"], target)]
 
-    def _holds(self, task: TaskId, version: str, retry_reads: bool = False) -> bool:
+    def _holds(self, task: TaskId, version: str) -> bool:
+        """Whether the task got its prediction; unknown (Label Studio still away) counts as
+        no, and the next attempt writes it."""
         try:
-            return any(
-                p.get("model_version") == version for p in self.client.predictions(int(task))
-            )
+            return bool(self._ours(task, version))
         except LabelStudioUnavailable:
-            if retry_reads:
-                return False
-            raise
+            return False
+
+    def _ours(self, task: TaskId, version: str) -> list[dict[str, Any]]:
+        """The task's predictions of this version in Label Studio."""
+        return [p for p in self.client.predictions(int(task)) if p.get("model_version") == version]
 
     def _publish(self, target: str, radii: Sequence[float]) -> int:
         """Drop our older versions, record the new one, show it to annotators."""
@@ -305,11 +305,7 @@ class PreAnnotator:
         updated = created = deleted = 0
         for task, suggestion in revotes.items():
             prediction = model.prediction(suggestion, info.published_version)
-            ours = [
-                p
-                for p in self.client.predictions(int(task))
-                if p.get("model_version") == info.published_version
-            ]
+            ours = self._ours(task, info.published_version)
             if not prediction["result"]:
                 for old in ours:
                     self.client.delete_prediction(old["id"])

@@ -22,16 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from qdrant_client import QdrantClient
 
 from backend.model import Services
 from backend.preannotate import PreAnnotator
-from backend.projects import ProjectRegistry
-from echolabel.images import ImageFetcher
+from bench.server import in_memory_services
 from echolabel.settings import Settings
 from tests.fake_label_studio import FakeLabelStudioAPI
-from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
-from workers.embedding import Embedder
+from vectorstore import Annotation, Point
 
 DIM = 384
 CLASSES = 8
@@ -77,21 +74,8 @@ def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> Synt
     """Project 1: n clustered vectors, LABELLED_SHARE of them annotated with their class."""
     vectors, classes = clustered(n, rng)
     labelled = rng.random(n) < LABELLED_SHARE
-    settings = Settings(model_dir=model_dir, encoder="synthetic")
-    # qdrant-client's local mode in memory: the embedded store's search path without its
-    # per-point disk commit (~17 ms a point here), which would make loading 100k points take
-    # half an hour and is not what this measures.
-    store = ExactSearchStore(
-        QdrantStore(QdrantClient(":memory:"), local=True),
-        max_points=settings.exact_search_max_points,
-    )
-    services = Services(
-        settings=settings,
-        store=store,
-        embedder=Embedder.from_settings(settings),
-        fetcher=ImageFetcher(settings),
-        projects=ProjectRegistry(settings.projects_dir),
-    )
+    services = in_memory_services(Settings(model_dir=model_dir, encoder="synthetic"))
+    store = services.store
     store.ensure_collection(1, "synthetic", DIM, "none")
     points = [
         Point(
@@ -124,15 +108,9 @@ def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
         start = time.perf_counter()
         project = synthetic_project(n, rng, Path(tmp))
         load_s = time.perf_counter() - start
-        services, api, classes, labelled = (
-            project.services,
-            project.api,
-            project.classes,
-            project.labelled,
-        )
-        store = services.store
+        store, labelled, classes = project.services.store, project.labelled, project.classes
         try:
-            annotator = PreAnnotator(services, api, 1)
+            annotator = PreAnnotator(project.services, project.api, 1)
             start = time.perf_counter()
             pushed = annotator.push()
             push_s = time.perf_counter() - start
@@ -153,7 +131,7 @@ def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
                 refreshed = annotator.refresh()
                 refresh_rows.append((time.perf_counter() - start, refreshed))
         finally:
-            services.close()
+            project.services.close()
     times = [t for t, _ in refresh_rows]
     affected = [r["affected"] for _, r in refresh_rows]
     return {

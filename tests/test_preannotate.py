@@ -150,12 +150,8 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed):
     rng = np.random.default_rng(seed)
     n = 500
     project = synthetic_project(n, rng, tmp_path)
-    services, api, classes, labelled = (
-        project.services,
-        project.api,
-        project.classes,
-        project.labelled,
-    )
+    services, api = project.services, project.api
+    classes, labelled = project.classes, project.labelled
     store = services.store
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
