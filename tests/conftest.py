@@ -231,17 +231,21 @@ def label_studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def label_studio_pat(label_studio) -> str:
-    """The admin's personal access token (Label Studio 1.23 allows one valid token a user)."""
+def label_studio_admin(label_studio):
+    """A client of the real Label Studio with its admin's legacy token."""
     from echolabel.labelstudio import LabelStudioClient
 
     admin = LabelStudioClient(
         Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     )
-    try:
-        return admin.create_personal_access_token()
-    finally:
-        admin.close()
+    yield admin
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def label_studio_pat(label_studio_admin) -> str:
+    """The admin's personal access token (Label Studio 1.23 allows one valid token a user)."""
+    return label_studio_admin.create_personal_access_token()
 
 
 def busi_subset(folder: Path, every: int = 13) -> Path:
@@ -261,3 +265,19 @@ def busi_subset(folder: Path, every: int = 13) -> Path:
         writer.writeheader()
         writer.writerows({"image": r["image"], "finding": r["finding"]} for r in rows)
     return folder
+
+
+def busi_demo(folder: Path):
+    """`echolabel demo` (its context manager) on a BUSI subset copied to `folder`, half of it
+    annotated from the CSV, quietly, reusing the tests' Label Studio install."""
+    from echolabel.demo import running_demo
+
+    busi_subset(folder)
+    return running_demo(
+        folder,
+        folder / "labels.csv",
+        ["finding"],
+        home=LABEL_STUDIO_HOME,
+        annotate=0.5,
+        say=lambda _: None,
+    )

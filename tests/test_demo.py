@@ -8,10 +8,9 @@ import os
 
 import pytest
 
-from echolabel.demo import running_demo
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import LABEL_STUDIO_HOME, SHARED_DATA, busi_subset
+from tests.conftest import SHARED_DATA, busi_demo
 
 BUSI = SHARED_DATA / "busi"
 
@@ -39,18 +38,12 @@ def alive(pid: int) -> bool:
 
 
 def test_demo_sets_up_label_studio_with_predictions_and_leaves_nothing_behind(tmp_path):
-    folder = busi_subset(tmp_path / "busi-subset")
+    folder = tmp_path / "busi-subset"
+    demo_context = busi_demo(folder)
     rows = (folder / "labels.csv").read_text().splitlines()[1:]
     before = checksums(folder)
 
-    with running_demo(
-        folder,
-        folder / "labels.csv",
-        ["finding"],
-        home=LABEL_STUDIO_HOME,
-        annotate=0.5,
-        say=lambda _: None,
-    ) as demo:
+    with demo_context as demo:
         pids = [demo.label_studio._process.pid, demo.backend_process.pid]
         client = LabelStudioClient(
             Settings(label_studio_url=demo.label_studio.url, label_studio_api_key=demo.token)

@@ -8,10 +8,15 @@ import pytest
 
 from backend.app import create_app
 from echolabel.cli import main
-from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import TINY_ENCODER, choices_result, serving
-from tests.test_labelstudio_e2e import BASIC_AUTH, BUSI, busi_rows, set_up_project
+from tests.conftest import TINY_ENCODER, serving
+from tests.test_labelstudio_e2e import (
+    BASIC_AUTH,
+    BUSI,
+    annotate_rows,
+    busi_rows,
+    set_up_project,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,11 +33,9 @@ def doctor(monkeypatch, capsys, env: dict[str, str], *args: str) -> tuple[int, s
 
 
 def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
-    label_studio, label_studio_pat, tmp_path, monkeypatch, capsys
+    label_studio, label_studio_admin, label_studio_pat, tmp_path, monkeypatch, capsys
 ):
-    admin = LabelStudioClient(
-        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
-    )
+    admin = label_studio_admin
     rows = busi_rows()[::130]  # six images, all three findings
     settings = Settings(
         model_dir=tmp_path / "model",
@@ -52,9 +55,7 @@ def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
     with serving(app) as backend_url:
         ids = set_up_project(admin, label_studio, rows, "doctor", backend_url)
         project = ids.pop("project")
-        for row in rows[:3]:
-            labels = {"organ": row["organ"], "finding": row["finding"]}
-            admin.annotate(ids[row["image"].split("/")[-1]], choices_result(labels))
+        annotate_rows(admin, ids, rows[:3])
         assert app.state.echolabel["inbox"].wait_idle(120)
         checks = ["--project", str(project), "--backend-url", backend_url]
 

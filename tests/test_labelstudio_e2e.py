@@ -22,7 +22,6 @@ from backend.app import create_app
 from backend.model import SimilarityModel
 from backend.preannotate import PreAnnotator
 from echolabel.cli import main
-from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
 from tests.conftest import SHARED_DATA, choices_result, serving
 
@@ -70,6 +69,13 @@ def serve_images(label_studio, rows: list[dict[str, str]], folder: str) -> Path:
     return target
 
 
+def annotate_rows(admin, ids: dict[str, int], rows: list[dict]) -> None:
+    """Annotate these BUSI rows' tasks through Label Studio's API with their CSV labels."""
+    for row in rows:
+        labels = {"organ": row["organ"], "finding": row["finding"]}
+        admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+
+
 def identities(predictions: list[dict]) -> list[tuple]:
     """What makes predictions the same ones (Label Studio's `created_ago` text moves on)."""
     return [(p["id"], p["model_version"], repr(p["result"])) for p in predictions]
@@ -92,12 +98,10 @@ def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> 
 
 
 def test_suggestions_reach_annotators_through_a_real_label_studio(
-    label_studio, label_studio_pat, tmp_path
+    label_studio, label_studio_admin, label_studio_pat, tmp_path
 ):
     """Personal access token (the 1.23 default) for images; BUSI train share annotated."""
-    admin = LabelStudioClient(
-        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
-    )
+    admin = label_studio_admin
     rows = busi_rows()
     annotated = stratified_sample([r for r in rows if r["split"] == "train"], 0.5, seed=7)
     unlabelled = [r for r in rows if r["split"] == "test"]
@@ -112,9 +116,7 @@ def test_suggestions_reach_annotators_through_a_real_label_studio(
     with serving(app) as backend_url:
         ids = set_up_project(admin, label_studio, annotated + unlabelled, "busi", backend_url)
         project = ids.pop("project")
-        for row in annotated:
-            labels = {"organ": row["organ"], "finding": row["finding"]}
-            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+        annotate_rows(admin, ids, annotated)
         inbox = app.state.echolabel["inbox"]
         assert inbox.wait_idle(timeout=600)
         assert not inbox.failed(), "a webhook from Label Studio failed in the backend"
@@ -157,11 +159,9 @@ def test_suggestions_reach_annotators_through_a_real_label_studio(
 
 
 def test_legacy_token_fetches_images_and_predictions_are_stored(
-    label_studio, tmp_path, monkeypatch, capsys
+    label_studio, label_studio_admin, tmp_path, monkeypatch, capsys
 ):
-    admin = LabelStudioClient(
-        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
-    )
+    admin = label_studio_admin
     rows = busi_rows()
     annotated = stratified_sample(rows[:400], 0.05, seed=3) + stratified_sample(
         rows[400:], 0.05, seed=3
@@ -190,9 +190,7 @@ def test_legacy_token_fetches_images_and_predictions_are_stored(
             monkeypatch.setenv(name, value)
         assert main(["connect", "--project", str(project), "--backend-url", backend_url]) == 0
         assert "already connected" in capsys.readouterr().out
-        for row in annotated:
-            labels = {"organ": row["organ"], "finding": row["finding"]}
-            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+        annotate_rows(admin, ids, annotated)
         assert app.state.echolabel["inbox"].wait_idle(timeout=300)
         assert app.state.echolabel["services"].store.count(project, labelled=True) == len(annotated)
         targets = [ids[Path(row["image"]).name] for row in unlabelled]
@@ -235,11 +233,9 @@ def wait_for_job(app, job_id: str, timeout: float = 600) -> dict:
 
 
 def test_preannotate_push_resume_and_refresh_against_real_label_studio(
-    label_studio, label_studio_pat, tmp_path
+    label_studio, label_studio_admin, label_studio_pat, tmp_path
 ):
-    admin = LabelStudioClient(
-        Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
-    )
+    admin = label_studio_admin
     rows = busi_rows()
     train = [r for r in rows if r["split"] == "train"]
     annotated = stratified_sample(train, 0.35, seed=11)
@@ -257,9 +253,7 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
     with serving(app) as backend_url:
         ids = set_up_project(admin, label_studio, annotated + unlabelled, "push", backend_url)
         project = ids.pop("project")
-        for row in annotated:
-            labels = {"organ": row["organ"], "finding": row["finding"]}
-            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+        annotate_rows(admin, ids, annotated)
         inbox = app.state.echolabel["inbox"]
         assert inbox.wait_idle(timeout=600)
         services = app.state.echolabel["services"]
@@ -314,9 +308,8 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         assert {t: identities(admin.predictions(t)) for t in targets} == before
 
         # Annotating `later` triggers one refresh (ECHOLABEL_REFRESH_AFTER = len(later)).
+        annotate_rows(admin, ids, later)
         for row in later:
-            labels = {"organ": row["organ"], "finding": row["finding"]}
-            admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
             del targets[ids[Path(row["image"]).name]]
         assert inbox.wait_idle(timeout=300)
         refreshed = wait_for_job(app, f"refresh-{project}")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from echolabel.demo import USER, running_demo
+from echolabel.demo import USER
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import LABEL_STUDIO_HOME, ROOT, SHARED_DATA, busi_subset
+from tests.conftest import ROOT, SHARED_DATA, busi_demo
 
 BUSI = SHARED_DATA / "busi"
 CHROMIUM = "/usr/bin/chromium"
@@ -38,15 +38,8 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
         else tmp_path / "shots"
     )
     out.mkdir(parents=True, exist_ok=True)
-    folder = busi_subset(tmp_path / "busi-subset")
-    with running_demo(
-        folder,
-        folder / "labels.csv",
-        ["finding"],
-        home=LABEL_STUDIO_HOME,
-        annotate=0.5,
-        say=lambda _: None,
-    ) as demo:
+    folder = tmp_path / "busi-subset"
+    with busi_demo(folder) as demo:
         client = LabelStudioClient(
             Settings(label_studio_url=demo.label_studio.url, label_studio_api_key=demo.token)
         )
