@@ -28,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
+        if args.run is _doctor:
+            from backend.doctor import BAD_CONFIGURATION, Check
+
+            print(Check("configuration", False, str(exc), BAD_CONFIGURATION.fix).line())
+            return 1
         print(f"echolabel: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
@@ -110,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         "--backend-url", help="the backend's URL as Label Studio knows it (webhook check)"
     )
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument(
+        "--troubleshooting",
+        action="store_true",
+        help="print README's Troubleshooting table (every way a check fails, and its fix)",
+    )
     doctor.set_defaults(run=_doctor)
 
     connect = sub.add_parser(
@@ -290,9 +300,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.doctor import Doctor
+    from backend.doctor import Doctor, troubleshooting_markdown
     from workers.context import open_configured_store
 
+    if args.troubleshooting:
+        print(troubleshooting_markdown(), end="")
+        return 0
     opened: list[Any] = []
 
     def store() -> Any:
