@@ -13,7 +13,7 @@ from PIL import Image
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from workers.embedding import Embedder, TaskImage
+from workers.embedding import Embedder, ImageLoader, TaskImage
 
 from .pixels import thumbnail
 from .report import evaluate_vectors, new_report
@@ -55,8 +55,8 @@ def evaluate_folder(
     )
     thumbnails: dict[str, np.ndarray] = {}
 
-    def load(ref: str) -> Image.Image:
-        image = fetcher.load(ref)
+    def load(ref: str, *, min_side: int | None = None) -> Image.Image:
+        image = fetcher.load(ref, min_side=min_side)
         if ref not in thumbnails:  # decoded once per encoder anyway; thumbnail the first time
             thumbnails[ref] = thumbnail(image)
         return image
@@ -93,7 +93,7 @@ def evaluate_folder(
 
 def _embed_all(
     embedder: Embedder,
-    load: Callable[[str], Image.Image],
+    load: ImageLoader,
     encoder: str,
     items: Sequence[Item],
     on_progress: Progress,
