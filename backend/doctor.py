@@ -84,6 +84,14 @@ REDIS_DOWN = Trouble(
     "nothing breaks: the backend embeds inline (slower) and logs a warning once a minute",
     "start Redis, or unset REDIS_URL (the backend then embeds inline)",
 )
+QDRANT_DOWN = Trouble(
+    "qdrant",
+    "`QDRANT_URL` is set but the server does not answer, or refuses `QDRANT_API_KEY`",
+    "no predictions: `/predict` answers 503 `unavailable` naming QDRANT_URL; annotation "
+    "webhooks wait in order and are applied once it answers",
+    "start the Qdrant server (`docker compose up -d qdrant`), or correct QDRANT_URL / "
+    "QDRANT_API_KEY; unset QDRANT_URL for the embedded store under MODEL_DIR",
+)
 LABEL_STUDIO_DOWN = Trouble(
     "label studio reachable",
     "`LABEL_STUDIO_URL` is wrong, or Label Studio is down",
@@ -154,6 +162,7 @@ TROUBLES = (
     BAD_CONFIGURATION,
     WEIGHTS_MISSING,
     REDIS_DOWN,
+    QDRANT_DOWN,
     LABEL_STUDIO_DOWN,
     KEY_REFUSED,
     NO_PROJECT,
@@ -214,6 +223,7 @@ class Doctor:
         )
         self._weights()
         self._redis()
+        self._qdrant()
         client = self._label_studio()
         if project is not None:
             self._project(client, project, backend_url)
@@ -247,6 +257,30 @@ class Doctor:
             )
             return
         self.add("redis", True, f"{self.settings.redis_url} answers")
+
+    def _qdrant(self) -> None:
+        url = self.settings.qdrant_url
+        if not url:
+            self.add("qdrant", None, "not configured: the embedded store under MODEL_DIR")
+            return
+        key = self.settings.qdrant_api_key
+        try:
+            answer = httpx.get(
+                f"{url.rstrip('/')}/collections",
+                headers={"api-key": key} if key else {},
+                timeout=self.settings.fetch_timeout_s,
+            )
+        except httpx.HTTPError as exc:
+            self.fail(QDRANT_DOWN, f"{url} does not answer ({type(exc).__name__})")
+            return
+        if answer.status_code in (401, 403):
+            state = "refused QDRANT_API_KEY" if key else "needs QDRANT_API_KEY"
+            self.fail(QDRANT_DOWN, f"{url} {state} ({answer.status_code})")
+        elif answer.status_code != 200:
+            self.fail(QDRANT_DOWN, f"{url}/collections answered {answer.status_code}")
+        else:
+            count = len(answer.json().get("result", {}).get("collections", []))
+            self.add("qdrant", True, f"{url} answers ({count} collections)")
 
     def _label_studio(self) -> LabelStudioClient | None:
         url = self.settings.label_studio_url
