@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--labels", type=Path, help="CSV with an `image` column and label fields")
     demo.add_argument("--field", action="append", default=[], help="a label column (repeat)")
     demo.add_argument(
+        "--choices",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=[],
+        help="without --labels: the classes to annotate with, comma-separated (field `label`, "
+        "or the one --field names)",
+    )
+    demo.add_argument(
         "--annotate", type=float, default=0.2, help="share of tasks annotated from the CSV"
     )
     demo.add_argument(
@@ -271,6 +278,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError("with --labels, name the label columns to use with --field")
     if not args.labels:
         args.annotate = 0.0
+        if len(args.field) > 1:
+            raise ValueError("without --labels, --choices fills one field: give one --field")
     say = functools.partial(print, file=sys.stderr, flush=True)
     with running_demo(
         args.images,
@@ -278,6 +287,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         args.field,
         home=args.home,
         annotate=args.annotate,
+        choices=args.choices,
         port=args.port,
         say=say,
     ) as demo:

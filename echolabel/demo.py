@@ -48,17 +48,24 @@ class Demo:
         return f"{self.label_studio.url}/projects/{self.project}/data"
 
 
-def label_config(fields: Sequence[str], items: Sequence[Item]) -> str:
-    """One <Choices> per field, its classes read from the CSV (a `label` field without one)."""
-    choices = []
+def label_config(fields: Sequence[str], items: Sequence[Item], choices: Sequence[str] = ()) -> str:
+    """One <Choices> per field, its classes read from the CSV; a field the CSV gives no class
+    (no CSV: one field, `label` unless named) offers `choices`."""
+    controls = []
     for name in fields or ["label"]:
         values = sorted({item.labels[name] for item in items if item.labels.get(name)})
+        values = values or list(dict.fromkeys(choices))
+        if not values:
+            raise ValueError(
+                f"no classes for the field {name!r}: the labels CSV gives none, so name the "
+                "classes to annotate with: --choices a,b,c"
+            )
         options = "".join(f"<Choice value={quoteattr(v)}/>" for v in values)
-        choices.append(
+        controls.append(
             f'  <Choices name={quoteattr(name)} toName="image" showInline="true">'
             f"{options}</Choices>"
         )
-    return '<View>\n  <Image name="image" value="$image"/>\n' + "\n".join(choices) + "\n</View>"
+    return '<View>\n  <Image name="image" value="$image"/>\n' + "\n".join(controls) + "\n</View>"
 
 
 def pick_annotated(items: Sequence[Item], share: float, field: str | None, seed: int = 0) -> set:
@@ -82,6 +89,7 @@ def running_demo(
     *,
     home: Path,
     annotate: float = 0.2,
+    choices: Sequence[str] = (),
     port: int | None = None,
     say: Callable[[str], None] = print,
 ) -> Iterator[Demo]:
@@ -89,6 +97,7 @@ def running_demo(
     items = read_folder(images, labels, fields=tuple(fields))
     if not items:
         raise ValueError(f"{images} holds no images")
+    config = label_config(fields, items, choices)  # refuses before anything starts
     executable = ensure_installed(home / "venv", say=say)
     password, token = secrets.token_urlsafe(12), secrets.token_hex(20)
     run_dir = home / "runs" / time.strftime("%Y%m%dT%H%M%S")
@@ -127,7 +136,7 @@ def running_demo(
                 stderr=subprocess.STDOUT,
             )
         _wait_for(f"{backend_url}/health", backend, run_dir / "backend.log")
-        demo = _set_up(server, backend_url, images, items, fields, annotate, say)
+        demo = _set_up(server, backend_url, images, items, fields, config, annotate, say)
         demo.password, demo.token, demo.backend_process = password, token, backend
         yield demo
     finally:
@@ -147,6 +156,7 @@ def _set_up(
     images: Path,
     items: Sequence[Item],
     fields: Sequence[str],
+    config: str,
     annotate: float,
     say: Callable[[str], None],
 ) -> Demo:
@@ -154,7 +164,6 @@ def _set_up(
         Settings(label_studio_url=server.url, label_studio_api_key=server.token)
     )
     try:
-        config = label_config(fields, items)
         project = client.create_project(f"echolabel demo: {images.name}", config)
         client.add_local_storage(project, str(images))
         refs = [f"/data/local-files/?d={images.name}/{item.task}" for item in items]
