@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--exclude-near-duplicates",
         nargs="?",
-        type=float,
+        type=lambda value: value if value == "default" else float(value),
         const="default",  # workers.review.duplicates.DEFAULT_THRESHOLD
         metavar="COSINE",
         help="never count a query's near-duplicates (cosine ≥ COSINE, default 0.92) among its "
