@@ -162,3 +162,35 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
     assert "shade: 1 of 16 labels flagged" in out.out and "review.json" in out.err
     assert main(["review", "--project", "5"]) == 1
     assert "project 5 has no collection" in capsys.readouterr().err
+
+
+def test_review_runs_as_an_rq_job_on_the_evaluate_queue(settings, redis_db):
+    import dataclasses
+
+    from rq.job import Job
+
+    from tests.conftest import REDIS_URL, run_worker
+    from workers import jobs
+    from workers.queues import EVALUATE, enqueue_unique, queue
+
+    paths = dark_and_bright(settings.local_files_root, 6)
+    services = Services.from_settings(settings)
+    config = (
+        '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
+        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
+    )
+    SimilarityModel(services, 9, config).embed(
+        [
+            TaskImage(n, p, {"shade": "dark" if n == "bright_1" else n.split("_")[0]})
+            for n, p in paths.items()
+        ]
+    )
+    services.close()  # the worker process opens the embedded store itself
+    job = enqueue_unique(queue(redis_db, EVALUATE), "review-9", jobs.review_project, 9)
+    run_worker(dataclasses.replace(settings, redis_url=REDIS_URL), EVALUATE)
+    done = Job.fetch(job.id, connection=redis_db)
+    assert done.get_status() == "finished", done.latest_result()
+    result = done.return_value()
+    assert result["flagged"] == {"shade": 1}
+    top = json.loads(Path(result["review_json"]).read_text())["fields"]["shade"]["rows"][0]
+    assert top["task"] == "bright_1" and top["link"] is None  # no LABEL_STUDIO_URL
