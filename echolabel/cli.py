@@ -186,7 +186,29 @@ def _parser() -> argparse.ArgumentParser:
         "--choose-k", help="comma-separated candidate k: pick the best on a validation split"
     )
     evaluate.add_argument("--out", type=Path, help="folder for report.json/html (folder mode)")
+    evaluate.add_argument(
+        "--exclude-near-duplicates",
+        nargs="?",
+        type=lambda value: value if value == "default" else float(value),
+        const="default",  # workers.review.duplicates.DEFAULT_THRESHOLD
+        metavar="COSINE",
+        help="never count a query's near-duplicates (cosine ≥ COSINE, default 0.92) among its "
+        "neighbours",
+    )
+    evaluate.add_argument(
+        "--learning-curve",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="SEEDS",
+        help="replay an annotation session (random and uncertain-first order, SEEDS seeds)",
+    )
     evaluate.set_defaults(run=_evaluate)
+
+    from echolabel import review_cli
+
+    review_cli.add_parsers(sub)
 
     worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
     worker.add_argument("queues", nargs="*", help="queues to work (default: all)")
@@ -537,7 +559,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from echolabel.folders import read_folder
     from workers.evaluation.report import headline, write_report
     from workers.evaluation.runner import evaluate_folder
+    from workers.review.duplicates import DEFAULT_THRESHOLD
 
+    if args.exclude_near_duplicates == "default":
+        args.exclude_near_duplicates = DEFAULT_THRESHOLD
     if args.project:
         return _evaluate_project(args, settings)
     if not (args.images and args.labels and args.field and args.out):
@@ -569,6 +594,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             k=args.k,
             min_class_size=args.min_class_size,
             k_candidates=[int(k) for k in (args.choose_k or "").split(",") if k.strip()],
+            near_duplicate_threshold=args.exclude_near_duplicates,
+            learning_curve_seeds=range(args.learning_curve),
             command="echolabel " + shlex.join(args.argv),
             on_progress=show,
         )
@@ -607,7 +634,12 @@ def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
     from workers.queues import EVALUATE, connect, enqueue_unique, queue
 
     project = project_id(args.project)
-    options = {"k": args.k, "min_class_size": args.min_class_size}
+    options = {
+        "k": args.k,
+        "min_class_size": args.min_class_size,
+        "near_duplicate_threshold": args.exclude_near_duplicates,
+        "learning_curve_seeds": args.learning_curve,
+    }
     if settings.redis_url:
         job = enqueue_unique(
             queue(connect(settings.redis_url), EVALUATE),

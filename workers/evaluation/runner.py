@@ -31,6 +31,8 @@ def evaluate_folder(
     k: int = 10,
     min_class_size: int = 20,
     k_candidates: Sequence[int] = (),
+    near_duplicate_threshold: float | None = None,
+    learning_curve_seeds: Sequence[int] = (),
     command: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
@@ -77,6 +79,8 @@ def evaluate_folder(
                 min_score=settings.min_score,
                 thumbnails=np.stack([thumbnails[str(i.path)] for i in kept]),
                 k_candidates=k_candidates,
+                near_duplicate_threshold=near_duplicate_threshold,
+                learning_curve_seeds=learning_curve_seeds,
             )
             report["encoders"][name] = {
                 "encoder": name,
