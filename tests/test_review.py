@@ -148,9 +148,10 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
     assert top["task"] == tasks["dark_2"] and top["label"] == "bright" and top["vote"] == "dark"
     assert top["link"] == f"http://ls.example:8080/projects/4/data?task={tasks['dark_2']}"
     assert job.result["flagged"] == {"shade": 1}
-    assert Path(job.result["review_csv"]).parent == settings.model_dir / "reviews" / "4" / Path(
-        job.result["review_csv"]
-    ).parent.name
+    assert (
+        Path(job.result["review_csv"]).parent
+        == settings.model_dir / "reviews" / "4" / Path(job.result["review_csv"]).parent.name
+    )
 
     # The CLI runs the same job here when there is no REDIS_URL.
     monkeypatch.setenv("MODEL_DIR", str(settings.model_dir))

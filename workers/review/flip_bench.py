@@ -84,10 +84,7 @@ def run(
                     "flipped": round(rate * len(labels)),
                     "method": method,
                     "seeds": len(seeds),
-                    **{
-                        key: float(np.mean([r[key] for r in results]))
-                        for key in results[0]
-                    },
+                    **{key: float(np.mean([r[key] for r in results])) for key in results[0]},
                     **{
                         f"{key}_sd": float(np.std([r[key] for r in results]))
                         for key in ("precision_at_n", "recall_at_2n")
