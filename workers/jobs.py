@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -211,16 +212,10 @@ def evaluate_project(
     from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
 
     ctx = context.current()
-    store = ctx.store
-    info = store.collection(project)
-    if info is None:
-        _no_retry()
-        raise PermanentJobError(f"project {project} has no collection: nothing to evaluate")
-    points = list(store.iter_points(project, labelled=True))
-    if len(points) < 2:
-        _no_retry()
-        raise PermanentJobError(f"project {project} has {len(points)} labelled task(s): need 2+")
-    fields = sorted({name for p in points for name in p.labels})
+    points = _labelled_points(project, "evaluate")
+    info = ctx.store.collection(project)
+    assert info is not None  # _labelled_points refused a project without one
+    fields = _fields(points)
     settings = ctx.settings
     result = evaluate_vectors(
         np.stack([p.vector for p in points]),
@@ -256,9 +251,7 @@ def evaluate_project(
         "failed": {},
         **result,
     }
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out_dir = settings.model_dir / "reports" / str(project) / stamp
-    json_path, html_path = write_report(report, out_dir)
+    json_path, html_path = write_report(report, _output_dir(settings, "reports", project))
     return {
         "report_json": str(json_path),
         "report_html": str(html_path),
@@ -289,9 +282,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
         link=lambda task: task_link(settings.label_studio_url, project, task),
     )
     result["project"] = project
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out_dir = settings.model_dir / "reviews" / str(project) / stamp
-    csv_path, json_path = write_review(result, out_dir)
+    csv_path, json_path = write_review(result, _output_dir(settings, "reviews", project))
     return {
         "review_csv": str(csv_path),
         "review_json": str(json_path),
@@ -323,6 +314,11 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
         link=lambda task: task_link(settings.label_studio_url, project, task),
     )
     return {"project": project, **result}
+
+
+def _output_dir(settings: Settings, kind: str, project: int | str) -> Path:
+    """MODEL_DIR/<kind>/<project>/<UTC time>/: one folder per run, newest last by name."""
+    return settings.model_dir / kind / str(project) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def _labelled_points(project: int | str, what: str) -> list[Point]:

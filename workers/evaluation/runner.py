@@ -66,7 +66,7 @@ def evaluate_folder(
     try:
         for name in encoders:
             model = embedder.encoder(name)
-            vectors, kept, failed = _embed_all(embedder, load, name, items, on_progress)
+            vectors, kept, failed = embed_all(embedder, load, name, items, on_progress)
             labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
             groups = [kept_item.group for kept_item in kept]
             result = evaluate_vectors(
@@ -95,13 +95,15 @@ def evaluate_folder(
     return report
 
 
-def _embed_all(
+def embed_all(
     embedder: Embedder,
     load: ImageLoader,
     encoder: str,
     items: Sequence[Item],
     on_progress: Progress,
 ) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+    """(vectors, the items whose image loaded, failed image → reason), in chunks with progress;
+    ValueError when no image loads."""
     by_task = {item.task: item for item in items}
     rows: list[np.ndarray] = []
     kept: list[Item] = []

@@ -114,30 +114,16 @@ def contact_sheet(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from echolabel.folders import read_folder
-    from echolabel.settings import Settings
-
-    from .vectors import folder_vectors
+    from .vectors import add_folder_arguments, labelled_folder_vectors
 
     parser = argparse.ArgumentParser(
         prog="python -m workers.review.duplicates_bench", description=__doc__
     )
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--labels", type=Path, required=True)
-    parser.add_argument("--field", required=True)
-    parser.add_argument("--encoder", default="efficientnet_lite0")
+    add_folder_arguments(parser)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/echolabel-review/cache"))
     parser.add_argument("--sheet", type=Path, help="write a contact sheet of pairs (PNG)")
     args = parser.parse_args(argv)
-    items = [
-        i
-        for i in read_folder(args.images, args.labels, fields=(args.field,))
-        if args.field in i.labels
-    ]
-    vectors, kept, _ = folder_vectors(
-        items, args.encoder, Settings.from_env(), root=args.images, cache_dir=args.cache
-    )
+    vectors, kept, _ = labelled_folder_vectors(args)
     labels = [i.labels[args.field] for i in kept]
     print(f"{len(kept)} images, {args.encoder}; distinct top-10 pairs by cosine similarity:")
     print("| cosine | pairs |\n|---|---|")

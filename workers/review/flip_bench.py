@@ -126,32 +126,18 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from echolabel.folders import read_folder
-    from echolabel.settings import Settings
-
-    from .vectors import folder_vectors
+    from .vectors import add_folder_arguments, labelled_folder_vectors
 
     parser = argparse.ArgumentParser(
         prog="python -m workers.review.flip_bench", description=__doc__
     )
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--labels", type=Path, required=True)
-    parser.add_argument("--field", required=True)
-    parser.add_argument("--encoder", default="efficientnet_lite0")
+    add_folder_arguments(parser)
     parser.add_argument("--rates", default="0.05,0.1,0.2")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/echolabel-review/cache"))
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    items = [
-        i
-        for i in read_folder(args.images, args.labels, fields=(args.field,))
-        if args.field in i.labels
-    ]
-    vectors, kept, failed = folder_vectors(
-        items, args.encoder, Settings.from_env(), root=args.images, cache_dir=args.cache
-    )
+    vectors, kept, failed = labelled_folder_vectors(args)
     rows = run(
         vectors,
         [i.labels[args.field] for i in kept],

@@ -7,6 +7,7 @@ keyed by the folder's fingerprint and the encoder's weights id.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echolabel.folders import Item, fingerprint
+from echolabel.folders import Item, fingerprint, read_folder
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder
@@ -34,7 +35,7 @@ def folder_vectors(
     With `cache_dir`, a previous result for the same items (fingerprint) and weights is read
     from `<cache_dir>/<encoder>-<fingerprint>.npz` instead of embedding again.
     """
-    from workers.evaluation.runner import _embed_all
+    from workers.evaluation.runner import embed_all
 
     settings = dataclasses.replace(settings, local_files_root=root.resolve())
     embedder = Embedder.from_settings(settings)
@@ -49,7 +50,7 @@ def folder_vectors(
             return data["vectors"], [by_task[t] for t in meta["tasks"]], meta["failed"]
     fetcher = ImageFetcher(settings)
     try:
-        vectors, kept, failed = _embed_all(embedder, fetcher.load, encoder, items, on_progress)
+        vectors, kept, failed = embed_all(embedder, fetcher.load, encoder, items, on_progress)
     finally:
         fetcher.close()
     if cached is not None:
@@ -57,3 +58,26 @@ def folder_vectors(
         meta = {"weights_id": model.weights_id, "tasks": [i.task for i in kept], "failed": failed}
         np.savez(cached, vectors=vectors, meta=np.array(json.dumps(meta)))
     return vectors, kept, failed
+
+
+def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The labelled folder and encoder a review measurement runs on."""
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument("--field", required=True)
+    parser.add_argument("--encoder", default="efficientnet_lite0")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/echolabel-review/cache"))
+
+
+def labelled_folder_vectors(
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+    """`folder_vectors` of the folder's items labelled in `--field` (see add_folder_arguments)."""
+    items = [
+        i
+        for i in read_folder(args.images, args.labels, fields=(args.field,))
+        if args.field in i.labels
+    ]
+    return folder_vectors(
+        items, args.encoder, Settings.from_env(), root=args.images, cache_dir=args.cache
+    )
