@@ -127,21 +127,10 @@ def test_doctor_on_a_stock_label_studio_with_ssrf_protection_and_legacy_tokens_o
     as Connected but creates no webhook, and doctor says so. Then the organisation turns
     legacy tokens off: a legacy key is refused with the fix, a personal access token works."""
     from echolabel.labelstudio import LabelStudioClient
-    from echolabel.labelstudio_server import LabelStudioServer, ensure_installed
-    from tests.conftest import LABEL_STUDIO_HOME
+    from tests.conftest import label_studio_server
     from tests.test_labelstudio_e2e import CONFIG, serve_images
 
-    server = LabelStudioServer(
-        executable=ensure_installed(LABEL_STUDIO_HOME / "venv"),
-        data_dir=tmp_path / "label-studio",
-        username="stock@example.com",
-        password="echolabel-stock-pass",
-        token="0123456789abcdef0123456789abcdef01234567",
-        local_files_root=tmp_path / "files",
-        template_dir=LABEL_STUDIO_HOME / "template",
-        extra_env={"SSRF_PROTECTION_ENABLED": "true"},
-    )
-    (tmp_path / "files").mkdir()
+    server = label_studio_server(tmp_path / "stock", SSRF_PROTECTION_ENABLED="true")
     rows = busi_rows()[::260]
     env = {
         "MODEL_DIR": str(tmp_path / "model"),
