@@ -308,7 +308,9 @@ class Doctor:
         try:
             client = LabelStudioClient(self.settings)
             user = client.whoami()
-            kind = {"legacy": "legacy token"}.get(client.token_kind, "personal access token")
+            kind = {"legacy": "legacy token"}.get(
+                client.token_kind, "personal access token (exchanged for an access token)"
+            )
         except (LabelStudioError, LabelStudioAuthError) as exc:
             self.fail(KEY_REFUSED, str(exc).split(": check")[0])
             return None
