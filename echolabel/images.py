@@ -9,7 +9,10 @@ only inside ECHOLABEL_LOCAL_FILES_ROOT, and everything else is refused. Every fa
 from __future__ import annotations
 
 import io
+import logging
 import stat
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -31,6 +34,7 @@ from pydicom.pixels import (
 )
 
 from echolabel.labelstudio_auth import LabelStudioAuth, LabelStudioAuthError
+from echolabel.sector import Box, sector_box
 from echolabel.settings import Settings
 
 ImageErrorReason = Literal[
@@ -70,6 +74,10 @@ _MAX_REDIRECTS = 3
 _CHUNK_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
+# pydicom's warnings quote element values ("Invalid value for VR DA: '…'"), which can be a
+# patient's name or birth date: they must not reach our logs.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
+
 
 class ImageError(ValueError):
     """An image could not be fetched or decoded.
@@ -84,12 +92,25 @@ class ImageError(ValueError):
         self.status: int = _STATUS[reason]
 
 
-def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Image:
+DicomFrame = Literal["first", "middle", "last"]
+UltrasoundCrop = Literal["off", "dicom", "all"]
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    source: str = "",
+    dicom_frame: DicomFrame = "middle",
+    ultrasound_crop: UltrasoundCrop = "off",
+) -> Image.Image:
     """Decode image bytes (any of the supported formats, DICOM included) to a loaded RGB image.
 
     The pixel count is checked from the header before any pixel is decoded. 16-bit and float
     greyscale is stretched over its own min–max range; transparency is composed onto black.
-    `source` names the image in error messages.
+    `source` names the image in error messages. A multi-frame DICOM (a cine loop) yields the
+    one frame `dicom_frame` names. `ultrasound_crop`: "dicom" crops DICOM ultrasound (Modality
+    US) to its sector, "all" crops every image to its largest bright region (`sector_box`).
     """
     where = f"{source}: " if source else ""
     if not data:
@@ -99,7 +120,28 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Ima
             "empty and that the reference points at the image itself",
         )
     if data[128:132] == b"DICM":
-        return _decode_dicom(data, max_pixels, where)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # see the pydicom logger above
+            rgb, modality, regions = _decode_dicom(data, max_pixels, where, dicom_frame)
+        if ultrasound_crop == "all" or (ultrasound_crop == "dicom" and modality == "US"):
+            rgb = _crop(rgb, regions)
+        return Image.fromarray(rgb, "RGB")
+    image = _decode_pillow(data, max_pixels, where)
+    if ultrasound_crop == "all":
+        return Image.fromarray(_crop(np.asarray(image)), "RGB")
+    return image
+
+
+def _crop(rgb: np.ndarray, regions: Sequence[Box] = ()) -> np.ndarray:
+    box = sector_box(rgb, regions)
+    if box is None:
+        return rgb
+    left, top, right, bottom = box
+    # A copy, so the crop does not keep the whole frame alive behind a view.
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
+def _decode_pillow(data: bytes, max_pixels: int, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except _BOMB as exc:
@@ -168,7 +210,13 @@ class ImageFetcher:
     def load(self, ref: str) -> Image.Image:
         """Fetch the image `ref` points at and decode it to RGB."""
         data = self.fetch_bytes(ref)
-        return decode_image(data, max_pixels=self._settings.max_image_pixels, source=_redact(ref))
+        return decode_image(
+            data,
+            max_pixels=self._settings.max_image_pixels,
+            source=_redact(ref),
+            dicom_frame=self._settings.dicom_frame,
+            ultrasound_crop=self._settings.ultrasound_crop,
+        )
 
     def fetch_bytes(self, ref: str) -> bytes:
         """The raw bytes `ref` points at, at most ECHOLABEL_MAX_IMAGE_BYTES of them."""
@@ -520,7 +568,14 @@ def _to_uint8(
 # --- DICOM ----------------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
+def _decode_dicom(
+    data: bytes, max_pixels: int, where: str, frame: DicomFrame
+) -> tuple[np.ndarray, str, list[Box]]:
+    """One frame as RGB uint8, the modality, and the 2-D ultrasound regions of the header.
+
+    Only pixels leave this function: no header value (patient name, id, dates) is returned,
+    logged or put into an error message, so none can reach a payload or a log line.
+    """
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     # pydicom raises many exception types on malformed files.
@@ -528,14 +583,21 @@ def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
         raise ImageError(
             "corrupt",
             f"{where}expected a readable DICOM file, found one pydicom cannot parse "
-            f"({type(exc).__name__}: {exc}); re-export it",
+            f"({type(exc).__name__}); re-export it",
         ) from exc
     if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        modality = dataset.get("Modality") or "object"
+        if len(dataset) == 0 or "Rows" in dataset:
+            # pydicom stops quietly at a truncated element: an image header without pixels,
+            # or nothing at all after the file meta, is a cut-off file.
+            raise ImageError(
+                "corrupt",
+                f"{where}expected a complete DICOM image, found a file that ends before its "
+                "pixel data (truncated or damaged); re-export or re-upload it",
+            )
         raise ImageError(
             "not_an_image",
-            f"{where}expected a DICOM image, found a DICOM {modality} without pixel data (a "
-            "report, plan or waveform); reference the image series instead",
+            f"{where}expected a DICOM image, found a DICOM {_modality(dataset) or 'object'} "
+            "without pixel data (a report, plan or waveform); reference the image series instead",
         )
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax is None:
@@ -550,23 +612,51 @@ def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
     if not decodable:
         raise ImageError(
             "not_an_image",
-            f"{where}expected DICOM pixel data this backend can decode, found transfer syntax "
-            f"{syntax.name} ({syntax}) with no decoder installed; convert the file to an "
-            "uncompressed or JPEG baseline syntax, or install pylibjpeg with its plugins",
+            f"{where}expected DICOM pixel data this backend can decode (uncompressed, deflated, "
+            "RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000), found transfer syntax "
+            f"{syntax.name} ({syntax}); convert the file to one of those",
         )
     try:
         _check_pixels((int(dataset.Columns), int(dataset.Rows)), max_pixels, where)
-        frame = pixel_array(dataset, index=0)  # first frame only: a cine loop decodes one
-        return Image.fromarray(_dicom_rgb(frame, dataset, where), "RGB")
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        index = {"first": 0, "middle": frames // 2, "last": frames - 1}[frame]
+        # Only the chosen frame is decoded: a 100-frame cine loop costs one frame.
+        pixels = pixel_array(dataset, index=index)
+        return _dicom_rgb(pixels, dataset, where), _modality(dataset), _us_regions(dataset)
     except ImageError:
         raise
     except Exception as exc:
+        # pydicom's messages name tags and syntaxes, never header values.
+        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise ImageError(
             "corrupt",
             f"{where}expected decodable DICOM pixel data ({syntax.name}), found an error: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; re-export "
-            "the file",
+            f"{type(exc).__name__}: {detail}; re-export the file",
         ) from exc
+
+
+def _modality(dataset: Dataset) -> str:
+    return str(dataset.get("Modality") or "").upper()
+
+
+def _us_regions(dataset: Dataset) -> list[Box]:
+    """Boxes of the 2-D (tissue or flow) regions in the Sequence of Ultrasound Regions."""
+    boxes: list[Box] = []
+    for region in dataset.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(region.RegionSpatialFormat) != 1:  # 1 = 2D; M-mode, spectra and the like
+                continue
+            boxes.append(
+                (
+                    int(region.RegionLocationMinX0),
+                    int(region.RegionLocationMinY0),
+                    int(region.RegionLocationMaxX1) + 1,  # the header's max is inclusive
+                    int(region.RegionLocationMaxY1) + 1,
+                )
+            )
+        except (AttributeError, TypeError, ValueError):
+            continue  # an incomplete region is skipped, as viewers do
+    return boxes
 
 
 def _dicom_rgb(frame: np.ndarray, dataset: Dataset, where: str) -> np.ndarray:
