@@ -128,10 +128,6 @@ def volume_vote(slice_labels: Sequence[str | None]) -> tuple[str | None, dict[st
     return winner, dict(sorted(counts.items()))
 
 
-def is_volume(path: Path) -> bool:
-    return path.is_dir() or path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
 def read_volume(path: Path, *, max_voxels: int = 300_000_000) -> Volume:
     """A NIfTI file or a DICOM series folder as a `Volume`; VolumeError when it is neither."""
     if path.is_dir():

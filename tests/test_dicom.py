@@ -14,8 +14,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
-from echolabel.images import ImageError, decode_image
+from echolabel.images import ImageError, ImageFetcher, decode_image
 from echolabel.sector import sector_box
+from echolabel.settings import ConfigError, Settings
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # Ultrasound files of pydicom's test data: a 30-frame JPEG-baseline YBR cine loop of a heart,
@@ -139,6 +140,29 @@ def test_a_truncated_cine_loop_is_corrupt():
     with pytest.raises(ImageError) as caught:
         decode(data[: len(data) * 2 // 3])
     assert caught.value.reason == "corrupt"
+
+
+def test_settings_name_the_frame_and_the_crop():
+    chosen = Settings.from_env(
+        {"ECHOLABEL_DICOM_FRAME": "First", "ECHOLABEL_ULTRASOUND_CROP": "all"}
+    )
+    assert (chosen.dicom_frame, chosen.ultrasound_crop) == ("first", "all")
+    for name, bad in (("ECHOLABEL_DICOM_FRAME", "7"), ("ECHOLABEL_ULTRASOUND_CROP", "sector")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: bad})
+
+
+def test_the_fetcher_reads_dicom_with_the_settings(settings):
+    (settings.local_files_root / CINE).write_bytes((FILES / CINE).read_bytes())
+    settings = Settings(
+        local_files_root=settings.local_files_root,
+        dicom_frame="last",
+        ultrasound_crop="dicom",
+    )
+    with ImageFetcher(settings) as fetcher:
+        image = np.asarray(fetcher.load(CINE))
+    data = (FILES / CINE).read_bytes()
+    assert np.array_equal(image, decode(data, dicom_frame="last", ultrasound_crop="dicom"))
 
 
 # --- the sector crop ---------------------------------------------------------------------
