@@ -74,9 +74,16 @@ _MAX_REDIRECTS = 3
 _CHUNK_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# pydicom's warnings quote element values ("Invalid value for VR DA: '…'"), which can be a
-# patient's name or birth date: they must not reach our logs.
-logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+def silence_pydicom() -> None:
+    """Keep pydicom's warnings out of logs and stderr: they quote element values ("Invalid
+    value for VR DA: '…'"), which can be a patient's name or birth date. A filter, not
+    `catch_warnings` around each decode, which swaps global state and is not thread-safe."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+silence_pydicom()
 
 
 class ImageError(ValueError):
@@ -120,9 +127,7 @@ def decode_image(
             "empty and that the reference points at the image itself",
         )
     if data[128:132] == b"DICM":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # see the pydicom logger above
-            rgb, modality, regions = _decode_dicom(data, max_pixels, where, dicom_frame)
+        rgb, modality, regions = _decode_dicom(data, max_pixels, where, dicom_frame)
         if ultrasound_crop == "all" or (ultrasound_crop == "dicom" and modality == "US"):
             rgb = _crop(rgb, regions)
         return Image.fromarray(rgb, "RGB")

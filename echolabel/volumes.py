@@ -10,8 +10,6 @@ no header value (patient name, id, dates) leaves this module.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,14 +22,15 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from echolabel.images import silence_pydicom
+
 SamplingKind = Literal["all", "every-n", "every-mm", "random"]
 SAMPLING_HELP = "all | every-n:N (every N-th slice) | every-mm:X (every X mm) | random:N (seeded)"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # The percentiles that set the grey range where the file gives no window: robust to the few
 # extreme voxels (metal, air outside the body) that a min–max stretch would follow.
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
-# pydicom's warnings quote element values, which can be patient data (see echolabel.images).
-logging.getLogger("pydicom").setLevel(logging.ERROR)
+silence_pydicom()
 
 
 class VolumeError(ValueError):
@@ -177,9 +176,7 @@ def _read_dicom_series(folder: Path, max_voxels: int) -> Volume:
             if handle.read(132)[128:132] != b"DICM":
                 continue  # not DICOM (a README, a thumbnail)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dataset = pydicom.dcmread(path)
+            dataset = pydicom.dcmread(path)
         except Exception as exc:
             raise VolumeError(
                 f"{path}: expected a readable DICOM file, found one pydicom cannot parse "
@@ -203,14 +200,12 @@ def _read_dicom_series(folder: Path, max_voxels: int) -> Volume:
     positions = _slice_positions(datasets)
     order = np.argsort(positions, kind="stable")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            slices = np.stack(
-                [
-                    np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]), np.float32)
-                    for i in order
-                ]
-            )
+        slices = np.stack(
+            [
+                np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]), np.float32)
+                for i in order
+            ]
+        )
     except Exception as exc:
         raise VolumeError(
             f"{folder}: expected decodable single-frame greyscale slices, found an error "

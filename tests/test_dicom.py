@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +276,20 @@ def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys)
 
 def decode_file(name: str) -> np.ndarray:
     return decode((FILES / name).read_bytes())
+
+
+def test_pydicom_warnings_quoting_values_are_silenced():
+    # badVR.dcm holds Number of Frames '1A': reading it makes pydicom warn with the value.
+    # A fresh interpreter, because pytest records warnings with its own filters.
+    code = (
+        "import logging, sys; from echolabel.logs import configure_logging; "
+        "from echolabel.images import ImageError, decode_image; configure_logging('DEBUG'); "
+        f"data = open({str(FILES / 'badVR.dcm')!r}, 'rb').read()\n"
+        "try: decode_image(data, max_pixels=10**6)\n"
+        "except ImageError as e: print(e.reason)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "corrupt"
+    assert "1A" not in done.stderr + done.stdout and "Invalid value" not in done.stderr
