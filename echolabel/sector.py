@@ -19,7 +19,7 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive), in pixe
 # Found by looking at the ultrasound files pydicom ships and at BUSI: speckle in dark tissue
 # is above ~10/255; JPEG noise in the black background stays below it.
 _BRIGHT = 12
-_WORK_SIDE = 256  # the search runs on a copy this long at most: fast, and text strokes vanish
+_WORK_SIDE = 400  # the search runs on a copy this long at most: fast; small text stays thin
 # Never crop to less than this share of the image's width or height: a box that thin is a
 # banner, a scale or a text block, not a sector (the search failed), so the whole image is
 # kept instead.

@@ -170,16 +170,26 @@ def test_the_fetcher_reads_dicom_with_the_settings(settings):
 # --- the sector crop ---------------------------------------------------------------------
 
 
-def test_crop_drops_the_burned_in_text_above_the_sector():
-    data = (FILES / US_J2K).read_bytes()
+@pytest.mark.parametrize(("name", "scale"), [(US_J2K, 1.0), ("examples_rgb_color.dcm", 0.5)])
+def test_crop_drops_the_burned_in_text_above_the_sector(name, scale):
+    # The same Doppler capture at 640×480 and 320×240.
+    data = (FILES / name).read_bytes()
     full = decode(data, ultrasound_crop="off")
     box = sector_box(full)
     assert box is not None
-    left, top, right, bottom = box
-    # Site, patient and date text fill the top 100 rows; "LYMPH NODE" and a scale lie below
-    # the sector (row 345 on); the Doppler sector spans nearly the whole width.
+    left, top, right, bottom = (v / scale for v in box)
+    # Site, patient and date text fill the top 100 rows (of 480); "LYMPH NODE" and a scale
+    # lie below the sector (row 345 on); the sector spans nearly the whole width.
     assert 90 <= top <= 110 and 300 <= bottom <= 345 and right - left > 600, box
-    assert np.array_equal(decode(data, ultrasound_crop="dicom"), full[top:bottom, left:right])
+    x0, y0, x1, y1 = box
+    assert np.array_equal(decode(data, ultrasound_crop="dicom"), full[y0:y1, x0:x1])
+
+
+def test_crop_keeps_the_whole_image_when_the_sector_is_too_dark_to_find():
+    # The Philips palette capture: a nearly black sector under a bright title banner.
+    full = decode_file("examples_palette.dcm")
+    assert sector_box(full) is None
+    assert np.array_equal(decode_file("examples_palette.dcm", ultrasound_crop="dicom"), full)
 
 
 def test_crop_of_the_cine_keeps_the_heart_sector_only():
@@ -274,8 +284,8 @@ def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys)
     assert report.failures[3].reason == "corrupt"
 
 
-def decode_file(name: str) -> np.ndarray:
-    return decode((FILES / name).read_bytes())
+def decode_file(name: str, **options) -> np.ndarray:
+    return decode((FILES / name).read_bytes(), **options)
 
 
 def test_pydicom_warnings_quoting_values_are_silenced():
