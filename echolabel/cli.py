@@ -183,7 +183,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     volumes.add_argument("--field", action="append", required=True, help="label column")
     volumes.add_argument("--volume-column", default="volume")
-    volumes.add_argument("--sampling", default="all", help="all, every-n:N, every-mm:X, random:N")
+    volumes.add_argument(
+        "--sampling",
+        default="all",
+        help="all, every-n:N, every-mm:X or random:N; several, comma-separated, are compared",
+    )
     volumes.add_argument("--seed", type=int, default=0, help="seed of random:N sampling")
     volumes.add_argument("--encoders", help="comma-separated (default: ECHOLABEL_ENCODER)")
     volumes.add_argument("--k", type=int, default=10)
@@ -583,7 +587,7 @@ def _evaluate_volumes(args: argparse.Namespace, settings: Settings) -> int:
     from workers.evaluation.report import headline, write_report
     from workers.evaluation.volumes import evaluate_volumes, volume_headline
 
-    sampling = Sampling.parse(args.sampling)
+    samplings = [Sampling.parse(spec) for spec in args.sampling.split(",") if spec.strip()]
     items = read_folder(
         args.volumes, args.labels, image_column=args.volume_column, fields=tuple(args.field)
     )
@@ -599,12 +603,12 @@ def _evaluate_volumes(args: argparse.Namespace, settings: Settings) -> int:
             args.field,
             encoders,
             settings,
-            sampling=sampling,
+            samplings=samplings,
             seed=args.seed,
             k=args.k,
             min_class_size=args.min_class_size,
             command="echolabel " + shlex.join(args.argv),
-            description=f"volumes in {args.volumes.resolve()}, sampling {sampling}",
+            description=f"volumes in {args.volumes.resolve()}",
             on_progress=show,
         )
     json_path, html_path = write_report(report, args.out)

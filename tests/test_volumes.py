@@ -211,7 +211,9 @@ def synthetic_set(root: Path, per_class: int = 4, seed: int = 0) -> list[Item]:
 
 def test_count_vote_labels_every_volume_despite_mixed_slices(tmp_path, settings):
     items = synthetic_set(tmp_path)
-    report = evaluate_volumes(items, ["region"], [TINY_ENCODER], settings, sampling=Sampling("all"))
+    report = evaluate_volumes(
+        items, ["region"], [TINY_ENCODER], settings, samplings=[Sampling("all")]
+    )
     result = report["encoders"][TINY_ENCODER]
     assert result["images"] == len(items) * SLICES and result["failed"] == {}
     volumes = result["volume_vote"]["region"]
@@ -233,7 +235,9 @@ def test_slices_of_the_same_volume_are_never_its_neighbours(tmp_path, settings):
     rng = np.random.default_rng(9)
     odd = write_nifti(tmp_path / "odd.nii.gz", np.stack([pattern_slice("top", rng)] * SLICES))
     items.append(Item("odd.nii.gz", odd, {"region": "left"}))
-    report = evaluate_volumes(items, ["region"], [TINY_ENCODER], settings, sampling=Sampling("all"))
+    report = evaluate_volumes(
+        items, ["region"], [TINY_ENCODER], settings, samplings=[Sampling("all")]
+    )
     volumes = report["encoders"][TINY_ENCODER]["volume_vote"]["region"]
     row = next(r for r in volumes["volume_votes"] if r["volume"] == "odd.nii.gz")
     assert row["voted"] == "top"
@@ -250,12 +254,38 @@ def test_each_sampling_embeds_the_chosen_slices_and_still_votes_right(
     # Without the mixed volume every sampled slice carries its class.
     items = [i for i in items if i.task != "top0.nii.gz"]
     report = evaluate_volumes(
-        items, ["region"], [TINY_ENCODER], settings, sampling=Sampling.parse(spec)
+        items, ["region"], [TINY_ENCODER], settings, samplings=[Sampling.parse(spec)]
     )
     result = report["encoders"][TINY_ENCODER]
     assert result["images"] == len(items) * per_volume  # 2 mm slices: every 6 mm = every 3rd
     assert result["volume_vote"]["region"]["accuracy"] == 1.0
     assert report["dataset"]["sampling"] == spec
+
+
+def test_several_samplings_are_compared_in_one_report(tmp_path, settings, monkeypatch):
+    from workers.embedding import Embedder
+
+    embedded = []
+    real = Embedder.embed_images
+
+    def counting(self, encoder, images):
+        embedded.extend(images)
+        return real(self, encoder, images)
+
+    monkeypatch.setattr(Embedder, "embed_images", counting)
+    items = [i for i in synthetic_set(tmp_path, per_class=3) if i.task != "top0.nii.gz"]
+    samplings = [Sampling.parse(spec) for spec in ("every-n:4", "every-mm:6", "random:6")]
+    report = evaluate_volumes(items, ["region"], [TINY_ENCODER], settings, samplings=samplings)
+    # A slice two samplings pick is embedded once: at most all 12 slices of each volume.
+    assert 48 <= len(embedded) <= 8 * SLICES < 24 + 32 + 48
+    assert list(report["encoders"]) == [
+        f"{TINY_ENCODER} every-n:4",
+        f"{TINY_ENCODER} every-mm:6",
+        f"{TINY_ENCODER} random:6",
+    ]
+    assert [r["images"] for r in report["encoders"].values()] == [24, 32, 48]
+    assert all(r["volume_vote"]["region"]["accuracy"] == 1.0 for r in report["encoders"].values())
+    assert report["dataset"]["sampling"] == "every-n:4, every-mm:6, random:6"
 
 
 def test_cli_writes_the_volume_report(tmp_path, monkeypatch, capsys):

@@ -33,7 +33,7 @@ def evaluate_volumes(
     encoders: Sequence[str],
     settings: Settings,
     *,
-    sampling: Sampling,
+    samplings: Sequence[Sampling],
     seed: int = 0,
     k: int = 10,
     min_class_size: int = 20,
@@ -41,7 +41,14 @@ def evaluate_volumes(
     description: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
-    """The report for these volumes (`Item.path`: a NIfTI file or a DICOM series folder)."""
+    """The report for these volumes (`Item.path`: a NIfTI file or a DICOM series folder).
+
+    One block per encoder and sampling under `encoders`, keyed by the encoder's name, or by
+    "<encoder> <sampling>" when several samplings are compared (as the paper's tables do);
+    each slice is embedded once however many samplings pick it.
+    """
+    if not samplings:
+        raise ValueError("no sampling given: expected at least one (e.g. every-n:4)")
     embedder = Embedder.from_settings(settings)
     report = new_report(
         command=command,
@@ -55,54 +62,66 @@ def evaluate_volumes(
             "fingerprint": fingerprint(list(items)),
             "groups": True,  # the volume is the group: leave-one-volume-out
             "fields": list(fields),
-            "sampling": str(sampling),
+            "sampling": ", ".join(map(str, samplings)),
             "seed": seed,
         },
     )
     for name in encoders:
         model = embedder.encoder(name)
-        vectors, slices, failed = _embed_slices(embedder, name, items, sampling, seed, on_progress)
-        volumes = [volume for volume, _ in slices]
-        labels = {f: [volume.labels.get(f) for volume in volumes] for f in fields}
-        groups = [volume.task for volume in volumes]
-        result = evaluate_vectors(
-            vectors,
-            labels,
-            groups=groups,
+        embedded, failed = _embed_volumes(embedder, name, items, samplings, seed, on_progress)
+        for sampling in samplings:
+            rows = [
+                (item, vectors[i]) for item, picks, vectors in embedded for i in picks[sampling]
+            ]
+            key = name if len(samplings) == 1 else f"{name} {sampling}"
+            report["encoders"][key] = {
+                "encoder": name,
+                "sampling": str(sampling),
+                "weights_id": model.weights_id,
+                "dim": model.dim,
+                "images": len(rows),
+                "volumes": len(embedded),
+                "failed": failed,
+                **_evaluate_slices(rows, fields, settings, k, min_class_size),
+            }
+    return report
+
+
+def _evaluate_slices(
+    rows: Sequence[tuple[Item, np.ndarray]],
+    fields: Sequence[str],
+    settings: Settings,
+    k: int,
+    min_class_size: int,
+) -> dict[str, Any]:
+    """The slice-level report and, under `volume_vote`, the count vote per field."""
+    vectors = np.stack([vector for _, vector in rows])
+    labels = {f: [item.labels.get(f) for item, _ in rows] for f in fields}
+    groups = [item.task for item, _ in rows]
+    result = evaluate_vectors(
+        vectors,
+        labels,
+        groups=groups,
+        k=k,
+        min_class_size=min_class_size,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+    )
+    indices, similarities = leave_one_out_neighbours(vectors, k, groups=groups)
+    volumes = list({item.task: item for item, _ in rows}.values())
+    by_field = {}
+    for field in fields:
+        votes = neighbour_votes(
+            labels[field],
+            indices,
+            similarities,
+            field=field,
             k=k,
-            min_class_size=min_class_size,
             min_neighbours=settings.min_neighbours,
             min_score=settings.min_score,
         )
-        indices, similarities = leave_one_out_neighbours(vectors, k, groups=groups)
-        by_field = {}
-        for field in fields:
-            votes = neighbour_votes(
-                labels[field],
-                indices,
-                similarities,
-                field=field,
-                k=k,
-                min_neighbours=settings.min_neighbours,
-                min_score=settings.min_score,
-            )
-            by_field[field] = volume_metrics(
-                [item for item in items if item.task not in failed],
-                field,
-                groups,
-                [v.label for v in votes],
-            )
-        report["encoders"][name] = {
-            "encoder": name,
-            "weights_id": model.weights_id,
-            "dim": model.dim,
-            "images": len(volumes),
-            "volumes": len(items) - len(failed),
-            "failed": failed,
-            **result,
-            "volume_vote": by_field,
-        }
-    return report
+        by_field[field] = volume_metrics(volumes, field, groups, [v.label for v in votes])
+    return {**result, "volume_vote": by_field}
 
 
 def volume_metrics(
@@ -178,17 +197,17 @@ def volume_headline(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _embed_slices(
+def _embed_volumes(
     embedder: Embedder,
     encoder: str,
     items: Sequence[Item],
-    sampling: Sampling,
+    samplings: Sequence[Sampling],
     seed: int,
     on_progress: Progress,
-) -> tuple[np.ndarray, list[tuple[Item, int]], dict[str, str]]:
-    """Vectors of every volume's sampled slices, with (volume, slice index) per row."""
-    rows: list[np.ndarray] = []
-    slices: list[tuple[Item, int]] = []
+) -> tuple[list[tuple[Item, dict[Sampling, list[int]], dict[int, np.ndarray]]], dict[str, str]]:
+    """Per readable volume: the slices each sampling picks and the vector of every picked
+    slice (each embedded once); and the reasons of the volumes that could not be read."""
+    embedded: list[tuple[Item, dict[Sampling, list[int]], dict[int, np.ndarray]]] = []
     failed: dict[str, str] = {}
     for item in items:
         try:
@@ -199,13 +218,16 @@ def _embed_slices(
             continue
         # A seed per volume (from the run's seed and the volume's name): random sampling does
         # not pick the same slice numbers in every volume, and a rerun picks the same ones.
-        chosen = sampling.pick(volume.positions_mm, seed=[seed, zlib.crc32(item.task.encode())])
-        for start in range(0, len(chosen), embedder.batch_size):
-            batch = chosen[start : start + embedder.batch_size]
-            vectors = embedder.embed_images(encoder, [volume.slice_image(i) for i in batch])
-            rows.extend(np.asarray(vectors, dtype=np.float32))
-            slices.extend((item, i) for i in batch)
+        volume_seed = [seed, zlib.crc32(item.task.encode())]
+        picks = {s: s.pick(volume.positions_mm, seed=volume_seed) for s in samplings}
+        wanted = sorted({i for chosen in picks.values() for i in chosen})
+        vectors: dict[int, np.ndarray] = {}
+        for start in range(0, len(wanted), embedder.batch_size):
+            batch = wanted[start : start + embedder.batch_size]
+            out = embedder.embed_images(encoder, [volume.slice_image(i) for i in batch])
+            vectors.update(zip(batch, np.asarray(out, dtype=np.float32), strict=True))
+        embedded.append((item, picks, vectors))
         on_progress(encoder, 1)
-    if not rows:
+    if not embedded:
         raise ValueError(f"no volume could be read: {list(failed.values())[:3]}")
-    return np.stack(rows), slices, failed
+    return embedded, failed
