@@ -169,7 +169,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         "img{max-width:100%}.meta{color:#555}</style></head><body>",
         "<h1>echolabel evaluation</h1>",
         f"<p class='meta'>{html.escape(report['dataset']['description'])} — "
-        f"{report['dataset']['items']} images, fingerprint {report['dataset']['fingerprint']}; "
+        f"{report['dataset']['items']} {report['dataset'].get('unit', 'images')}, "
+        f"fingerprint {report['dataset']['fingerprint']}; "
         f"k={report['k']}; leave-one-out"
         f"{' and leave-patient-out' if report['dataset'].get('groups') else ''}.<br>"
         f"command: <code>{html.escape(report['command'])}</code></p>",

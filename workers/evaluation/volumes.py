@@ -59,6 +59,7 @@ def evaluate_volumes(
         dataset={
             "description": description or "volumes",
             "items": len(items),
+            "unit": "volumes",
             "fingerprint": fingerprint(list(items)),
             "groups": True,  # the volume is the group: leave-one-volume-out
             "fields": list(fields),
