@@ -210,6 +210,30 @@ def _parser() -> argparse.ArgumentParser:
 
     review_cli.add_parsers(sub)
 
+    volumes = sub.add_parser(
+        "evaluate-volumes",
+        help="volume-level recall: slices voted by other volumes' slices, then counted",
+    )
+    volumes.add_argument(
+        "--volumes", type=Path, required=True, help="folder of NIfTI files / DICOM series folders"
+    )
+    volumes.add_argument(
+        "--labels", type=Path, required=True, help="CSV: volume path (relative), label columns"
+    )
+    volumes.add_argument("--field", action="append", required=True, help="label column")
+    volumes.add_argument("--volume-column", default="volume")
+    volumes.add_argument(
+        "--sampling",
+        default="all",
+        help="all, every-n:N, every-mm:X or random:N; several, comma-separated, are compared",
+    )
+    volumes.add_argument("--seed", type=int, default=0, help="seed of random:N sampling")
+    volumes.add_argument("--encoders", help="comma-separated (default: ECHOLABEL_ENCODER)")
+    volumes.add_argument("--k", type=int, default=10)
+    volumes.add_argument("--min-class-size", type=int, default=20, help="in slices")
+    volumes.add_argument("--out", type=Path, required=True, help="folder for report.json/html")
+    volumes.set_defaults(run=_evaluate_volumes)
+
     worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
     worker.add_argument("queues", nargs="*", help="queues to work (default: all)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
@@ -601,6 +625,45 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         )
     json_path, html_path = write_report(report, args.out)
     print(headline(report))
+    print(f"\n{json_path}\n{html_path}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_volumes(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    from echolabel.folders import read_folder
+    from echolabel.volumes import Sampling
+    from workers.evaluation.report import headline, write_report
+    from workers.evaluation.volumes import evaluate_volumes, volume_headline
+
+    samplings = [Sampling.parse(spec) for spec in args.sampling.split(",") if spec.strip()]
+    items = read_folder(
+        args.volumes, args.labels, image_column=args.volume_column, fields=tuple(args.field)
+    )
+    encoders = [e.strip() for e in (args.encoders or settings.encoder).split(",") if e.strip()]
+    with tqdm(total=len(items) * len(encoders), unit="volume", desc="evaluate-volumes") as bar:
+
+        def show(encoder: str, count: int) -> None:
+            bar.set_postfix(encoder=encoder)
+            bar.update(count)
+
+        report = evaluate_volumes(
+            items,
+            args.field,
+            encoders,
+            settings,
+            samplings=samplings,
+            seed=args.seed,
+            k=args.k,
+            min_class_size=args.min_class_size,
+            command="echolabel " + shlex.join(args.argv),
+            description=f"volumes in {args.volumes.resolve()}",
+            on_progress=show,
+        )
+    json_path, html_path = write_report(report, args.out)
+    print(volume_headline(report))
+    print("\nslices (leave-one-volume-out):\n" + headline(report))
     print(f"\n{json_path}\n{html_path}", file=sys.stderr)
     return 0
 

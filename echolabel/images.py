@@ -9,7 +9,10 @@ only inside ECHOLABEL_LOCAL_FILES_ROOT, and everything else is refused. Every fa
 from __future__ import annotations
 
 import io
+import logging
 import stat
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -31,6 +34,7 @@ from pydicom.pixels import (
 )
 
 from echolabel.labelstudio_auth import LabelStudioAuth, LabelStudioAuthError
+from echolabel.sector import Box, sector_box
 from echolabel.settings import Settings
 
 ImageErrorReason = Literal[
@@ -71,6 +75,17 @@ _CHUNK_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def silence_pydicom() -> None:
+    """Keep pydicom's warnings out of logs and stderr: they quote element values ("Invalid
+    value for VR DA: '…'"), which can be a patient's name or birth date. A filter, not
+    `catch_warnings` around each decode, which swaps global state and is not thread-safe."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+silence_pydicom()
+
+
 class ImageError(ValueError):
     """An image could not be fetched or decoded.
 
@@ -84,8 +99,18 @@ class ImageError(ValueError):
         self.status: int = _STATUS[reason]
 
 
+DicomFrame = Literal["first", "middle", "last"]
+UltrasoundCrop = Literal["off", "dicom", "all"]
+
+
 def decode_image(
-    data: bytes, *, max_pixels: int, source: str = "", min_side: int | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    source: str = "",
+    min_side: int | None = None,
+    dicom_frame: DicomFrame = "middle",
+    ultrasound_crop: UltrasoundCrop = "off",
 ) -> Image.Image:
     """Decode image bytes (any of the supported formats, DICOM included) to a loaded RGB image.
 
@@ -94,6 +119,9 @@ def decode_image(
     `source` names the image in error messages. With `min_side` (the side an encoder resizes
     to), a JPEG at least twice that size is decoded reduced by 1/2–1/8 inside libjpeg's DCT,
     keeping both sides ≥ `min_side`: 7× faster for 1024² frames (README, Performance §3).
+    A multi-frame DICOM (a cine loop) yields the one frame `dicom_frame` names.
+    `ultrasound_crop`: "dicom" crops DICOM ultrasound (Modality US) to its sector, "all" crops
+    every image to its largest bright region (`sector_box`).
     """
     where = f"{source}: " if source else ""
     if not data:
@@ -103,7 +131,28 @@ def decode_image(
             "empty and that the reference points at the image itself",
         )
     if data[128:132] == b"DICM":
-        return _decode_dicom(data, max_pixels, where)
+        rgb, modality, regions = _decode_dicom(data, max_pixels, where, dicom_frame)
+        if ultrasound_crop == "all" or (ultrasound_crop == "dicom" and modality == "US"):
+            rgb = _crop(rgb, regions)
+        return Image.fromarray(rgb, "RGB")
+    if ultrasound_crop == "all":
+        # Decoded in full: a reduced decode could leave the cropped sector under `min_side`.
+        return Image.fromarray(_crop(np.asarray(_decode_pillow(data, max_pixels, where))), "RGB")
+    return _decode_pillow(data, max_pixels, where, min_side)
+
+
+def _crop(rgb: np.ndarray, regions: Sequence[Box] = ()) -> np.ndarray:
+    box = sector_box(rgb, regions)
+    if box is None:
+        return rgb
+    left, top, right, bottom = box
+    # A copy, so the crop does not keep the whole frame alive behind a view.
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
+def _decode_pillow(
+    data: bytes, max_pixels: int, where: str, min_side: int | None = None
+) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except _BOMB as exc:
@@ -180,6 +229,8 @@ class ImageFetcher:
             max_pixels=self._settings.max_image_pixels,
             source=_redact(ref),
             min_side=min_side,
+            dicom_frame=self._settings.dicom_frame,
+            ultrasound_crop=self._settings.ultrasound_crop,
         )
 
     def fetch_bytes(self, ref: str) -> bytes:
@@ -532,7 +583,14 @@ def _to_uint8(
 # --- DICOM ----------------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
+def _decode_dicom(
+    data: bytes, max_pixels: int, where: str, frame: DicomFrame
+) -> tuple[np.ndarray, str, list[Box]]:
+    """One frame as RGB uint8, the modality, and the 2-D ultrasound regions of the header.
+
+    Only pixels leave this function: no header value (patient name, id, dates) is returned,
+    logged or put into an error message, so none can reach a payload or a log line.
+    """
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     # pydicom raises many exception types on malformed files.
@@ -540,14 +598,21 @@ def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
         raise ImageError(
             "corrupt",
             f"{where}expected a readable DICOM file, found one pydicom cannot parse "
-            f"({type(exc).__name__}: {exc}); re-export it",
+            f"({type(exc).__name__}); re-export it",
         ) from exc
     if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        modality = dataset.get("Modality") or "object"
+        if len(dataset) == 0 or "Rows" in dataset:
+            # pydicom stops quietly at a truncated element: an image header without pixels,
+            # or nothing at all after the file meta, is a cut-off file.
+            raise ImageError(
+                "corrupt",
+                f"{where}expected a complete DICOM image, found a file that ends before its "
+                "pixel data (truncated or damaged); re-export or re-upload it",
+            )
         raise ImageError(
             "not_an_image",
-            f"{where}expected a DICOM image, found a DICOM {modality} without pixel data (a "
-            "report, plan or waveform); reference the image series instead",
+            f"{where}expected a DICOM image, found a DICOM {_modality(dataset) or 'object'} "
+            "without pixel data (a report, plan or waveform); reference the image series instead",
         )
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax is None:
@@ -562,23 +627,51 @@ def _decode_dicom(data: bytes, max_pixels: int, where: str) -> Image.Image:
     if not decodable:
         raise ImageError(
             "not_an_image",
-            f"{where}expected DICOM pixel data this backend can decode, found transfer syntax "
-            f"{syntax.name} ({syntax}) with no decoder installed; convert the file to an "
-            "uncompressed or JPEG baseline syntax, or install pylibjpeg with its plugins",
+            f"{where}expected DICOM pixel data this backend can decode (uncompressed, deflated, "
+            "RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000), found transfer syntax "
+            f"{syntax.name} ({syntax}); convert the file to one of those",
         )
     try:
         _check_pixels((int(dataset.Columns), int(dataset.Rows)), max_pixels, where)
-        frame = pixel_array(dataset, index=0)  # first frame only: a cine loop decodes one
-        return Image.fromarray(_dicom_rgb(frame, dataset, where), "RGB")
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        index = {"first": 0, "middle": frames // 2, "last": frames - 1}[frame]
+        # Only the chosen frame is decoded: a 100-frame cine loop costs one frame.
+        pixels = pixel_array(dataset, index=index)
+        return _dicom_rgb(pixels, dataset, where), _modality(dataset), _us_regions(dataset)
     except ImageError:
         raise
     except Exception as exc:
+        # pydicom's messages name tags and syntaxes, never header values.
+        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise ImageError(
             "corrupt",
             f"{where}expected decodable DICOM pixel data ({syntax.name}), found an error: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; re-export "
-            "the file",
+            f"{type(exc).__name__}: {detail}; re-export the file",
         ) from exc
+
+
+def _modality(dataset: Dataset) -> str:
+    return str(dataset.get("Modality") or "").upper()
+
+
+def _us_regions(dataset: Dataset) -> list[Box]:
+    """Boxes of the 2-D (tissue or flow) regions in the Sequence of Ultrasound Regions."""
+    boxes: list[Box] = []
+    for region in dataset.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(region.RegionSpatialFormat) != 1:  # 1 = 2D; M-mode, spectra and the like
+                continue
+            boxes.append(
+                (
+                    int(region.RegionLocationMinX0),
+                    int(region.RegionLocationMinY0),
+                    int(region.RegionLocationMaxX1) + 1,  # the header's max is inclusive
+                    int(region.RegionLocationMaxY1) + 1,
+                )
+            )
+        except (AttributeError, TypeError, ValueError):
+            continue  # an incomplete region is skipped, as viewers do
+    return boxes
 
 
 def _dicom_rgb(frame: np.ndarray, dataset: Dataset, where: str) -> np.ndarray:

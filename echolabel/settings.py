@@ -41,6 +41,8 @@ class Settings:
     local_files_root: Path | None = None
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    dicom_frame: str = "middle"
+    ultrasound_crop: str = "dicom"
     fetch_timeout_s: float = 10.0
     embed_wait_s: float = 20.0
     job_retry_intervals: tuple[int, ...] = (5, 30, 120)
@@ -93,6 +95,12 @@ class Settings:
             max_image_bytes=reader.integer("ECHOLABEL_MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
             max_image_pixels=reader.integer(
                 "ECHOLABEL_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1
+            ),
+            dicom_frame=reader.choice(
+                "ECHOLABEL_DICOM_FRAME", ("first", "middle", "last"), cls.dicom_frame
+            ),
+            ultrasound_crop=reader.choice(
+                "ECHOLABEL_ULTRASOUND_CROP", ("off", "dicom", "all"), cls.ultrasound_crop
             ),
             fetch_timeout_s=float(
                 reader.integer("ECHOLABEL_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1)

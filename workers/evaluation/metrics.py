@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from echolabel.vote import vote
+from echolabel.vote import FieldVote, vote
 from vectorstore import Neighbour
 
 MISSING = -1  # index padding where fewer than k candidates remain
@@ -223,15 +223,7 @@ def vote_metrics(
     free_predicted = np.full(len(queries), -1)  # at min_score = 0
     free_score = np.zeros(len(queries))
     for i, q in enumerate(queries):
-        neighbours = [
-            Neighbour(
-                task=int(j),
-                similarity=float(s),
-                labels={} if names[j] is None else {field: names[j]},
-            )
-            for j, s in zip(idx[q, :k], sims[q, :k], strict=True)
-            if j != MISSING
-        ]
+        neighbours = _neighbours(names, idx[q, :k], sims[q, :k], field)
         chosen = vote(neighbours, [field], min_neighbours=min_neighbours, min_score=min_score)
         free = vote(neighbours, [field], min_neighbours=min_neighbours, min_score=0.0)
         if not chosen[field].abstained:
@@ -292,6 +284,45 @@ def vote_metrics(
         "coverage_curve": curve,
         "calibration": calibration,
     }
+
+
+def neighbour_votes(
+    labels: Sequence[str | None],
+    indices: np.ndarray,
+    similarities: np.ndarray,
+    *,
+    field: str = "label",
+    k: int = 10,
+    min_neighbours: int,
+    min_score: float,
+) -> list[FieldVote]:
+    """The backend's vote (`echolabel.vote.vote`) of every row's top k, labelled or not:
+    what each item would be shown, e.g. each slice of a volume before the slices vote."""
+    idx, sims, names = np.asarray(indices), np.asarray(similarities), list(labels)
+    return [
+        vote(
+            _neighbours(names, idx[q, :k], sims[q, :k], field),
+            [field],
+            min_neighbours=min_neighbours,
+            min_score=min_score,
+        )[field]
+        for q in range(idx.shape[0])
+    ]
+
+
+def _neighbours(
+    names: Sequence[str | None], row: np.ndarray, sims: np.ndarray, field: str
+) -> list[Neighbour]:
+    """One query's retrieved items as the store's neighbours, padding (-1) left out."""
+    return [
+        Neighbour(
+            task=int(j),
+            similarity=float(s),
+            labels={} if names[j] is None else {field: names[j]},
+        )
+        for j, s in zip(row, sims, strict=True)
+        if j != MISSING
+    ]
 
 
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -439,15 +470,7 @@ def choose_k(
     def accuracy(subset: Sequence[int], k: int) -> float | None:
         correct = voted = 0
         for q in subset:
-            neighbours = [
-                Neighbour(
-                    task=int(j),
-                    similarity=float(s),
-                    labels={} if names[j] is None else {field: names[j]},
-                )
-                for j, s in zip(idx[q, :k], np.asarray(similarities)[q, :k], strict=True)
-                if j != MISSING
-            ]
+            neighbours = _neighbours(names, idx[q, :k], np.asarray(similarities)[q, :k], field)
             outcome = vote(neighbours, [field], min_neighbours=1, min_score=0.0)[field]
             if not outcome.abstained:
                 voted += 1

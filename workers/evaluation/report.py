@@ -194,7 +194,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         "img{max-width:100%}.meta{color:#555}</style></head><body>",
         "<h1>echolabel evaluation</h1>",
         f"<p class='meta'>{html.escape(report['dataset']['description'])} — "
-        f"{report['dataset']['items']} images, fingerprint {report['dataset']['fingerprint']}; "
+        f"{report['dataset']['items']} {report['dataset'].get('unit', 'images')}, "
+        f"fingerprint {report['dataset']['fingerprint']}; "
         f"k={report['k']}; leave-one-out"
         f"{' and leave-patient-out' if report['dataset'].get('groups') else ''}.<br>"
         f"command: <code>{html.escape(report['command'])}</code></p>",
@@ -236,6 +237,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     if any("pixels" in result for result in encoders.values()):
         parts.append("<h2>Pixel similarity of the retrieved sets</h2>")
         parts.append(_pixel_table(encoders))
+    if any("volume_vote" in result for result in encoders.values()):
+        parts.append(_volume_section(report))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -312,6 +315,41 @@ def _pixel_table(encoders: Mapping[str, Any]) -> str:
                 f"<td>{top['mse']:.4f}</td><td>{rand['mse']:.4f}</td></tr>"
             )
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _volume_section(report: Mapping[str, Any]) -> str:
+    """Volume-level results (workers.evaluation.volumes): recall per class, as in Khun Jush
+    et al.'s tables, and the confusion of the count vote."""
+    encoders = report["encoders"]
+    parts = [
+        "<h2>Volumes: count vote over slices (leave-one-volume-out)</h2>",
+        f"<p>Sampling {html.escape(str(report['dataset'].get('sampling')))}; each slice is "
+        "voted by its top k among the other volumes' slices; the volume takes the label most "
+        "of its slices got. Recall counts an abstaining volume as a miss.</p>",
+    ]
+    fields = list(next(iter(encoders.values())).get("volume_vote", {}))
+    for name in fields:
+        classes = list(next(iter(encoders.values()))["volume_vote"][name]["per_class"])
+        head = (
+            "<tr><th>encoder</th><th>volumes</th><th>coverage</th><th>accuracy</th>"
+            "<th>macro recall</th>"
+            + "".join(f"<th>recall {html.escape(str(c))}</th>" for c in classes)
+            + "</tr>"
+        )
+        rows = []
+        for encoder, result in encoders.items():
+            v = result["volume_vote"][name]
+            cells = "".join(f"<td>{v['per_class'][c]['recall']:.3f}</td>" for c in classes)
+            rows.append(
+                f"<tr><td>{html.escape(encoder)}</td><td>{v['volumes']}</td>"
+                f"<td>{v['coverage']:.2f}</td><td>{_num(v['accuracy'])}</td>"
+                f"<td>{_num(v['macro_recall'])}</td>{cells}</tr>"
+            )
+        parts.append(f"<h3>Field “{html.escape(name)}”</h3><table>{head}{''.join(rows)}</table>")
+        for encoder, result in encoders.items():
+            parts.append(f"<h4>Confusion of the volume vote — {html.escape(encoder)}</h4>")
+            parts.append(_confusion_table(result["volume_vote"][name]["confusion"]))
+    return "\n".join(parts)
 
 
 def _confusion_table(confusion: Mapping[str, Any]) -> str:

@@ -53,6 +53,9 @@ def evaluate_folder(
             "fingerprint": fingerprint(list(items)),
             "groups": any(i.group for i in items),
             "fields": list(fields),
+            # Preprocessing changes every vector: a report says which it measured.
+            "ultrasound_crop": settings.ultrasound_crop,
+            "dicom_frame": settings.dicom_frame,
         },
     )
     thumbnails: dict[str, np.ndarray] = {}
