@@ -8,7 +8,6 @@ already formatted, so the page never builds markup from job data.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,7 +137,8 @@ def _job_row(job: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
     report = None
     if not outcome and isinstance(result, Mapping):
         report = _report_of(result, model_dir)
-        outcome = json.dumps(result.get("headline") or _brief(result), default=str)[:300]
+        headline = result.get("headline")
+        outcome = headline if isinstance(headline, str) else _brief(result)
     return {
         "id": str(job.get("id")),
         "status": str(job.get("status")),
@@ -154,8 +154,14 @@ def _job_row(job: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _brief(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
+def _brief(result: Mapping[str, Any]) -> str:
+    """A job's plain values as `key value` pairs (numbers rounded), at most 300 characters."""
+    pairs = [
+        f"{key} {round(value, 2) if isinstance(value, float) else value}"
+        for key, value in result.items()
+        if isinstance(value, (int, float, str, bool)) and value is not None
+    ]
+    return " · ".join(pairs)[:300]
 
 
 def _report_of(result: Mapping[str, Any], model_dir: Path) -> str | None:
@@ -237,7 +243,7 @@ def _job_tr(row: Mapping[str, Any]) -> str:
     if row["fraction"] is not None:
         cells[3] = f'<progress value="{row["fraction"]:.3f}"></progress> {cells[3]}'
     if row["report"]:
-        cells[4] = f'<a href="{escape(row["report"])}">report</a> {cells[4]}'
+        cells[4] = f'<a href="{escape(row["report"])}">report</a>\n{cells[4]}'
     css = escape(row["status"])
     return f'<tr class="{css}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
@@ -266,7 +272,7 @@ async function poll() {
         if (i === 4 && row.report) {
           const a = document.createElement('a');
           a.href = row.report; a.textContent = 'report';
-          td.append(a, ' ');
+          td.append(a, '\\n');
         }
         td.append(text);
       });
@@ -284,5 +290,6 @@ h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;
 vertical-align:top}form{display:inline-block;margin:0 .5em .2em 0}
 tr.failed td{background:#fde8e8}tr.started td{background:#eef6ff}
+#jobs td:nth-child(5){white-space:pre-wrap;font:12px/1.4 monospace}
 .error{color:#b00}.note{background:#eef8e8;padding:.5em}
 """
