@@ -218,7 +218,10 @@ class SimilarityModel:
     ) -> dict[str, Any]:
         """Label Studio's prediction: one choice per field that did not abstain (may be none),
         plus the link to the task's neighbour gallery when the label config has a
-        <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL is set."""
+        <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL is set.
+
+        The link goes only with a suggestion: Label Studio stores nothing for an empty result
+        and asks again later, which an abstained task needs once more labels exist."""
         result: list[dict[str, Any]] = [
             {
                 "from_name": choices.name,
@@ -231,7 +234,7 @@ class SimilarityModel:
             if not suggestion.votes[choices.name].abstained
         ]
         public_url = self.settings.public_url
-        if self.schema.gallery_link and public_url and task is not None:
+        if result and self.schema.gallery_link and public_url and task is not None:
             result.append(
                 {
                     "from_name": GALLERY_TAG,

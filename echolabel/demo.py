@@ -49,7 +49,8 @@ class Demo:
 
 
 def label_config(fields: Sequence[str], items: Sequence[Item]) -> str:
-    """One <Choices> per field, its classes read from the CSV (a `label` field without one)."""
+    """One <Choices> per field, its classes read from the CSV (a `label` field without one),
+    and the <TextArea> that shows the link to each task's neighbour gallery."""
     choices = []
     for name in fields or ["label"]:
         values = sorted({item.labels[name] for item in items if item.labels.get(name)})
@@ -58,7 +59,16 @@ def label_config(fields: Sequence[str], items: Sequence[Item]) -> str:
             f'  <Choices name={quoteattr(name)} toName="image" showInline="true">'
             f"{options}</Choices>"
         )
-    return '<View>\n  <Image name="image" value="$image"/>\n' + "\n".join(choices) + "\n</View>"
+    # The link to each task's neighbour gallery (README "Review in the browser").
+    gallery = (
+        '  <TextArea name="neighbours" toName="image" editable="false" readonly="true"'
+        ' maxSubmissions="1" rows="1"/>'
+    )
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        + "\n".join([*choices, gallery])
+        + "\n</View>"
+    )
 
 
 def pick_annotated(items: Sequence[Item], share: float, field: str | None, seed: int = 0) -> set:
@@ -115,6 +125,7 @@ def running_demo(
             "LABEL_STUDIO_URL": server.url,
             "LABEL_STUDIO_API_KEY": token,
             "ECHOLABEL_LOCAL_FILES_ROOT": str(images.parent),
+            "ECHOLABEL_PUBLIC_URL": backend_url,  # gallery links in the predictions
         }
         for name in ("REDIS_URL", "QDRANT_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
             env.pop(name, None)  # the embedded default

@@ -29,7 +29,8 @@ LS_URL = "http://label-studio.example:8080"
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="finding" toName="image"><Choice value="benign"/><Choice value="malignant"/>
 <Choice value="normal"/></Choices>
-<TextArea name="neighbours" toName="image" editable="false" rows="1"/>
+<TextArea name="neighbours" toName="image" editable="false" readonly="true"
+  maxSubmissions="1" rows="1"/>
 </View>"""
 
 needs_busi = pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is absent")
@@ -52,6 +53,7 @@ def busi_settings(settings):
         max_image_bytes=20 * 1024 * 1024,
         max_image_pixels=50_000_000,
         min_neighbours=3,
+        min_score=0.3,
     )
 
 
@@ -108,13 +110,12 @@ def test_gallery_json_is_the_vote_predict_gives(busi_services, busi_settings):
         assert weight == pytest.approx(expected, abs=1e-3)
     # The same vote as /predict (one implementation): label, field score and task score.
     choices = [r for r in predicted["result"] if r["type"] == "choices"]
-    if finding["abstained"]:
-        assert choices == []
-    else:
-        assert choices[0]["value"]["choices"] == [finding["label"]]
-        assert choices[0]["score"] == finding["score"]
+    assert not finding["abstained"]
+    assert choices[0]["value"]["choices"] == [finding["label"]]
+    assert choices[0]["score"] == finding["score"]
     assert predicted["score"] == gallery["vote"]["score"]
     # ... and the prediction links the task's gallery for the <TextArea name="neighbours">.
+    assert choices, "min_score 0.3: the query's vote is a suggestion here"
     (link,) = [r for r in predicted["result"] if r["type"] == "textarea"]
     assert link == {
         "from_name": "neighbours",
@@ -181,15 +182,19 @@ def test_labels_are_escaped_and_unknown_tasks_say_what_to_do(settings):
         for i in range(4):
             (root / f"{i}.png").write_bytes(png_bytes((40 * i,) * 3, pattern=i + 1))
             labels = {"f": hostile if i % 2 else unicode} if i else {}
-            items.append(TaskImage(i, str(root / f"{i}.png"), labels))
+            # Folder projects (`echolabel index`) name tasks by their relative path.
+            items.append(TaskImage(f"scans/{i}.png", str(root / f"{i}.png"), labels))
         assert not model.embed(items).failures
         with TestClient(create_app(settings, services, listen_host="127.0.0.1")) as client:
-            page = client.get("/projects/7/tasks/0/neighbours").text
+            page = client.get("/projects/7/tasks/scans/0.png/neighbours").text
+            thumb = client.get("/projects/7/tasks/scans/1.png/thumbnail")
             missing = client.get("/projects/7/tasks/999/neighbours")
             thumb_missing = client.get("/projects/7/tasks/999/thumbnail")
     finally:
         services.close()
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'src="/projects/7/tasks/scans/1.png/thumbnail"' in page
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert "échographie « 超音波 » &amp;" in page
     assert missing.status_code == 404 and "Retrieve Predictions" in missing.json()["detail"]
     assert thumb_missing.status_code == 404
@@ -246,3 +251,40 @@ def test_thumbnail_cache_is_bounded_and_evicts_the_least_recently_used(settings,
         assert not cache._path(refs[1]).exists(), "the least recently used one was evicted"
         assert cache._path(refs[-1]).exists()
         assert cache.get(refs[1]) == unbounded.get(refs[1])  # rebuilt identically on demand
+
+
+def test_the_gallery_link_needs_the_tag_a_public_url_and_a_suggestion(settings):
+    """Only a config with <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL get the link,
+    and only with a suggestion: Label Studio stores nothing for an empty result and asks again
+    later, which an abstained task needs."""
+    from backend.label_config import LabelSchema, parse_label_config
+    from backend.model import Suggestion
+    from echolabel.vote import vote
+    from vectorstore import Neighbour
+
+    plain = CONFIG.replace('<TextArea name="neighbours"', '<TextArea name="notes"')
+    assert parse_label_config(CONFIG).gallery_link and not parse_label_config(plain).gallery_link
+    old = LabelSchema.from_json('{"image_name": "image", "image_key": "image", "fields": []}')
+    assert not old.gallery_link  # schemas remembered before this feature
+    near = [Neighbour(i, 0.9, {"finding": "benign"}) for i in range(5)]
+    sure = Suggestion(vote(near, ["finding"], min_neighbours=3, min_score=0.5), near)
+    unsure = Suggestion(vote(near[:2], ["finding"], min_neighbours=3, min_score=0.5), near[:2])
+    public = dataclasses.replace(settings, public_url="https://echolabel.example")
+    services = Services.from_settings(public)
+    try:
+
+        def kinds(config, suggestion, task="a/b c"):
+            model = SimilarityModel(services, 3, config)
+            return [r["type"] for r in model.prediction(suggestion, "v", task)["result"]]
+
+        assert kinds(CONFIG, sure) == ["choices", "textarea"]
+        assert kinds(plain, sure) == ["choices"]
+        assert kinds(CONFIG, unsure) == []
+        assert kinds(CONFIG, sure, task=None) == ["choices"]
+        model = SimilarityModel(services, 3, CONFIG)
+        link = model.prediction(sure, "v", "a/b c")["result"][1]["value"]["text"][0]
+        assert link == "https://echolabel.example/projects/3/tasks/a/b%20c/neighbours"
+        services.settings = dataclasses.replace(public, public_url=None)
+        assert kinds(CONFIG, sure) == ["choices"]
+    finally:
+        services.close()
