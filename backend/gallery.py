@@ -48,7 +48,8 @@ def build_gallery(model: SimilarityModel, task: TaskId) -> dict[str, Any]:
     if point is None:
         raise TaskNotFound(_not_found(model.project, task))
     suggestion = model.suggest(point.vector, exclude=[task])
-    ls_url = model.settings.label_studio_url
+    # Links are followed by browsers: Label Studio's public URL where it differs (compose).
+    ls_url = model.settings.label_studio_public_url or model.settings.label_studio_url
     project = model.project
     return {
         "project": project,

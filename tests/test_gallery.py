@@ -167,6 +167,11 @@ def test_gallery_page_shows_ten_thumbnails_with_labels_in_chromium(
 
 
 def test_labels_are_escaped_and_unknown_tasks_say_what_to_do(settings):
+    settings = dataclasses.replace(
+        settings,
+        label_studio_url="http://label-studio:8080",  # as the backend reaches it (compose)
+        label_studio_public_url="https://ls.example",  # as browsers do
+    )
     services = Services.from_settings(settings)
     try:
         hostile, unicode = "<script>alert(1)</script>", "échographie « 超音波 » &"
@@ -194,6 +199,8 @@ def test_labels_are_escaped_and_unknown_tasks_say_what_to_do(settings):
         services.close()
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert 'src="/projects/7/tasks/scans/1.png/thumbnail"' in page
+    assert 'href="https://ls.example/projects/7/data?task=scans%2F1.png"' in page
+    assert "label-studio:8080" not in page
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert "échographie « 超音波 » &amp;" in page
     assert missing.status_code == 404 and "Retrieve Predictions" in missing.json()["detail"]
