@@ -7,6 +7,7 @@ recently used thumbnails once it holds more than its bound.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -39,7 +40,9 @@ class ThumbnailCache:
         except FileNotFoundError:
             pass
         else:
-            os.utime(path)  # recently used: evicted last
+            # Recently used: evicted last (unless another request evicted it meanwhile).
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
             return data
         data = self._render(image_ref)
         self._store(path, data)

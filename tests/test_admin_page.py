@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 from backend.app import create_app
 from backend.model import Services, SimilarityModel
 from backend.pages import is_loopback
-from tests.conftest import REDIS_URL, TINY_ENCODER_B, dark_and_bright, serving
+from tests.conftest import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
 from workers import jobs
 from workers.embedding import TaskImage
 
 CHROMIUM = "/usr/bin/chromium"
+DOCS = ROOT / "docs" / "screenshots"  # with ECHOLABEL_UPDATE_SCREENSHOTS=1
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
 </View>"""
@@ -128,6 +129,8 @@ def test_admin_page_in_chromium(admin_settings, stepped_reembed, tmp_path):
             "table a[href^='/admin/reports/5/']", "links => links.map(a => a.href)"
         )
         page.screenshot(path=str(shots / "after.png"), full_page=True)
+        if os.environ.get("ECHOLABEL_UPDATE_SCREENSHOTS") == "1" and not admin_settings.redis_url:
+            page.screenshot(path=str(DOCS / "admin.jpg"), type="jpeg", quality=70)
         page.goto(report_links[0])
         report_title = page.title()
         browser.close()

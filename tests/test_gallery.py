@@ -33,7 +33,11 @@ CONFIG = """<View><Image name="image" value="$image"/>
   maxSubmissions="1" rows="1"/>
 </View>"""
 
-needs_busi = pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is absent")
+
+def needs_busi(test):
+    """Real BUSI images, read in place (marked slow like every test on real images)."""
+    absent = pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is absent")
+    return pytest.mark.slow(absent(test))
 
 
 def busi_rows(every: int = 13) -> list[dict[str, str]]:
