@@ -269,3 +269,21 @@ def test_pages_are_refused_beyond_loopback_without_basic_auth(settings):
 def test_loopback_addresses():
     assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "example.org", "", None]))
+
+
+def test_serve_tells_the_app_its_listen_address(settings, monkeypatch):
+    """`echolabel serve --host` decides whether the pages need basic auth."""
+    import uvicorn
+
+    from echolabel import cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: served.update(app=app))
+    monkeypatch.setenv("MODEL_DIR", str(settings.model_dir))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", settings.encoder)
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "REDIS_URL", "QDRANT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for host, status in (("0.0.0.0", 403), ("127.0.0.1", 200)):
+        assert cli.main(["serve", "--host", host, "--port", "1"]) == 0
+        with TestClient(served["app"]) as client:
+            assert client.get("/admin").status_code == status, host
