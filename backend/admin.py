@@ -157,6 +157,17 @@ class Admin:
             f"evaluate project {project}",
         )
 
+    def start_review(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) label QA of a project's labelled tasks (on the `evaluate` queue:
+        it reads the store like the evaluation); the result names review.csv / review.json."""
+        return self._start(
+            f"review-{project}",
+            EVALUATE,
+            job_functions.review_project,
+            (project,),
+            f"label QA of project {project}",
+        )
+
     def _start(
         self,
         job_id: str,

@@ -20,6 +20,7 @@ from echolabel.settings import Settings
 from echolabel.vote import FieldVote, task_score, vote
 from vectorstore import (
     Annotation,
+    CollectionInfo,
     ExactSearchStore,
     Neighbour,
     QdrantStore,
@@ -135,6 +136,7 @@ class SimilarityModel:
         self.project = project_id(project)
         self._label_config = label_config
         self._schema: LabelSchema | None = None
+        self._collection: CollectionInfo | None = None
 
     @property
     def schema(self) -> LabelSchema:
@@ -142,17 +144,26 @@ class SimilarityModel:
             self._schema = self.services.projects.schema(self.project, self._label_config)
         return self._schema
 
+    def live_collection(self) -> CollectionInfo | None:
+        """The project's live collection, read from the store once per model (one model serves
+        one request: each read is an alias look-up plus collection info, ~0.4 ms in process and
+        a round trip to a Qdrant server). Not cached while there is none: the request's own
+        first embedding creates it."""
+        if self._collection is None:
+            self._collection = self.store.collection(self.project)
+        return self._collection
+
     @property
     def encoder_name(self) -> str:
         """The encoder of the project's live collection, else the configured one."""
-        info = self.store.collection(self.project)
+        info = self.live_collection()
         return info.encoder if info else self.settings.encoder
 
     @property
     def model_version(self) -> str:
         """Encoder + collection generation, plus the label state of the last push (see
         backend/preannotate.py): Label Studio skips tasks holding a prediction of it."""
-        info = self.store.collection(self.project)
+        info = self.live_collection()
         if info is None:
             return f"echolabel-{self.settings.encoder}-g1"
         return info.published_version or f"echolabel-{info.encoder}-g{info.generation}"

@@ -35,11 +35,21 @@ class ProjectRegistry:
     def __init__(self, directory: Path) -> None:
         self._dir = directory
         self._schemas: dict[str, LabelSchema] = {}
+        # The config text each schema was parsed from: Label Studio sends the same config
+        # with every /predict, and parsing it is ~4 % of a prediction (README, Performance §2).
+        self._parsed_from: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def remember(self, project: int | str, label_config: str) -> LabelSchema:
         """Parse and keep the project's config (LabelConfigError if it cannot be served)."""
-        return self.save(project, parse_label_config(label_config))
+        key = str(project)
+        with self._lock:
+            if self._parsed_from.get(key) == label_config and key in self._schemas:
+                return self._schemas[key]
+        schema = self.save(project, parse_label_config(label_config))
+        with self._lock:
+            self._parsed_from[key] = label_config
+        return schema
 
     def save(self, project: int | str, schema: LabelSchema) -> LabelSchema:
         """Keep a schema built without a Label Studio config (e.g. a CLI-indexed folder)."""
@@ -51,6 +61,7 @@ class ProjectRegistry:
                 tmp.write_text(schema.to_json())
                 os.replace(tmp, path)  # atomic: a crash never leaves half a schema
                 self._schemas[str(project)] = schema
+                self._parsed_from.pop(str(project), None)
         return schema
 
     def schema(self, project: int | str, label_config: str | None = None) -> LabelSchema:

@@ -78,6 +78,12 @@ def measure(images_dir: Path, count: int) -> list[dict[str, Any]]:
     return rows
 
 
+def encoded_jpegs(paths: Sequence[Path], scale: int) -> tuple[list[bytes], tuple[int, int]]:
+    """The images as quality-90 JPEGs, upscaled `scale`×, and their size."""
+    _, jpegs, size = _encoded(paths, scale)
+    return jpegs, size
+
+
 def _encoded(paths: Sequence[Path], scale: int) -> tuple[list[bytes], list[bytes], tuple]:
     pngs, jpegs = [], []
     size: tuple[int, int] = (0, 0)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -273,6 +274,7 @@ def decode_table(
     except EncoderError as exc:
         table.skip("encoder transform", f"{exc}".splitlines()[0])
         return
+    shipped_decode(table, profile, encoder, findings)
     transform = getattr(encoder, "transform", None)
     if callable(transform):
         samples = []
@@ -289,3 +291,48 @@ def decode_table(
                 "images_per_s": 1 / summary.median,
             }
         )
+
+
+def shipped_decode(table: Table, profile: Profile, encoder: Encoder, findings: dict) -> None:
+    """The decode the backend ships (`decode_image` with the encoder's resize side) on 4×
+    BUSI JPEGs, against a full decode through the same function, and what draft decoding does
+    to the vectors: cosine between the embeddings of both decodes of each image."""
+    count = profile.embedding.decode_images
+    side = getattr(encoder, "input_side", None)
+    jpegs, size = decode.encoded_jpegs(image_paths(profile.images_dir, count), scale=4)
+    paths = {
+        "decode_image (full decode)": lambda data: decode_image(data, max_pixels=10**9),
+        f"decode_image, min_side={side} (shipped)": lambda data: decode_image(
+            data, max_pixels=10**9, min_side=side
+        ),
+    }
+    timings = {name: _per_image_timing(jpegs, fn) for name, fn in paths.items()}
+    baseline = timings["decode_image (full decode)"].median
+    for name, summary in timings.items():
+        table.add(
+            {
+                "size": f"{size[0]}×{size[1]}",
+                "path": name,
+                **summary.ms("per_image"),
+                "images_per_s": 1 / summary.median,
+                "vs_full_decode_x": ratio(summary.median, baseline),
+            }
+        )
+    full, drafted = ([fn(data) for data in jpegs] for fn in paths.values())
+    cosines = (encoder.embed(full) * encoder.embed(drafted)).sum(axis=1)
+    agreement = {
+        "images": len(jpegs),
+        "median": float(np.median(cosines)),
+        "min": float(cosines.min()),
+    }
+    findings["draft_decode_cosine"] = agreement
+    table.notes.append(
+        f"vectors of draft-decoded vs fully decoded {size[0]}×{size[1]} JPEGs ({encoder.name}, "
+        f"{len(jpegs)} images): cosine median {agreement['median']:.4f}, min {agreement['min']:.4f}"
+    )
+
+
+def _per_image_timing(items: Sequence[bytes], fn: Callable[[bytes], object]) -> Any:
+    fn(items[0])
+    samples = [_seconds(lambda item=item: fn(item)) for item in items]
+    return summarize(samples)

@@ -1,4 +1,5 @@
-"""How big each section runs: the full run (≤ 25 min on 2 cores), the smoke run (< 1 min).
+"""How big each section runs: the full run (about 45 min on 2 cores, most of it the 1M-point
+indexes), the smoke run (< 1 min).
 
 Tests build a smaller `Profile` of their own. Sizes are inputs, never results: what a cell
 costs is measured, and cells that would not fit are skipped with the reason printed.
@@ -88,7 +89,7 @@ def full() -> Profile:
             real_sizes=(5_000, 15_000, 100_000, 1_000_000),
             omitted=(
                 "synthetic 1280-d at 100k and 1M points: the real 1280-d embeddings cover those "
-                "sizes, and both would not fit the 25-minute full run on 2 cores",
+                "sizes; left out to keep the full run under an hour on 2 cores",
             ),
         ),
         latency=LatencyProfile(sizes=(1_000, 15_000, 100_000)),

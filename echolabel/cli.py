@@ -28,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
+        if args.run is _doctor:
+            from backend.doctor import BAD_CONFIGURATION, Check
+
+            print(Check("configuration", False, str(exc), BAD_CONFIGURATION.fix).line())
+            return 1
         print(f"echolabel: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
@@ -88,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--labels", type=Path, help="CSV with an `image` column and label fields")
     demo.add_argument("--field", action="append", default=[], help="a label column (repeat)")
     demo.add_argument(
+        "--choices",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=[],
+        help="without --labels: the classes to annotate with, comma-separated (field `label`, "
+        "or the one --field names)",
+    )
+    demo.add_argument(
         "--annotate", type=float, default=0.2, help="share of tasks annotated from the CSV"
     )
     demo.add_argument(
@@ -110,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
         "--backend-url", help="the backend's URL as Label Studio knows it (webhook check)"
     )
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument(
+        "--troubleshooting",
+        action="store_true",
+        help="print README's Troubleshooting table (every way a check fails, and its fix)",
+    )
     doctor.set_defaults(run=_doctor)
 
     connect = sub.add_parser(
@@ -169,7 +186,29 @@ def _parser() -> argparse.ArgumentParser:
         "--choose-k", help="comma-separated candidate k: pick the best on a validation split"
     )
     evaluate.add_argument("--out", type=Path, help="folder for report.json/html (folder mode)")
+    evaluate.add_argument(
+        "--exclude-near-duplicates",
+        nargs="?",
+        type=lambda value: value if value == "default" else float(value),
+        const="default",  # workers.review.duplicates.DEFAULT_THRESHOLD
+        metavar="COSINE",
+        help="never count a query's near-duplicates (cosine ≥ COSINE, default 0.92) among its "
+        "neighbours",
+    )
+    evaluate.add_argument(
+        "--learning-curve",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="SEEDS",
+        help="replay an annotation session (random and uncertain-first order, SEEDS seeds)",
+    )
     evaluate.set_defaults(run=_evaluate)
+
+    from echolabel import review_cli
+
+    review_cli.add_parsers(sub)
 
     worker = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL)")
     worker.add_argument("queues", nargs="*", help="queues to work (default: all)")
@@ -262,6 +301,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError("with --labels, name the label columns to use with --field")
     if not args.labels:
         args.annotate = 0.0
+        if len(args.field) > 1:
+            raise ValueError("without --labels, --choices fills one field: give one --field")
     say = functools.partial(print, file=sys.stderr, flush=True)
     with running_demo(
         args.images,
@@ -269,6 +310,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         args.field,
         home=args.home,
         annotate=args.annotate,
+        choices=args.choices,
         port=args.port,
         say=say,
     ) as demo:
@@ -291,9 +333,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.doctor import Doctor
+    from backend.doctor import Doctor, troubleshooting_markdown
     from workers.context import open_configured_store
 
+    if args.troubleshooting:
+        print(troubleshooting_markdown(), end="")
+        return 0
     opened: list[Any] = []
 
     def store() -> Any:
@@ -515,7 +560,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from echolabel.folders import read_folder
     from workers.evaluation.report import headline, write_report
     from workers.evaluation.runner import evaluate_folder
+    from workers.review.duplicates import DEFAULT_THRESHOLD
 
+    if args.exclude_near_duplicates == "default":
+        args.exclude_near_duplicates = DEFAULT_THRESHOLD
     if args.project:
         return _evaluate_project(args, settings)
     if not (args.images and args.labels and args.field and args.out):
@@ -547,6 +595,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             k=args.k,
             min_class_size=args.min_class_size,
             k_candidates=[int(k) for k in (args.choose_k or "").split(",") if k.strip()],
+            near_duplicate_threshold=args.exclude_near_duplicates,
+            learning_curve_seeds=range(args.learning_curve),
             command="echolabel " + shlex.join(args.argv),
             on_progress=show,
         )
@@ -585,7 +635,12 @@ def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
     from workers.queues import EVALUATE, connect, enqueue_unique, queue
 
     project = project_id(args.project)
-    options = {"k": args.k, "min_class_size": args.min_class_size}
+    options = {
+        "k": args.k,
+        "min_class_size": args.min_class_size,
+        "near_duplicate_threshold": args.exclude_near_duplicates,
+        "learning_curve_seeds": args.learning_curve,
+    }
     if settings.redis_url:
         job = enqueue_unique(
             queue(connect(settings.redis_url), EVALUATE),

@@ -48,14 +48,21 @@ class Demo:
         return f"{self.label_studio.url}/projects/{self.project}/data"
 
 
-def label_config(fields: Sequence[str], items: Sequence[Item]) -> str:
-    """One <Choices> per field, its classes read from the CSV (a `label` field without one),
-    and the <TextArea> that shows the link to each task's neighbour gallery."""
-    choices = []
+def label_config(fields: Sequence[str], items: Sequence[Item], choices: Sequence[str] = ()) -> str:
+    """One <Choices> per field, its classes read from the CSV; a field the CSV gives no class
+    (no CSV: one field, `label` unless named) offers `choices`. And the <TextArea> that shows
+    the link to each task's neighbour gallery."""
+    controls = []
     for name in fields or ["label"]:
         values = sorted({item.labels[name] for item in items if item.labels.get(name)})
+        values = values or list(dict.fromkeys(choices))
+        if not values:
+            raise ValueError(
+                f"no classes for the field {name!r}: the labels CSV gives none, so name the "
+                "classes to annotate with: --choices a,b,c"
+            )
         options = "".join(f"<Choice value={quoteattr(v)}/>" for v in values)
-        choices.append(
+        controls.append(
             f'  <Choices name={quoteattr(name)} toName="image" showInline="true">'
             f"{options}</Choices>"
         )
@@ -66,7 +73,7 @@ def label_config(fields: Sequence[str], items: Sequence[Item]) -> str:
     )
     return (
         '<View>\n  <Image name="image" value="$image"/>\n'
-        + "\n".join([*choices, gallery])
+        + "\n".join([*controls, gallery])
         + "\n</View>"
     )
 
@@ -92,6 +99,7 @@ def running_demo(
     *,
     home: Path,
     annotate: float = 0.2,
+    choices: Sequence[str] = (),
     port: int | None = None,
     say: Callable[[str], None] = print,
 ) -> Iterator[Demo]:
@@ -99,6 +107,7 @@ def running_demo(
     items = read_folder(images, labels, fields=tuple(fields))
     if not items:
         raise ValueError(f"{images} holds no images")
+    config = label_config(fields, items, choices)  # refuses before anything starts
     executable = ensure_installed(home / "venv", say=say)
     password, token = secrets.token_urlsafe(12), secrets.token_hex(20)
     run_dir = home / "runs" / time.strftime("%Y%m%dT%H%M%S")
@@ -138,7 +147,7 @@ def running_demo(
                 stderr=subprocess.STDOUT,
             )
         _wait_for(f"{backend_url}/health", backend, run_dir / "backend.log")
-        demo = _set_up(server, backend_url, images, items, fields, annotate, say)
+        demo = _set_up(server, backend_url, images, items, fields, config, annotate, say)
         demo.password, demo.token, demo.backend_process = password, token, backend
         yield demo
     finally:
@@ -158,6 +167,7 @@ def _set_up(
     images: Path,
     items: Sequence[Item],
     fields: Sequence[str],
+    config: str,
     annotate: float,
     say: Callable[[str], None],
 ) -> Demo:
@@ -165,7 +175,6 @@ def _set_up(
         Settings(label_studio_url=server.url, label_studio_api_key=server.token)
     )
     try:
-        config = label_config(fields, items)
         project = client.create_project(f"echolabel demo: {images.name}", config)
         client.add_local_storage(project, str(images))
         refs = [f"/data/local-files/?d={images.name}/{item.task}" for item in items]

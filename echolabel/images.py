@@ -84,12 +84,16 @@ class ImageError(ValueError):
         self.status: int = _STATUS[reason]
 
 
-def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, source: str = "", min_side: int | None = None
+) -> Image.Image:
     """Decode image bytes (any of the supported formats, DICOM included) to a loaded RGB image.
 
     The pixel count is checked from the header before any pixel is decoded. 16-bit and float
     greyscale is stretched over its own min–max range; transparency is composed onto black.
-    `source` names the image in error messages.
+    `source` names the image in error messages. With `min_side` (the side an encoder resizes
+    to), a JPEG at least twice that size is decoded reduced by 1/2–1/8 inside libjpeg's DCT,
+    keeping both sides ≥ `min_side`: 7× faster for 1024² frames (README, Performance §3).
     """
     where = f"{source}: " if source else ""
     if not data:
@@ -110,6 +114,8 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "") -> Image.Ima
     except Exception as exc:
         raise _corrupt(where, exc) from exc
     _check_pixels(image.size, max_pixels, where)
+    if min_side and image.format == "JPEG":
+        image.draft(None, (min_side, min_side))
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
@@ -165,10 +171,16 @@ class ImageFetcher:
     ) -> None:
         self.close()
 
-    def load(self, ref: str) -> Image.Image:
-        """Fetch the image `ref` points at and decode it to RGB."""
+    def load(self, ref: str, *, min_side: int | None = None) -> Image.Image:
+        """Fetch the image `ref` points at and decode it to RGB (reduced towards `min_side`
+        where the format allows it cheaply; see `decode_image`)."""
         data = self.fetch_bytes(ref)
-        return decode_image(data, max_pixels=self._settings.max_image_pixels, source=_redact(ref))
+        return decode_image(
+            data,
+            max_pixels=self._settings.max_image_pixels,
+            source=_redact(ref),
+            min_side=min_side,
+        )
 
     def fetch_bytes(self, ref: str) -> bytes:
         """The raw bytes `ref` points at, at most ECHOLABEL_MAX_IMAGE_BYTES of them."""

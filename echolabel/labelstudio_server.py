@@ -78,6 +78,8 @@ class LabelStudioServer:
     port: int = field(default_factory=free_port)
     template_dir: Path | None = None
     log_path: Path | None = None
+    # Settings over the defaults below, e.g. {"SSRF_PROTECTION_ENABLED": "true"} (a stock set-up).
+    extra_env: dict[str, str] = field(default_factory=dict)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -106,7 +108,7 @@ class LabelStudioServer:
         if self.local_files_root is not None:
             env["LOCAL_FILES_SERVING_ENABLED"] = "true"
             env["LOCAL_FILES_DOCUMENT_ROOT"] = str(self.local_files_root)
-        return env
+        return env | self.extra_env
 
     def migrate_template(self) -> None:
         """Create the migrated empty database in `template_dir` once (Label Studio's ~35 s)."""

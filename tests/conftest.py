@@ -209,25 +209,30 @@ def label_studio(tmp_path_factory):
     It lives in its own venv under `.label-studio/` (or $ECHOLABEL_TEST_LABEL_STUDIO), with a
     migrated empty database kept there as a template. Local files are served from `files_root`.
     """
+    server = label_studio_server(tmp_path_factory.mktemp("label-studio"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def label_studio_server(root: Path, **settings: str):
+    """A Label Studio (not started) with its data and local files under `root`, from the
+    tests' install; `settings` override its environment (e.g. SSRF_PROTECTION_ENABLED)."""
     from echolabel.labelstudio_server import LabelStudioServer, ensure_installed
 
-    executable = ensure_installed(LABEL_STUDIO_HOME / "venv")
-    root = tmp_path_factory.mktemp("label-studio")
-    server = LabelStudioServer(
-        executable=executable,
+    (root / "files").mkdir(parents=True)
+    return LabelStudioServer(
+        executable=ensure_installed(LABEL_STUDIO_HOME / "venv"),
         data_dir=root / "data",
         username="admin@example.com",
         password="echolabel-test-pass",
         token="5e1f0c4d2b3a49687766554433221100aabbccdd",
         local_files_root=root / "files",
         template_dir=LABEL_STUDIO_HOME / "template",
+        extra_env=settings,
     )
-    (root / "files").mkdir()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

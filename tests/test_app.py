@@ -330,3 +330,31 @@ def test_tasks_created_pre_embeds_imported_tasks(client, images):
     assert client.post("/webhook", json=body).json()["status"] == "queued"
     wait(client)
     assert store(client).count(7) == 2 and store(client).count(7, labelled=True) == 0
+
+
+def test_a_prediction_reads_the_collection_once_and_parses_a_known_config_once(
+    client, images, monkeypatch
+):
+    """Per-request costs found by the profile (README, Performance §2): the collection's info
+    is read once per /predict, and the config Label Studio resends is not parsed again."""
+    import backend.projects
+
+    setup_project(client)
+    label_half(client, images)
+    body = {"tasks": [task(300, images["dark_7"])], "project": 7, "label_config": CONFIG}
+    assert client.post("/predict", json=body).status_code == 200  # embeds the task
+    reads, parses = [], []
+    live = store(client)
+    monkeypatch.setattr(
+        live, "collection", lambda project, real=live.collection: reads.append(1) or real(project)
+    )
+    parse = backend.projects.parse_label_config
+    monkeypatch.setattr(
+        backend.projects, "parse_label_config", lambda text: parses.append(1) or parse(text)
+    )
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200 and answer.json()["results"][0]["result"]
+    assert (len(reads), len(parses)) == (1, 0)
+    changed = CONFIG.replace('<Choice value="b"/>', '<Choice value="b"/><Choice value="c"/>')
+    assert client.post("/predict", json=body | {"label_config": changed}).status_code == 200
+    assert len(parses) == 1

@@ -3,11 +3,14 @@ named with its fix."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from backend.app import create_app
 from echolabel.cli import main
+from echolabel.labelstudio import LabelStudioError
 from echolabel.settings import Settings
 from tests.conftest import TINY_ENCODER, serving
 from tests.test_labelstudio_e2e import (
@@ -82,6 +85,15 @@ def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
         code, out = doctor(monkeypatch, capsys, env | {"LABEL_STUDIO_API_KEY": "0" * 40}, *checks)
         assert code == 1 and "✗ api key" in out and "personal access token" in out
 
+        # A label config we cannot vote: Label Studio refuses to connect (our /setup says 422).
+        text_only = admin.create_project(
+            "doctor text",
+            '<View><Text name="t" value="$text"/>'
+            '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
+        )
+        with pytest.raises(LabelStudioError, match=r"valid ML backend.*422"):
+            admin.connect_backend(text_only, backend_url, "echolabel", basic_auth=BASIC_AUTH)
+
         # Connected, but Label Studio holds no webhook for it (what SSRF protection leaves).
         (hook,) = admin.webhooks(project)
         admin._request("DELETE", f"/api/webhooks/{hook['id']}/")
@@ -106,3 +118,66 @@ def test_doctor_names_each_broken_set_up_and_passes_a_healthy_one(
     code, out = doctor(monkeypatch, capsys, env | {"ECHOLABEL_ENCODER": TINY_ENCODER}, *checks)
     assert code == 1 and "✗ collection encoder" in out
     assert f"echolabel reembed --project {project} --encoder {TINY_ENCODER}" in out
+
+
+def test_doctor_on_a_stock_label_studio_with_ssrf_protection_and_legacy_tokens_off(
+    tmp_path, monkeypatch, capsys
+):
+    """Label Studio as it ships (SSRF protection on): connecting our loopback backend saves it
+    as Connected but creates no webhook, and doctor says so. Then the organisation turns
+    legacy tokens off: a legacy key is refused with the fix, a personal access token works."""
+    from echolabel.labelstudio import LabelStudioClient
+    from tests.conftest import label_studio_server
+    from tests.test_labelstudio_e2e import CONFIG, serve_images
+
+    server = label_studio_server(tmp_path / "stock", SSRF_PROTECTION_ENABLED="true")
+    rows = busi_rows()[::260]
+    env = {
+        "MODEL_DIR": str(tmp_path / "model"),
+        "LABEL_STUDIO_URL": server.url,
+        "LABEL_STUDIO_API_KEY": server.token,
+    }
+    with server:
+        admin = LabelStudioClient(
+            Settings(label_studio_url=server.url, label_studio_api_key=server.token)
+        )
+        pat = admin.create_personal_access_token()
+        app = create_app(
+            Settings(
+                model_dir=tmp_path / "model",
+                label_studio_url=server.url,
+                label_studio_api_key=server.token,
+            )
+        )
+        with serving(app) as backend_url:
+            folder = serve_images(server, rows, "stock")
+            project = admin.create_project("stock", CONFIG)
+            admin.add_local_storage(project, str(folder))
+            admin.import_tasks(
+                project,
+                [{"image": f"/data/local-files/?d=stock/{Path(r['image']).name}"} for r in rows],
+            )
+            try:
+                admin.connect_backend(project, backend_url, "echolabel")
+            except LabelStudioError as refused:
+                assert "403" in str(refused), refused
+            assert admin.backends(project), "Label Studio saved the backend (shown Connected)"
+            assert not admin.webhooks_to(project, backend_url), "and created no webhook"
+            checks = ["--project", str(project), "--backend-url", backend_url]
+
+            code, out = doctor(monkeypatch, capsys, env, *checks)
+            assert code == 1 and "✓ backend connected" in out and "✗ webhook" in out, out
+            assert "SSRF_PROTECTION_ENABLED=false" in out and "✓ sample image" in out
+
+            admin._request(
+                "POST",
+                "/api/jwt/settings",
+                json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": False},
+            )
+            code, out = doctor(monkeypatch, capsys, env, *checks)
+            assert code == 1 and "✗ api key" in out and "personal access token" in out, out
+
+            code, out = doctor(monkeypatch, capsys, env | {"LABEL_STUDIO_API_KEY": pat}, *checks)
+            assert "✓ api key: accepted: personal access token" in out, out
+            assert "✓ sample image" in out and "✗ webhook" in out
+        admin.close()

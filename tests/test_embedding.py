@@ -131,3 +131,27 @@ def test_predict_answers_within_its_wait_and_embeds_the_rest_after(settings):
         assert client.app.state.echolabel["services"].backlog.wait_idle(30)
         second = client.post("/predict", json={"project": 7, "tasks": tasks}).json()
     assert second["pending"] == [] and all(second["results"])
+
+
+def test_images_are_loaded_towards_the_encoders_resize_side(settings):
+    """The embedder tells the loader the side the encoder resizes to (draft JPEG decoding)."""
+    from PIL import Image
+
+    from workers.embedding import Embedder, TaskImage
+
+    class SidedEncoder(TinyEncoder):
+        input_side = 96
+
+    embedder = Embedder(weights_dir=None)
+    embedder._encoders["sided"] = SidedEncoder()
+    asked: list[int | None] = []
+
+    def load(ref: str, *, min_side: int | None = None) -> Image.Image:
+        asked.append(min_side)
+        return Image.new("RGB", (32, 32))
+
+    result = embedder.embed_tasks("sided", [TaskImage(1, "a"), TaskImage(2, "b")], load)
+    assert len(result.points) == 2 and asked == [96, 96]
+    embedder._encoders["plain"] = TinyEncoder()
+    embedder.embed_tasks("plain", [TaskImage(3, "c")], load)
+    assert asked[-1] is None

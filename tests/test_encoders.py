@@ -114,6 +114,8 @@ def test_default_encoder_loads_offline(default_encoder):
     assert default_encoder.dim == 1280
     assert default_encoder.device == "cpu"
     assert default_encoder.weights_id == sha12(efficientnet_lite0_weights_path())
+    # timm's eval transform: shorter side to 224 / crop_pct 0.875, then the 224 centre crop.
+    assert default_encoder.input_side == 256
 
 
 def test_default_encoder_embeds_mixed_modes(default_encoder):

@@ -117,6 +117,25 @@ def test_exif_orientation_is_applied():
     assert image.size == (20, 40)
 
 
+def test_large_jpeg_is_decoded_reduced_but_never_below_min_side():
+    data = encode(gradient(size=(1024, 768)), "JPEG")
+    assert decode(data).size == (1024, 768)
+    reduced = decode_image(data, max_pixels=10**8, min_side=256)
+    # libjpeg scales by 1/2: 1/4 would give 256 × 192, under the side the encoder resizes to.
+    assert reduced.size == (512, 384) and reduced.mode == "RGB"
+    square = encode(gradient(size=(2048, 2048)), "JPEG")
+    assert decode_image(square, max_pixels=10**8, min_side=256).size == (256, 256)
+    grey = encode(gradient("L", size=(1024, 1024)), "JPEG")
+    assert decode_image(grey, max_pixels=10**8, min_side=256).mode == "RGB"
+
+
+def test_min_side_leaves_small_jpegs_and_other_formats_alone():
+    small = encode(gradient(size=(400, 300)), "JPEG")
+    assert decode_image(small, max_pixels=10**8, min_side=256).size == (400, 300)
+    big_png = encode(gradient(size=(1024, 1024)), "PNG")
+    assert decode_image(big_png, max_pixels=10**8, min_side=256).size == (1024, 1024)
+
+
 def test_empty_bytes_are_refused():
     expect("empty", 422, decode, b"")
 

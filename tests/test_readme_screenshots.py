@@ -63,8 +63,12 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
             page.click("button[type=submit]")
             page.wait_for_load_state("networkidle")
 
+            # The demo's first screen after login: its project with the counts loaded
+            # (annotated / tasks on the card; the card shows "/" until they arrive).
             page.goto(f"{base}/projects/")
             page.wait_for_selector(f"text=echolabel demo: {folder.name}")
+            page.wait_for_selector(f"text={demo.annotated} / {demo.tasks}")
+            page.wait_for_load_state("networkidle")
             shoot(page, out / "demo-projects.jpg")
             projects_text = page.inner_text("body")
 
@@ -83,6 +87,7 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
             browser.close()
 
     assert f"echolabel demo: {folder.name}" in projects_text
+    assert f"{demo.annotated} / {demo.tasks}" in projects_text, projects_text
     assert f"Predictions: {predicted}" in manager_text and predicted > 0
     assert checked, f"our suggestion {label!r} is selected on the task"
     assert score in task_text, (score, task_text)

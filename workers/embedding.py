@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -23,7 +24,12 @@ from workers.encoders import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
 
-ImageLoader = Callable[[str], Image.Image]
+
+class ImageLoader(Protocol):
+    """Loads a task's image; `min_side` lets the decoder reduce large images cheaply (the
+    encoder's resize side), as `ImageFetcher.load` does."""
+
+    def __call__(self, ref: str, *, min_side: int | None = None) -> Image.Image: ...
 
 
 @dataclass(frozen=True)
@@ -154,12 +160,14 @@ class Embedder:
     ) -> EmbedResult:
         """Points for every task whose image loads; a bad image fails only its own task."""
         result = EmbedResult()
+        # Encoders without the attribute get full-size images (their own resize does the rest).
+        min_side = getattr(self.encoder(encoder_name), "input_side", None)
         for start in range(0, len(tasks), self.batch_size):
             batch = tasks[start : start + self.batch_size]
             loaded: list[tuple[TaskImage, Image.Image]] = []
             for item in batch:
                 try:
-                    loaded.append((item, load_image(item.image)))
+                    loaded.append((item, load_image(item.image, min_side=min_side)))
                 except ImageError as exc:
                     log.warning(
                         "image refused",

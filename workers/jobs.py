@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -198,22 +199,23 @@ def reembed(
     return done.as_meta()
 
 
-def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) -> dict:
+def evaluate_project(
+    project: int | str,
+    k: int = 10,
+    min_class_size: int = 20,
+    near_duplicate_threshold: float | None = None,
+    learning_curve_seeds: int = 0,
+) -> dict:
     """The evaluation report of a project's labelled points (labels from the store, vectors
-    of its live generation), written under MODEL_DIR/reports/<project>/<time>/."""
+    of its live generation), written under MODEL_DIR/reports/<project>/<time>/; optionally
+    without near-duplicate neighbours, and with a learning curve over that many seeds."""
     from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
 
     ctx = context.current()
-    store = ctx.store
-    info = store.collection(project)
-    if info is None:
-        _no_retry()
-        raise PermanentJobError(f"project {project} has no collection: nothing to evaluate")
-    points = list(store.iter_points(project, labelled=True))
-    if len(points) < 2:
-        _no_retry()
-        raise PermanentJobError(f"project {project} has {len(points)} labelled task(s): need 2+")
-    fields = sorted({name for p in points for name in p.labels})
+    points = _labelled_points(project, "evaluate")
+    info = ctx.store.collection(project)
+    assert info is not None  # _labelled_points refused a project without one
+    fields = _fields(points)
     settings = ctx.settings
     result = evaluate_vectors(
         np.stack([p.vector for p in points]),
@@ -222,9 +224,13 @@ def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) 
         min_class_size=min_class_size,
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
+        near_duplicate_threshold=near_duplicate_threshold,
+        learning_curve_seeds=range(learning_curve_seeds),
     )
     report = new_report(
-        command=f"evaluate_project({project!r}, k={k}, min_class_size={min_class_size})",
+        command=f"evaluate_project({project!r}, k={k}, min_class_size={min_class_size}, "
+        f"near_duplicate_threshold={near_duplicate_threshold}, "
+        f"learning_curve_seeds={learning_curve_seeds})",
         k=k,
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
@@ -245,9 +251,7 @@ def evaluate_project(project: int | str, k: int = 10, min_class_size: int = 20) 
         "failed": {},
         **result,
     }
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out_dir = settings.model_dir / "reports" / str(project) / stamp
-    json_path, html_path = write_report(report, out_dir)
+    json_path, html_path = write_report(report, _output_dir(settings, "reports", project))
     return {
         "report_json": str(json_path),
         "report_html": str(html_path),
@@ -260,3 +264,74 @@ def _fingerprint(points: Sequence[Point]) -> str:
     for point in sorted(points, key=lambda p: str(p.task)):
         digest.update(f"{point.task}\t{sorted(point.labels.items())}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def review_project(project: int | str, k: int = 10) -> dict:
+    """Label QA of a project's labelled tasks (vectors of its live generation, labels from
+    the store): review.csv and review.json under MODEL_DIR/reviews/<project>/<time>/."""
+    from workers.review import task_link
+    from workers.review.label_issues import review, summary, write_review
+
+    points = _labelled_points(project, "review")
+    settings = context.current().settings
+    result = review(
+        np.stack([p.vector for p in points]),
+        {name: [p.labels.get(name) for p in points] for name in _fields(points)},
+        [p.task for p in points],
+        k=k,
+        link=lambda task: task_link(settings.label_studio_url, project, task),
+    )
+    result["project"] = project
+    csv_path, json_path = write_review(result, _output_dir(settings, "reviews", project))
+    return {
+        "review_csv": str(csv_path),
+        "review_json": str(json_path),
+        "flagged": {name: f["flagged"] for name, f in result["fields"].items()},
+        "headline": summary(result),
+    }
+
+
+def find_project_duplicates(project: int | str, threshold: float | None = None) -> dict:
+    """Near-duplicate pairs among all of a project's embedded tasks (JSON-able, for a page or
+    the CLI): see workers.review.duplicates.find_duplicates."""
+    from workers.review import task_link
+    from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+    store = context.current().store
+    if store.collection(project) is None:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no collection: nothing to compare")
+    points = list(store.iter_points(project))
+    if len(points) < 2:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has {len(points)} task(s): need 2+")
+    settings = context.current().settings
+    result = find_duplicates(
+        np.stack([p.vector for p in points]),
+        [p.task for p in points],
+        [p.labels for p in points],
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        link=lambda task: task_link(settings.label_studio_url, project, task),
+    )
+    return {"project": project, **result}
+
+
+def _output_dir(settings: Settings, kind: str, project: int | str) -> Path:
+    """MODEL_DIR/<kind>/<project>/<UTC time>/: one folder per run, newest last by name."""
+    return settings.model_dir / kind / str(project) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _labelled_points(project: int | str, what: str) -> list[Point]:
+    store = context.current().store
+    if store.collection(project) is None:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no collection: nothing to {what}")
+    points = list(store.iter_points(project, labelled=True))
+    if len(points) < 2:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has {len(points)} labelled task(s): need 2+")
+    return points
+
+
+def _fields(points: Sequence[Point]) -> list[str]:
+    return sorted({name for p in points for name in p.labels})

@@ -97,6 +97,7 @@ class DreamSimEncoder:
         self.weights_id = weights_id
         self.device = device
         self.batch_size = batch_size
+        self.input_side = 224  # DreamSim's preprocess resizes every image to 224 × 224
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Return an (n, dim) float32 array of L2-normalised DreamSim embeddings."""

@@ -7,6 +7,7 @@ internet fails at once with WeightsMissingError instead of retrying an unreachab
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,13 @@ def build_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     return timm.data.create_transform(**config)
 
 
+def resize_side(model: nn.Module) -> int:
+    """The shorter side timm's eval transform resizes to before its centre crop (so a decoder
+    may reduce larger images to it without changing what the model sees beyond resampling)."""
+    config = timm.data.resolve_data_config({}, model=model)
+    return math.floor(max(config["input_size"][1:]) / config["crop_pct"])
+
+
 class TimmEncoder:
     """Encoder over a timm model with its classifier removed (pooled features)."""
 
@@ -103,6 +111,7 @@ class TimmEncoder:
         self.device = device
         self.batch_size = batch_size
         self.transform = build_transform(model)
+        self.input_side = resize_side(model)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Return an (n, dim) float32 array of L2-normalised pooled features."""

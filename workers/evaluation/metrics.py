@@ -30,13 +30,19 @@ def leave_one_out_neighbours(
     k: int,
     groups: Sequence[Hashable | None] | None = None,
     block: int = 1024,
+    *,
+    exclude_above: float | None = None,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k most cosine-similar other rows, best first, by exact search.
 
     `vectors` are L2-normalised rows (n, d). A row is never its own neighbour. With `groups`
     (one id per row, e.g. the patient), rows of the query's group are excluded as well, so
     near-duplicate frames of one patient cannot inflate the scores (leave-patient-out); a None
-    group means "no group" and excludes only the row itself.
+    group means "no group" and excludes only the row itself. With `exclude_above`, rows at a
+    cosine similarity ≥ it (the query's near-duplicates, e.g. repeated frames) are excluded
+    the same way. `candidates` (bool per row) restricts the neighbours to those rows, e.g. the
+    tasks labelled so far in a replayed annotation session.
 
     Returns (indices (n, k) int64, similarities (n, k) float32). Equal similarities are ordered
     by index, never by the sort algorithm, so a run is reproducible. BLAS may round the last bit
@@ -51,6 +57,11 @@ def leave_one_out_neighbours(
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
     codes = _group_codes(groups, n)
+    pool = None
+    if candidates is not None:
+        pool = np.asarray(candidates, dtype=bool)
+        if pool.shape != (n,):
+            raise ValueError(f"candidates has shape {pool.shape}, expected one bool per row ({n},)")
     indices = np.full((n, k), MISSING, dtype=np.int64)
     similarities = np.full((n, k), np.nan, dtype=np.float32)
     for start in range(0, n, block):
@@ -62,6 +73,10 @@ def leave_one_out_neighbours(
         if codes is not None:
             query = codes[start:stop, None]
             sims[(query == codes[None, :]) & (query >= 0)] = -np.inf
+        if exclude_above is not None:
+            sims[sims >= exclude_above] = -np.inf
+        if pool is not None:
+            sims[:, ~pool] = -np.inf
         _top_k(sims, k, indices[start:stop], similarities[start:stop])
     return indices, similarities
 

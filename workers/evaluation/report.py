@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from workers.review.duplicates import near_duplicate_pairs
+
+from .learning_curve import learning_curve
 from .metrics import (
     choose_k,
     label_match,
@@ -37,17 +40,24 @@ def evaluate_vectors(
     min_score: float = 0.5,
     thumbnails: np.ndarray | None = None,
     k_candidates: Sequence[int] = (),
+    near_duplicate_threshold: float | None = None,
+    learning_curve_seeds: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Every metric for one encoder's vectors, per label field (leave-one-out; with `groups`,
     leave-patient-out too); with `thumbnails`, pixel metrics of the retrieved sets; with
-    `k_candidates`, the k that a validation split prefers (`choose_k`)."""
+    `k_candidates`, the k that a validation split prefers (`choose_k`). With
+    `near_duplicate_threshold`, a query's near-duplicates (cosine ≥ it) are never its
+    neighbours; with `learning_curve_seeds`, an annotation session is replayed per seed
+    (`learning_curve`)."""
     views = {"leave_one_out": None}
     if groups is not None and any(g is not None for g in groups):
         views["leave_patient_out"] = groups
     out: dict[str, Any] = {}
     for view, view_groups in views.items():
         retrieve = max([k, *k_candidates])
-        all_indices, all_sims = leave_one_out_neighbours(vectors, retrieve, groups=view_groups)
+        all_indices, all_sims = leave_one_out_neighbours(
+            vectors, retrieve, groups=view_groups, exclude_above=near_duplicate_threshold
+        )
         indices, sims = all_indices[:, :k], all_sims[:, :k]
         if thumbnails is not None:
             out.setdefault("pixels", {})[view] = pixel_metrics(thumbnails, indices)
@@ -86,6 +96,21 @@ def evaluate_vectors(
         out[view] = fields
     # The contract's `fields` is the leave-patient-out view when patients are known.
     out["fields"] = out.get("leave_patient_out", out["leave_one_out"])
+    if near_duplicate_threshold is not None:
+        out["near_duplicates_excluded"] = {
+            "threshold": near_duplicate_threshold,
+            "pairs": len(near_duplicate_pairs(vectors, near_duplicate_threshold, k)),
+        }
+    if learning_curve_seeds:
+        out["learning_curve"] = learning_curve(
+            vectors,
+            labels,
+            seeds=learning_curve_seeds,
+            k=k,
+            min_neighbours=min_neighbours,
+            min_score=min_score,
+            exclude_above=near_duplicate_threshold,
+        )
     return out
 
 
@@ -174,6 +199,14 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{' and leave-patient-out' if report['dataset'].get('groups') else ''}.<br>"
         f"command: <code>{html.escape(report['command'])}</code></p>",
     ]
+    for encoder, result in encoders.items():
+        excluded = result.get("near_duplicates_excluded")
+        if excluded:
+            parts.append(
+                f"<p class='meta'>{html.escape(encoder)}: near-duplicates (cosine ≥ "
+                f"{excluded['threshold']}) excluded from each query's neighbours; "
+                f"{excluded['pairs']} such pairs.</p>"
+            )
     for name in field_names:
         parts.append(f"<h2>Field “{html.escape(name)}”</h2>")
         parts.append(_summary_table(encoders, name))
@@ -197,6 +230,9 @@ def render_html(report: Mapping[str, Any]) -> str:
             confusion = result["fields"][name]["vote"]["confusion"]
             parts.append(f"<h3>Confusion of the vote — {html.escape(encoder)}</h3>")
             parts.append(_confusion_table(confusion))
+        for encoder, result in encoders.items():
+            if "learning_curve" in result:
+                parts.append(_learning_curve_section(encoder, result["learning_curve"], name))
     if any("pixels" in result for result in encoders.values()):
         parts.append("<h2>Pixel similarity of the retrieved sets</h2>")
         parts.append(_pixel_table(encoders))
@@ -376,5 +412,44 @@ def _plot_calibration(ax: Any, encoders: Mapping[str, Any], name: str) -> None:
     ax.set_xlabel("vote score (winner share)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+
+
+def _learning_curve_section(encoder: str, curve: Mapping[str, Any], name: str) -> str:
+    """Accuracy and coverage of the suggestions on the not-yet-labelled tasks, per order."""
+    title = (
+        f"Learning curve — {encoder}: suggestions on the tasks not labelled yet, "
+        f"mean ± sd over {len(curve['seeds'])} seed(s)"
+    )
+    png = _png(lambda ax: _plot_learning_curve(ax, curve, name))
+    head = "<tr><th>labelled</th>" + "".join(
+        f"<th>{order.replace('_', ' ')}: accuracy</th><th>coverage</th>"
+        for order in curve["orders"]
+    )
+    rows = []
+    for p, size in enumerate(curve["sizes"]):
+        cells = "".join(
+            f"<td>{_num(table['accuracy_mean'][p])}</td><td>{_num(table['coverage_mean'][p])}</td>"
+            for table in (curve["orders"][order][name] for order in curve["orders"])
+        )
+        rows.append(f"<tr><td>{size}</td>{cells}</tr>")
+    return (
+        f"<h3>{html.escape(title)}</h3><img alt='learning curve' "
+        f"src='data:image/png;base64,{png}'><table>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _plot_learning_curve(ax: Any, curve: Mapping[str, Any], name: str) -> None:
+    for order, style in zip(curve["orders"], ("-", "--"), strict=False):
+        table = curve["orders"][order][name]
+        x = np.array(table["labelled"])
+        for measure, colour in (("accuracy", "tab:blue"), ("coverage", "tab:orange")):
+            mean = np.array([np.nan if v is None else v for v in table[f"{measure}_mean"]])
+            sd = np.array([np.nan if v is None else v for v in table[f"{measure}_std"]])
+            ax.plot(x, mean, style, marker="o", color=colour, label=f"{measure}, {order}")
+            ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.12)
+    ax.set_xscale("log")
+    ax.set_xlabel("tasks labelled")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)

@@ -13,7 +13,7 @@ from PIL import Image
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from workers.embedding import Embedder, TaskImage
+from workers.embedding import Embedder, ImageLoader, TaskImage
 
 from .pixels import thumbnail
 from .report import evaluate_vectors, new_report
@@ -31,6 +31,8 @@ def evaluate_folder(
     k: int = 10,
     min_class_size: int = 20,
     k_candidates: Sequence[int] = (),
+    near_duplicate_threshold: float | None = None,
+    learning_curve_seeds: Sequence[int] = (),
     command: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
@@ -55,8 +57,8 @@ def evaluate_folder(
     )
     thumbnails: dict[str, np.ndarray] = {}
 
-    def load(ref: str) -> Image.Image:
-        image = fetcher.load(ref)
+    def load(ref: str, *, min_side: int | None = None) -> Image.Image:
+        image = fetcher.load(ref, min_side=min_side)
         if ref not in thumbnails:  # decoded once per encoder anyway; thumbnail the first time
             thumbnails[ref] = thumbnail(image)
         return image
@@ -64,7 +66,7 @@ def evaluate_folder(
     try:
         for name in encoders:
             model = embedder.encoder(name)
-            vectors, kept, failed = _embed_all(embedder, load, name, items, on_progress)
+            vectors, kept, failed = embed_all(embedder, load, name, items, on_progress)
             labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
             groups = [kept_item.group for kept_item in kept]
             result = evaluate_vectors(
@@ -77,6 +79,8 @@ def evaluate_folder(
                 min_score=settings.min_score,
                 thumbnails=np.stack([thumbnails[str(i.path)] for i in kept]),
                 k_candidates=k_candidates,
+                near_duplicate_threshold=near_duplicate_threshold,
+                learning_curve_seeds=learning_curve_seeds,
             )
             report["encoders"][name] = {
                 "encoder": name,
@@ -91,13 +95,15 @@ def evaluate_folder(
     return report
 
 
-def _embed_all(
+def embed_all(
     embedder: Embedder,
-    load: Callable[[str], Image.Image],
+    load: ImageLoader,
     encoder: str,
     items: Sequence[Item],
     on_progress: Progress,
 ) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+    """(vectors, the items whose image loaded, failed image → reason), in chunks with progress;
+    ValueError when no image loads."""
     by_task = {item.task: item for item in items}
     rows: list[np.ndarray] = []
     kept: list[Item] = []

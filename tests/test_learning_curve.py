@@ -1,0 +1,93 @@
+"""`evaluate --learning-curve`: a replayed annotation session, random vs uncertain-first."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from echolabel.cli import main
+from tests.conftest import TINY_ENCODER, dark_and_bright
+from tests.test_review import overlapping_classes
+from workers.evaluation.learning_curve import batch_sizes, learning_curve, replay
+
+
+def test_batch_sizes_follow_1_2_5_below_the_data():
+    assert batch_sizes(780) == [10, 20, 50, 100, 200, 500]
+    assert batch_sizes(25) == [10, 20]
+    assert batch_sizes(10) == []
+
+
+def test_replay_reveals_the_sizes_and_measures_the_rest():
+    vectors, labels = overlapping_classes(per_class=40)
+    sizes = batch_sizes(len(labels))
+    points = replay(vectors, {"finding": labels}, order="random", seed=0, sizes=sizes)
+    assert [p["labelled"] for p in points] == sizes == [10, 20, 50, 100]
+    for p in points:
+        f = p["fields"]["finding"]
+        assert f["remaining"] == len(labels) - p["labelled"]
+        assert 0 <= f["voted"] <= f["remaining"] and f["coverage"] == f["voted"] / f["remaining"]
+        assert f["accuracy"] is None or 0.0 <= f["accuracy"] <= 1.0
+    # Suggestions get better with more labels on this set (it has structure).
+    assert points[-1]["fields"]["finding"]["accuracy"] > 1 / 3 + 0.2
+
+    with pytest.raises(ValueError, match="sizes must increase"):
+        replay(vectors, {"finding": labels}, order="random", seed=0, sizes=[50, 20])
+    with pytest.raises(ValueError, match="unknown order"):
+        replay(vectors, {"finding": labels}, order="alphabetical", seed=0, sizes=sizes)
+
+
+def test_uncertain_first_differs_from_random_and_seeds_are_summarised():
+    vectors, labels = overlapping_classes(per_class=40)
+    curve = learning_curve(vectors, {"finding": labels}, seeds=(0, 1, 2))
+    random_runs, uncertain_runs = curve["runs"]["random"], curve["runs"]["uncertain_first"]
+    # Same first batch, different sessions afterwards.
+    assert random_runs[0][0] == uncertain_runs[0][0]
+    assert random_runs[0][1:] != uncertain_runs[0][1:]
+    # Uncertain-first labels the doubtful tasks, so what remains is voted more often.
+    cov = {o: curve["orders"][o]["finding"]["coverage_mean"] for o in curve["orders"]}
+    assert cov["uncertain_first"][-1] > cov["random"][-1]
+    table = curve["orders"]["random"]["finding"]
+    assert table["labelled"] == curve["sizes"] and len(table["accuracy_std"]) == len(curve["sizes"])
+    first = [run[0]["fields"]["finding"]["accuracy"] for run in random_runs]
+    assert table["accuracy_mean"][0] == pytest.approx(np.mean([a for a in first if a is not None]))
+
+
+def test_evaluate_cli_learning_curve_and_near_duplicates_in_the_report(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = dark_and_bright(root, 12)
+    (root / "copy.png").write_bytes((root / "dark_0.png").read_bytes())  # an exact duplicate
+    lines = ["image,shade"] + [f"{n}.png,{n.split('_')[0]}" for n in paths] + ["copy.png,dark"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    args = ["evaluate", "--images", str(root), "--labels", str(tmp_path / "labels.csv")]
+    code = main(
+        [
+            *args,
+            "--field",
+            "shade",
+            "--learning-curve",
+            "2",
+            "--exclude-near-duplicates",
+            "--min-class-size",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    result = report["encoders"][TINY_ENCODER]
+    assert result["near_duplicates_excluded"]["threshold"] == 0.92
+    assert result["near_duplicates_excluded"]["pairs"] >= 1
+    curve = result["learning_curve"]
+    assert curve["sizes"] == [10, 20] and curve["seeds"] == [0, 1]
+    assert set(curve["orders"]) == {"random", "uncertain_first"}
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Learning curve" in page and page.count("data:image/png;base64,") == 5
+    assert "near-duplicates (cosine ≥ 0.92) excluded" in page
