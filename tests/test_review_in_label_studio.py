@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from echolabel.demo import USER
+from echolabel.demo import USER, _job_done, _learned
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import ROOT, SHARED_DATA, busi_demo
+from tests.conftest import ROOT, SHARED_DATA, busi_demo, choices_result
 
 BUSI = SHARED_DATA / "busi"
 CHROMIUM = "/usr/bin/chromium"
@@ -117,6 +117,18 @@ def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
             shoot(page, out / "data-manager-by-score.jpg")
             browser.close()
         order = _view_order(base, demo.token, demo.project)
+        # 5. A later push (after a new annotation) moves the project to its new version itself,
+        # so the order by score stays meaningful without clicking again.
+        client.annotate(task, choices_result({"finding": "benign"}))
+        _learned(demo.backend_url)
+        httpx.post(f"{demo.backend_url}/projects/{demo.project}/preannotate", timeout=30)
+        _job_done(demo.backend_url, f"preannotate-{demo.project}")
+        later = {
+            p["model_version"]
+            for t in client.tasks(demo.project, full=True)
+            for p in t["predictions"]
+        }
+        followed = client.project(demo.project).get("model_version")
         client.close()
 
     assert link_boxes == 1
@@ -130,6 +142,7 @@ def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
     assert sorted(first) == sorted(predicted), (order, sorted(predicted))
     scores = [predicted[t]["score"] for t in first]
     assert scores == sorted(scores) and first[0] == task, list(zip(first, scores, strict=True))
+    assert len(later) == 1 and later != {version} and followed in later, (later, followed)
     for shot in out.glob("*.jpg"):
         assert shot.stat().st_size <= MAX_BYTES, shot
 
