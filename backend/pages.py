@@ -98,10 +98,10 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
         )
 
     @router.get("/admin", response_class=HTMLResponse)
-    async def admin_home(started: str = "", error: str = "") -> HTMLResponse:
+    async def admin_home(started: str = "") -> HTMLResponse:
         projects = await run_in_threadpool(admin_page.project_summaries, services())
         rows = await run_in_threadpool(_job_rows)
-        message = f"started job {started}" if started else error
+        message = f"started job {started}" if started else ""
         html = admin_page.render_admin(projects, rows, settings, csrf.issue(user), message)
         return HTMLResponse(html, headers={"Cache-Control": "no-store", **_HEADERS})
 
