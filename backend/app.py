@@ -32,6 +32,7 @@ from .doctor import Doctor
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
 from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, Services, SimilarityModel
+from .pages import PageRefused, refused, review_router
 from .projects import project_id
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,16 @@ class RequestError(ValueError):
         self.reason = reason
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
-    """Build the app; `services` may be injected (tests), else built from settings at start."""
+def create_app(
+    settings: Settings | None = None,
+    services: Services | None = None,
+    listen_host: str | None = None,
+) -> FastAPI:
+    """Build the app; `services` may be injected (tests), else built from settings at start.
+
+    `listen_host` is the address the server binds (`serve --host`): the review and admin
+    pages need basic auth unless it is loopback (unknown counts as beyond loopback).
+    """
     settings = settings or (services.settings if services else Settings.from_env())
     state: dict[str, Any] = {}
 
@@ -133,6 +142,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         EncoderError,
     ):
         app.add_exception_handler(error_class, errors)
+
+    app.add_exception_handler(PageRefused, refused)
+    app.include_router(review_router(state, settings, listen_host))
 
     @app.get("/health")
     @app.get("/")

@@ -8,8 +8,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
-from label_studio_sdk.label_interface.control_tags import ChoicesTag
+from label_studio_sdk.label_interface.control_tags import ChoicesTag, TextAreaTag
 from label_studio_sdk.label_interface.object_tags import ImageTag
+
+# A <TextArea> of this name bound to the image receives a link to the task's neighbour gallery
+# in every prediction (README "Review in the browser").
+GALLERY_TAG = "neighbours"
 
 
 class LabelConfigError(ValueError):
@@ -32,6 +36,7 @@ class LabelSchema:
     image_name: str  # the <Image> tag's name: the `to_name` of results
     image_key: str  # the task data key holding the image URL (`value="$image"` → "image")
     fields: tuple[ChoicesField, ...]
+    gallery_link: bool = False  # has a <TextArea name="neighbours"> bound to the image
 
     @property
     def field_names(self) -> list[str]:
@@ -77,7 +82,7 @@ class LabelSchema:
         fields = tuple(
             ChoicesField(f["name"], f["to_name"], tuple(f["choices"])) for f in raw["fields"]
         )
-        return cls(raw["image_name"], raw["image_key"], fields)
+        return cls(raw["image_name"], raw["image_key"], fields, raw.get("gallery_link", False))
 
 
 def parse_label_config(config: str) -> LabelSchema:
@@ -118,4 +123,14 @@ def parse_label_config(config: str) -> LabelSchema:
         raise LabelConfigError(
             f'<Image name="{image_name}"> has value={value!r}; expected a task field like "$image"'
         )
-    return LabelSchema(image_name=image_name, image_key=value[1:], fields=tuple(fields))
+    gallery = [
+        tag
+        for tag in interface.find_tags_by_class(TextAreaTag)
+        if tag.name == GALLERY_TAG and image_name in (tag.to_name or ())
+    ]
+    return LabelSchema(
+        image_name=image_name,
+        image_key=value[1:],
+        fields=tuple(fields),
+        gallery_link=bool(gallery),
+    )

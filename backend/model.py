@@ -31,7 +31,8 @@ from workers.embedding import Embedder, EmbedReport, TaskImage
 
 from .backlog import Backlog
 from .dispatch import EmbedDispatcher
-from .label_config import LabelSchema, TaskError
+from .gallery import task_path
+from .label_config import GALLERY_TAG, LabelSchema, TaskError
 from .projects import ProjectRegistry, project_id
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class SimilarityModel:
             }
             if abstained:
                 outcome.abstained[item.task] = abstained
-            outcome.predictions.append(self.prediction(suggestion, version))
+            outcome.predictions.append(self.prediction(suggestion, version, item.task))
         return outcome
 
     def suggest(
@@ -223,9 +224,16 @@ class SimilarityModel:
         )
         return Suggestion(votes=votes, neighbours=neighbours)
 
-    def prediction(self, suggestion: Suggestion, version: str) -> dict[str, Any]:
-        """Label Studio's prediction: one choice per field that did not abstain (may be none)."""
-        result = [
+    def prediction(
+        self, suggestion: Suggestion, version: str, task: TaskId | None = None
+    ) -> dict[str, Any]:
+        """Label Studio's prediction: one choice per field that did not abstain (may be none),
+        plus the link to the task's neighbour gallery when the label config has a
+        <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL is set.
+
+        The link goes only with a suggestion: Label Studio stores nothing for an empty result
+        and asks again later, which an abstained task needs once more labels exist."""
+        result: list[dict[str, Any]] = [
             {
                 "from_name": choices.name,
                 "to_name": choices.to_name,
@@ -236,6 +244,16 @@ class SimilarityModel:
             for choices in self.schema.fields
             if not suggestion.votes[choices.name].abstained
         ]
+        public_url = self.settings.public_url
+        if result and self.schema.gallery_link and public_url and task is not None:
+            result.append(
+                {
+                    "from_name": GALLERY_TAG,
+                    "to_name": self.schema.image_name,
+                    "type": "textarea",
+                    "value": {"text": [f"{public_url}{task_path(self.project, task)}/neighbours"]},
+                }
+            )
         return {"result": result, "score": round(suggestion.score, 4), "model_version": version}
 
     def ensure_vectors(
@@ -361,6 +379,11 @@ class SimilarityModel:
             "failed": {str(t): str(e) for t, e in report.failures.items()},
             "skipped": skipped,
         }
+
+
+def suggests_labels(prediction: Mapping[str, Any]) -> bool:
+    """Whether a prediction suggests any choice (not only the gallery link)."""
+    return any(r.get("type") == "choices" for r in prediction.get("result") or ())
 
 
 def _annotations(data: Mapping[str, Any]) -> list[Any]:

@@ -42,7 +42,7 @@ from workers.embedding import TaskImage
 from workers.jobs import TransientJobError
 
 from .label_config import LabelSchema, TaskError
-from .model import Services, SimilarityModel, Suggestion
+from .model import Services, SimilarityModel, Suggestion, suggests_labels
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,8 @@ class PreAnnotator:
                 continue  # its image failed: listed in `failed`
             suggestion = model.suggest(vector, exclude=[task["id"]])
             radii.append(vote_radius(suggestion, self.top_k))
-            prediction = model.prediction(suggestion, target)
-            if not prediction["result"]:
+            prediction = model.prediction(suggestion, target, task["id"])
+            if not suggests_labels(prediction):
                 progress.abstained += 1
                 continue
             predictions.append({"task": task["id"], **prediction})
@@ -304,9 +304,9 @@ class PreAnnotator:
         revotes = self.affected_by(model, changed, info.vote_radius_min)
         updated = created = deleted = 0
         for task, suggestion in revotes.items():
-            prediction = model.prediction(suggestion, info.published_version)
+            prediction = model.prediction(suggestion, info.published_version, task)
             ours = self._ours(task, info.published_version)
-            if not prediction["result"]:
+            if not suggests_labels(prediction):
                 for old in ours:
                     self.client.delete_prediction(old["id"])
                     deleted += 1

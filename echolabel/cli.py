@@ -293,7 +293,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         f"store {'server ' + settings.qdrant_url if settings.qdrant_url else 'embedded'})",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    app = create_app(settings, listen_host=args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -50,7 +50,8 @@ class Demo:
 
 def label_config(fields: Sequence[str], items: Sequence[Item], choices: Sequence[str] = ()) -> str:
     """One <Choices> per field, its classes read from the CSV; a field the CSV gives no class
-    (no CSV: one field, `label` unless named) offers `choices`."""
+    (no CSV: one field, `label` unless named) offers `choices`. And the <TextArea> that shows
+    the link to each task's neighbour gallery."""
     controls = []
     for name in fields or ["label"]:
         values = sorted({item.labels[name] for item in items if item.labels.get(name)})
@@ -65,7 +66,16 @@ def label_config(fields: Sequence[str], items: Sequence[Item], choices: Sequence
             f'  <Choices name={quoteattr(name)} toName="image" showInline="true">'
             f"{options}</Choices>"
         )
-    return '<View>\n  <Image name="image" value="$image"/>\n' + "\n".join(controls) + "\n</View>"
+    # The link to each task's neighbour gallery (README "Review in the browser").
+    gallery = (
+        '  <TextArea name="neighbours" toName="image" editable="false" readonly="true"'
+        ' maxSubmissions="1" rows="1"/>'
+    )
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        + "\n".join([*controls, gallery])
+        + "\n</View>"
+    )
 
 
 def pick_annotated(items: Sequence[Item], share: float, field: str | None, seed: int = 0) -> set:
@@ -124,6 +134,7 @@ def running_demo(
             "LABEL_STUDIO_URL": server.url,
             "LABEL_STUDIO_API_KEY": token,
             "ECHOLABEL_LOCAL_FILES_ROOT": str(images.parent),
+            "ECHOLABEL_PUBLIC_URL": backend_url,  # gallery links in the predictions
         }
         for name in ("REDIS_URL", "QDRANT_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
             env.pop(name, None)  # the embedded default

@@ -50,6 +50,9 @@ class Settings:
     refresh_after: int = 10
     refresh_interval_s: float = 300.0
     preannotate_on_import: bool = False
+    public_url: str | None = None  # the backend as annotators' browsers reach it
+    label_studio_public_url: str | None = None  # Label Studio as browsers reach it
+    thumbnail_cache_bytes: int = 256 * 1024 * 1024
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -115,6 +118,12 @@ class Settings:
             preannotate_on_import=reader.flag(
                 "ECHOLABEL_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import
             ),
+            public_url=reader.url("ECHOLABEL_PUBLIC_URL"),
+            label_studio_public_url=reader.url("ECHOLABEL_LABEL_STUDIO_PUBLIC_URL"),
+            thumbnail_cache_bytes=reader.integer(
+                "ECHOLABEL_THUMBNAIL_CACHE_MB", cls.thumbnail_cache_bytes >> 20, minimum=1
+            )
+            << 20,
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),

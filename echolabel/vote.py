@@ -22,6 +22,7 @@ class FieldVote:
     support: int  # neighbours that carry a label for this field
     weights: dict[str, float] = field(default_factory=dict)
     abstain_reason: str | None = None
+    min_neighbours: int = 1  # the support the vote needed (see `certainty`)
 
     @property
     def abstained(self) -> bool:
@@ -47,7 +48,9 @@ def vote(
             support += 1
             weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
         if not weights:
-            out[name] = FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours")
+            out[name] = FieldVote(
+                name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours
+            )
             continue
         # Ties go to the label name first in sort order, so results are reproducible.
         winner = min(weights, key=lambda label: (-weights[label], label))
@@ -57,10 +60,20 @@ def vote(
             reason = f"only {support} labelled neighbours (minimum {min_neighbours})"
         elif share < min_score:
             reason = f"winner's share {share:.2f} below {min_score:.2f}"
-        out[name] = FieldVote(name, None if reason else winner, share, support, weights, reason)
+        out[name] = FieldVote(
+            name, None if reason else winner, share, support, weights, reason, min_neighbours
+        )
     return out
 
 
+def certainty(field_vote: FieldVote) -> float:
+    """How sure the vote of one field is: the winner's share, or 0 when too few labelled
+    neighbours voted (two neighbours that agree are not a certain suggestion)."""
+    return field_vote.score if field_vote.support >= field_vote.min_neighbours else 0.0
+
+
 def task_score(votes: dict[str, FieldVote]) -> float:
-    """The least certain field's share: sorting by it puts the most doubtful tasks first."""
-    return min((v.score for v in votes.values()), default=0.0)
+    """The least certain field's certainty: Label Studio's Data Manager sorted by prediction
+    score (ascending) then shows the most doubtful tasks first, and tasks with a field that
+    could not be voted at all (score 0) before every voted one."""
+    return min((certainty(v) for v in votes.values()), default=0.0)

@@ -47,7 +47,7 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
         client.close()
         task = next(t for t in tasks if t["predictions"] and not t["annotations"])
         (prediction,) = task["predictions"]
-        (choice,) = prediction["result"]
+        (choice,) = [r for r in prediction["result"] if r["type"] == "choices"]
         label = choice["value"]["choices"][0]
         base = demo.label_studio.url
         predicted = sum(1 for t in tasks if t["predictions"])

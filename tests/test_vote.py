@@ -73,3 +73,25 @@ def test_task_score_is_the_least_certain_field():
     )
     assert task_score(votes) == pytest.approx(0.75)
     assert task_score({}) == 0.0
+
+
+def test_task_score_sorts_abstained_tasks_before_voted_ones_and_doubt_before_certainty():
+    """Ascending task score = Label Studio's Data Manager sorted by prediction score: tasks
+    whose field had too few labelled neighbours come first, then the split votes, then the
+    confident ones (even when the few neighbours agreed completely)."""
+    few = vote([n(0.9, f="a"), n(0.8, f="a")], ["f"], min_neighbours=3, min_score=0.5)
+    split = vote(
+        [n(0.9, f="a"), n(0.9, f="b"), n(0.8, f="c"), n(0.7, f="a")],
+        ["f"],
+        min_neighbours=3,
+        min_score=0.5,
+    )
+    sure = vote(
+        [n(0.9, f="a"), n(0.9, f="a"), n(0.8, f="b")], ["f"], min_neighbours=3, min_score=0.5
+    )
+    assert few["f"].abstained and few["f"].score == pytest.approx(1.0)
+    assert split["f"].abstained and not sure["f"].abstained
+    scores = [task_score(v) for v in (few, split, sure)]
+    assert scores == sorted(scores) and scores[0] == 0.0 < scores[1] < 0.5 <= scores[2]
+    assert scores[1] == pytest.approx(split["f"].score)
+    assert scores[2] == pytest.approx(sure["f"].score)

@@ -1,0 +1,295 @@
+"""The admin page: each project's store state, every job with live progress, the forms that
+start jobs, and links to the latest evaluation reports.
+
+Forms go through `Admin` (the same job functions as the CLI and the JSON endpoints). The page is
+server-rendered and escaped; a few lines of script poll /admin/jobs, whose rows the server has
+already formatted, so the page never builds markup from job data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from echolabel.settings import Settings
+from workers.encoders import available_encoders
+
+from .admin import Admin
+from .model import Services
+
+REPORT_FILES = ("report.html", "report.json")
+STAMP = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
+_STATUS_ORDER = {"started": 0, "queued": 1, "deferred": 1, "scheduled": 1, "failed": 2}
+
+
+@dataclass(frozen=True)
+class Select:
+    """A drop-down of an action's form."""
+
+    name: str
+    options: Callable[[Settings], Sequence[str]]
+    default: Callable[[Settings], str]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One form per project: a button, optional drop-downs, and the Admin method it calls."""
+
+    button: str
+    start: Callable[[Admin, int | str, Mapping[str, str]], dict[str, Any]]
+    selects: tuple[Select, ...] = ()
+
+
+# The page's actions, in order; one entry each (URL: POST /admin/projects/<p>/<key>).
+ACTIONS: dict[str, Action] = {
+    "reembed": Action(
+        "Re-embed",
+        lambda admin, project, form: admin.start_reembed(project, form["encoder"]),
+        (Select("encoder", lambda _: available_encoders(), lambda s: s.encoder),),
+    ),
+    "evaluate": Action("Evaluate", lambda admin, project, _: admin.start_evaluation(project)),
+}
+
+
+def form_values(action: Action, settings: Settings, form: Mapping[str, str]) -> dict[str, str]:
+    """The action's drop-down values from a posted form; ValueError names a bad one."""
+    values = {}
+    for select in action.selects:
+        value = form.get(select.name, "")
+        options = list(select.options(settings))
+        if value not in options:
+            raise ValueError(f"{select.name} {value!r} is not one of {', '.join(options)}")
+        values[select.name] = value
+    return values
+
+
+def project_summaries(services: Services) -> list[dict[str, Any]]:
+    """Per known project: its live collection, encoder, generation, counts and reports."""
+    out = []
+    for project in services.projects.known():
+        row: dict[str, Any] = {"project": project, "reports": latest_reports(services, project)}
+        try:
+            info = services.store.collection(project)
+            if info is not None:
+                row.update(
+                    collection=info.name,
+                    encoder=info.encoder,
+                    generation=info.generation,
+                    points=services.store.count(project),
+                    labelled=services.store.count(project, labelled=True),
+                )
+        except Exception as exc:  # one project's store trouble must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        out.append(row)
+    return out
+
+
+def latest_reports(services: Services, project: int | str, limit: int = 3) -> list[str]:
+    """URLs of the newest evaluation reports (MODEL_DIR/reports/<project>/<time>/)."""
+    folder = services.settings.model_dir / "reports" / str(project)
+    if not folder.is_dir():
+        return []
+    stamps = sorted(
+        (p.name for p in folder.iterdir() if STAMP.match(p.name) and (p / "report.html").is_file()),
+        reverse=True,
+    )
+    return [report_url(project, stamp) for stamp in stamps[:limit]]
+
+
+def report_url(project: int | str, stamp: str, name: str = REPORT_FILES[0]) -> str:
+    return f"/admin/reports/{quote(str(project), safe='')}/{stamp}/{name}"
+
+
+def report_file(model_dir: Path, project: int | str, stamp: str, name: str) -> Path | None:
+    """A report file to serve read-only, or None for anything else."""
+    if name not in REPORT_FILES or not STAMP.match(stamp):
+        return None
+    root = (model_dir / "reports").resolve()
+    path = (root / str(project) / stamp / name).resolve()
+    return path if path.is_relative_to(root) and path.is_file() else None
+
+
+def job_rows(jobs: Sequence[Mapping[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
+    """Jobs as table rows (running first), every cell already text: the page only fills them."""
+    ordered = sorted(jobs, key=lambda j: _STATUS_ORDER.get(str(j.get("status")), 3))
+    return [_job_row(job, model_dir) for job in ordered]
+
+
+def _job_row(job: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
+    progress = job.get("progress") or {}
+    done, total = progress.get("done"), progress.get("total")
+    parts = []
+    if progress.get("stage"):
+        parts.append(str(progress["stage"]))
+    if total:
+        parts.append(f"{done or 0}/{total}")
+    if progress.get("images_per_s"):
+        parts.append(f"{progress['images_per_s']:.1f} img/s")
+    if progress.get("eta_s") is not None and job.get("status") == "started":
+        parts.append(f"ETA {progress['eta_s']:.0f} s")
+    result = job.get("result")
+    outcome = job.get("error") or ""
+    report = None
+    if not outcome and isinstance(result, Mapping):
+        report = _report_of(result, model_dir)
+        headline = result.get("headline")
+        outcome = headline if isinstance(headline, str) else _brief(result)
+    return {
+        "id": str(job.get("id")),
+        "status": str(job.get("status")),
+        "cells": [
+            str(job.get("status")),
+            str(job.get("id")),
+            str(job.get("description") or ""),
+            " · ".join(parts),
+            outcome,
+        ],
+        "fraction": (done or 0) / total if total else None,
+        "report": report,
+    }
+
+
+def _brief(result: Mapping[str, Any]) -> str:
+    """A job's plain values as `key value` pairs (numbers rounded), at most 300 characters."""
+    pairs = [
+        f"{key} {round(value, 2) if isinstance(value, float) else value}"
+        for key, value in result.items()
+        if isinstance(value, (int, float, str, bool)) and value is not None
+    ]
+    return " · ".join(pairs)[:300]
+
+
+def _report_of(result: Mapping[str, Any], model_dir: Path) -> str | None:
+    path = result.get("report_html")
+    if not isinstance(path, str):
+        return None
+    try:
+        relative = Path(path).resolve().relative_to((model_dir / "reports").resolve())
+    except ValueError:
+        return None
+    parts = relative.parts
+    return report_url(parts[0], parts[1]) if len(parts) == 3 else None
+
+
+def render_admin(
+    projects: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    settings: Settings,
+    csrf_token: str,
+    message: str = "",
+) -> str:
+    project_rows = "".join(_project_row(p, settings, csrf_token) for p in projects)
+    if not projects:
+        project_rows = '<tr><td colspan="8">no project yet: connect Label Studio</td></tr>'
+    job_html = "".join(_job_tr(row) for row in rows) or _NO_JOBS
+    note = f'<p class="note">{escape(message)}</p>' if message else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>echolabel admin</title>
+<style>{_CSS}</style></head><body>
+<h1>echolabel admin</h1>{note}
+<h2>Projects</h2>
+<table><tr><th>project</th><th>collection</th><th>encoder</th><th>generation</th>
+<th>points</th><th>labelled</th><th>latest reports</th><th>actions</th></tr>
+{project_rows}</table>
+<h2>Jobs</h2>
+<table id="jobs"><thead><tr><th>status</th><th>job</th><th>what</th><th>progress</th>
+<th>error or result</th></tr></thead><tbody>{job_html}</tbody></table>
+<script>{_POLL}</script>
+</body></html>
+"""
+
+
+def _project_row(project: Mapping[str, Any], settings: Settings, csrf_token: str) -> str:
+    p = project["project"]
+    reports = " ".join(
+        f'<a href="{escape(url)}">{escape(url.split("/")[-2])}</a>' for url in project["reports"]
+    )
+    cells = [
+        escape(str(project.get(key, ""))) for key in ("collection", "encoder", "generation")
+    ] + [escape(str(project.get(key, ""))) for key in ("points", "labelled")]
+    if project.get("error"):
+        cells[0] = f'<span class="error">{escape(project["error"])}</span>'
+    forms = "".join(_form(p, key, action, settings, csrf_token) for key, action in ACTIONS.items())
+    tds = "".join(f"<td>{c}</td>" for c in cells)
+    return f"<tr><td>{escape(str(p))}</td>{tds}<td>{reports}</td><td>{forms}</td></tr>"
+
+
+def _form(
+    project: int | str, key: str, action: Action, settings: Settings, csrf_token: str
+) -> str:
+    selects = ""
+    for select in action.selects:
+        default = select.default(settings)
+        options = "".join(
+            f'<option{" selected" if o == default else ""}>{escape(o)}</option>'
+            for o in select.options(settings)
+        )
+        selects += f'<select name="{escape(select.name)}">{options}</select>'
+    target = f"/admin/projects/{quote(str(project), safe='')}/{key}"
+    return (
+        f'<form method="post" action="{escape(target)}">'
+        f'<input type="hidden" name="csrf" value="{escape(csrf_token)}">{selects}'
+        f'<button type="submit">{escape(action.button)}</button></form>'
+    )
+
+
+def _job_tr(row: Mapping[str, Any]) -> str:
+    cells = [escape(c) for c in row["cells"]]
+    if row["fraction"] is not None:
+        cells[3] = f'<progress value="{row["fraction"]:.3f}"></progress> {cells[3]}'
+    if row["report"]:
+        cells[4] = f'<a href="{escape(row["report"])}">report</a>\n{cells[4]}'
+    css = escape(row["status"])
+    return f'<tr class="{css}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+_NO_JOBS = '<tr><td colspan="5">no jobs</td></tr>'
+
+# Fills the job table from /admin/jobs every second; text only (textContent), links from the
+# server-built `report` URL.
+_POLL = """
+const body = document.querySelector('#jobs tbody');
+async function poll() {
+  try {
+    const r = await fetch('/admin/jobs', {headers: {Accept: 'application/json'}});
+    if (!r.ok) return;
+    const rows = (await r.json()).rows;
+    body.replaceChildren(...rows.map(row => {
+      const tr = document.createElement('tr');
+      tr.className = row.status;
+      row.cells.forEach((text, i) => {
+        const td = tr.insertCell();
+        if (i === 3 && row.fraction !== null) {
+          const bar = document.createElement('progress');
+          bar.value = row.fraction;
+          td.append(bar, ' ');
+        }
+        if (i === 4 && row.report) {
+          const a = document.createElement('a');
+          a.href = row.report; a.textContent = 'report';
+          td.append(a, '\\n');
+        }
+        td.append(text);
+      });
+      return tr;
+    }));
+    if (!rows.length) body.innerHTML = '<tr><td colspan="5">no jobs</td></tr>';
+  } finally { setTimeout(poll, 1000); }
+}
+setTimeout(poll, 1000);
+"""
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;
+vertical-align:top}form{display:inline-block;margin:0 .5em .2em 0}
+tr.failed td{background:#fde8e8}tr.started td{background:#eef6ff}
+#jobs td:nth-child(5){white-space:pre-wrap;font:12px/1.4 monospace}
+.error{color:#b00}.note{background:#eef8e8;padding:.5em}
+"""
