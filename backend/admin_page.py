@@ -1,5 +1,6 @@
 """The admin page: each project's store state, every job with live progress, the forms that
-start jobs, and links to the latest evaluation reports.
+start jobs, links to the latest evaluation reports and label-QA results, and to the project's
+near-duplicate pairs.
 
 Forms go through `Admin` (the same job functions as the CLI and the JSON endpoints). The page is
 server-rendered and escaped; a few lines of script poll /admin/jobs, whose rows the server has
@@ -22,7 +23,12 @@ from workers.encoders import available_encoders
 from .admin import Admin
 from .model import Services
 
-REPORT_FILES = ("report.html", "report.json")
+# What the jobs write under MODEL_DIR/<kind>/<project>/<time>/ that the page links and serves
+# read-only; the first file of each kind is the one a link opens.
+OUTPUTS = {
+    "reports": ("report.html", "report.json"),
+    "reviews": ("review.csv", "review.json"),
+}
 STAMP = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
 _STATUS_ORDER = {"started": 0, "queued": 1, "deferred": 1, "scheduled": 1, "failed": 2}
 
@@ -53,6 +59,7 @@ ACTIONS: dict[str, Action] = {
         (Select("encoder", lambda _: available_encoders(), lambda s: s.encoder),),
     ),
     "evaluate": Action("Evaluate", lambda admin, project, _: admin.start_evaluation(project)),
+    "review": Action("Label QA", lambda admin, project, _: admin.start_review(project)),
 }
 
 
@@ -90,26 +97,31 @@ def project_summaries(services: Services) -> list[dict[str, Any]]:
 
 
 def latest_reports(services: Services, project: int | str, limit: int = 3) -> list[str]:
-    """URLs of the newest evaluation reports (MODEL_DIR/reports/<project>/<time>/)."""
-    folder = services.settings.model_dir / "reports" / str(project)
-    if not folder.is_dir():
-        return []
-    stamps = sorted(
-        (p.name for p in folder.iterdir() if STAMP.match(p.name) and (p / "report.html").is_file()),
-        reverse=True,
-    )
-    return [report_url(project, stamp) for stamp in stamps[:limit]]
+    """URLs of the newest evaluation reports and label-QA results, newest first per kind."""
+    urls = []
+    for kind, (main, _) in OUTPUTS.items():
+        folder = services.settings.model_dir / kind / str(project)
+        if not folder.is_dir():
+            continue
+        stamps = sorted(
+            (p.name for p in folder.iterdir() if STAMP.match(p.name) and (p / main).is_file()),
+            reverse=True,
+        )
+        urls += [report_url(project, stamp, kind) for stamp in stamps[:limit]]
+    return urls
 
 
-def report_url(project: int | str, stamp: str, name: str = REPORT_FILES[0]) -> str:
-    return f"/admin/reports/{quote(str(project), safe='')}/{stamp}/{name}"
+def report_url(project: int | str, stamp: str, kind: str = "reports") -> str:
+    return f"/admin/{kind}/{quote(str(project), safe='')}/{stamp}/{OUTPUTS[kind][0]}"
 
 
-def report_file(model_dir: Path, project: int | str, stamp: str, name: str) -> Path | None:
-    """A report file to serve read-only, or None for anything else."""
-    if name not in REPORT_FILES or not STAMP.match(stamp):
+def report_file(
+    model_dir: Path, kind: str, project: int | str, stamp: str, name: str
+) -> Path | None:
+    """A job's output file to serve read-only, or None for anything else."""
+    if name not in OUTPUTS.get(kind, ()) or not STAMP.match(stamp):
         return None
-    root = (model_dir / "reports").resolve()
+    root = (model_dir / kind).resolve()
     path = (root / str(project) / stamp / name).resolve()
     return path if path.is_relative_to(root) and path.is_file() else None
 
@@ -165,15 +177,18 @@ def _brief(result: Mapping[str, Any]) -> str:
 
 
 def _report_of(result: Mapping[str, Any], model_dir: Path) -> str | None:
-    path = result.get("report_html")
-    if not isinstance(path, str):
-        return None
-    try:
-        relative = Path(path).resolve().relative_to((model_dir / "reports").resolve())
-    except ValueError:
-        return None
-    parts = relative.parts
-    return report_url(parts[0], parts[1]) if len(parts) == 3 else None
+    """The link to what a finished job wrote: an evaluation report or a label-QA result."""
+    for kind, key in (("reports", "report_html"), ("reviews", "review_csv")):
+        path = result.get(key)
+        if not isinstance(path, str):
+            continue
+        try:
+            relative = Path(path).resolve().relative_to((model_dir / kind).resolve())
+        except ValueError:
+            return None
+        parts = relative.parts
+        return report_url(parts[0], parts[1], kind) if len(parts) == 3 else None
+    return None
 
 
 def render_admin(
@@ -194,7 +209,7 @@ def render_admin(
 <h1>echolabel admin</h1>{note}
 <h2>Projects</h2>
 <table><tr><th>project</th><th>collection</th><th>encoder</th><th>generation</th>
-<th>points</th><th>labelled</th><th>latest reports</th><th>actions</th></tr>
+<th>points</th><th>labelled</th><th>latest results</th><th>actions</th></tr>
 {project_rows}</table>
 <h2>Jobs</h2>
 <table id="jobs"><thead><tr><th>status</th><th>job</th><th>what</th><th>progress</th>
@@ -204,11 +219,23 @@ def render_admin(
 """
 
 
+def duplicates_url(project: int | str) -> str:
+    return f"/projects/{quote(str(project), safe='')}/duplicates"
+
+
+def _output_name(url: str) -> str:
+    """`evaluation 20261202T170517Z` or `label QA …` from an output's URL."""
+    kind, stamp = url.split("/")[2], url.split("/")[-2]
+    return f"{'label QA' if kind == 'reviews' else 'evaluation'} {stamp}"
+
+
 def _project_row(project: Mapping[str, Any], settings: Settings, csrf_token: str) -> str:
     p = project["project"]
     reports = " ".join(
-        f'<a href="{escape(url)}">{escape(url.split("/")[-2])}</a>' for url in project["reports"]
+        f'<a href="{escape(url)}">{escape(_output_name(url))}</a>' for url in project["reports"]
     )
+    if project.get("points"):
+        reports += f' <a href="{escape(duplicates_url(p))}">near-duplicates</a>'
     cells = [
         escape(str(project.get(key, ""))) for key in ("collection", "encoder", "generation")
     ] + [escape(str(project.get(key, ""))) for key in ("points", "labelled")]
@@ -219,14 +246,12 @@ def _project_row(project: Mapping[str, Any], settings: Settings, csrf_token: str
     return f"<tr><td>{escape(str(p))}</td>{tds}<td>{reports}</td><td>{forms}</td></tr>"
 
 
-def _form(
-    project: int | str, key: str, action: Action, settings: Settings, csrf_token: str
-) -> str:
+def _form(project: int | str, key: str, action: Action, settings: Settings, csrf_token: str) -> str:
     selects = ""
     for select in action.selects:
         default = select.default(settings)
         options = "".join(
-            f'<option{" selected" if o == default else ""}>{escape(o)}</option>'
+            f"<option{' selected' if o == default else ''}>{escape(o)}</option>"
             for o in select.options(settings)
         )
         selects += f'<select name="{escape(select.name)}">{options}</select>'

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from vectorstore import TaskId
+from workers.review import browser_label_studio_url, task_link
 
 if TYPE_CHECKING:  # the model links to the gallery (task_path): import it for types only
     from .model import SimilarityModel
@@ -24,14 +25,6 @@ class TaskNotFound(LookupError):
 def task_path(project: int | str, task: TaskId) -> str:
     """The backend path of a task's pages (task ids may be folder paths: slashes stay)."""
     return f"/projects/{quote(str(project), safe='')}/tasks/{quote(str(task), safe='/')}"
-
-
-def label_studio_link(label_studio_url: str | None, project: int | str, task: TaskId) -> str | None:
-    """Where the task opens in Label Studio's Data Manager, if Label Studio is known."""
-    if not label_studio_url:
-        return None
-    project_part = quote(str(project), safe="")
-    return f"{label_studio_url}/projects/{project_part}/data?task={quote(str(task), safe='')}"
 
 
 def image_ref(model: SimilarityModel, task: TaskId) -> str:
@@ -48,15 +41,14 @@ def build_gallery(model: SimilarityModel, task: TaskId) -> dict[str, Any]:
     if point is None:
         raise TaskNotFound(_not_found(model.project, task))
     suggestion = model.suggest(point.vector, exclude=[task])
-    # Links are followed by browsers: Label Studio's public URL where it differs (compose).
-    ls_url = model.settings.label_studio_public_url or model.settings.label_studio_url
+    ls_url = browser_label_studio_url(model.settings)
     project = model.project
     return {
         "project": project,
         "task": point.task,
         "labels": dict(point.labels),
         "thumbnail": task_path(project, point.task) + "/thumbnail",
-        "label_studio": label_studio_link(ls_url, project, point.task),
+        "label_studio": task_link(ls_url, project, point.task),
         "model_version": model.model_version,
         "vote": {
             "score": round(suggestion.score, 4),
@@ -78,7 +70,7 @@ def build_gallery(model: SimilarityModel, task: TaskId) -> dict[str, Any]:
                 "labels": dict(n.labels),
                 "thumbnail": task_path(project, n.task) + "/thumbnail",
                 "gallery": task_path(project, n.task) + "/neighbours",
-                "label_studio": label_studio_link(ls_url, project, n.task),
+                "label_studio": task_link(ls_url, project, n.task),
             }
             for n in suggestion.neighbours
         ],
@@ -96,11 +88,12 @@ def render_gallery(gallery: dict[str, Any]) -> str:
     cards = "".join(
         f'<figure class="n"><a href="{escape(n["gallery"])}"><img src="{escape(n["thumbnail"])}" '
         f'alt="task {escape(str(n["task"]))}" loading="lazy"></a>'
-        f"<figcaption><b>{i}.</b> similarity {n['similarity']:.3f}<br>{_labels(n['labels'])}"
-        f"<br>{_task_link(n['label_studio'], n['task'])}</figcaption></figure>"
+        f"<figcaption><b>{i}.</b> similarity {n['similarity']:.3f}<br>{labels_html(n['labels'])}"
+        f"<br>{task_link_html(n['label_studio'], n['task'])}</figcaption></figure>"
         for i, n in enumerate(gallery["neighbours"], 1)
     )
-    own = _labels(gallery["labels"]) if gallery["labels"] else "<i>not labelled</i>"
+    own = labels_html(gallery["labels"]) if gallery["labels"] else "<i>not labelled</i>"
+    own_link = task_link_html(gallery["label_studio"], task)
     title = f"Neighbours of task {escape(str(task))} (project {escape(str(project))})"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -109,7 +102,7 @@ def render_gallery(gallery: dict[str, Any]) -> str:
 <h1>{title}</h1>
 <section class="query"><figure>
 <img src="{escape(gallery["thumbnail"])}" alt="task {escape(str(task))}">
-<figcaption>this task: {own}<br>{_task_link(gallery["label_studio"], task)}</figcaption></figure>
+<figcaption>this task: {own}<br>{own_link}</figcaption></figure>
 <div><h2>Vote of its {len(gallery["neighbours"])} nearest labelled neighbours</h2>
 <table><tr><th>field</th><th>suggestion (share of similarity)</th><th>weights</th></tr>
 {votes}</table>
@@ -131,14 +124,16 @@ def _weights_text(weights: dict[str, float]) -> str:
     return ", ".join(f"{escape(label)} {weight:.2f}" for label, weight in ranked)
 
 
-def _labels(labels: dict[str, str]) -> str:
+def labels_html(labels: dict[str, str]) -> str:
+    """A task's labels, one field per line, escaped."""
     return "<br>".join(
         f'<span class="f">{escape(name)}</span> <span class="label">{escape(value)}</span>'
         for name, value in labels.items()
     )
 
 
-def _task_link(url: str | None, task: TaskId) -> str:
+def task_link_html(url: str | None, task: TaskId) -> str:
+    """A link that opens the task in Label Studio (plain text without Label Studio's URL)."""
     if not url:
         return f"task {escape(str(task))}"
     return (

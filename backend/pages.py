@@ -1,4 +1,5 @@
-"""The review pages in the browser: the neighbour gallery, thumbnails and the admin page.
+"""The review pages in the browser: the neighbour gallery, thumbnails, near-duplicate pairs
+and the admin page.
 
 They show medical images and start jobs, so they are served without a login only while the
 backend listens on loopback: beyond it, basic auth (BASIC_AUTH_USER/PASS, enforced for every
@@ -17,10 +18,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.concurrency import run_in_threadpool
 
 from echolabel.settings import Settings
+from workers.jobs import PermanentJobError, find_project_duplicates
 
 from . import admin_page
 from .admin import Admin
 from .csrf import CsrfError, CsrfTokens
+from .duplicates_page import render_duplicates
 from .gallery import TaskNotFound, build_gallery, image_ref, render_gallery
 from .model import Services, SimilarityModel
 from .projects import project_id
@@ -97,6 +100,26 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
             headers={"Cache-Control": "private, max-age=3600", **_HEADERS},
         )
 
+    @router.get("/projects/{project}/duplicates", response_model=None)
+    async def duplicates(
+        project: str, request: Request, threshold: float | None = None
+    ) -> Response:
+        """The project's near-duplicate pairs side by side: HTML, or JSON when asked for."""
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            return JSONResponse(
+                {"error": "bad_request", "detail": f"threshold {threshold} is not a cosine"},
+                status_code=422,
+            )
+        try:
+            result = await run_in_threadpool(
+                find_project_duplicates, project_id(project), threshold
+            )
+        except PermanentJobError as exc:
+            return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(result)
+        return HTMLResponse(render_duplicates(result), headers=_HEADERS)
+
     @router.get("/admin", response_class=HTMLResponse)
     async def admin_home(started: str = "") -> HTMLResponse:
         projects = await run_in_threadpool(admin_page.project_summaries, services())
@@ -145,14 +168,12 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
         started = await run_in_threadpool(chosen.start, admin(), project_id(project), values)
         return RedirectResponse(f"/admin?started={quote(str(started['job']))}", status_code=303)
 
-    @router.get("/admin/reports/{project}/{stamp}/{name}", response_model=None)
-    async def admin_report(project: str, stamp: str, name: str) -> Response:
-        """An evaluation report, read-only."""
-        path = admin_page.report_file(settings.model_dir, project_id(project), stamp, name)
+    @router.get("/admin/{kind}/{project}/{stamp}/{name}", response_model=None)
+    async def admin_report(kind: str, project: str, stamp: str, name: str) -> Response:
+        """An evaluation report or a label-QA result, read-only."""
+        path = admin_page.report_file(settings.model_dir, kind, project_id(project), stamp, name)
         if path is None:
-            return JSONResponse(
-                {"error": "not_found", "detail": "no such report"}, status_code=404
-            )
+            return JSONResponse({"error": "not_found", "detail": "no such report"}, status_code=404)
         return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
 
     return router

@@ -48,9 +48,7 @@ def vote(
             support += 1
             weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
         if not weights:
-            out[name] = FieldVote(
-                name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours
-            )
+            out[name] = FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours)
             continue
         # Ties go to the label name first in sort order, so results are reproducible.
         winner = min(weights, key=lambda label: (-weights[label], label))

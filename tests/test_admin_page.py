@@ -169,6 +169,7 @@ def test_admin_needs_credentials_and_a_csrf_token_and_nothing_changes_by_get(sec
             "/admin/projects",
             "/projects/5/tasks/10/neighbours",
             "/projects/5/tasks/10/thumbnail",
+            "/projects/5/duplicates",
         ):
             assert client.get(path).status_code == 401, path
             assert client.get(path, headers=basic(password="wrong")).status_code == 401, path
@@ -287,3 +288,30 @@ def test_serve_tells_the_app_its_listen_address(settings, monkeypatch):
         assert cli.main(["serve", "--host", host, "--port", "1"]) == 0
         with TestClient(served["app"]) as client:
             assert client.get("/admin").status_code == status, host
+
+
+def test_label_qa_form_runs_the_review_job_and_links_its_csv(settings):
+    """The admin page's Label QA button goes through Admin.start_review; the finished job and
+    the project's row link review.csv, served read-only like the evaluation reports."""
+    index_projects(settings)
+    with TestClient(create_app(settings, listen_host="127.0.0.1")) as client:
+        html = client.get("/admin").text
+        assert 'action="/admin/projects/5/review"' in html
+        assert 'href="/projects/5/duplicates"' in html
+        token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+        started = client.post(
+            "/admin/projects/5/review", data={"csrf": token}, follow_redirects=False
+        )
+        assert started.headers["location"] == "/admin?started=review-5"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (job,) = client.get("/admin/jobs").json()["rows"]
+            if job["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "finished", job
+        assert re.fullmatch(r"/admin/reviews/5/\d{8}T\d{6}Z/review.csv", job["report"]), job
+        csv_text = client.get(job["report"]).text
+        assert csv_text.startswith("field,rank,task,label,vote") and csv_text.count("\n") == 13
+        assert job["report"] in client.get("/admin").text
+        assert client.get(job["report"].replace("review.csv", "report.html")).status_code == 404

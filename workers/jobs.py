@@ -269,7 +269,7 @@ def _fingerprint(points: Sequence[Point]) -> str:
 def review_project(project: int | str, k: int = 10) -> dict:
     """Label QA of a project's labelled tasks (vectors of its live generation, labels from
     the store): review.csv and review.json under MODEL_DIR/reviews/<project>/<time>/."""
-    from workers.review import task_link
+    from workers.review import browser_label_studio_url, task_link
     from workers.review.label_issues import review, summary, write_review
 
     points = _labelled_points(project, "review")
@@ -279,7 +279,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
         {name: [p.labels.get(name) for p in points] for name in _fields(points)},
         [p.task for p in points],
         k=k,
-        link=lambda task: task_link(settings.label_studio_url, project, task),
+        link=lambda task: task_link(browser_label_studio_url(settings), project, task),
     )
     result["project"] = project
     csv_path, json_path = write_review(result, _output_dir(settings, "reviews", project))
@@ -294,7 +294,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
 def find_project_duplicates(project: int | str, threshold: float | None = None) -> dict:
     """Near-duplicate pairs among all of a project's embedded tasks (JSON-able, for a page or
     the CLI): see workers.review.duplicates.find_duplicates."""
-    from workers.review import task_link
+    from workers.review import browser_label_studio_url, task_link
     from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
     store = context.current().store
@@ -311,7 +311,7 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
         [p.task for p in points],
         [p.labels for p in points],
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-        link=lambda task: task_link(settings.label_studio_url, project, task),
+        link=lambda task: task_link(browser_label_studio_url(settings), project, task),
     )
     return {"project": project, **result}
 
