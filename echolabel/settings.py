@@ -48,6 +48,8 @@ class Settings:
     refresh_after: int = 10
     refresh_interval_s: float = 300.0
     preannotate_on_import: bool = False
+    # Training an encoder is refused while any class has fewer labelled images than this.
+    min_per_class: int = 20
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -59,6 +61,11 @@ class Settings:
     @property
     def projects_dir(self) -> Path:
         return self.model_dir / "projects"
+
+    @property
+    def encoders_dir(self) -> Path:
+        """Where trained encoders are saved, one versioned directory each."""
+        return self.model_dir / "encoders"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -107,6 +114,7 @@ class Settings:
             preannotate_on_import=reader.flag(
                 "ECHOLABEL_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import
             ),
+            min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),
