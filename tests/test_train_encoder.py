@@ -97,6 +97,7 @@ def test_trains_on_a_tiny_folder_and_the_registry_loads_the_encoder(tmp_path, se
         == 20
     )
     assert len(report["curves"]) == 2 and report["validation_split"] == "stratified random"
+    assert all(0 <= c["val_knn_vote_accuracy"] <= 1 for c in report["curves"])
     # Progress: loading, the frozen features, then one report per epoch with loss and accuracy.
     stages = [m["stage"] for m in seen]
     assert stages[0] == "loading images" and "computing frozen features" in stages

@@ -485,10 +485,14 @@ def _validate(
     """Head accuracy and loss per field on the validation images, and their mean."""
     model.eval()
     outputs: list[list[torch.Tensor]] = [[] for _ in fields]
+    embeddings = []
     for start in range(0, len(trunk_features), batch_size):
         z = trunk_features[start : start + batch_size].float().to(device)
-        for j, out in enumerate(model(z)[1]):
+        features, logits = model(z)
+        embeddings.append(F.normalize(features.float(), dim=1).cpu())
+        for j, out in enumerate(logits):
             outputs[j].append(out.float().cpu())
+    knn = _knn_vote_accuracy(torch.cat(embeddings), y)
     per_field: dict[str, Any] = {}
     losses, accuracies = [], []
     for j, name in enumerate(fields):
@@ -502,14 +506,45 @@ def _validate(
             for c, cls in enumerate(classes[j])
             if bool((target[known] == c).any())
         }
-        per_field[name] = {"accuracy": round(accuracy, 4), "loss": round(loss, 4), "recall": recall}
+        per_field[name] = {
+            "accuracy": round(accuracy, 4),
+            "loss": round(loss, 4),
+            "recall": recall,
+            "knn_vote_accuracy": knn[j],
+        }
         losses.append(loss)
         accuracies.append(accuracy)
     return {
         "val_loss": round(float(np.mean(losses)), 4),
         "val_accuracy": round(float(np.mean(accuracies)), 4),
+        "val_knn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
         "val_fields": per_field,
     }
+
+
+def _knn_vote_accuracy(
+    embeddings: torch.Tensor, y: torch.Tensor, k: int = 10
+) -> list[float | None]:
+    """Per field: how often the similarity-weighted vote of an image's k nearest other
+    validation images is its label (leave-one-out within the validation split): the
+    embedding's own quality, which the heads' accuracy only approximates."""
+    similarity = embeddings @ embeddings.T
+    similarity.fill_diagonal_(float("-inf"))
+    k = min(k, len(embeddings) - 1)
+    sims, indices = similarity.topk(k, dim=1)
+    out = []
+    for j in range(y.shape[1]):
+        labels = y[:, j]
+        known = labels >= 0
+        if not known.any():
+            out.append(None)  # no validation image has this field
+            continue
+        votes = torch.zeros(len(labels), int(labels.max()) + 1)
+        neighbour = labels[indices]
+        weights = sims.clamp(min=0) * (neighbour >= 0)
+        votes.scatter_add_(1, neighbour.clamp(min=0), weights)
+        out.append(round(float((votes.argmax(dim=1) == labels)[known].float().mean()), 4))
+    return out
 
 
 def _fingerprint(
