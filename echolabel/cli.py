@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--metric-weight",
         type=float,
-        default=0.0,
+        default=0.5,
         help="weight of a supervised-contrastive term (0: off)",
     )
     train.add_argument("--val-fraction", type=float, default=0.15)

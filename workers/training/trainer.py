@@ -74,7 +74,9 @@ class TrainOptions:
     lr: float = 3e-4  # backbone; heads learn 10x faster (they start from scratch)
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    metric_weight: float = 0.0  # weight of the supervised-contrastive term (0: off)
+    # Weight of the supervised-contrastive term (0: off). 0.5 beat 0 on the BUSI validation
+    # split: kNN vote 0.86 vs 0.80, head accuracy 0.86 vs 0.83 (README).
+    metric_weight: float = 0.5
     val_fraction: float = 0.15
     hflip: bool = True
     seed: int = 0
