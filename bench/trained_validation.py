@@ -19,7 +19,7 @@ from PIL import Image
 
 from workers.encoders import load_encoder
 from workers.encoders.trained import read_config
-from workers.training.trainer import _knn_vote_accuracy
+from workers.training.trainer import knn_vote_accuracy
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         for encoder_name in (f"trained:{name}", config["backbone"]["start"]):
             encoder = load_encoder(encoder_name, encoders_dir=args.encoders_dir)
             vectors = torch.from_numpy(encoder.embed(images))
-            accuracy = _knn_vote_accuracy(vectors, y)[0]
+            accuracy = knn_vote_accuracy(vectors, y)[0]
             print(f"{name}\t{encoder_name}\tvalidation images {len(ids)}\tkNN vote {accuracy}")
 
 

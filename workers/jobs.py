@@ -250,8 +250,8 @@ def train_encoder(
             },
             on_progress=report,
         )
-    except (TrainingRefused, ValueError) as exc:
-        _no_retry()  # more labels, not a retry, can fix it
+    except (TrainingRefused, ValueError, TypeError) as exc:  # TypeError: an unknown option
+        _no_retry()  # more labels or other options, not a retry, can fix it
         raise PermanentJobError(str(exc)) from None
     if reembed_after:
         # reembed() reports to the job's meta itself.

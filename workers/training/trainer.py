@@ -239,6 +239,9 @@ def train_encoder(
 
     Raises TrainingRefused when a class has fewer than `options.min_per_class` images."""
     check_base_name(name)
+    for option in ("epochs", "views", "batch_size", "input_size", "patience"):
+        if getattr(options, option) < 1:
+            raise ValueError(f"{option} must be at least 1, got {getattr(options, option)}")
     fields = list(fields)
     check_trainable(samples, fields, options.min_per_class)
     device = resolve_device(options.device)
@@ -494,7 +497,7 @@ def _validate(
         embeddings.append(F.normalize(features.float(), dim=1).cpu())
         for j, out in enumerate(logits):
             outputs[j].append(out.float().cpu())
-    knn = _knn_vote_accuracy(torch.cat(embeddings), y)
+    knn = knn_vote_accuracy(torch.cat(embeddings), y)
     per_field: dict[str, Any] = {}
     losses, accuracies = [], []
     for j, name in enumerate(fields):
@@ -519,14 +522,12 @@ def _validate(
     return {
         "val_loss": round(float(np.mean(losses)), 4),
         "val_accuracy": round(float(np.mean(accuracies)), 4),
-        "val_knn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
+        "valknn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
         "val_fields": per_field,
     }
 
 
-def _knn_vote_accuracy(
-    embeddings: torch.Tensor, y: torch.Tensor, k: int = 10
-) -> list[float | None]:
+def knn_vote_accuracy(embeddings: torch.Tensor, y: torch.Tensor, k: int = 10) -> list[float | None]:
     """Per field: how often the similarity-weighted vote of an image's k nearest other
     validation images is its label (leave-one-out within the validation split): the
     embedding's own quality, which the heads' accuracy only approximates."""
