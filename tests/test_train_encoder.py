@@ -287,3 +287,28 @@ def test_training_job_on_the_reembed_queue_reports_epochs_in_its_meta(settings, 
     assert meta["loss"] > 0 and meta["val_accuracy"] is not None
     assert job.return_value()["encoder"] == "trained:organs-v1"
     assert (settings.encoders_dir / "organs-v1" / "weights.safetensors").is_file()
+
+
+def test_cli_trains_on_a_project_and_reembeds_with_a_progress_bar(settings, capsys):
+    project(settings).close()
+    env = {
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
+        "ECHOLABEL_ENCODER": TINY_ENCODER,
+    }
+    argv = ["train-encoder", "--project", "5", "--field", "organ", "--name", "cli"]
+    argv += ["--input-size", "64", "--epochs", "1", "--views", "1", "--batch-size", "16"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("REDIS_URL", raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert cli.main([*argv, "--reembed"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["encoder"] == "trained:cli-v1" and result["reembed"]["stage"] == "switched"
+    assert "train encoder on project 5" in err and "epoch 1/1: loss" in err  # the bar
+    services = Services.from_settings(settings)
+    try:
+        assert services.store.collection(5).encoder == "trained:cli-v1"
+    finally:
+        services.close()
