@@ -522,7 +522,7 @@ def _validate(
     return {
         "val_loss": round(float(np.mean(losses)), 4),
         "val_accuracy": round(float(np.mean(accuracies)), 4),
-        "valknn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
+        "val_knn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
         "val_fields": per_field,
     }
 
