@@ -312,3 +312,27 @@ def test_cli_trains_on_a_project_and_reembeds_with_a_progress_bar(settings, caps
         assert services.store.collection(5).encoder == "trained:cli-v1"
     finally:
         services.close()
+
+
+def test_http_endpoint_starts_training_visible_in_jobs(settings):
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+
+    project(settings).close()
+    with TestClient(create_app(settings)) as client:
+        body = {"fields": ["organ"], "name": "http", "options": dataclasses.asdict(TINY)}
+        started = client.post("/projects/5/train-encoder", json=body).json()
+        assert started == {"job": "train-encoder-5", "status": "started", "queue": "in-process"}
+        deadline = time.monotonic() + 120
+        while True:
+            listed = {j["id"]: j for j in client.get("/jobs").json()["jobs"]}
+            job = listed["train-encoder-5"]
+            if job["status"] != "started" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert job["status"] == "finished", job
+        assert job["result"]["encoder"] == "trained:http-v1"
+        assert job["progress"]["stage"] == "saved" and job["progress"]["epoch"] == 2
+        refused = client.post("/projects/5/train-encoder", json={"options": []})
+        assert refused.status_code == 422
