@@ -104,13 +104,6 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def training_hashes(name: str, encoders_dir: Path) -> set[str]:
-    """sha256 of every image trained encoder `name` saw in training (train + validation):
-    the evaluation must not measure it on them."""
-    config = read_config(encoder_dir(name.partition(":")[2], encoders_dir))
-    return {image["sha256"] for image in config["training"]["images"]}
-
-
 def resize_crop(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB image as a (3, size, size) uint8 tensor: shorter side to `size`, centre crop.
 
