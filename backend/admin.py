@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from workers.queues import (
     retry_policy,
 )
 from workers.reembed import Progress
+from workers.training import TrainingProgress
 from workers.worker import ThreadWorker
 
 from . import preannotate
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 def reembed_job_id(project: int | str) -> str:
     return f"reembed-{project}"
+
+
+def train_encoder_job_id(project: int | str) -> str:
+    return f"train-encoder-{project}"
 
 
 @dataclass
@@ -123,6 +128,29 @@ class Admin:
             job_functions.reembed,
             (project, encoder),
             f"re-embed project {project} with {encoder}",
+            with_progress=True,
+        )
+
+    def start_training_encoder(
+        self,
+        project: int | str,
+        fields: Sequence[str] = (),
+        *,
+        name: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        patient_key: str | None = None,
+        reembed: bool = False,
+    ) -> dict[str, Any]:
+        """Queue (or, without Redis, start) training an encoder on the project's labels,
+        then optionally re-embedding the project with it. `options` are TrainOptions fields
+        (epochs, input_size, ...); progress (epoch, loss, validation accuracy, ETA) is in
+        the job's meta."""
+        return self._start(
+            train_encoder_job_id(project),
+            REEMBED,
+            job_functions.train_encoder,
+            (project, list(fields), name, dict(options or {}), patient_key, reembed),
+            f"train encoder on project {project}" + (" and re-embed" if reembed else ""),
             with_progress=True,
         )
 
@@ -212,7 +240,7 @@ class Admin:
                 return {"job": job_id, "status": "started", "queue": "in-process"}
             local = self.local_jobs[job_id] = LocalJob(job_id, description)
 
-        def report(progress: Progress) -> None:
+        def report(progress: Progress | TrainingProgress) -> None:
             local.progress = progress.as_meta()
 
         def run() -> None:

@@ -211,6 +211,27 @@ def create_app(
         admin: Admin = state["admin"]
         return await run_in_threadpool(admin.start_evaluation, project_id(project))
 
+    @app.post("/projects/{project}/train-encoder")
+    async def train_encoder(project: str, request: Request) -> dict[str, Any]:
+        """Start training an encoder on the project's labels (see GET /jobs for its progress).
+        JSON body, every key optional: fields, name, options (epochs, input_size, ...),
+        patient_key, reembed (then re-embed the project with it)."""
+        body = await _json_object(request)
+        admin: Admin = state["admin"]
+        options, fields = body.get("options", {}), body.get("fields", [])
+        if not isinstance(options, dict) or not isinstance(fields, list):
+            raise RequestError(422, "bad_request", "`options` must be an object, `fields` a list")
+        return await run_in_threadpool(
+            lambda: admin.start_training_encoder(
+                project_id(project),
+                [str(f) for f in fields],
+                name=body.get("name"),
+                options=options,
+                patient_key=body.get("patient_key"),
+                reembed=bool(body.get("reembed")),
+            )
+        )
+
     @app.post("/projects/{project}/preannotate")
     async def preannotate(project: int, refresh: bool = False) -> dict[str, Any]:
         """Start pushing predictions into Label Studio (or refreshing them); see GET /jobs."""

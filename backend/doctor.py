@@ -198,7 +198,11 @@ class Doctor:
         self.settings = settings
         self._store = store
         self._load_weights = load_weights or (
-            lambda: load_encoder(settings.encoder, weights_dir=settings.weights_dir)
+            lambda: load_encoder(
+                settings.encoder,
+                weights_dir=settings.weights_dir,
+                encoders_dir=settings.encoders_dir,
+            )
         )
         self.checks: list[Check] = []
 

@@ -248,6 +248,62 @@ def _parser() -> argparse.ArgumentParser:
     reembed.add_argument("--no-wait", action="store_true", help="queue it and return")
     reembed.set_defaults(run=_reembed)
 
+    train = sub.add_parser(
+        "train-encoder",
+        help="fine-tune an encoder on the labels of a project (or a folder + CSV) and save it "
+        "under MODEL_DIR/encoders/<name>-v<N>/ as encoder trained:<name>-v<N>",
+    )
+    train.add_argument("--project", help="train on this project's labelled tasks (a job)")
+    train.add_argument("--images", type=Path, help="or: folder of images")
+    train.add_argument("--labels", type=Path, help="CSV with image paths relative to --images")
+    train.add_argument("--image-column", default="image")
+    train.add_argument("--field", action="append", default=[], help="choices field (repeatable)")
+    train.add_argument(
+        "--split-column",
+        help="CSV column: train rows train, val rows validate, other rows (test) are never read",
+    )
+    train.add_argument("--train-split", default="train", help="split value of training rows")
+    train.add_argument(
+        "--patient-column",
+        help="CSV column / payload key with patient ids: "
+        "the validation split is then patient-disjoint",
+    )
+    train.add_argument("--name", help="encoder name (default: the project or folder name)")
+    train.add_argument("--start", default="efficientnet_lite0", help="pretrained encoder")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--patience", type=int, default=3, help="early-stopping patience")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--input-size", type=int, default=160)
+    train.add_argument(
+        "--freeze-blocks", type=int, default=5, help="frozen stem + first stages (of 7)"
+    )
+    train.add_argument(
+        "--views", type=int, default=4, help="augmented views of each image (frozen part)"
+    )
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument(
+        "--metric-weight",
+        type=float,
+        default=0.5,
+        help="weight of a supervised-contrastive term (0: off)",
+    )
+    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--no-hflip", action="store_true", help="no mirrored images")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="default: ECHOLABEL_DEVICE"
+    )
+    train.add_argument(
+        "--min-per-class",
+        type=int,
+        help="refuse below this many images per class (ECHOLABEL_MIN_PER_CLASS)",
+    )
+    train.add_argument(
+        "--reembed", action="store_true", help="then re-embed the project with it (zero downtime)"
+    )
+    train.add_argument("--no-wait", action="store_true", help="queue it and return")
+    train.set_defaults(run=_train_encoder)
+
     preannotate = sub.add_parser(
         "preannotate",
         help="push predictions for every unlabelled task into Label Studio (background job)",
@@ -761,6 +817,93 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
         unit="img",
         no_wait=args.no_wait,
     )
+
+
+def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
+    """Train on a project (a job on the `reembed` queue) or on a folder (here)."""
+    options: dict[str, Any] = {
+        "start": args.start,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "batch_size": args.batch_size,
+        "input_size": args.input_size,
+        "freeze_blocks": args.freeze_blocks,
+        "views": args.views,
+        "lr": args.lr,
+        "metric_weight": args.metric_weight,
+        "val_fraction": args.val_fraction,
+        "hflip": not args.no_hflip,
+        "seed": args.seed,
+        "device": args.device or settings.device,
+        "min_per_class": args.min_per_class or settings.min_per_class,
+    }
+    if args.project:
+        from backend.admin import train_encoder_job_id
+        from backend.projects import project_id
+        from workers import jobs
+        from workers.queues import REEMBED
+
+        project = project_id(args.project)
+        return _run_job(
+            settings,
+            REEMBED,
+            train_encoder_job_id(project),
+            jobs.train_encoder,
+            (project, args.field, args.name, options, args.patient_column, args.reembed),
+            f"train encoder on project {project}",
+            unit="step",
+            no_wait=args.no_wait,
+        )
+    if not (args.images and args.labels and args.field):
+        raise ValueError("train-encoder needs --project, or --images, --labels and --field")
+    if args.reembed:
+        raise ValueError("--reembed needs --project (a folder has no collection to re-embed)")
+    from echolabel.images import ImageFetcher
+    from workers.training import TrainOptions, train_encoder
+    from workers.training.sources import folder_samples
+
+    root = args.images.resolve()
+    samples, left_out = folder_samples(
+        root,
+        args.labels,
+        args.field,
+        image_column=args.image_column,
+        patient_column=args.patient_column,
+        split_column=args.split_column,
+        train_split=args.train_split,
+    )
+    if left_out:
+        print(
+            f"{left_out} row(s) outside the training split left out (never read)", file=sys.stderr
+        )
+    folder_settings = dataclasses.replace(settings, local_files_root=root)
+    with ImageFetcher(folder_settings) as fetcher, tqdm(desc="train encoder") as bar:
+
+        def show(progress: Any) -> None:
+            bar.total, bar.n = progress.total, progress.done
+            bar.set_postfix_str(progress.stage)
+            bar.refresh()
+
+        summary = train_encoder(
+            samples,
+            args.field,
+            fetcher=fetcher,
+            max_pixels=settings.max_image_pixels,
+            encoders_dir=settings.encoders_dir,
+            name=args.name or root.name,
+            options=TrainOptions(**options),
+            source={
+                "kind": "folder",
+                "images": str(root),
+                "labels": str(args.labels.resolve()),
+                "split_column": args.split_column,
+                "train_split": args.train_split,
+                "rows_left_out": left_out,
+            },
+            on_progress=show,
+        )
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _preannotate(args: argparse.Namespace, settings: Settings) -> int:

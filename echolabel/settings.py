@@ -53,6 +53,8 @@ class Settings:
     public_url: str | None = None  # the backend as annotators' browsers reach it
     label_studio_public_url: str | None = None  # Label Studio as browsers reach it
     thumbnail_cache_bytes: int = 256 * 1024 * 1024
+    # Training an encoder is refused while any class has fewer labelled images than this.
+    min_per_class: int = 20
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -64,6 +66,11 @@ class Settings:
     @property
     def projects_dir(self) -> Path:
         return self.model_dir / "projects"
+
+    @property
+    def encoders_dir(self) -> Path:
+        """Where trained encoders are saved, one versioned directory each."""
+        return self.model_dir / "encoders"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -124,6 +131,7 @@ class Settings:
                 "ECHOLABEL_THUMBNAIL_CACHE_MB", cls.thumbnail_cache_bytes >> 20, minimum=1
             )
             << 20,
+            min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),

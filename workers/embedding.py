@@ -70,8 +70,16 @@ class _Request:
 class Embedder:
     """Keeps loaded encoders for the life of the process and serialises inference."""
 
-    def __init__(self, *, weights_dir: Path | None, device: str = "cpu", batch_size: int = 16):
+    def __init__(
+        self,
+        *,
+        weights_dir: Path | None,
+        device: str = "cpu",
+        batch_size: int = 16,
+        encoders_dir: Path | None = None,
+    ):
         self.weights_dir = weights_dir
+        self.encoders_dir = encoders_dir  # trained encoders (MODEL_DIR/encoders)
         self.device = device
         self.batch_size = batch_size
         self._encoders: dict[str, Encoder] = {}
@@ -89,6 +97,7 @@ class Embedder:
             weights_dir=settings.weights_dir,
             device=settings.device,
             batch_size=settings.batch_size,
+            encoders_dir=settings.encoders_dir,
         )
 
     def encoder(self, name: str) -> Encoder:
@@ -100,6 +109,7 @@ class Embedder:
                     weights_dir=self.weights_dir,
                     device=self.device,
                     batch_size=self.batch_size,
+                    encoders_dir=self.encoders_dir,
                 )
                 self.loads += 1
             return self._encoders[name]

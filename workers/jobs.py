@@ -199,6 +199,67 @@ def reembed(
     return done.as_meta()
 
 
+def train_encoder(
+    project: int | str,
+    fields: Sequence[str] = (),
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    patient_key: str | None = None,
+    reembed_after: bool = False,
+    on_progress: Callable[[Any], None] | None = None,
+) -> dict:
+    """Fine-tune an encoder on the labelled tasks of a project (labels and image references
+    from its live generation, images through the ImageFetcher) and save it under
+    MODEL_DIR/encoders/<name>-v<N>/; with `reembed_after`, re-embed the project with it.
+
+    Progress (stage, epoch, loss, validation accuracy, ETA) goes to the job's meta or to
+    `on_progress`. `options` are TrainOptions fields; the settings give the minimum per class.
+    """
+    from workers.training import TrainingRefused, TrainOptions
+    from workers.training import train_encoder as fit
+    from workers.training.sources import project_samples
+
+    ctx = context.current()
+    settings = ctx.settings
+    job = get_current_job()
+
+    def report(progress: Any) -> None:
+        if on_progress is not None:
+            on_progress(progress)
+        if job is not None:
+            job.meta["progress"] = progress.as_meta()
+            job.save_meta()
+
+    chosen = {"min_per_class": settings.min_per_class, "device": settings.device, **(options or {})}
+    info = ctx.store.collection(project)
+    try:
+        samples, fields = project_samples(ctx.store, project, fields, patient_key)
+        summary = fit(
+            samples,
+            fields,
+            fetcher=ctx.fetcher,
+            max_pixels=settings.max_image_pixels,
+            encoders_dir=settings.encoders_dir,
+            name=name or f"project-{project}",
+            options=TrainOptions(**chosen),
+            source={
+                "kind": "project",
+                "project": str(project),
+                "generation": info.generation if info else None,
+                "encoder": info.encoder if info else None,
+                "patient_key": patient_key,
+            },
+            on_progress=report,
+        )
+    except (TrainingRefused, ValueError, TypeError) as exc:  # TypeError: an unknown option
+        _no_retry()  # more labels or other options, not a retry, can fix it
+        raise PermanentJobError(str(exc)) from None
+    if reembed_after:
+        # reembed() reports to the job's meta itself.
+        summary["reembed"] = reembed(project, summary["encoder"], on_progress=on_progress)
+    return summary
+
+
 def evaluate_project(
     project: int | str,
     k: int = 10,
@@ -209,12 +270,24 @@ def evaluate_project(
     """The evaluation report of a project's labelled points (labels from the store, vectors
     of its live generation), written under MODEL_DIR/reports/<project>/<time>/; optionally
     without near-duplicate neighbours, and with a learning curve over that many seeds."""
+    from workers.evaluation.held_out import held_out, note, trained_on
     from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
 
     ctx = context.current()
     points = _labelled_points(project, "evaluate")
     info = ctx.store.collection(project)
     assert info is not None  # _labelled_points refused a project without one
+    # A trained live encoder is measured only on images it was not trained on (by content:
+    # the same image under another task id is still left out).
+    trained = trained_on([info.encoder], ctx.settings.encoders_dir)
+    fetch = ctx.fetcher.fetch_bytes
+    points, excluded = held_out(points, trained.values(), lambda p: fetch(p.image))
+    if len(points) < 2:
+        _no_retry()
+        raise PermanentJobError(
+            f"project {project} has {len(points)} labelled task(s) not used to train "
+            f"{info.encoder}: need 2+"
+        )
     fields = _fields(points)
     settings = ctx.settings
     result = evaluate_vectors(
@@ -243,12 +316,14 @@ def evaluate_project(
             "fields": fields,
         },
     )
+    note(report, trained, excluded)
     report["encoders"][info.encoder] = {
         "encoder": info.encoder,
         "weights_id": info.weights_id,
         "dim": info.dim,
         "images": len(points),
         "failed": {},
+        **({"trained": trained[info.encoder].describe()} if trained else {}),
         **result,
     }
     json_path, html_path = write_report(report, _output_dir(settings, "reports", project))

@@ -3,7 +3,7 @@
 Importing this package registers every encoder; `load_encoder(name)` builds one.
 """
 
-from workers.encoders import dreamsim_encoder, timm_encoders
+from workers.encoders import dreamsim_encoder, timm_encoders, trained
 from workers.encoders.base import (
     DEFAULT_ENCODER,
     Encoder,
@@ -33,4 +33,5 @@ __all__ = [
     "register_encoder",
     "timm_encoders",
     "to_rgb",
+    "trained",
 ]

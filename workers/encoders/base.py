@@ -63,7 +63,11 @@ class WeightsMissingError(EncoderError):
 EncoderFactory = Callable[[Path, str, int], Encoder]
 """Builds an encoder from (weights_dir, device, batch_size); device is already resolved."""
 
+EncoderFamily = Callable[[str, Path, str, int], Encoder]
+"""Builds the encoder `<prefix>:<member>` from (member, encoders_dir, device, batch_size)."""
+
 _FACTORIES: dict[str, EncoderFactory] = {}
+_FAMILIES: dict[str, EncoderFamily] = {}
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
@@ -76,6 +80,25 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
         return factory
 
     return register
+
+
+def register_encoder_family(prefix: str) -> Callable[[EncoderFamily], EncoderFamily]:
+    """Decorator that registers a family of encoders named `<prefix>:<member>` (e.g. the
+    encoders trained on a project, one directory each under `encoders_dir`)."""
+
+    def register(family: EncoderFamily) -> EncoderFamily:
+        if prefix in _FAMILIES:
+            raise EncoderError(f"encoder family {prefix!r} is already registered")
+        _FAMILIES[prefix] = family
+        return family
+
+    return register
+
+
+def encoder_family(name: str) -> str | None:
+    """The family prefix of `name` (`trained` for `trained:busi-v1`), or None."""
+    prefix, sep, _ = name.partition(":")
+    return prefix if sep and prefix in _FAMILIES else None
 
 
 def available_encoders() -> list[str]:
@@ -107,17 +130,27 @@ def load_encoder(
     weights_dir: Path | None = None,
     device: str = "cpu",
     batch_size: int = 16,
+    encoders_dir: Path | None = None,
 ) -> Encoder:
     """Load the encoder registered as `name` with its weights from `weights_dir`.
 
+    A family member (`trained:busi-v1`) is looked up in `encoders_dir` (MODEL_DIR/encoders).
     Raises EncoderError for an unknown name or bad arguments, and WeightsMissingError when the
     weights are not on this machine (without trying the network).
     """
-    if name not in _FACTORIES:
-        known = ", ".join(available_encoders())
+    family = encoder_family(name)
+    if name not in _FACTORIES and family is None:
+        known = ", ".join(available_encoders() + [f"{prefix}:<name>" for prefix in _FAMILIES])
         raise EncoderError(f"unknown encoder {name!r}; known encoders: {known}")
     if batch_size < 1:
         raise EncoderError(f"batch_size must be at least 1, got {batch_size}")
+    if family is not None:
+        if encoders_dir is None:
+            raise EncoderError(
+                f"encoder {name!r} needs the encoders directory (MODEL_DIR/encoders)"
+            )
+        member = name.partition(":")[2]
+        return _FAMILIES[family](member, Path(encoders_dir), resolve_device(device), batch_size)
     weights_dir = default_weights_dir() if weights_dir is None else Path(weights_dir)
     return _FACTORIES[name](weights_dir, resolve_device(device), batch_size)
 

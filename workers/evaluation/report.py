@@ -164,6 +164,13 @@ def headline(report: Mapping[str, Any]) -> str:
                 f"{f['precision_at_k']['macro']['10']:8.3f} {_num(vote['accuracy']):>8} "
                 f"{vote['coverage']:8.2f}"
             )
+    held_out = report["dataset"].get("held_out")
+    if held_out:
+        rows.append(
+            f"trained encoder(s) {', '.join(held_out['trained_encoders'])}: evaluated on "
+            f"held-out images only ({held_out['excluded_training_images']} training images "
+            "left out as queries and neighbours, for every encoder)"
+        )
     return "\n".join(rows)
 
 
@@ -199,6 +206,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"k={report['k']}; leave-one-out"
         f"{' and leave-patient-out' if report['dataset'].get('groups') else ''}.<br>"
         f"command: <code>{html.escape(report['command'])}</code></p>",
+        _held_out_line(report),
     ]
     for encoder, result in encoders.items():
         excluded = result.get("near_duplicates_excluded")
@@ -243,6 +251,23 @@ def render_html(report: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _held_out_line(report: Mapping[str, Any]) -> str:
+    held_out = report["dataset"].get("held_out")
+    if not held_out:
+        return ""
+    trained = ", ".join(
+        f"{html.escape(name)} (trained on {report['encoders'][name]['trained']['training_images']}"
+        " images)"
+        for name in held_out["trained_encoders"]
+        if "trained" in report["encoders"].get(name, {})
+    )
+    return (
+        f"<p class='meta'><b>Trained encoders</b>: {trained}. Held-out images only: the "
+        f"{held_out['excluded_training_images']} images they were trained on are neither "
+        "queries nor neighbours, for every encoder.</p>"
+    )
+
+
 def _summary_table(encoders: Mapping[str, Any], name: str) -> str:
     head = (
         "<tr><th>encoder</th><th>same label in top k</th><th>random</th><th>lift</th>"
@@ -255,7 +280,8 @@ def _summary_table(encoders: Mapping[str, Any], name: str) -> str:
         same, rand = f["weighted_same_in_top10"], f["weighted_random_expectation"]
         p, vote = f["precision_at_k"], f["vote"]
         rows.append(
-            f"<tr><td>{html.escape(encoder)}</td><td>{same:.2f}</td><td>{rand:.2f}</td>"
+            f"<tr><td>{html.escape(encoder)}{' (trained)' if 'trained' in result else ''}</td>"
+            f"<td>{same:.2f}</td><td>{rand:.2f}</td>"
             f"<td>{same / rand if rand else float('nan'):.2f}</td>"
             f"<td>{p['micro']['1']:.3f}</td><td>{p['micro']['10']:.3f}</td>"
             f"<td>{p['macro']['1']:.3f}</td><td>{p['macro']['10']:.3f}</td>"

@@ -15,6 +15,7 @@ from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder, ImageLoader, TaskImage
 
+from .held_out import held_out, note, trained_on
 from .pixels import thumbnail
 from .report import evaluate_vectors, new_report
 
@@ -36,11 +37,19 @@ def evaluate_folder(
     command: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
-    """The report for these items: one block per encoder under `encoders`."""
+    """The report for these items: one block per encoder under `encoders`.
+
+    With a trained encoder among `encoders`, the images it was trained on are left out for
+    every encoder (held-out images only; see held_out.py)."""
     # The folder is the only place images are read from.
     settings = dataclasses.replace(settings, local_files_root=root)
     fetcher = ImageFetcher(settings)
     embedder = Embedder.from_settings(settings)
+    trained = trained_on(encoders, settings.encoders_dir)
+    items, excluded = held_out(items, trained.values(), lambda i: fetcher.fetch_bytes(str(i.path)))
+    if not items:
+        fetcher.close()
+        raise ValueError("every image was used to train the encoder(s): nothing held out")
     report = new_report(
         command=command,
         k=k,
@@ -58,6 +67,7 @@ def evaluate_folder(
             "dicom_frame": settings.dicom_frame,
         },
     )
+    note(report, trained, excluded)
     thumbnails: dict[str, np.ndarray] = {}
 
     def load(ref: str, *, min_side: int | None = None) -> Image.Image:
@@ -91,6 +101,7 @@ def evaluate_folder(
                 "dim": model.dim,
                 "images": len(kept),
                 "failed": failed,
+                **({"trained": trained[name].describe()} if name in trained else {}),
                 **result,
             }
     finally:
