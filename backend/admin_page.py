@@ -29,6 +29,7 @@ OUTPUTS = {
     "reports": ("report.html", "report.json"),
     "reviews": ("review.csv", "review.json"),
 }
+TRAIN_ONLY, TRAIN_AND_REEMBED = "then keep the encoder", "then re-embed with it"
 STAMP = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
 _STATUS_ORDER = {"started": 0, "queued": 1, "deferred": 1, "scheduled": 1, "failed": 2}
 
@@ -60,6 +61,13 @@ ACTIONS: dict[str, Action] = {
     ),
     "evaluate": Action("Evaluate", lambda admin, project, _: admin.start_evaluation(project)),
     "review": Action("Label QA", lambda admin, project, _: admin.start_review(project)),
+    "train": Action(
+        "Train encoder",
+        lambda admin, project, form: admin.start_training_encoder(
+            project, reembed=form["then"] == TRAIN_AND_REEMBED
+        ),
+        (Select("then", lambda _: (TRAIN_ONLY, TRAIN_AND_REEMBED), lambda _: TRAIN_ONLY),),
+    ),
 }
 
 

@@ -315,3 +315,26 @@ def test_label_qa_form_runs_the_review_job_and_links_its_csv(settings):
         assert csv_text.startswith("field,rank,task,label,vote") and csv_text.count("\n") == 13
         assert job["report"] in client.get("/admin").text
         assert client.get(job["report"].replace("review.csv", "report.html")).status_code == 404
+
+
+def test_train_encoder_form_starts_training_and_shows_the_guard_rail(settings):
+    """Project 5 has 6 images a class: the training job refuses (fewer than 20 a class) and
+    the page shows every class count as the reason."""
+    index_projects(settings)
+    with TestClient(create_app(settings, listen_host="127.0.0.1")) as client:
+        html = client.get("/admin").text
+        token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+        started = client.post(
+            "/admin/projects/5/train",
+            data={"csrf": token, "then": "then re-embed with it"},
+            follow_redirects=False,
+        )
+        assert started.status_code == 303, started.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (job,) = client.get("/admin/jobs").json()["rows"]
+            if job["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "failed" and "and re-embed" in job["cells"][2], job
+        assert "below 20" in job["cells"][4] and "dark 6" in job["cells"][4], job
