@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from backend.app import create_app
 from backend.model import Services, SimilarityModel
 from backend.pages import is_loopback
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
 from workers import jobs
 from workers.embedding import TaskImage
 
-CHROMIUM = "/usr/bin/chromium"
 DOCS = ROOT / "docs" / "screenshots"  # with ECHOLABEL_UPDATE_SCREENSHOTS=1
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
@@ -80,19 +80,14 @@ def stepped_reembed(monkeypatch):
     steps.release(100)
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+@needs_chromium
 def test_admin_page_in_chromium(admin_settings, stepped_reembed, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     steps, free = stepped_reembed
     shots = tmp_path / "shots"
     shots.mkdir()
     app = create_app(admin_settings, listen_host="127.0.0.1")
     jobs_cell = "document.querySelector('#jobs tbody').innerText"
-    with serving(app) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1300, "height": 700})
+    with serving(app) as url, chromium_page(1300, 700) as page:
         page.goto(f"{url}/admin")
         projects = page.inner_text("table")
         # Re-embed project 5 with another encoder, chosen in the form.
@@ -133,7 +128,6 @@ def test_admin_page_in_chromium(admin_settings, stepped_reembed, tmp_path):
             page.screenshot(path=str(DOCS / "admin.jpg"), type="jpeg", quality=70)
         page.goto(report_links[0])
         report_title = page.title()
-        browser.close()
     print("screenshots:", shots)
     assert re.search(r"5\s+echolabel_p5_g1\s+tiny-test\s+1\s+12\s+12", projects), projects
     assert re.search(r"6\s+echolabel_p6_g1\s+tiny-test\s+1\s+1\s+1", projects), projects

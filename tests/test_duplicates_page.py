@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 
 import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from backend.model import Services, SimilarityModel
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import SHARED_DATA, TINY_ENCODER, serving
 from workers.embedding import TaskImage
 
 BUSI = SHARED_DATA / "busi"
-CHROMIUM = "/usr/bin/chromium"
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="finding" toName="image"><Choice value="benign"/><Choice value="malignant"/>
 <Choice value="normal"/></Choices></View>"""
@@ -64,20 +63,14 @@ def test_duplicates_as_json_and_refusals(project_with_a_copy):
         assert client.get("/projects/8/duplicates?threshold=2").status_code == 422
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+@needs_chromium
 def test_duplicates_side_by_side_in_chromium(project_with_a_copy, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     app = create_app(project_with_a_copy, listen_host="127.0.0.1")
-    with serving(app) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 900, "height": 600})
+    with serving(app) as url, chromium_page(900, 600) as page:
         page.goto(f"{url}/projects/8/duplicates?threshold={THRESHOLD}")
         page.wait_for_load_state("networkidle")
         widths = page.eval_on_selector_all(".pair img", "imgs => imgs.map(i => i.naturalWidth)")
         text = page.inner_text("body")
         page.screenshot(path=str(tmp_path / "duplicates.png"))
-        browser.close()
     assert len(widths) == 2 and all(w > 0 for w in widths), widths
     assert "1 pair(s) at cosine ≥ 0.999 among 13 tasks" in text and "labels conflict" in text

@@ -6,6 +6,7 @@ import json
 import re
 
 from echolabel.cli import main
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
 
 
@@ -86,18 +87,9 @@ def test_evaluate_folder_writes_the_contract_and_the_page(tmp_path, monkeypatch,
     assert "http" not in page  # offline: nothing to fetch
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
+@needs_chromium
 def test_report_renders_in_a_real_browser(tmp_path, monkeypatch):
     """Headless Debian Chromium opens report.html: tables and every plot are drawn."""
-    import os
-
-    import pytest
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
     root = shaded_folder(tmp_path, 10)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     assert (
@@ -121,23 +113,11 @@ def test_report_renders_in_a_real_browser(tmp_path, monkeypatch):
         == 0
     )
     shot = tmp_path / "out" / "report.png"
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+    with chromium_page(1200, 900) as page:
         page.goto((tmp_path / "out" / "report.html").as_uri())
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
         heading = page.inner_text("h1")
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert heading == "echolabel evaluation"
     assert len(widths) == 4 and all(w > 100 for w in widths)  # every plot decoded
     assert shot.stat().st_size > 20_000

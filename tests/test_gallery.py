@@ -17,12 +17,12 @@ from backend.app import create_app
 from backend.model import Services, SimilarityModel
 from backend.thumbnails import ThumbnailCache
 from echolabel.images import ImageFetcher
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import SHARED_DATA, TINY_ENCODER, png_bytes, serving
 from vectorstore import Point
 from workers.embedding import TaskImage
 
 BUSI = SHARED_DATA / "busi"
-CHROMIUM = "/usr/bin/chromium"
 PROJECT = 4
 QUERY = 1
 LS_URL = "http://label-studio.example:8080"
@@ -130,18 +130,13 @@ def test_gallery_json_is_the_vote_predict_gives(busi_services, busi_settings):
 
 
 @needs_busi
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+@needs_chromium
 def test_gallery_page_shows_ten_thumbnails_with_labels_in_chromium(
     busi_services, busi_settings, tmp_path
 ):
-    sync_api = pytest.importorskip("playwright.sync_api")
     app = create_app(busi_settings, busi_services, listen_host="127.0.0.1")
     shot = tmp_path / "gallery.png"
-    with serving(app) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
+    with serving(app) as url, chromium_page(1100, 900) as page:
         page.goto(f"{url}/projects/{PROJECT}/tasks/{QUERY}/neighbours")
         page.wait_for_load_state("networkidle")
         loaded = page.eval_on_selector_all(
@@ -153,7 +148,6 @@ def test_gallery_page_shows_ten_thumbnails_with_labels_in_chromium(
             ".n figcaption a", "links => links.map(a => a.getAttribute('href'))"
         )
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
         gallery = httpx.get(
             f"{url}/projects/{PROJECT}/tasks/{QUERY}/neighbours",
             headers={"Accept": "application/json"},

@@ -7,37 +7,35 @@ each at most 200 KB).
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
 from echolabel.demo import USER
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import ROOT, SHARED_DATA, busi_demo
+from tests.browser import (
+    chromium_page,
+    log_in_to_label_studio,
+    needs_chromium,
+    screenshot_folder,
+    shoot,
+)
+from tests.conftest import SHARED_DATA, busi_demo
 
 BUSI = SHARED_DATA / "busi"
-CHROMIUM = "/usr/bin/chromium"
 MAX_BYTES = 200_000
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.labelstudio,
     pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+    needs_chromium,
 ]
 
 
 def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    out = (
-        ROOT / "docs" / "screenshots"
-        if os.environ.get("ECHOLABEL_UPDATE_SCREENSHOTS") == "1"
-        else tmp_path / "shots"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = screenshot_folder(tmp_path)
     folder = tmp_path / "busi-subset"
     with busi_demo(folder) as demo:
         client = LabelStudioClient(
@@ -52,16 +50,8 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
         base = demo.label_studio.url
         predicted = sum(1 for t in tasks if t["predictions"])
         score = f"{round(prediction['score'] * 100, 2):g}%"  # how the prediction's tab shows it
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-            )
-            page = browser.new_page(viewport={"width": 1200, "height": 760})
-            page.goto(f"{base}/user/login/")
-            page.fill("input[name=email]", USER)
-            page.fill("input[name=password]", demo.password)
-            page.click("button[type=submit]")
-            page.wait_for_load_state("networkidle")
+        with chromium_page(1200, 760) as page:
+            log_in_to_label_studio(page, base, USER, demo.password)
 
             # The demo's first screen after login: its project with the counts loaded
             # (annotated / tasks on the card; the card shows "/" until they arrive).
@@ -84,7 +74,6 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
             checked = page.is_checked(f"label:has-text('{label}') input[type=checkbox]")
             shoot(page, out / "task-with-suggestion.jpg")
             task_text = page.inner_text("body")
-            browser.close()
 
     assert f"echolabel demo: {folder.name}" in projects_text
     assert f"{demo.annotated} / {demo.tasks}" in projects_text, projects_text
@@ -94,7 +83,3 @@ def test_readme_screenshots_show_our_suggestions_in_label_studio(tmp_path):
     assert re.search(r"echolabe.*g\d+-s\d+", task_text), "our model version names the tab"
     for shot in out.glob("*.jpg"):
         assert shot.stat().st_size <= MAX_BYTES, shot
-
-
-def shoot(page, path: Path) -> None:
-    page.screenshot(path=str(path), type="jpeg", quality=70)

@@ -12,9 +12,7 @@ Screenshots go to a temp folder; with ECHOLABEL_UPDATE_SCREENSHOTS=1 to docs/scr
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,28 +20,28 @@ import pytest
 from echolabel.demo import USER, _job_done, _learned
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import ROOT, SHARED_DATA, busi_demo, choices_result
+from tests.browser import (
+    chromium_page,
+    log_in_to_label_studio,
+    needs_chromium,
+    screenshot_folder,
+    shoot,
+)
+from tests.conftest import SHARED_DATA, busi_demo, choices_result
 
 BUSI = SHARED_DATA / "busi"
-CHROMIUM = "/usr/bin/chromium"
 MAX_BYTES = 200_000
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.labelstudio,
     pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+    needs_chromium,
 ]
 
 
 def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    out = (
-        ROOT / "docs" / "screenshots"
-        if os.environ.get("ECHOLABEL_UPDATE_SCREENSHOTS") == "1"
-        else tmp_path / "shots"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = screenshot_folder(tmp_path)
     folder = tmp_path / "busi-subset"
     with busi_demo(folder) as demo:
         client = LabelStudioClient(
@@ -55,16 +53,8 @@ def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
         task = min(predicted, key=lambda t: (predicted[t]["score"], t))  # the least certain
         link = f"{demo.backend_url}/projects/{demo.project}/tasks/{task}/neighbours"
         base = demo.label_studio.url
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-            )
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"{base}/user/login/")
-            page.fill("input[name=email]", USER)
-            page.fill("input[name=password]", demo.password)
-            page.click("button[type=submit]")
-            page.wait_for_load_state("networkidle")
+        with chromium_page(1200, 900) as page:
+            log_in_to_label_studio(page, base, USER, demo.password)
 
             # 1. The labelling screen shows the gallery link of the task.
             page.goto(f"{base}/projects/{demo.project}/data?task={task}")
@@ -115,7 +105,6 @@ def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
                 "[class*=row-wrapper]", "rows => rows.map(r => r.innerText.split('\\n')[0])"
             )
             shoot(page, out / "data-manager-by-score.jpg")
-            browser.close()
         order = _view_order(base, demo.token, demo.project)
         # 5. A later push (after a new annotation) moves the project to its new version itself,
         # so the order by score stays meaningful without clicking again.
@@ -170,7 +159,3 @@ def _view_order(base: str, token: str, project: int) -> list[int]:
         timeout=30,
     ).json()
     return [t["id"] for t in body["tasks"]]
-
-
-def shoot(page, path: Path, full_page: bool = False) -> None:
-    page.screenshot(path=str(path), type="jpeg", quality=70, full_page=full_page)
