@@ -56,7 +56,7 @@ class ThumbnailCache:
         return self._dir / f"{key}.jpg"
 
     def _render(self, image_ref: str) -> bytes:
-        image = self._fetcher.load(image_ref)
+        image = self._fetcher.load(image_ref, min_side=self._side)
         image.thumbnail((self._side, self._side), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=80)

@@ -888,7 +888,6 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
             samples,
             args.field,
             fetcher=fetcher,
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name=args.name or root.name,
             options=TrainOptions(**options),

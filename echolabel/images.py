@@ -223,11 +223,15 @@ class ImageFetcher:
     def load(self, ref: str, *, min_side: int | None = None) -> Image.Image:
         """Fetch the image `ref` points at and decode it to RGB (reduced towards `min_side`
         where the format allows it cheaply; see `decode_image`)."""
-        data = self.fetch_bytes(ref)
+        return self.decode(self.fetch_bytes(ref), source=_redact(ref), min_side=min_side)
+
+    def decode(self, data: bytes, *, source: str = "", min_side: int | None = None) -> Image.Image:
+        """Decode bytes with this fetcher's settings (pixel bound, DICOM frame, sector crop):
+        the one decoding of embedding and encoder training, so both see the same pixels."""
         return decode_image(
             data,
             max_pixels=self._settings.max_image_pixels,
-            source=_redact(ref),
+            source=source,
             min_side=min_side,
             dicom_frame=self._settings.dicom_frame,
             ultrasound_crop=self._settings.ultrasound_crop,

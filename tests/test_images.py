@@ -274,7 +274,9 @@ def shared_client() -> httpx.Client:
 
 
 def fetcher(**overrides: object) -> ImageFetcher:
-    defaults: dict[str, object] = {"max_image_bytes": MAX_BYTES, "fetch_timeout_s": 0.3}
+    # 2 s of headroom: a loopback answer can take longer than 0.3 s on a loaded 2-core CI
+    # machine (a 0.3 s default failed there once); the timeout test sets its own short one.
+    defaults: dict[str, object] = {"max_image_bytes": MAX_BYTES, "fetch_timeout_s": 2.0}
     return ImageFetcher(Settings(**{**defaults, **overrides}), client=shared_client())
 
 
@@ -362,7 +364,7 @@ def test_upstream_statuses(ls):
 
 def test_slow_server_times_out(ls):
     started = time.perf_counter()
-    with fetcher(label_studio_url=ls) as f:
+    with fetcher(label_studio_url=ls, fetch_timeout_s=0.3) as f:
         err = expect("unreachable", 502, f.fetch_bytes, "/slow")
     assert time.perf_counter() - started < 0.9
     assert "ECHOLABEL_FETCH_TIMEOUT_S" in str(err)

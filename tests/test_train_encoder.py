@@ -67,7 +67,6 @@ def test_trains_on_a_tiny_folder_and_the_registry_loads_the_encoder(tmp_path, se
             samples,
             ["organ"],
             fetcher=fetcher,
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name="tiny",
             options=TINY,
@@ -118,7 +117,6 @@ def test_trains_on_a_tiny_folder_and_the_registry_loads_the_encoder(tmp_path, se
             samples[:40],
             ["organ"],
             fetcher=fetcher,
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name="tiny",
             options=dataclasses.replace(TINY, epochs=1),
@@ -135,7 +133,6 @@ def test_refuses_with_the_class_counts_when_a_class_is_too_small(tmp_path, setti
             samples,
             ["organ"],
             fetcher=ImageFetcher(settings),
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name="small",
             options=TINY,
@@ -183,7 +180,6 @@ def test_evaluation_of_a_trained_encoder_uses_held_out_images_only(tmp_path, set
             samples,
             ["organ"],
             fetcher=fetcher,
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name="tiny",
             options=TINY,
@@ -336,3 +332,30 @@ def test_http_endpoint_starts_training_visible_in_jobs(settings):
         assert job["progress"]["stage"] == "saved" and job["progress"]["epoch"] == 2
         refused = client.post("/projects/5/train-encoder", json={"options": []})
         assert refused.status_code == 422
+
+
+def test_training_reads_images_as_embedding_does(tmp_path, settings):
+    """Training decodes through the fetcher's own settings (DICOM frame, sector crop), so a
+    trained encoder sees at inference the pixels it was trained on."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from workers.encoders.trained import resize_crop
+    from workers.training.trainer import load_images
+
+    cine = tmp_path / "cine.dcm"  # a 30-frame ultrasound loop with burned-in text
+    shutil.copyfile(get_testdata_file("examples_ybr_color.dcm"), cine)
+    trained_on = {}
+    for crop in ("off", "dicom"):
+        fetcher = ImageFetcher(
+            dataclasses.replace(
+                settings, local_files_root=tmp_path, ultrasound_crop=crop, max_image_bytes=10**7
+            )
+        )
+        loaded = load_images([Sample("cine", str(cine))], fetcher, size=64)
+        assert not loaded.failed, loaded.failed
+        trained_on[crop] = loaded.pixels[0]
+        assert trained_on[crop].equal(resize_crop(fetcher.load(str(cine), min_side=64), 64))
+        fetcher.close()
+    assert not trained_on["off"].equal(trained_on["dicom"]), "the crop reached training"

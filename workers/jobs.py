@@ -238,7 +238,6 @@ def train_encoder(
             samples,
             fields,
             fetcher=ctx.fetcher,
-            max_pixels=settings.max_image_pixels,
             encoders_dir=settings.encoders_dir,
             name=name or f"project-{project}",
             options=TrainOptions(**chosen),

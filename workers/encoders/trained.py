@@ -149,6 +149,7 @@ class TrainedEncoder:
         self.device = device
         self.batch_size = batch_size
         self.input_size = int(config["input_size"])
+        self.input_side = self.input_size  # resize_crop's shorter side: draft decoding's floor
         self.mean, self.std = config["mean"], config["std"]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from echolabel.images import ImageError, ImageFetcher, decode_image
+from echolabel.images import ImageError, ImageFetcher
 from workers.encoders.base import EncoderError, file_id, resolve_device
 from workers.encoders.timm_encoders import (
     TIMM_MODELS,
@@ -200,7 +200,6 @@ def load_images(
     samples: Sequence[Sample],
     fetcher: ImageFetcher,
     *,
-    max_pixels: int,
     size: int,
     on_loaded: Callable[[int], None] = lambda done: None,
 ) -> _Loaded:
@@ -210,7 +209,7 @@ def load_images(
     for index, sample in enumerate(samples):
         try:
             data = fetcher.fetch_bytes(sample.ref)
-            image = decode_image(data, max_pixels=max_pixels, source=sample.id)
+            image = fetcher.decode(data, source=sample.id, min_side=size)
         except ImageError as exc:
             loaded.failed[sample.id] = f"{exc.reason}: {exc}"
             continue
@@ -227,7 +226,6 @@ def train_encoder(
     fields: Sequence[str],
     *,
     fetcher: ImageFetcher,
-    max_pixels: int,
     encoders_dir: Path,
     name: str,
     options: TrainOptions = TrainOptions(),
@@ -254,9 +252,7 @@ def train_encoder(
         progress.done = done
         on_progress(progress)
 
-    loaded = load_images(
-        samples, fetcher, max_pixels=max_pixels, size=options.input_size, on_loaded=loaded_so_far
-    )
+    loaded = load_images(samples, fetcher, size=options.input_size, on_loaded=loaded_so_far)
     # Images that failed to load may leave a class short: check again on what was read.
     check_trainable(loaded.samples, fields, options.min_per_class)
     load_s = time.monotonic() - started
