@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from echolabel.vote import vote
-from vectorstore import Neighbour
-from workers.evaluation.metrics import MISSING, leave_one_out_neighbours
+from workers.evaluation.metrics import leave_one_out_neighbours, neighbour_votes
 
 # Measured by `python -m workers.review.flip_bench` (README "Label QA").
 DEFAULT_METHOD = "self_confidence"
@@ -43,17 +41,17 @@ def vote_probabilities(
     position = {name: c for c, name in enumerate(classes)}
     probs = np.full((len(labels), len(classes)), 1.0 / len(classes))
     support = np.zeros(len(labels), dtype=np.int64)
-    for q in range(len(labels)):
-        neighbours = [
-            Neighbour(
-                task=int(j),
-                similarity=float(s),
-                labels={} if labels[j] is None else {field: labels[j]},
-            )
-            for j, s in zip(indices[q], similarities[q], strict=True)
-            if j != MISSING
-        ]
-        outcome = vote(neighbours, [field], min_neighbours=1, min_score=0.0)[field]
+    # Every label the neighbours carry counts: no abstaining, the weights are the probabilities.
+    outcomes = neighbour_votes(
+        labels,
+        indices,
+        similarities,
+        field=field,
+        k=indices.shape[1],
+        min_neighbours=1,
+        min_score=0.0,
+    )
+    for q, outcome in enumerate(outcomes):
         support[q] = outcome.support
         if outcome.weights:
             total = sum(outcome.weights.values())
