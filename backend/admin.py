@@ -16,7 +16,12 @@ from typing import Any
 
 from rq import Queue
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import (
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
 
 from workers import jobs as job_functions
 from workers.queues import (
@@ -73,19 +78,30 @@ class Admin:
     def start_store_worker(self, every_s: float = 1.0) -> None:
         """With Redis and the embedded store, this process runs the store-writing jobs.
 
-        Burst runs in a loop rather than one blocking worker: the loop notices `stop` within
-        a second, and a Redis outage only pauses it (RedisGate warns once a minute).
+        A burst worker starts only when one of those queues holds a job (a due retry counts):
+        idle, that is a few Redis reads a second, not a worker registration, a pub/sub thread
+        and a scheduler run every second. The loop notices `stop` within a second, and a Redis
+        outage only pauses it (RedisGate warns once a minute).
         """
         dispatcher = self.services.dispatcher
         if dispatcher is None or not self.services.store.local or self._worker_thread:
             return
+        queues = [queue(dispatcher.connection, name) for name in STORE_QUEUES]
+
+        def has_work() -> bool:
+            # Queued jobs, retries that are due, and jobs a stopped process abandoned (a
+            # burst's maintenance retries those).
+            return any(
+                q.count
+                or ScheduledJobRegistry(queue=q).get_jobs_to_schedule(chunk_size=1)
+                or StartedJobRegistry(queue=q).get_expired_job_ids()
+                for q in queues
+            )
 
         def work_queue() -> None:
-            worker = ThreadWorker(
-                [queue(dispatcher.connection, name) for name in STORE_QUEUES],
-                connection=dispatcher.connection,
-            )
-            worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
+            if has_work():
+                worker = ThreadWorker(queues, connection=dispatcher.connection)
+                worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
 
         def loop() -> None:
             while not self._stop.is_set():
@@ -114,11 +130,16 @@ class Admin:
         self._timer_thread = threading.Thread(target=loop, name="refresh-timer", daemon=True)
         self._timer_thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the store worker and the refresh timer. A job still running after `timeout_s`
+        (a long re-embedding) is left to die with the process: its generation never became
+        live, and RQ retries it as abandoned, resuming where it stopped."""
         self._stop.set()
         for thread in (self._worker_thread, self._timer_thread):
             if thread is not None:
-                thread.join(timeout=30)
+                thread.join(timeout=timeout_s)
+                if thread.is_alive():
+                    log.warning("job interrupted by shutdown", extra={"thread": thread.name})
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""

@@ -23,9 +23,10 @@ EmbedFunction = Callable[[int | str, Sequence[TaskImage]], object]
 class Backlog:
     def __init__(self, embed: EmbedFunction) -> None:
         self._embed = embed
-        self._queue: queue.Queue[tuple[int | str, list[TaskImage]]] = queue.Queue()
+        self._queue: queue.Queue[tuple[int | str, list[TaskImage]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def submit(self, project: int | str, items: Sequence[TaskImage]) -> None:
         self._queue.put((project, list(items)))
@@ -48,9 +49,23 @@ class Backlog:
         threading.Thread(target=wait, daemon=True).start()
         return done.wait(timeout)
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the batch being embedded; the rest is dropped (Label Studio asks again
+        for tasks it got no prediction for)."""
+        self._stopping.set()
+        self._queue.put(None)  # wakes the thread
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
-            project, items = self._queue.get()
+            entry = self._queue.get()
+            if entry is None or self._stopping.is_set():
+                self._queue.task_done()
+                if entry is None:
+                    return
+                continue
+            project, items = entry
             try:
                 self._embed(project, items)
             except Exception as exc:  # the next click asks again; log, keep going

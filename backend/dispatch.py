@@ -1,42 +1,59 @@
 """Embedding through the RQ queue when REDIS_URL is set: submit batches, wait a bounded time,
-and (embedded store) upsert what the workers return.
+and store what the workers send back (workers.results).
 
 The backend never loads an encoder in this mode. When Redis is unreachable, `submit` answers
 None and the caller embeds inline (RedisGate warns once a minute).
+
+One collector thread blocks on this store's result list and applies each message: with the
+embedded store it upserts the points (without the labels of annotations deleted meanwhile);
+with a Qdrant server the worker stored them and the collector only clears labels of deleted
+annotations. Idle, that is one Redis round trip a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from redis import Redis
 from rq.job import Job, JobStatus
-from rq.registry import FinishedJobRegistry
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import ExactSearchStore, QdrantStore
+from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
 from workers.embedding import EmbedReport, TaskImage
-from workers.jobs import enqueue_embed, points_of
-from workers.queues import EMBED, RedisGate, connect, fetch_job, queue
+from workers.jobs import enqueue_embed
+from workers.queues import REDIS_ERRORS, RedisGate, connect, fetch_job
+from workers.results import EmbedMessage, ResultList, store_key
+
+from .deleted_annotations import DeletedAnnotations
 
 log = logging.getLogger(__name__)
 
-APPLIED = "applied"  # job meta flag: this result's points are in the store
+APPLIED = "applied"  # job meta, for people and tests: this run's result is in the store
+_REMEMBERED_OUTCOMES = 4096  # per-job failures kept for `wait` (a request waits seconds)
 
 
 class EmbedDispatcher:
-    def __init__(self, settings: Settings, store: QdrantStore | ExactSearchStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: QdrantStore | ExactSearchStore,
+    ) -> None:
         assert settings.redis_url
         self.settings = settings
         self.store = store
+        # Deletes that a queued job's result must not undo (see deleted_annotations.py).
+        self.deleted = DeletedAnnotations(settings.model_dir / "deleted-annotations")
         self.connection: Redis = connect(settings.redis_url)
-        self.queue = queue(self.connection, EMBED)
+        self.results = ResultList(self.connection, store_key(settings.model_dir))
         self.gate = RedisGate()
         self._apply_lock = threading.Lock()
+        self._applied: OrderedDict[str, dict[str, dict[str, str]]] = OrderedDict()
         self._stop = threading.Event()
         self._collector: threading.Thread | None = None
 
@@ -46,14 +63,14 @@ class EmbedDispatcher:
         self, project: int | str, encoder: str, items: Sequence[TaskImage]
     ) -> list[Job] | None:
         """One job per batch; a batch already queued or running is not queued twice."""
-        ok, jobs = self.gate.call(lambda: self._enqueue(project, encoder, items))
+        ok, jobs = self.gate.call(
+            lambda: enqueue_embed(self.connection, self.settings, project, encoder, items)
+        )
         return jobs if ok else None
 
-    def _enqueue(self, project: int | str, encoder: str, items: Sequence[TaskImage]) -> list[Job]:
-        return enqueue_embed(self.connection, self.settings, project, encoder, items)
-
     def wait(self, jobs: Sequence[Job], timeout_s: float) -> EmbedReport:
-        """Wait up to `timeout_s` for the jobs; apply results; report failures and pending."""
+        """Wait up to `timeout_s` for the jobs' results to be stored; report failures and
+        what is still pending."""
         deadline = time.monotonic() + timeout_s
         outcome = EmbedReport()
         remaining = list(jobs)
@@ -62,13 +79,13 @@ class EmbedDispatcher:
             for job in remaining:
                 status = job.get_status(refresh=True)
                 if status == JobStatus.FINISHED:
-                    summary = self.apply(job)
+                    failed = self._failed_images(job)
+                    if failed is None:  # finished, its message not applied yet
+                        still.append(job)
+                        continue
                     by_key = {str(t["task"]): t["task"] for t in job.args[2]}
                     outcome.failures.update(
-                        {
-                            by_key[k]: ImageError(f["reason"], f["detail"])
-                            for k, f in summary.get("failed", {}).items()
-                        }
+                        {by_key[k]: ImageError(f["reason"], f["detail"]) for k, f in failed.items()}
                     )
                 elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
                     error = ImageError(
@@ -79,62 +96,108 @@ class EmbedDispatcher:
                     still.append(job)
             remaining = still
             if remaining and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
             elif remaining:
                 break
         for job in remaining:
             outcome.pending.update(t["task"] for t in job.args[2])
         return outcome
 
-    # -- results of the embedded store's workers ------------------------------------------
-
-    def apply(self, job: Job) -> dict:
-        """Upsert a finished job's returned points (once); returns its summary."""
+    def _failed_images(self, job: Job) -> dict[str, dict[str, str]] | None:
+        """A finished job's failed images once its points are stored (None: not yet)."""
         summary = job.return_value() or {}
-        if "points" not in summary:
-            return summary  # the worker stored them itself (Qdrant server)
+        if "stored" in summary:  # the worker wrote the store itself (Qdrant server)
+            return dict(summary.get("failed") or {})
         with self._apply_lock:
-            job.refresh()
-            if not job.meta.get(APPLIED):
-                info = self.store.ensure_collection(
-                    summary["project"], summary["encoder"], summary["dim"], summary["weights_id"]
-                )
-                self.store.upsert(info.project, summary["encoder"], points_of(summary))
-                job.meta[APPLIED] = True
-                job.save_meta()
-        return summary
+            if job.id not in self._applied:
+                self._drain()
+            return self._applied.get(job.id)
+
+    # -- applying results ---------------------------------------------------------------------
 
     def collect_once(self) -> int:
-        """Apply every finished, not yet applied embed job (pre-embedding, CLI, late ones)."""
-        registry = FinishedJobRegistry(EMBED, connection=self.connection)
+        """Apply every result waiting now (and any a crash left half-applied)."""
+        with self._apply_lock:
+            return self._drain()
+
+    def _drain(self) -> int:
         applied = 0
-        for job_id in registry.get_job_ids():
-            job = fetch_job(self.connection, job_id)
-            if job is None or job.meta.get(APPLIED):
-                continue
-            try:
-                self.apply(job)
-                applied += 1
-            except Exception as exc:  # one bad result must not stop the others
-                log.warning("could not apply job result", extra={"job": job_id, "error": str(exc)})
+        for raw in self.results.in_processing():
+            applied += self._apply(raw)
+        while (raw := self.results.take_now()) is not None:
+            applied += self._apply(raw)
         return applied
 
-    def start_collector(self, every_s: float = 1.0) -> None:
-        """Apply finished jobs in the background (only needed for the embedded store)."""
-        if not self.store.local or self._collector is not None:
+    def _apply(self, raw: bytes) -> int:
+        """Apply one message (caller holds the apply lock), then forget it; 1 if applied."""
+        if not self.results.still_processing(raw):
+            return 0  # another thread applied it meanwhile
+        try:
+            message = EmbedMessage.decode(raw)
+            self._store(message)
+        except REDIS_ERRORS:
+            raise
+        except Exception as exc:  # a bad result must not block the ones behind it
+            log.warning("embedding result not applied", extra={"error": f"{exc!r}"[:500]})
+            self.results.done(raw)
+            return 0
+        self.results.done(raw)
+        self._applied[message.job] = message.failed
+        while len(self._applied) > _REMEMBERED_OUTCOMES:
+            self._applied.popitem(last=False)
+        self._mark_applied(message.job)
+        return 1
+
+    def _store(self, message: EmbedMessage) -> None:
+        project = message.project
+        if message.points:
+            info = self.store.ensure_collection(
+                project, message.encoder, message.dim, message.weights_id
+            )
+            points = [self._without_deleted(project, p) for p in message.points]
+            self.store.upsert(info.project, message.encoder, points)
+        for annotation in {a for a in message.stored.values() if a is not None}:
+            if self.deleted.contains(project, annotation):
+                self.store.clear_labels(project, annotation)
+
+    def _without_deleted(self, project: int | str, point: Point) -> Point:
+        if not self.deleted.contains(project, point.annotation.id):
+            return point
+        return dataclasses.replace(point, labels={}, annotation=Annotation())
+
+    def _mark_applied(self, job_id: str) -> None:
+        job = fetch_job(self.connection, job_id) if job_id else None
+        if job is not None:
+            job.meta[APPLIED] = True
+            job.save_meta()
+
+    def start_collector(self, timeout_s: float = 1.0) -> None:
+        """Apply results in the background as they arrive."""
+        if self._collector is not None:
             return
 
+        def take_and_apply() -> None:
+            raw = self.results.take(timeout_s)
+            if raw is not None:
+                with self._apply_lock:
+                    self._apply(raw)
+
         def loop() -> None:
-            while not self._stop.wait(every_s):
-                self.gate.call(self.collect_once)
+            self.gate.call(self.collect_once)  # what a previous run left
+            while not self._stop.is_set():
+                ok, _ = self.gate.call(take_and_apply)
+                if not ok:
+                    self._stop.wait(timeout_s)
 
         self._collector = threading.Thread(target=loop, name="embed-collector", daemon=True)
         self._collector.start()
 
     def stop(self) -> None:
+        """Stop the collector after the message it is applying (it blocks at most a second)."""
         self._stop.set()
         if self._collector is not None:
-            self._collector.join(timeout=5)
+            self._collector.join(timeout=10)
+            self._collector = None
         self.connection.close()
 
 

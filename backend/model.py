@@ -97,6 +97,9 @@ class Services:
         )
 
     def close(self) -> None:
+        """Stop the background threads that write the store, then close it."""
+        if self.backlog is not None:
+            self.backlog.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()
         self.store.close()
@@ -331,6 +334,9 @@ class SimilarityModel:
             cleared: list[TaskId] = []
             for annotation in _annotations(data):
                 if isinstance(annotation, Mapping) and annotation.get("id") is not None:
+                    if self.services.dispatcher is not None:
+                        # First: a job still queued may carry this annotation's labels.
+                        self.services.dispatcher.deleted.add(self.project, annotation["id"])
                     cleared += self.store.clear_labels(self.project, annotation["id"])
             return {"cleared": cleared}
         return {"ignored": event}

@@ -350,7 +350,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         file=sys.stderr,
     )
     app = create_app(settings, listen_host=args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # On SIGTERM, requests still running after 3 s are cancelled (a /predict waits at most
+    # ECHOLABEL_EMBED_WAIT_S; Label Studio asks again), so docker's 10 s grace period holds.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3
+    )
     return 0
 
 

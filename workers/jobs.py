@@ -23,6 +23,7 @@ from workers import context
 from workers.embedding import TaskImage
 from workers.queues import EMBED, enqueue_unique, queue, retry_policy
 from workers.reembed import Progress, reembed_project
+from workers.results import EmbedMessage, ResultList, store_key
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,17 @@ def _task_image(raw: Mapping[str, Any]) -> TaskImage:
     )
 
 
-def embed_batch(project: int | str, encoder: str, tasks: Sequence[Mapping[str, Any]]) -> dict:
+def embed_batch(
+    project: int | str,
+    encoder: str,
+    tasks: Sequence[Mapping[str, Any]],
+    reply_to: str | None = None,
+) -> dict:
     """Embed a batch of tasks with `encoder`.
 
-    Upserts the points itself where this process may write the store; otherwise returns
-    them (`points`) for the store's owner to upsert. Failed images are listed in `failed`.
+    Upserts the points itself where this process may write the store; otherwise pushes them
+    onto `reply_to` (workers.results) for the store's owner to upsert. Either way the owner
+    hears of the result there. Failed images are listed in `failed`.
     """
     ctx = context.current()
     items = [_task_image(t) for t in tasks]
@@ -87,26 +94,34 @@ def embed_batch(project: int | str, encoder: str, tasks: Sequence[Mapping[str, A
             + "; ".join(f"{f['reason']}: {f['detail']}" for f in failed.values())
         )
     model = ctx.embedder.encoder(encoder)
-    summary: dict[str, Any] = {
-        "project": project,
-        "encoder": encoder,
-        "dim": model.dim,
-        "weights_id": model.weights_id,
-        "failed": failed,
-        "loads": ctx.embedder.loads,
-    }
+    job = get_current_job()
+    message = EmbedMessage(
+        job=job.id if job else "",
+        project=project,
+        encoder=encoder,
+        dim=model.dim,
+        weights_id=model.weights_id,
+        failed=failed,
+    )
+    summary: dict[str, Any] = {"failed": failed, "loads": ctx.embedder.loads}
     if ctx.writes_store:
         ctx.store.ensure_collection(project, encoder, model.dim, model.weights_id)
         ctx.store.upsert(project, encoder, result.points)
         summary["stored"] = [p.task for p in result.points]
+        # The owner only needs to hear of labels (a delete may have overtaken them).
+        message.stored = {p.task: p.annotation.id for p in result.points if p.labelled}
+    elif reply_to is None or job is None:
+        _no_retry()
+        raise PermanentJobError(
+            "this worker may not write the embedded store and the job names no reply list: "
+            "enqueue embedding with workers.jobs.enqueue_embed"
+        )
     else:
-        summary["points"] = [
-            {
-                **task_payload(TaskImage(p.task, p.image, p.labels, p.annotation)),
-                "vector": p.vector.astype(float).tolist(),
-            }
-            for p in result.points
-        ]
+        message.points = result.points
+        summary["sent"] = len(result.points)
+    if reply_to is not None and job is not None and (message.points or message.stored):
+        # The job's last act: the owner may apply it before RQ marks the job finished.
+        ResultList(job.connection, reply_to).push(message)
     return summary
 
 
@@ -117,8 +132,10 @@ def enqueue_embed(
     encoder: str,
     items: Sequence[TaskImage],
 ) -> list[Job]:
-    """One `embed_batch` job per batch; a batch already queued or running is not queued twice
-    (its id is derived from the project, encoder, task ids and annotations)."""
+    """One `embed_batch` job per batch, answering to this MODEL_DIR's store; a batch already
+    queued or running is not queued twice (its id is derived from the store, project, encoder,
+    task ids and annotations)."""
+    reply_to = store_key(settings.model_dir)
     jobs = []
     for start in range(0, len(items), settings.batch_size):
         batch = items[start : start + settings.batch_size]
@@ -126,7 +143,12 @@ def enqueue_embed(
         # job of its own (the store keeps the newest labels whichever job lands last).
         key = hashlib.sha1(
             repr(
-                (project, encoder, sorted((str(i.task), str(i.annotation)) for i in batch))
+                (
+                    reply_to,
+                    project,
+                    encoder,
+                    sorted((str(i.task), str(i.annotation)) for i in batch),
+                )
             ).encode()
         ).hexdigest()[:16]
         jobs.append(
@@ -137,6 +159,7 @@ def enqueue_embed(
                 project,
                 encoder,
                 [task_payload(i) for i in batch],
+                reply_to,
                 retry=retry_policy(settings),
                 job_timeout=settings.job_timeout_s,
                 result_ttl=3600,
@@ -145,20 +168,6 @@ def enqueue_embed(
             )
         )
     return jobs
-
-
-def points_of(summary: Mapping[str, Any]) -> list[Point]:
-    """The points an `embed_batch` result carries for the store's owner to upsert."""
-    return [
-        Point(
-            task=raw["task"],
-            vector=raw["vector"],
-            image=raw["image"],
-            labels=dict(raw.get("labels") or {}),
-            annotation=Annotation(raw.get("annotation_id"), raw.get("annotation_updated_at")),
-        )
-        for raw in summary.get("points", [])
-    ]
 
 
 def reembed(
