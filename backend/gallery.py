@@ -55,6 +55,7 @@ def build_gallery(model: SimilarityModel, task: TaskId) -> dict[str, Any]:
             "fields": {
                 name: {
                     "label": v.label,
+                    **({"choices": list(v.suggested)} if v.multiple else {}),
                     "score": round(v.score, 4),
                     "support": v.support,
                     "weights": {label: round(w, 4) for label, w in v.weights.items()},
@@ -116,7 +117,8 @@ def render_gallery(gallery: dict[str, Any]) -> str:
 def _vote_text(v: dict[str, Any]) -> str:
     if v["abstained"]:
         return f"<i>no suggestion</i>: {escape(v['abstained'])}"
-    return f"<b>{escape(v['label'])}</b> ({v['score']:.2f}, {v['support']} neighbours)"
+    chosen = ", ".join(v["choices"]) if "choices" in v else v["label"]
+    return f"<b>{escape(chosen)}</b> ({v['score']:.2f}, {v['support']} neighbours)"
 
 
 def _weights_text(weights: dict[str, float]) -> str:
@@ -124,10 +126,12 @@ def _weights_text(weights: dict[str, float]) -> str:
     return ", ".join(f"{escape(label)} {weight:.2f}" for label, weight in ranked)
 
 
-def labels_html(labels: dict[str, str]) -> str:
-    """A task's labels, one field per line, escaped."""
+def labels_html(labels: dict[str, str | list[str]]) -> str:
+    """A task's labels, one field per line (a multi-choice field's choices comma-separated),
+    escaped."""
     return "<br>".join(
-        f'<span class="f">{escape(name)}</span> <span class="label">{escape(value)}</span>'
+        f'<span class="f">{escape(name)}</span> <span class="label">'
+        f"{escape(value if isinstance(value, str) else ', '.join(value))}</span>"
         for name, value in labels.items()
     )
 

@@ -29,6 +29,7 @@ class ChoicesField:
     name: str  # the <Choices> tag's name: the `from_name` of results
     to_name: str  # the <Image> it is bound to
     choices: tuple[str, ...]
+    multiple: bool = False  # choice="multiple": an annotation may tick several choices
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class LabelSchema:
     @property
     def field_names(self) -> list[str]:
         return [f.name for f in self.fields]
+
+    @property
+    def multiple_fields(self) -> list[str]:
+        """The multi-choice fields: their labels are lists of choices."""
+        return [f.name for f in self.fields if f.multiple]
 
     def image_ref(self, task: Mapping[str, Any]) -> str:
         """The task's image reference; TaskError names the missing key."""
@@ -56,21 +62,30 @@ class LabelSchema:
             )
         return value.strip()
 
-    def labels_from_result(self, result: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    def labels_from_result(self, result: Sequence[Mapping[str, Any]]) -> dict[str, str | list[str]]:
         """Labels per choices field from an annotation's `result` list.
 
-        Multi-choice fields keep their first choice: the vote is single-label per field.
+        A single-choice field's label is its choice (a string); a multi-choice field's is the
+        list of every ticked choice, in the label config's order (so equal sets compare
+        equal). A field with nothing ticked carries no label.
         """
-        names = set(self.field_names)
-        labels: dict[str, str] = {}
+        by_name = {f.name: f for f in self.fields}
+        labels: dict[str, str | list[str]] = {}
         for item in result or ():
             if not isinstance(item, Mapping) or item.get("type") != "choices":
                 continue
             name = item.get("from_name")
             value = item.get("value")
             choices = value.get("choices") if isinstance(value, Mapping) else None
-            if name in names and isinstance(choices, list) and choices:
-                labels[str(name)] = str(choices[0])
+            if name not in by_name or not isinstance(choices, list) or not choices:
+                continue
+            spec = by_name[name]
+            if spec.multiple:
+                order = {choice: i for i, choice in enumerate(spec.choices)}
+                ticked = {str(c) for c in choices}
+                labels[spec.name] = sorted(ticked, key=lambda c: (order.get(c, len(order)), c))
+            else:
+                labels[spec.name] = str(choices[0])
         return labels
 
     def to_json(self) -> str:
@@ -80,7 +95,8 @@ class LabelSchema:
     def from_json(cls, text: str) -> LabelSchema:
         raw = json.loads(text)
         fields = tuple(
-            ChoicesField(f["name"], f["to_name"], tuple(f["choices"])) for f in raw["fields"]
+            ChoicesField(f["name"], f["to_name"], tuple(f["choices"]), f.get("multiple", False))
+            for f in raw["fields"]
         )
         return cls(raw["image_name"], raw["image_key"], fields, raw.get("gallery_link", False))
 
@@ -105,7 +121,7 @@ def parse_label_config(config: str) -> LabelSchema:
             if target in images:
                 choices = tuple(str(c) for c in (tag.labels or ()))
                 fields_by_image.setdefault(target, []).append(
-                    ChoicesField(tag.name, target, choices)
+                    ChoicesField(tag.name, target, choices, tag.is_multiple_choice)
                 )
     if not fields_by_image:
         raise LabelConfigError(

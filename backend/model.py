@@ -224,24 +224,29 @@ class SimilarityModel:
             self.schema.field_names,
             min_neighbours=self.settings.min_neighbours,
             min_score=self.settings.min_score,
+            multiple=self.schema.multiple_fields,
         )
         return Suggestion(votes=votes, neighbours=neighbours)
 
     def prediction(
         self, suggestion: Suggestion, version: str, task: TaskId | None = None
     ) -> dict[str, Any]:
-        """Label Studio's prediction: one choice per field that did not abstain (may be none),
-        plus the link to the task's neighbour gallery when the label config has a
+        """Label Studio's prediction: one `choices` item per field that did not abstain (may be
+        none), plus the link to the task's neighbour gallery when the label config has a
         <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL is set.
 
         The link goes only with a suggestion: Label Studio stores nothing for an empty result
-        and asks again later, which an abstained task needs once more labels exist."""
+        and asks again later, which an abstained task needs once more labels exist.
+
+        A single-choice item holds the winner, scored by its share; a multi-choice item holds
+        every choice whose share reached ECHOLABEL_MIN_SCORE, scored by the field's score (the
+        least certain choice's max(share, 1 - share), see echolabel.vote)."""
         result: list[dict[str, Any]] = [
             {
                 "from_name": choices.name,
                 "to_name": choices.to_name,
                 "type": "choices",
-                "value": {"choices": [suggestion.votes[choices.name].label]},
+                "value": {"choices": list(suggestion.votes[choices.name].suggested)},
                 "score": round(suggestion.votes[choices.name].score, 4),
             }
             for choices in self.schema.fields

@@ -621,6 +621,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
             "suggestions": {
                 name: {
                     "label": v.label,
+                    **({"choices": list(v.suggested)} if v.multiple else {}),
                     "score": round(v.score, 4),
                     "support": v.support,
                     **({"abstained": v.abstain_reason} if v.abstained else {}),

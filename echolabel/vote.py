@@ -1,8 +1,15 @@
-"""Similarity-weighted vote of labelled neighbours, per choices field, with abstention."""
+"""Similarity-weighted vote of labelled neighbours, per choices field, with abstention.
+
+A single-choice field elects one winner: the label with the largest share of the neighbours'
+weight. A multi-choice field (`<Choices choice="multiple">`, stored as a list of choices) votes
+each choice on its own: a choice's share is the weight of the neighbours that ticked it over
+the weight of all neighbours labelled for the field, and every choice whose share reaches the
+threshold is suggested.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vectorstore import Neighbour
@@ -17,16 +24,28 @@ class FieldVote:
     """The outcome for one choices field."""
 
     field: str
-    label: str | None  # None: abstained
-    score: float  # the winner's share of the neighbours' weight (0 when no support)
+    label: str | None  # single-choice: the winner (None: abstained); multi-choice: always None
+    # Single-choice: the winner's share of the neighbours' weight. Multi-choice: the least
+    # certain per-choice decision, min over choices of max(share, 1 - share). 0: no support.
+    score: float
     support: int  # neighbours that carry a label for this field
-    weights: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # summed similarity per choice
     abstain_reason: str | None = None
     min_neighbours: int = 1  # the support the vote needed (see `certainty`)
+    multiple: bool = False  # a multi-choice field
+    choices: tuple[str, ...] = ()  # multi-choice: the suggested choices, largest share first
+    shares: dict[str, float] = field(default_factory=dict)  # weight per choice / total weight
+
+    @property
+    def suggested(self) -> tuple[str, ...]:
+        """The choices to suggest for this field (empty: abstained)."""
+        if self.multiple:
+            return self.choices
+        return () if self.label is None else (self.label,)
 
     @property
     def abstained(self) -> bool:
-        return self.label is None
+        return not self.suggested
 
 
 def vote(
@@ -35,37 +54,129 @@ def vote(
     *,
     min_neighbours: int,
     min_score: float,
+    multiple: Collection[str] = (),
 ) -> dict[str, FieldVote]:
-    """Vote every field; abstain when support < min_neighbours or the share < min_score."""
-    out: dict[str, FieldVote] = {}
-    for name in fields:
-        weights: dict[str, float] = {}
-        support = 0
-        for neighbour in neighbours:
-            label = neighbour.labels.get(name)
-            if label is None:
-                continue
-            support += 1
-            weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
-        if not weights:
-            out[name] = FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours)
-            continue
-        # Ties go to the label name first in sort order, so results are reproducible.
-        winner = min(weights, key=lambda label: (-weights[label], label))
-        share = weights[winner] / sum(weights.values())
-        reason = None
-        if support < min_neighbours:
-            reason = f"only {support} labelled neighbours (minimum {min_neighbours})"
-        elif share < min_score:
-            reason = f"winner's share {share:.2f} below {min_score:.2f}"
-        out[name] = FieldVote(
-            name, None if reason else winner, share, support, weights, reason, min_neighbours
+    """Vote every field; abstain when support < min_neighbours or the share < min_score.
+
+    Fields named in `multiple` are multi-choice: each choice whose share is ≥ min_score is
+    suggested, and the field abstains when none is (see the module docstring)."""
+    return {
+        name: (_vote_multiple if name in multiple else _vote_single)(
+            name, neighbours, min_neighbours, min_score
         )
-    return out
+        for name in fields
+    }
+
+
+def _vote_single(
+    name: str, neighbours: Sequence[Neighbour], min_neighbours: int, min_score: float
+) -> FieldVote:
+    weights: dict[str, float] = {}
+    support = 0
+    for neighbour in neighbours:
+        label = _single(neighbour.labels.get(name))
+        if label is None:
+            continue
+        support += 1
+        weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
+    if not weights:
+        return FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours)
+    # Ties go to the label name first in sort order, so results are reproducible.
+    winner = min(weights, key=lambda label: (-weights[label], label))
+    total = sum(weights.values())
+    share = weights[winner] / total
+    reason = None
+    if support < min_neighbours:
+        reason = f"only {support} labelled neighbours (minimum {min_neighbours})"
+    elif share < min_score:
+        reason = f"winner's share {share:.2f} below {min_score:.2f}"
+    shares = {label: weight / total for label, weight in weights.items()}
+    return FieldVote(
+        name,
+        None if reason else winner,
+        share,
+        support,
+        weights,
+        reason,
+        min_neighbours,
+        shares=shares,
+    )
+
+
+def _vote_multiple(
+    name: str, neighbours: Sequence[Neighbour], min_neighbours: int, min_score: float
+) -> FieldVote:
+    weights: dict[str, float] = {}
+    total = 0.0
+    support = 0
+    for neighbour in neighbours:
+        chosen = choice_set(neighbour.labels.get(name))
+        if not chosen:
+            continue
+        support += 1
+        weight = max(neighbour.similarity, _MIN_WEIGHT)
+        total += weight
+        for choice in chosen:
+            weights[choice] = weights.get(choice, 0.0) + weight
+    if not support:
+        return FieldVote(
+            name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours, multiple=True
+        )
+    shares = {choice: weight / total for choice, weight in weights.items()}
+    # A choice no neighbour ticked has share 0 and margin 1: only the ticked ones can be the
+    # least certain decision.
+    score = min(max(share, 1.0 - share) for share in shares.values())
+    passed = tuple(
+        sorted((c for c, s in shares.items() if s >= min_score), key=lambda c: (-shares[c], c))
+    )
+    reason = None
+    if support < min_neighbours:
+        reason = f"only {support} labelled neighbours (minimum {min_neighbours})"
+    elif not passed:
+        best = min(shares, key=lambda c: (-shares[c], c))
+        reason = f"no choice's share reaches {min_score:.2f} (best {best} {shares[best]:.2f})"
+    return FieldVote(
+        name,
+        None,
+        score,
+        support,
+        weights,
+        reason,
+        min_neighbours,
+        multiple=True,
+        choices=() if reason else passed,
+        shares=shares,
+    )
+
+
+def choice_set(value: object) -> frozenset[str]:
+    """The choices a stored label holds: a list of choices (multi-choice field), or one
+    string (single-choice, or a multi-choice label stored before lists were)."""
+    if isinstance(value, str):
+        return frozenset((value,))
+    if isinstance(value, (list, tuple)):
+        return frozenset(str(v) for v in value)
+    return frozenset()
+
+
+def _single(value: object) -> str | None:
+    """A single-choice vote's label: a string, or a list holding one choice (a field that was
+    multi-choice when labelled). A list of several choices carries no single label."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return str(value[0])
+    return None
+
+
+def is_multi_choice(labels: Iterable[object]) -> bool:
+    """Whether a field's stored labels are multi-choice (lists of choices)."""
+    return any(isinstance(label, (list, tuple)) for label in labels)
 
 
 def certainty(field_vote: FieldVote) -> float:
-    """How sure the vote of one field is: the winner's share, or 0 when too few labelled
+    """How sure the vote of one field is: its score (the winner's share; for a multi-choice
+    field the least certain choice's max(share, 1 - share)), or 0 when too few labelled
     neighbours voted (two neighbours that agree are not a certain suggestion)."""
     return field_vote.score if field_vote.support >= field_vote.min_neighbours else 0.0
 

@@ -358,3 +358,93 @@ def test_a_prediction_reads_the_collection_once_and_parses_a_known_config_once(
     changed = CONFIG.replace('<Choice value="b"/>', '<Choice value="b"/><Choice value="c"/>')
     assert client.post("/predict", json=body | {"label_config": changed}).status_code == 200
     assert len(parses) == 1
+
+
+MULTI_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
+<Choices name="findings" toName="image" choice="multiple">
+<Choice value="shadow"/><Choice value="cyst"/><Choice value="mass"/><Choice value="calcification"/>
+</Choices></View>"""
+
+
+def test_multiple_choice_field_learns_every_choice_and_suggests_those_above_the_threshold(
+    client, images, settings
+):
+    """A `choice="multiple"` field through the protocol: webhooks store every ticked choice,
+    /predict suggests each choice whose similarity-weighted share among the top-k labelled
+    neighbours reaches ECHOLABEL_MIN_SCORE (0.5 here), scored by the least certain choice's
+    max(share, 1 - share). Expected shares are recomputed here from the store's neighbours."""
+    response = client.post(
+        "/setup", json={"project": "7.1", "schema": MULTI_CONFIG, "hostname": "http://ls"}
+    )
+    assert response.status_code == 200
+    ticked = {}
+    for i in range(6):
+        # Dark images: shadow + cyst (sent out of config order); four of the six also
+        # calcification, one also mass. Bright images: mass.
+        ticked[100 + i] = ["cyst", "shadow"] + (["calcification"] if i < 4 else [])
+        ticked[100 + i] += ["mass"] if i == 5 else []
+        ticked[200 + i] = ["mass"]
+        for task_id, name in ((100 + i, f"dark_{i}"), (200 + i, f"bright_{i}")):
+            body = annotation_webhook(
+                7, task(task_id, images[name]), {"organ": name.split("_")[0]}, task_id * 10
+            )
+            body["annotation"]["result"].append(
+                {
+                    "from_name": "findings",
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": ticked[task_id]},
+                }
+            )
+            assert client.post("/webhook", json=body).status_code == 200
+    wait(client)
+    stored = {p.task: p.labels for p in store(client).iter_points(7)}
+    assert stored[100] == {"organ": "dark", "findings": ["shadow", "cyst", "calcification"]}
+    assert stored[104] == {"organ": "dark", "findings": ["shadow", "cyst"]}  # config order
+    assert stored[105] == {"organ": "dark", "findings": ["shadow", "cyst", "mass"]}
+    assert stored[200] == {"organ": "bright", "findings": ["mass"]}
+
+    held_out = [task(300 + i, images[f"dark_{i}"]) for i in (7, 8, 9)] + [
+        task(400 + i, images[f"bright_{i}"]) for i in (7, 8, 9)
+    ]
+    response = client.post(
+        "/predict",
+        json={"tasks": held_out, "project": "7.1", "label_config": MULTI_CONFIG, "params": {}},
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    vectors = store(client).vectors(7, [t["id"] for t in held_out])
+    for sent, prediction in zip(held_out, results, strict=True):
+        neighbours = store(client).nearest(7, vectors[sent["id"]], settings.top_k, [sent["id"]])
+        total = sum(max(n.similarity, 1e-6) for n in neighbours)
+        shares = {
+            choice: sum(
+                max(n.similarity, 1e-6) for n in neighbours if choice in n.labels["findings"]
+            )
+            / total
+            for choice in ("shadow", "cyst", "mass", "calcification")
+        }
+        expected = sorted((c for c, s in shares.items() if s >= 0.5), key=lambda c: (-shares[c], c))
+        findings = [r for r in prediction["result"] if r["from_name"] == "findings"]
+        assert findings == [
+            {
+                "from_name": "findings",
+                "to_name": "image",
+                "type": "choices",
+                "value": {"choices": expected},
+                "score": round(min(max(s, 1 - s) for s in shares.values()), 4),
+            }
+        ]
+        # What the images say: dark ones get their two common choices and calcification (4 of
+        # 6 dark neighbours: a share between 0.5 and 1) but not mass (1 of 6: below the
+        # threshold); bright ones get mass alone.
+        if "dark" in sent["data"]["image"]:
+            assert expected[:2] == ["cyst", "shadow"] and expected[2:] == ["calcification"]
+            assert 0.5 <= shares["calcification"] < 1 and 0 < shares["mass"] < 0.5
+        else:
+            assert expected == ["mass"]
+        # The single-choice field is voted as before, beside it.
+        organ = [r for r in prediction["result"] if r["from_name"] == "organ"]
+        assert organ[0]["value"]["choices"] == [sent["data"]["image"].split("/")[-1][:-6]]
+        assert prediction["score"] == min(organ[0]["score"], findings[0]["score"])

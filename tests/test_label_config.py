@@ -87,3 +87,54 @@ def test_image_ref_names_the_missing_key():
 def test_schema_json_round_trip():
     schema = parse_label_config(ORGAN_PLANE)
     assert LabelSchema.from_json(schema.to_json()) == schema
+
+
+FINDINGS = """
+<View>
+  <Image name="image" value="$image"/>
+  <Choices name="organ" toName="image"><Choice value="liver"/><Choice value="heart"/></Choices>
+  <Choices name="findings" toName="image" choice="multiple">
+    <Choice value="mass"/><Choice value="cyst"/><Choice value="shadowing"/>
+  </Choices>
+</View>
+"""
+
+
+def test_multiple_choice_fields_are_parsed():
+    schema = parse_label_config(FINDINGS)
+    assert schema.field_names == ["organ", "findings"]
+    assert [f.multiple for f in schema.fields] == [False, True]
+    assert schema.multiple_fields == ["findings"]
+    assert schema.fields[1].choices == ("mass", "cyst", "shadowing")
+    # choice="single" and choice="single-radio" are single-choice.
+    assert parse_label_config(ORGAN_PLANE).multiple_fields == []
+    radio = ORGAN_PLANE.replace('choice="single"', 'choice="single-radio"')
+    assert parse_label_config(radio).multiple_fields == []
+
+
+def test_labels_from_result_keeps_every_choice_of_a_multiple_field_in_config_order():
+    schema = parse_label_config(FINDINGS)
+    result = [
+        {"from_name": "organ", "type": "choices", "value": {"choices": ["liver"]}},
+        {
+            "from_name": "findings",
+            "type": "choices",
+            "value": {"choices": ["shadowing", "mass", "shadowing"]},
+        },
+    ]
+    assert schema.labels_from_result(result) == {
+        "organ": "liver",
+        "findings": ["mass", "shadowing"],
+    }
+    one = [{"from_name": "findings", "type": "choices", "value": {"choices": ["cyst"]}}]
+    assert schema.labels_from_result(one) == {"findings": ["cyst"]}  # a list even of one
+    none = [{"from_name": "findings", "type": "choices", "value": {"choices": []}}]
+    assert schema.labels_from_result(none) == {}
+
+
+def test_multiple_flag_survives_the_json_round_trip_and_old_files_read_as_single():
+    schema = parse_label_config(FINDINGS)
+    assert LabelSchema.from_json(schema.to_json()) == schema
+    old = schema.to_json().replace(', "multiple": false', "").replace(', "multiple": true', "")
+    assert "multiple" not in old
+    assert LabelSchema.from_json(old).multiple_fields == []

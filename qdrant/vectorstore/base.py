@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 TaskId = int | str
-Labels = Mapping[str, str]
+Labels = Mapping[str, str | list[str]]  # a multi-choice field: the list of its choices
 
 # Fixed namespace: point ids must be identical across processes, machines and releases.
 _POINT_NAMESPACE = uuid.UUID("6f1c1f7e-3f0a-5b8e-9c4e-ec401abe1000")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.vote import is_multi_choice
 from workers.review.duplicates import near_duplicate_pairs
 
 from .learning_curve import learning_curve
@@ -27,6 +28,13 @@ from .metrics import (
 from .pixels import pixel_metrics
 
 SCHEMA_VERSION = 1
+
+# The metrics here (same label in the top k, P@k, the vote's accuracy and confusion) compare
+# one label per image; a multi-choice field's label is a set of choices.
+MULTI_CHOICE_SKIPPED = (
+    "multi-choice field (a label is a list of choices): the evaluation's metrics are "
+    "single-label; not evaluated"
+)
 
 
 def evaluate_vectors(
@@ -48,7 +56,17 @@ def evaluate_vectors(
     `k_candidates`, the k that a validation split prefers (`choose_k`). With
     `near_duplicate_threshold`, a query's near-duplicates (cosine ≥ it) are never its
     neighbours; with `learning_curve_seeds`, an annotation session is replayed per seed
-    (`learning_curve`)."""
+    (`learning_curve`).
+
+    Multi-choice fields (lists of choices) are not evaluated: they are listed under
+    `skipped_fields` with the reason."""
+    skipped = {name: MULTI_CHOICE_SKIPPED for name, ls in labels.items() if is_multi_choice(ls)}
+    labels = {name: ls for name, ls in labels.items() if name not in skipped}
+    if not labels:
+        raise ValueError(
+            f"nothing to evaluate: every field ({', '.join(sorted(skipped))}) is multi-choice, "
+            "and the evaluation's metrics are single-label"
+        )
     views = {"leave_one_out": None}
     if groups is not None and any(g is not None for g in groups):
         views["leave_patient_out"] = groups
@@ -96,6 +114,8 @@ def evaluate_vectors(
         out[view] = fields
     # The contract's `fields` is the leave-patient-out view when patients are known.
     out["fields"] = out.get("leave_patient_out", out["leave_one_out"])
+    if skipped:
+        out["skipped_fields"] = skipped
     if near_duplicate_threshold is not None:
         out["near_duplicates_excluded"] = {
             "threshold": near_duplicate_threshold,
@@ -164,6 +184,9 @@ def headline(report: Mapping[str, Any]) -> str:
                 f"{f['precision_at_k']['macro']['10']:8.3f} {_num(vote['accuracy']):>8} "
                 f"{vote['coverage']:8.2f}"
             )
+    for encoder, result in report["encoders"].items():
+        for name, reason in result.get("skipped_fields", {}).items():
+            rows.append(f"{name:12} {encoder:20} skipped: {reason}")
     held_out = report["dataset"].get("held_out")
     if held_out:
         rows.append(
@@ -216,6 +239,13 @@ def render_html(report: Mapping[str, Any]) -> str:
                 f"{excluded['threshold']}) excluded from each query's neighbours; "
                 f"{excluded['pairs']} such pairs.</p>"
             )
+    skipped = {
+        n: r for result in encoders.values() for n, r in result.get("skipped_fields", {}).items()
+    }
+    for name, reason in skipped.items():
+        parts.append(
+            f"<p class='meta'>Field “{html.escape(name)}” skipped: {html.escape(reason)}.</p>"
+        )
     for name in field_names:
         parts.append(f"<h2>Field “{html.escape(name)}”</h2>")
         parts.append(_summary_table(encoders, name))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.vote import is_multi_choice
 from workers.evaluation.metrics import leave_one_out_neighbours, neighbour_votes
 
 # Measured by `python -m workers.review.flip_bench` (README "Label QA").
@@ -138,9 +139,15 @@ def review(
     method: str = DEFAULT_METHOD,
     link: Callable[[Any], str | None] = lambda task: None,
 ) -> dict[str, Any]:
-    """Label QA of every field: rows carry the task id (or image) and a link to open it."""
+    """Label QA of every single-choice field: rows carry the task id (or image) and a link to
+    open it. Multi-choice fields (lists of choices) are listed under `skipped_fields`: the
+    ranking scores one given label per task against class probabilities."""
     fields: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     for name, field_labels in labels.items():
+        if is_multi_choice(field_labels):
+            skipped[name] = "multi-choice field (a label is a list of choices): not reviewed"
+            continue
         if sum(label is not None for label in field_labels) < 2:
             continue
         ranked = rank_label_issues(vectors, field_labels, field=name, k=k, method=method)
@@ -150,8 +157,12 @@ def review(
             row["link"] = link(task)
         fields[name] = ranked
     if not fields:
-        raise ValueError("no field has 2+ labelled tasks: nothing to review")
-    return {"k": k, "method": method, "tasks": len(ids), "fields": fields}
+        multi = f" (multi-choice, not reviewed: {', '.join(skipped)})" if skipped else ""
+        raise ValueError(f"no single-choice field has 2+ labelled tasks{multi}: nothing to review")
+    out = {"k": k, "method": method, "tasks": len(ids), "fields": fields}
+    if skipped:
+        out["skipped_fields"] = skipped
+    return out
 
 
 CSV_COLUMNS = (
@@ -203,4 +214,6 @@ def summary(result: Mapping[str, Any], top: int = 5) -> str:
                 f"neighbours vote {row['vote']!s:12} ({row['vote_score']:.2f}) "
                 f"label score {row['label_score']:.3f}"
             )
+    for name, reason in result.get("skipped_fields", {}).items():
+        lines.append(f"{name}: skipped, {reason}")
     return "\n".join(lines)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from echolabel.vote import is_multi_choice
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -16,7 +18,7 @@ class Sample:
 
     id: str  # task id or path relative to the folder
     ref: str  # image reference the ImageFetcher reads
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str | list[str]] = field(default_factory=dict)  # list: multi-choice
     group: str | None = None  # patient / study id
     role: str = "train"  # "train" or "validation" (a validation split given by the data)
 
@@ -42,10 +44,17 @@ def format_counts(counts: Mapping[str, Mapping[str, int]]) -> str:
 
 
 def check_trainable(samples: Sequence[Sample], fields: Sequence[str], min_per_class: int) -> None:
-    """Refuse (TrainingRefused, listing every class count) unless each field has 2+ classes
-    and every class at least `min_per_class` labelled images."""
+    """Refuse (TrainingRefused, listing every class count) unless each field is single-choice
+    with 2+ classes and every class at least `min_per_class` labelled images."""
     if not fields:
         raise TrainingRefused("no label field to train on: name at least one choices field")
+    multi = [name for name in fields if is_multi_choice(s.labels.get(name) for s in samples)]
+    if multi:
+        raise TrainingRefused(
+            f"refusing to train on {', '.join(multi)}: multi-choice field(s) (a label is a list "
+            "of choices), and the encoder trains one single-label head per field; name "
+            "single-choice fields only (--field)"
+        )
     counts = class_counts(samples, fields)
     problems = []
     for name, classes in counts.items():

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from echolabel.folders import read_folder
+from echolabel.vote import is_multi_choice
 from vectorstore import ExactSearchStore, QdrantStore
 from workers.training.samples import Sample, TrainingRefused
 
@@ -20,7 +21,8 @@ def project_samples(
     patient_key: str | None = None,
 ) -> tuple[list[Sample], list[str]]:
     """(samples, fields) from the labelled points of the project's live generation; fields
-    default to every choices field that has labels. `patient_key` names a payload key."""
+    default to every single-choice field that has labels (a multi-choice field, whose labels
+    are lists, cannot train a single-label head). `patient_key` names a payload key."""
     if store.collection(project) is None:
         raise TrainingRefused(f"project {project} has no collection: index it first")
     samples = [
@@ -33,7 +35,13 @@ def project_samples(
         for point in store.iter_points(project, labelled=True, with_vectors=False)
     ]
     found = sorted({name for s in samples for name in s.labels})
-    return samples, list(fields) or found
+    multi = [name for name in found if is_multi_choice(s.labels.get(name) for s in samples)]
+    if not fields and found and len(multi) == len(found):
+        raise TrainingRefused(
+            f"project {project}: every labelled field ({', '.join(multi)}) is multi-choice; "
+            "the encoder trains single-label heads"
+        )
+    return samples, list(fields) or [name for name in found if name not in multi]
 
 
 def folder_samples(
