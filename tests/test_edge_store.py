@@ -325,6 +325,8 @@ def test_a_second_holder_gets_a_clear_lock_error(tmp_path):
     with pytest.raises(StoreError, match="locked by another process"):
         EdgeStore(tmp_path / "edge")  # a second store in this process as well
     store.close()
+    with pytest.raises(StoreError, match="was closed"):
+        store.count(1)
     EdgeStore(tmp_path / "edge").close()  # released on close
 
 

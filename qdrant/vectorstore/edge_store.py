@@ -198,6 +198,8 @@ class EdgeStore:
         shard = self._shards.get(name)
         if shard is not None:
             return shard
+        if self._lock_handle is None:
+            raise StoreError(f"the store at {self.path} was closed; open it again to use it")
         meta = self._metas.get(name)
         if meta is None:
             raise StoreError(
@@ -307,9 +309,15 @@ class EdgeStore:
             if where.exists():  # a creation that died before its metadata: never a generation
                 shutil.rmtree(where)
             where.mkdir()
+            if self._lock_handle is None:
+                raise StoreError(f"the store at {self.path} was closed; open it again to use it")
             shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(dim))
-            for field_name, schema in _INDEXED_FIELDS.items():
-                shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
+            try:
+                for field_name, schema in _INDEXED_FIELDS.items():
+                    shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
+            except BaseException:
+                shard.close()  # the directory stays metadata-less: removed at the next try
+                raise
             self._shards[name] = shard
             self._labelled[name] = 0
             # Written last: from here on the directory is a generation.
