@@ -15,10 +15,11 @@ replaced atomically: written to a temporary file, fsynced, renamed over the old 
 directory fsynced. A generation exists once its meta.json does, and is live once its alias
 points at it: a directory without meta.json is a creation that died and is removed at open;
 a generation that is not pointed at stays a generation being built (re-embedding resumes it),
-never the live one. Points go through Edge's write-ahead log: `update()` returns after the
-operation is appended to the WAL (before it is applied to the segments), and a reopened shard
-replays it, so an acknowledged write survives `kill -9`. The WAL is not fsynced per write (the
-engine syncs it on flush/close), so a power cut can still lose the last writes.
+never the live one. Points go through Edge's write-ahead log: the engine appends each
+operation to the WAL before applying it to the segments, `update()` returns after both, and a
+reopened shard replays the WAL, so an acknowledged write survives `kill -9` (tested). The WAL
+is written through mmap and synced on flush/close, not per write, so a power cut can still
+lose the last writes.
 
 Search is exact (Edge's scan of the labelled points, found through a payload index) while a
 generation holds at most `exact_max_points` labelled points, and HNSW above that. The same
