@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from .base import (
     Annotation,
@@ -19,6 +20,9 @@ from .base import (
 )
 from .exact import ExactIndex, ExactSearchStore
 from .qdrant_store import QdrantStore
+
+if TYPE_CHECKING:
+    from .edge_store import EdgeStore
 
 __all__ = [
     "Annotation",
@@ -47,12 +51,19 @@ def open_store(
     exact_max_points: int = 100_000,
     shards: int = 1,
     replication_factor: int = 1,
-) -> QdrantStore | ExactSearchStore:
+    engine: Literal["local", "edge"] = "local",
+) -> QdrantStore | ExactSearchStore | EdgeStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
     Only the in-process store gets the exact in-memory index: there this process is the only
-    writer, so the cache cannot go stale.
+    writer, so the cache cannot go stale. `engine="edge"` (opt-in, issue 19) puts the
+    in-process store on Qdrant Edge instead of qdrant-client's local mode; Edge searches
+    exactly up to `exact_max_points` labelled points itself.
     """
+    if engine == "edge" and not url:
+        from .edge_store import EdgeStore  # imported when chosen: the engine is a native module
+
+        return EdgeStore.open(path=path, exact_max_points=exact_max_points)
     store = QdrantStore.open(
         path=path, url=url, api_key=api_key, shards=shards, replication_factor=replication_factor
     )

@@ -1,0 +1,913 @@
+"""The embedded store on Qdrant Edge: Qdrant's Rust engine in this process, one shard a generation.
+
+Layout under the store's root directory:
+
+    store.lock                   flock-ed by the one process that holds the store (its pid inside)
+    aliases/<alias>.json         {"collection": "<alias>_g<n>"}: the project's live generation
+    collections/<alias>_g<n>/
+        meta.json                encoder, weights id, dimension, generation, pre-annotation state
+        shard/                   the Edge shard: segments, WAL, edge_config.json
+
+Names are QdrantStore's (`alias`, `<alias>_g<n>`), so CollectionInfo reads the same on both.
+
+Crash safety comes from two rules. The files this module writes (alias pointers, metadata) are
+replaced atomically: written to a temporary file, fsynced, renamed over the old one, and the
+directory fsynced. A generation exists once its meta.json does, and is live once its alias
+points at it: a directory without meta.json is a creation that died and is removed at open;
+a generation that is not pointed at stays a generation being built (re-embedding resumes it),
+never the live one. Points go through Edge's write-ahead log: the engine appends each
+operation to the WAL before applying it to the segments, `update()` returns after both, and a
+reopened shard replays the WAL, so an acknowledged write survives `kill -9` (tested). The WAL
+is written through mmap and synced on flush/close, not per write, so a power cut can still
+lose the last writes.
+
+Search is exact (Edge's scan of the labelled points, found through a payload index) while a
+generation holds at most `exact_max_points` labelled points, and HNSW above that. The same
+number sizes the engine's indexing threshold, so a segment gets an HNSW graph once it holds
+that many vectors; until then a scan is what HNSW would do anyway.
+
+Thread safety: qdrant-edge-py's shard is internally synchronised, but every call holds the GIL
+(a query for its duration, `optimize()` for the whole index build), and the merge rules are
+read-modify-write. So one re-entrant lock serialises every operation of this store, as for
+QdrantStore's local mode. The index build runs inside a write, under that lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import qdrant_edge as edge
+
+from .base import (
+    Annotation,
+    CollectionInfo,
+    DimensionMismatchError,
+    Labels,
+    Neighbour,
+    Point,
+    StoreError,
+    TaskId,
+    point_id,
+)
+
+# Exact search up to this many labelled points per generation; `echolabel bench` chooses the
+# number (issue 19), this is a placeholder of the right order for 1280-d vectors.
+DEFAULT_EXACT_MAX_POINTS = 20_000
+# Qdrant's defaults for the graph; the search ef is raised a little above ef_construct.
+DEFAULT_HNSW_M = 16
+DEFAULT_HNSW_EF_CONSTRUCT = 100
+DEFAULT_HNSW_EF = 128
+
+_SCROLL_PAGE = 512
+_QUERY_BATCH = 256
+# Label changes remembered between refreshes; more mean "refresh everything" (as QdrantStore).
+_MAX_CHANGES = 5000
+_FORMAT = 1
+_LOCK_FILE = "store.lock"
+_META = "meta.json"
+_SHARD = "shard"
+_TRASH = ".trash-"
+
+# `labelled` is stored as the integer 0/1, not a boolean: qdrant-edge-py 0.9.0 turns
+# MatchValue(True) into the integer 1 (bool is an int subclass in Python), so a boolean payload
+# never matches. tests/test_edge_store.py::test_edge_boolean_match_finding watches for a fix.
+_INDEXED_FIELDS = {
+    "project": edge.PayloadSchemaType.Keyword,
+    "labelled": edge.PayloadSchemaType.Integer,
+    "annotation_id": edge.PayloadSchemaType.Keyword,
+}
+_LABEL_KEYS = ("labels", "labelled", "annotation_id", "annotation_updated_at")
+_RESERVED = {"project", "task", "image", "encoder", *_LABEL_KEYS}
+
+
+class EdgeStore:
+    """VectorStore over Qdrant Edge shards in a local directory; one instance per process.
+
+    Offers QdrantStore's methods with the same semantics (newest annotation wins, labels set in
+    the live generation and in generations being built, deterministic point ids), plus
+    `kth_similarities`.
+    """
+
+    local = True  # this process is the store's only writer
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        prefix: str = "echolabel",
+        exact_max_points: int = DEFAULT_EXACT_MAX_POINTS,
+        hnsw_m: int = DEFAULT_HNSW_M,
+        hnsw_ef_construct: int = DEFAULT_HNSW_EF_CONSTRUCT,
+        hnsw_ef: int = DEFAULT_HNSW_EF,
+    ) -> None:
+        self.path = Path(path)
+        self.exact_max_points = exact_max_points
+        self.hnsw_ef = hnsw_ef
+        self._prefix = prefix
+        self._hnsw_m = hnsw_m
+        self._hnsw_ef_construct = hnsw_ef_construct
+        self._lock = threading.RLock()
+        self._collections = self.path / "collections"
+        self._aliases = self.path / "aliases"
+        self._collections.mkdir(parents=True, exist_ok=True)
+        self._aliases.mkdir(parents=True, exist_ok=True)
+        self._lock_handle: IO[str] | None = _hold_lock(self.path)
+        # This process is the only writer, so the small files are read once and kept here.
+        self._metas: dict[str, dict[str, Any]] = {}
+        self._pointers: dict[str, str] = {}  # alias -> live generation name
+        self._shards: dict[str, Any] = {}  # generation name -> open edge.EdgeShard
+        self._labelled: dict[str, int] = {}  # generation name -> labelled points, once counted
+        try:
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        path: Path | None = None,
+        exact_max_points: int = DEFAULT_EXACT_MAX_POINTS,
+        prefix: str = "echolabel",
+    ) -> EdgeStore:
+        """The store under `path` (created if missing)."""
+        if path is None:
+            raise StoreError("the embedded store needs a storage path (MODEL_DIR)")
+        return cls(path, prefix=prefix, exact_max_points=exact_max_points)
+
+    def close(self) -> None:
+        """Flush and close every shard, then release the directory for another process."""
+        with self._lock:
+            shards, self._shards = self._shards, {}
+            for shard in shards.values():
+                shard.close()
+            if self._lock_handle is not None:
+                fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+                self._lock_handle.close()
+                self._lock_handle = None
+
+    # -- on-disk state --------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Load aliases and metadata; finish what a crash interrupted.
+
+        Removes deleted generations' leftovers and creations that died before their metadata
+        was written, and drops generations older than the live one (a switch that moved the
+        pointer but died before dropping them).
+        """
+        for entry in self._collections.iterdir():
+            if entry.name.startswith(".") and entry.is_dir():  # a deleted generation's rest
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith("."):  # a temporary file
+                entry.unlink()
+            elif entry.is_dir() and not (entry / _META).is_file():
+                shutil.rmtree(entry)
+            elif entry.is_dir():
+                for stale in entry.glob(".*.tmp"):
+                    stale.unlink()
+                self._metas[entry.name] = json.loads((entry / _META).read_text())
+        for entry in self._aliases.iterdir():
+            if entry.name.startswith("."):
+                entry.unlink()
+            elif entry.suffix == ".json":
+                self._pointers[entry.stem] = json.loads(entry.read_text())["collection"]
+        for alias, live in self._pointers.items():
+            if live not in self._metas:
+                continue  # collection() explains
+            live_generation = int(self._metas[live]["generation"])
+            for name in self._names(alias):
+                if int(self._metas[name]["generation"]) < live_generation:
+                    self._drop(name)
+
+    def _names(self, alias: str) -> list[str]:
+        pattern = re.compile(re.escape(alias) + r"_g(\d+)$")
+        return [name for name in self._metas if pattern.match(name)]
+
+    def _shard(self, name: str) -> Any:
+        """The open Edge shard of a generation, loading it on first use."""
+        shard = self._shards.get(name)
+        if shard is not None:
+            return shard
+        if self._lock_handle is None:
+            raise StoreError(f"the store at {self.path} was closed; open it again to use it")
+        meta = self._metas.get(name)
+        if meta is None:
+            raise StoreError(
+                f"collection {name} does not exist (dropped, or never created in {self.path})"
+            )
+        where = self._collections / name / _SHARD
+        try:
+            shard = edge.EdgeShard.load(str(where), self._edge_config(int(meta["dim"])))
+        except Exception as exc:  # the engine raises plain Exception
+            if "WouldBlock" in str(exc):
+                raise StoreError(_locked_message(self.path, None)) from exc
+            raise StoreError(f"cannot open the Edge shard {where}: {exc}") from exc
+        self._shards[name] = shard
+        return shard
+
+    def _edge_config(self, dim: int) -> Any:
+        threshold_kb = max(1, -(-max(self.exact_max_points, 1) * dim * 4 // 1024))
+        return edge.EdgeConfig(
+            vectors=edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine),
+            hnsw_config=edge.HnswIndexConfig(
+                m=self._hnsw_m,
+                ef_construct=self._hnsw_ef_construct,
+                # Below this many KB of matching vectors a segment is scanned, not walked.
+                full_scan_threshold=threshold_kb,
+            ),
+            # A segment gets its HNSW graph once it holds `exact_max_points` vectors.
+            optimizers=edge.EdgeOptimizersConfig(indexing_threshold=threshold_kb),
+            wal_enabled=True,
+        )
+
+    def _write_meta(self, name: str, meta: dict[str, Any]) -> None:
+        _write_json(self._collections / name / _META, meta)
+        self._metas[name] = meta
+
+    def _drop(self, name: str) -> None:
+        """Delete a generation: closed, renamed out of the way (atomic), then removed."""
+        shard = self._shards.pop(name, None)
+        if shard is not None:
+            shard.close()
+        self._metas.pop(name, None)
+        self._labelled.pop(name, None)
+        where = self._collections / name
+        if not where.exists():
+            return
+        trash = self._collections / f"{_TRASH}{name}-{uuid.uuid4().hex}"
+        os.replace(where, trash)
+        _fsync_dir(self._collections)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- collections and generations -------------------------------------------------------
+
+    def alias(self, project: int | str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(project))
+        return f"{self._prefix}_p{safe}"
+
+    def collection(self, project: int | str) -> CollectionInfo | None:
+        with self._lock:
+            target = self._pointers.get(self.alias(project))
+            if target is None:
+                return None
+            if target not in self._metas:
+                raise StoreError(
+                    f"the alias {self.alias(project)} in {self._aliases} points at {target}, "
+                    f"which is not in {self._collections}: the store directory was changed "
+                    "outside echolabel; restore it from a backup or drop the project"
+                )
+            return self._info(project, target)
+
+    def generations(self, project: int | str) -> list[CollectionInfo]:
+        """Every generation collection of the project, live or being built."""
+        with self._lock:
+            return sorted(
+                (self._info(project, name) for name in self._names(self.alias(project))),
+                key=lambda info: info.generation,
+            )
+
+    def _info(self, project: int | str, name: str) -> CollectionInfo:
+        meta = self._metas[name]
+        try:
+            return CollectionInfo(
+                project=project,
+                encoder=str(meta["encoder"]),
+                dim=int(meta["dim"]),
+                weights_id=str(meta.get("weights_id", "")),
+                generation=int(meta["generation"]),
+                name=name,
+                published_version=meta.get("published_version") or None,
+                label_state=int(meta.get("label_state") or 0),
+                label_changes=tuple(meta.get("label_changes") or ()),
+                vote_radius_min=float(meta.get("vote_radius_min", -1.0)),
+            )
+        except KeyError as exc:
+            raise StoreError(
+                f"collection {name} has no echolabel metadata ({exc.args[0]} missing): it was not "
+                "created by echolabel; remove it or use another ECHOLABEL collection prefix"
+            ) from None
+
+    def create_generation(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """A new, empty, not-yet-live generation collection for the project."""
+        with self._lock:
+            existing = self.generations(project)
+            generation = (existing[-1].generation + 1) if existing else 1
+            name = f"{self.alias(project)}_g{generation}"
+            where = self._collections / name
+            if where.exists():  # a creation that died before its metadata: never a generation
+                shutil.rmtree(where)
+            where.mkdir()
+            if self._lock_handle is None:
+                raise StoreError(f"the store at {self.path} was closed; open it again to use it")
+            shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(dim))
+            try:
+                for field_name, schema in _INDEXED_FIELDS.items():
+                    shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
+            except BaseException:
+                shard.close()  # the directory stays metadata-less: removed at the next try
+                raise
+            self._shards[name] = shard
+            self._labelled[name] = 0
+            # Written last: from here on the directory is a generation.
+            self._write_meta(
+                name,
+                {
+                    "format": _FORMAT,
+                    "encoder": encoder,
+                    "dim": dim,
+                    "weights_id": weights_id,
+                    "generation": generation,
+                    "project": str(project),
+                },
+            )
+            _fsync_dir(self._collections)
+            return self._info(project, name)
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        """Point the project's alias at `target` atomically, then drop older generations."""
+        alias = self.alias(project)
+        with self._lock:
+            if target.name not in self._metas:
+                raise StoreError(f"collection {target.name} does not exist; it cannot go live")
+            self._build_index(target.name)  # goes live with its graph, not before it
+            _write_json(self._aliases / f"{alias}.json", {"collection": target.name})
+            self._pointers[alias] = target.name
+            for old in self.generations(project):
+                if old.generation < target.generation:
+                    self._drop(old.name)
+
+    def drop_generation(self, target: CollectionInfo) -> None:
+        """Delete a generation that is not live (an abandoned or superseded build)."""
+        with self._lock:
+            live = self.collection(target.project)
+            if live is not None and live.name == target.name:
+                raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
+            self._drop(target.name)
+
+    def ensure_collection(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                info = self.create_generation(project, encoder, dim, weights_id)
+                self.switch_generation(project, info)
+            elif info.encoder != encoder or info.dim != dim:
+                raise DimensionMismatchError(
+                    f"project {project}'s collection {info.name} holds {info.encoder} vectors "
+                    f"({info.dim}-d), not {encoder} ({dim}-d): re-embed the project with "
+                    f"`echolabel reembed --project {project} --encoder {encoder}` or configure "
+                    f"ECHOLABEL_ENCODER={info.encoder}"
+                )
+            return info
+
+    def drop_project(self, project: int | str) -> None:
+        with self._lock:
+            alias = self.alias(project)
+            if self._pointers.pop(alias, None) is not None:
+                (self._aliases / f"{alias}.json").unlink(missing_ok=True)
+                _fsync_dir(self._aliases)
+            for name in self._names(alias):
+                self._drop(name)
+
+    # -- pre-annotation state -----------------------------------------------------------------
+
+    def set_prediction_state(
+        self,
+        project: int | str,
+        *,
+        published_version: str | None = None,
+        vote_radius_min: float | None = None,
+    ) -> None:
+        """Record what Label Studio holds: the model_version of the predictions last pushed,
+        and a lower bound of their vote radii (the k-th labelled neighbour's similarity)."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                raise StoreError(f"project {project} has no collection")
+            meta = dict(self._metas[info.name])
+            if published_version is not None:
+                meta["published_version"] = published_version
+            if vote_radius_min is not None:
+                meta["vote_radius_min"] = vote_radius_min
+            self._write_meta(info.name, meta)
+
+    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
+        """Count label changes of these tasks (kept until `take_label_changes`); the new count."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None or not tasks:
+                return 0
+            changes = list(dict.fromkeys([*info.label_changes, *tasks]))[-_MAX_CHANGES:]
+            meta = dict(self._metas[info.name])
+            meta["label_state"] = info.label_state + len(tasks)
+            meta["label_changes"] = changes
+            self._write_meta(info.name, meta)
+            return len(changes)
+
+    def take_label_changes(self, project: int | str) -> list[TaskId]:
+        """The tasks whose labels changed since the last call, forgetting them."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None or not info.label_changes:
+                return []
+            self._write_meta(info.name, {**self._metas[info.name], "label_changes": []})
+            return list(info.label_changes)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        project: int | str,
+        encoder: str,
+        points: Sequence[Point],
+        collection: CollectionInfo | None = None,
+    ) -> None:
+        """Write points into the live collection (or into `collection`, a generation being built).
+
+        Labels stored from a newer annotation survive a re-upsert of the same task. Returns once
+        the points are in the shard's WAL.
+        """
+        if not points:
+            return
+        with self._lock:
+            info = collection or self.collection(project)
+            if info is None:
+                raise StoreError(f"project {project} has no collection: call ensure_collection")
+            if info.encoder != encoder:
+                raise DimensionMismatchError(
+                    f"collection {info.name} holds {info.encoder} vectors; refusing {encoder} ones"
+                )
+            shard = self._shard(info.name)
+            latest = {point_id(project, p.task): p for p in points}  # a repeated task: last wins
+            stored = {str(r.id): r.payload or {} for r in shard.retrieve(list(latest), True, False)}
+            structs = []
+            delta = 0
+            for pid, point in latest.items():
+                vector = np.asarray(point.vector, dtype=np.float32).reshape(-1)
+                if vector.shape[0] != info.dim:
+                    raise DimensionMismatchError(
+                        f"task {point.task}: vector has {vector.shape[0]} dimensions, collection "
+                        f"{info.name} ({info.encoder}) expects {info.dim}"
+                    )
+                payload = _payload(project, encoder, point)
+                previous = stored.get(pid)
+                if previous and previous.get("labelled") and not _replaces(point, previous):
+                    for key in _LABEL_KEYS:
+                        payload[key] = previous.get(key)
+                delta += _flag(payload) - _flag(previous)
+                structs.append(edge.Point(pid, vector, payload))
+            shard.update(edge.UpdateOperation.upsert_points(structs))
+            self._count_labelled(info.name, delta)
+            self._build_index(info.name)
+
+    def set_labels(
+        self,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+        collection: CollectionInfo | None = None,
+    ) -> bool:
+        """Set labels in `collection`, or in the live one *and* every generation being built
+        (so nothing annotated during a re-embedding is lost). True if the live point exists."""
+        with self._lock:
+            targets = [collection] if collection else self._label_targets(project)
+            found_live = False
+            for index, info in enumerate(targets):
+                found = self._set_labels_in(info, project, task, labels, annotation)
+                found_live = found_live or (found and index == 0)
+            return found_live
+
+    def _label_targets(self, project: int | str) -> list[CollectionInfo]:
+        """The live collection first, then any newer generation under construction."""
+        live = self.collection(project)
+        if live is None:
+            return []
+        return [live] + [g for g in self.generations(project) if g.generation > live.generation]
+
+    def _set_labels_in(
+        self,
+        info: CollectionInfo,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+    ) -> bool:
+        shard = self._shard(info.name)
+        pid = point_id(project, task)
+        found = shard.retrieve([pid], True, False)
+        if not found:
+            return False
+        previous = found[0].payload or {}
+        if _is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
+            return True  # a newer annotation is already stored: it wins
+        payload = {
+            "labels": dict(labels),
+            "labelled": int(bool(labels)),
+            "annotation_id": _key(annotation.id),
+            "annotation_updated_at": annotation.updated_at,
+        }
+        shard.update(edge.UpdateOperation.set_payload([pid], payload))
+        self._count_labelled(info.name, _flag(payload) - _flag(previous))
+        return True
+
+    def clear_labels(
+        self,
+        project: int | str,
+        annotation_id: int | str,
+        collection: CollectionInfo | None = None,
+    ) -> list[TaskId]:
+        """Clear labels that came from this annotation, in every generation (live first)."""
+        with self._lock:
+            cleared: list[TaskId] = []
+            targets = [collection] if collection else self._label_targets(project)
+            for index, info in enumerate(targets):
+                tasks = self._clear_labels_in(info, annotation_id)
+                if index == 0:
+                    cleared = tasks
+            return cleared
+
+    def _clear_labels_in(self, info: CollectionInfo, annotation_id: int | str) -> list[TaskId]:
+        shard = self._shard(info.name)
+        condition = edge.Filter(
+            must=[
+                edge.FieldCondition(key="annotation_id", match=edge.MatchValue(_key(annotation_id)))
+            ]
+        )
+        records = list(_scroll(shard, condition, with_vectors=False))
+        if not records:
+            return []
+        shard.update(
+            edge.UpdateOperation.set_payload(
+                [r.id for r in records],
+                {"labels": {}, "labelled": 0, "annotation_id": None, "annotation_updated_at": None},
+            )
+        )
+        self._count_labelled(info.name, -sum(_flag(r.payload) for r in records))
+        return [(r.payload or {})["task"] for r in records]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def has_vectors(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        collection: CollectionInfo | None = None,
+    ) -> set[TaskId]:
+        return set(self._retrieve(project, tasks, with_vectors=False, collection=collection))
+
+    def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
+        return {
+            task: np.asarray(record.vector, dtype=np.float32)
+            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
+        }
+
+    def points(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Point]:
+        """Stored points (vector and payload) of these tasks."""
+        found = self._retrieve(project, tasks, with_vectors, collection=collection)
+        return {task: _to_point(record) for task, record in found.items()}
+
+    def _retrieve(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Any]:
+        if not tasks:
+            return {}
+        with self._lock:
+            info = collection or self.collection(project)
+            if info is None:
+                return {}
+            by_id = {point_id(project, t): t for t in tasks}
+            records = self._shard(info.name).retrieve(list(by_id), True, with_vectors)
+            return {by_id[str(r.id)]: r for r in records}
+
+    def nearest(
+        self,
+        project: int | str,
+        vector: np.ndarray,
+        k: int,
+        exclude: Sequence[TaskId] = (),
+        exact: bool = False,
+    ) -> list[Neighbour]:
+        """The k most similar labelled points, best first: exact while the generation holds at
+        most `exact_max_points` labelled points (or when `exact`), HNSW above."""
+        if k <= 0:
+            return []
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return []
+            must_not = (
+                [edge.HasIdCondition({point_id(project, t) for t in exclude})] if exclude else None
+            )
+            found = self._shard(info.name).query(
+                edge.QueryRequest(
+                    limit=k,
+                    query=edge.Query.Nearest(_query_vector(vector)),
+                    filter=edge.Filter(must=[_labelled(True)], must_not=must_not),
+                    params=self._search_params(info.name, k, exact),
+                    with_payload=True,
+                )
+            )
+        return [
+            Neighbour(
+                task=(p.payload or {})["task"],
+                similarity=float(p.score),
+                labels=(p.payload or {}).get("labels") or {},
+                image=(p.payload or {}).get("image", ""),
+            )
+            for p in found
+        ]
+
+    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
+        """Each query's k-th best labelled similarity (-1 with fewer than k labelled points).
+
+        Searched as `nearest` searches (same exact/HNSW choice), so a radius compared against
+        it is the one a fresh vote would see. Queries are assumed not to be labelled points.
+        """
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return np.full(len(queries), -1.0, dtype=np.float32)
+            rows = np.asarray(queries, dtype=np.float32).reshape(-1, info.dim)
+            out = np.full(len(rows), -1.0, dtype=np.float32)
+            if k <= 0 or len(rows) == 0:
+                return out
+            shard = self._shard(info.name)
+            params = self._search_params(info.name, k, exact=False)
+            labelled = edge.Filter(must=[_labelled(True)])
+            for start in range(0, len(rows), _QUERY_BATCH):
+                batch = rows[start : start + _QUERY_BATCH]
+                results = shard.query_batch(
+                    edge.QueryBatchRequest(
+                        [
+                            edge.QueryRequest(
+                                limit=k,
+                                query=edge.Query.Nearest(_query_vector(row)),
+                                filter=labelled,
+                                params=params,
+                            )
+                            for row in batch
+                        ]
+                    )
+                )
+                for offset, found in enumerate(results):
+                    if len(found) >= k:
+                        out[start + offset] = found[k - 1].score
+            return out
+
+    def unlabelled_near(
+        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    ) -> list[tuple[TaskId, float, np.ndarray]]:
+        """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
+        similar first. Exact while the generation holds at most `exact_max_points` points."""
+        with self._lock:
+            info = self.collection(project)
+            if info is None or limit <= 0:
+                return []
+            shard = self._shard(info.name)
+            exact = shard.info().points_count <= self.exact_max_points
+            found = shard.query(
+                edge.QueryRequest(
+                    limit=limit,
+                    query=edge.Query.Nearest(_query_vector(vector)),
+                    filter=edge.Filter(must=[_labelled(False)]),
+                    score_threshold=min_similarity,
+                    params=edge.SearchParams(exact=True)
+                    if exact
+                    else edge.SearchParams(hnsw_ef=max(self.hnsw_ef, limit)),
+                    with_payload=["task"],
+                    with_vector=True,
+                )
+            )
+        return [
+            ((p.payload or {})["task"], float(p.score), np.asarray(p.vector, dtype=np.float32))
+            for p in found
+        ]
+
+    def count(self, project: int | str, labelled: bool | None = None) -> int:
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return 0
+            condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+            return int(
+                self._shard(info.name).count(edge.CountRequest(exact=True, filter=condition))
+            )
+
+    def iter_points(
+        self,
+        project: int | str,
+        labelled: bool | None = None,
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> Iterator[Point]:
+        with self._lock:
+            info = collection or self.collection(project)
+        if info is None:
+            return
+        condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+        offset = None
+        while True:
+            with self._lock:
+                records, offset = self._shard(info.name).scroll(
+                    edge.ScrollRequest(
+                        offset=offset,
+                        limit=_SCROLL_PAGE,
+                        filter=condition,
+                        with_payload=True,
+                        with_vector=with_vectors,
+                    )
+                )
+            for record in records:
+                yield _to_point(record)
+            if offset is None:
+                return
+
+    # -- exact or HNSW -----------------------------------------------------------------------
+
+    def _search_params(self, name: str, k: int, exact: bool) -> Any:
+        if exact or self._labelled_count(name) <= self.exact_max_points:
+            return edge.SearchParams(exact=True)
+        return edge.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+
+    def _labelled_count(self, name: str) -> int:
+        """Labelled points of a generation: counted once, then kept in step by the writes."""
+        if name not in self._labelled:
+            shard = self._shard(name)
+            self._labelled[name] = int(
+                shard.count(
+                    edge.CountRequest(exact=True, filter=edge.Filter(must=[_labelled(True)]))
+                )
+            )
+        return self._labelled[name]
+
+    def _count_labelled(self, name: str, delta: int) -> None:
+        if name in self._labelled:
+            self._labelled[name] += delta
+
+    def _build_index(self, name: str) -> None:
+        """Build HNSW graphs once `exact_max_points` vectors wait unindexed (Edge has no
+        background optimizer). Blocks, holding the GIL, for the length of the build."""
+        shard = self._shard(name)
+        info = shard.info()
+        if info.points_count - info.indexed_vectors_count >= max(self.exact_max_points, 1):
+            shard.optimize()
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _hold_lock(root: Path) -> IO[str]:
+    """Take the store's lock file, or say which process holds it.
+
+    Edge locks each shard's WAL, but a store holds several shards and files of its own; one
+    lock on the root covers them all, before anything is read.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / _LOCK_FILE, "a+")  # noqa: SIM115 - held open for the store's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or None
+        handle.close()
+        raise StoreError(_locked_message(root, holder)) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _locked_message(root: Path, holder: str | None) -> str:
+    who = f" (pid {holder})" if holder else ""
+    return (
+        f"the embedded Qdrant storage {root} is locked by another process{who}: only one "
+        "process may hold it (stop the other `echolabel` process, or run a Qdrant server and "
+        "set QDRANT_URL)"
+    )
+
+
+def _write_json(path: Path, value: object) -> None:
+    """Replace `path` atomically and durably: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# -- payloads and merge rules (QdrantStore's, with `labelled` as 0/1) ----------------------------
+
+
+def _labelled(value: bool) -> Any:
+    return edge.FieldCondition(key="labelled", match=edge.MatchValue(int(value)))
+
+
+def _flag(payload: dict[str, Any] | None) -> int:
+    return int(bool(payload and payload.get("labelled")))
+
+
+def _query_vector(vector: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+
+
+def _key(value: int | str | None) -> str | None:
+    """Annotation ids are stored as text so one keyword index serves int and str ids."""
+    return None if value is None else str(value)
+
+
+def _is_newer(stored: str | None, incoming: str | None) -> bool:
+    """True when the stored annotation time is strictly newer than the incoming one."""
+    return bool(stored and incoming and stored > incoming)
+
+
+def _replaces(point: Point, previous: dict[str, Any]) -> bool:
+    """Whether a freshly written point's labels should replace the stored ones."""
+    if not point.labelled:
+        return False
+    stored_time = previous.get("annotation_updated_at")
+    return not _is_newer(
+        stored_time if isinstance(stored_time, str) else None, point.annotation.updated_at
+    )
+
+
+def _payload(project: int | str, encoder: str, point: Point) -> dict[str, Any]:
+    payload: dict[str, Any] = dict(point.extra)
+    payload.update(
+        {
+            "project": str(project),
+            "task": point.task,
+            "image": point.image,
+            "encoder": encoder,
+            "labels": dict(point.labels),
+            "labelled": int(point.labelled),
+            "annotation_id": _key(point.annotation.id),
+            "annotation_updated_at": point.annotation.updated_at,
+        }
+    )
+    return payload
+
+
+def _to_point(record: Any) -> Point:
+    payload = dict(record.payload or {})
+    vector = record.vector if isinstance(record.vector, list) else []
+    return Point(
+        task=payload["task"],
+        vector=np.asarray(vector, dtype=np.float32),
+        image=str(payload.get("image", "")),
+        labels=dict(payload.get("labels") or {}),
+        annotation=Annotation(payload.get("annotation_id"), payload.get("annotation_updated_at")),
+        extra={k: v for k, v in payload.items() if k not in _RESERVED},
+    )
+
+
+def _scroll(shard: Any, condition: Any, with_vectors: bool) -> Iterator[Any]:
+    offset = None
+    while True:
+        records, offset = shard.scroll(
+            edge.ScrollRequest(
+                offset=offset,
+                limit=_SCROLL_PAGE,
+                filter=condition,
+                with_payload=True,
+                with_vector=with_vectors,
+            )
+        )
+        yield from records
+        if offset is None:
+            return

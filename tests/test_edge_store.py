@@ -1,0 +1,531 @@
+"""The Qdrant Edge store: QdrantStore's semantics on Qdrant's own engine, durable on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import qdrant_edge as edge
+
+import vectorstore
+from vectorstore import (
+    Annotation,
+    DimensionMismatchError,
+    ExactIndex,
+    Point,
+    QdrantStore,
+    StoreError,
+    open_store,
+    point_id,
+)
+from vectorstore.edge_store import EdgeStore
+
+DIM = 16
+NEW = Annotation(id=2, updated_at="2026-01-02T00:00:00Z")
+OLD = Annotation(id=1, updated_at="2026-01-01T00:00:00Z")
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def store(tmp_path):
+    opened = EdgeStore(tmp_path / "edge", exact_max_points=1000)
+    yield opened
+    opened.close()
+
+
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that imports this checkout's vectorstore."""
+    package_root = Path(vectorstore.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.getcwd()])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_edge_boolean_match_finding(tmp_path):
+    """qdrant-edge-py 0.9.0: MatchValue(True) matches no boolean payload (it becomes the integer
+    1, bool being an int subclass), so EdgeStore stores `labelled` as the integer 0/1."""
+    shard = edge.EdgeShard.create(
+        str(tmp_path / "raw"),
+        edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=2, distance=edge.Distance.Cosine)),
+    )
+    shard.update(edge.UpdateOperation.create_field_index("flag", edge.PayloadSchemaType.Bool))
+    shard.update(edge.UpdateOperation.create_field_index("mark", edge.PayloadSchemaType.Integer))
+    shard.update(
+        edge.UpdateOperation.upsert_points(
+            [
+                edge.Point(1, [1.0, 0.0], {"flag": True, "mark": 1}),
+                edge.Point(2, [0.0, 1.0], {"flag": False, "mark": 0}),
+            ]
+        )
+    )
+
+    def matching(key: str, value: object) -> int:
+        condition = edge.FieldCondition(key=key, match=edge.MatchValue(value))
+        return shard.count(edge.CountRequest(filter=edge.Filter(must=[condition])))
+
+    found = {
+        "flag=True": matching("flag", True),
+        "flag=False": matching("flag", False),
+        "mark=1": matching("mark", 1),
+    }
+    shard.close()
+    assert found["mark=1"] == 1, f"the integer workaround itself no longer matches: {found}"
+    assert found["flag=True"] == 0 and found["flag=False"] == 0, (
+        f"qdrant-edge-py {version('qdrant-edge-py')} now matches boolean payloads with "
+        f"MatchValue ({found}): "
+        "the integer `labelled` workaround in qdrant/vectorstore/edge_store.py can go (store a "
+        "bool with a Bool index), and this test with it"
+    )
+
+
+def test_round_trip_keeps_vectors_and_payload(store):
+    rng = np.random.default_rng(0)
+    vectors = unit_rows(rng, 3)
+    store.ensure_collection(1, "enc", DIM, "w1")
+    store.upsert(
+        1,
+        "enc",
+        [
+            Point(task=10, vector=vectors[0], image="/a.png", labels={"organ": "x"}),
+            Point(task=11, vector=vectors[1], image="/b.png", extra={"patient": "p7"}),
+            Point(task="c", vector=vectors[2]),
+        ],
+    )
+    assert (store.count(1), store.count(1, labelled=True), store.count(1, labelled=False)) == (
+        3,
+        1,
+        2,
+    )
+    got = store.vectors(1, [10, 11, 99])
+    assert set(got) == {10, 11}
+    np.testing.assert_allclose(got[10], vectors[0], rtol=1e-6)
+    points = {p.task: p for p in store.iter_points(1)}
+    assert points[10].labels == {"organ": "x"} and points[10].image == "/a.png"
+    assert points[11].extra == {"patient": "p7"} and points["c"].labels == {}
+    assert store.has_vectors(1, [10, "c", 12]) == {10, "c"}
+    info = store.collection(1)
+    assert (info.encoder, info.dim, info.weights_id, info.generation) == ("enc", DIM, "w1", 1)
+    raw = store._shard(info.name).retrieve([point_id(1, 10)], True, False)[0].payload
+    assert raw["labelled"] == 1 and raw["project"] == "1"  # the integer flag, see the finding
+
+
+def test_retried_upsert_overwrites_instead_of_duplicating(store):
+    rng = np.random.default_rng(1)
+    store.ensure_collection(1, "enc", DIM, "w")
+    for _ in range(3):
+        store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
+    store.upsert(1, "enc", [Point(task=6, vector=v) for v in unit_rows(rng, 2)])  # same task twice
+    assert store.count(1) == 2
+
+
+def test_newest_annotation_wins(store):
+    rng = np.random.default_rng(2)
+    store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
+    assert store.set_labels(1, 5, {"organ": "liver"}, NEW)
+    assert store.set_labels(1, 5, {"organ": "heart"}, OLD)  # older: ignored
+    assert next(store.iter_points(1)).labels == {"organ": "liver"}
+    # A re-upsert without labels (the image embedded again) keeps them; one from an older
+    # annotation does not replace them either.
+    store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
+    store.upsert(
+        1,
+        "enc",
+        [Point(task=5, vector=unit_rows(rng, 1)[0], labels={"organ": "x"}, annotation=OLD)],
+    )
+    assert next(store.iter_points(1)).labels == {"organ": "liver"}
+    assert store.count(1, labelled=True) == 1
+    assert store.set_labels(1, 99, {"organ": "x"}, NEW) is False  # no such point
+
+
+def test_clear_labels_by_annotation_id(store):
+    rng = np.random.default_rng(3)
+    store.ensure_collection(1, "enc", DIM, "w")
+    v = unit_rows(rng, 2)
+    store.upsert(1, "enc", [Point(task=1, vector=v[0]), Point(task=2, vector=v[1])])
+    store.set_labels(1, 1, {"organ": "a"}, Annotation(id=7, updated_at="2026-01-01T00:00:00Z"))
+    store.set_labels(1, 2, {"organ": "b"}, Annotation(id="8", updated_at="2026-01-01T00:00:00Z"))
+    assert store.nearest(1, v[0], k=5)[0].task == 1
+    assert store.clear_labels(1, "7") == [1]  # ids match as text, int or str
+    assert store.clear_labels(1, 7) == []
+    assert store.count(1, labelled=True) == 1
+    assert [n.task for n in store.nearest(1, v[0], k=5)] == [2]
+    point = store.points(1, [1])[1]
+    assert point.labels == {} and point.annotation == Annotation()
+
+
+def test_mismatched_vectors_are_refused(store):
+    store.ensure_collection(1, "enc", DIM, "w")
+    with pytest.raises(DimensionMismatchError, match="expects 16"):
+        store.upsert(1, "enc", [Point(task=1, vector=np.ones(DIM + 1, dtype=np.float32))])
+    with pytest.raises(DimensionMismatchError, match="refusing other"):
+        store.upsert(1, "other", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
+    with pytest.raises(DimensionMismatchError, match="echolabel reembed"):
+        store.ensure_collection(1, "other", 8, "w")
+    with pytest.raises(StoreError, match="call ensure_collection"):
+        store.upsert(2, "enc", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
+    assert store.count(1) == 0
+
+
+def test_generations_labels_switch_and_drops(store):
+    rng = np.random.default_rng(4)
+    v = unit_rows(rng, 3)
+    live = store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(1, "enc", [Point(task=i, vector=v[i]) for i in range(3)])
+    building = store.create_generation(1, "enc2", DIM, "w2")
+    assert store.collection(1).name == live.name  # not live until switched
+    store.upsert(1, "enc2", [Point(task=i, vector=v[i]) for i in range(2)], collection=building)
+    # Labels land in the live generation and in the one being built; True: the live point exists.
+    assert store.set_labels(1, 0, {"f": "a"}, NEW)
+    assert store.set_labels(1, 2, {"f": "b"}, NEW)  # not yet in the new generation
+    assert store.points(1, [0], collection=building)[0].labels == {"f": "a"}
+    assert sorted(store.clear_labels(1, NEW.id)) == [0, 2]
+    assert store.count(1, labelled=True) == 0
+    assert store.points(1, [0], collection=building)[0].labels == {}
+    assert [g.generation for g in store.generations(1)] == [1, 2]
+
+    store.switch_generation(1, building)
+    assert store.collection(1).name == building.name and store.collection(1).encoder == "enc2"
+    assert [g.generation for g in store.generations(1)] == [2]
+    assert not (store.path / "collections" / live.name).exists()
+    with pytest.raises(StoreError, match="is the live generation"):
+        store.drop_generation(building)
+    abandoned = store.create_generation(1, "enc3", DIM, "w3")
+    store.drop_generation(abandoned)
+    assert [g.generation for g in store.generations(1)] == [2]
+
+    store.drop_project(1)
+    assert store.collection(1) is None and store.generations(1) == []
+    assert list((store.path / "collections").iterdir()) == []
+    assert list((store.path / "aliases").iterdir()) == []
+
+
+def test_restart_keeps_points_labels_metadata_and_alias(tmp_path):
+    rng = np.random.default_rng(5)
+    v = unit_rows(rng, 4)
+    first = EdgeStore(tmp_path / "edge")
+    first.ensure_collection(1, "enc", DIM, "w")
+    second = first.create_generation(1, "enc", DIM, "w")
+    first.upsert(1, "enc", [Point(task=i, vector=v[i]) for i in range(4)], collection=second)
+    first.switch_generation(1, second)
+    first.set_labels(1, 3, {"f": "x"}, NEW)
+    first.set_prediction_state(1, published_version="enc@2", vote_radius_min=0.25)
+    first.note_label_changes(1, [3, "t"])
+    first.close()
+
+    reopened = EdgeStore(tmp_path / "edge")
+    info = reopened.collection(1)
+    assert (info.name, info.generation, info.published_version) == (second.name, 2, "enc@2")
+    assert (info.label_state, info.label_changes, info.vote_radius_min) == (2, (3, "t"), 0.25)
+    assert reopened.count(1) == 4 and reopened.count(1, labelled=True) == 1
+    assert reopened.points(1, [3])[3].labels == {"f": "x"}
+    np.testing.assert_allclose(reopened.vectors(1, [2])[2], v[2], rtol=1e-6)
+    assert [n.task for n in reopened.nearest(1, v[3], k=3)] == [3]
+    assert reopened.take_label_changes(1) == [3, "t"]
+    assert reopened.collection(1).label_changes == ()
+    reopened.close()
+
+
+def test_a_killed_rebuild_never_goes_live_and_acknowledged_writes_survive(tmp_path):
+    """kill -9 while generation 2 is being built and generation 3 is being created."""
+    root = tmp_path / "edge"
+    result = run_child(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        import numpy as np
+        from vectorstore import Annotation, Point
+        from vectorstore.edge_store import EdgeStore
+
+        store = EdgeStore(Path(sys.argv[1]))
+        v = np.eye(16, dtype=np.float32)
+        store.ensure_collection(1, "enc", 16, "w")
+        store.upsert(1, "enc", [Point(task=i, vector=v[i], labels={"f": "a"}) for i in range(5)])
+        building = store.create_generation(1, "enc", 16, "w")
+        store.upsert(1, "enc", [Point(task=i, vector=v[i]) for i in range(3)], collection=building)
+        store.set_labels(1, 1, {"f": "b"}, Annotation(9, "2026-02-01T00:00:00Z"))
+        # A third generation whose creation dies before its metadata is written.
+        (Path(sys.argv[1]) / "collections" / "echolabel_p1_g3" / "shard").mkdir(parents=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        str(root),
+    )
+    assert result.returncode == -9, result.stderr
+
+    store = EdgeStore(root)
+    assert store.collection(1).generation == 1
+    assert [g.generation for g in store.generations(1)] == [1, 2]  # 2 resumes, 3 is gone
+    assert not (root / "collections" / "echolabel_p1_g3").exists()
+    assert store.count(1) == 5 and store.points(1, [1])[1].labels == {"f": "b"}
+    building = store.generations(1)[1]
+    assert store.has_vectors(1, range(5), collection=building) == {0, 1, 2}
+    assert store.points(1, [1], collection=building)[1].labels == {"f": "b"}
+    store.switch_generation(1, building)
+    assert store.collection(1).generation == 2 and store.count(1) == 3
+    store.close()
+
+
+def test_an_interrupted_switch_is_finished_at_open(tmp_path, monkeypatch):
+    store = EdgeStore(tmp_path / "edge")
+    old = store.ensure_collection(1, "enc", DIM, "w")
+    new = store.create_generation(1, "enc", DIM, "w")
+
+    def crash(name: str) -> None:
+        raise RuntimeError("killed after the pointer moved")
+
+    monkeypatch.setattr(store, "_drop", crash)
+    with pytest.raises(RuntimeError):
+        store.switch_generation(1, new)
+    store.close()
+
+    reopened = EdgeStore(tmp_path / "edge")
+    assert reopened.collection(1).name == new.name
+    assert [g.name for g in reopened.generations(1)] == [new.name]
+    assert not (tmp_path / "edge" / "collections" / old.name).exists()
+    reopened.close()
+
+
+def test_a_second_holder_gets_a_clear_lock_error(tmp_path):
+    store = EdgeStore(tmp_path / "edge")
+    store.ensure_collection(1, "enc", DIM, "w")
+    result = run_child(
+        """
+        import sys
+        from pathlib import Path
+        from vectorstore import StoreError
+        from vectorstore.edge_store import EdgeStore
+        try:
+            EdgeStore(Path(sys.argv[1]))
+        except StoreError as exc:
+            print(exc)
+            sys.exit(3)
+        """,
+        str(tmp_path / "edge"),
+    )
+    assert result.returncode == 3, result.stderr
+    assert "locked by another process" in result.stdout and "QDRANT_URL" in result.stdout
+    assert f"pid {os.getpid()}" in result.stdout
+    with pytest.raises(StoreError, match="locked by another process"):
+        EdgeStore(tmp_path / "edge")  # a second store in this process as well
+    store.close()
+    with pytest.raises(StoreError, match="was closed"):
+        store.count(1)
+    EdgeStore(tmp_path / "edge").close()  # released on close
+
+
+def test_wal_on_and_payload_indexes(store):
+    info = store.ensure_collection(1, "enc", DIM, "w")
+    shard_dir = store.path / "collections" / info.name / "shard"
+    assert json.loads((shard_dir / "edge_config.json").read_text())["wal_enabled"] is True
+    assert (shard_dir / "wal").is_dir()
+    schema = store._shard(info.name).info().payload_schema
+    assert {name: schema[name].data_type for name in schema} == {
+        "project": edge.PayloadSchemaType.Keyword,
+        "labelled": edge.PayloadSchemaType.Integer,
+        "annotation_id": edge.PayloadSchemaType.Keyword,
+    }
+    meta = json.loads((store.path / "collections" / info.name / "meta.json").read_text())
+    assert (meta["encoder"], meta["dim"], meta["generation"], meta["project"]) == (
+        "enc",
+        DIM,
+        1,
+        "1",
+    )
+    pointer = json.loads((store.path / "aliases" / f"{store.alias(1)}.json").read_text())
+    assert pointer == {"collection": info.name}
+
+
+def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
+    rng = np.random.default_rng(6)
+    n, dim = 3000, 32
+    data = unit_rows(rng, n, dim)
+    store = EdgeStore(tmp_path / "edge", exact_max_points=500)
+    info = store.ensure_collection(1, "enc", dim, "w")
+    labelled = np.arange(n) % 3 != 0
+    store.upsert(
+        1,
+        "enc",
+        [Point(task=i, vector=data[i], labels={"f": "a"} if labelled[i] else {}) for i in range(n)],
+    )
+    shard_info = store._shard(info.name).info()
+    assert shard_info.indexed_vectors_count > 0, "the HNSW graph was not built"
+    assert not store._search_params(info.name, 10, exact=False).exact
+    assert store._search_params(info.name, 10, exact=True).exact
+
+    hits = 0
+    queries = unit_rows(rng, 50, dim)
+    for query in queries:
+        sims = np.where(labelled, data @ query, -np.inf)
+        truth = np.argsort(-sims, kind="stable")[:10].tolist()
+        exact = store.nearest(1, query, k=10, exact=True)
+        assert [nb.task for nb in exact] == truth
+        np.testing.assert_allclose([nb.similarity for nb in exact], sims[truth], atol=1e-5)
+        hits += len({nb.task for nb in store.nearest(1, query, k=10)} & set(truth))
+    assert hits / (10 * len(queries)) >= 0.99
+    store.close()
+
+    small = EdgeStore(tmp_path / "small", exact_max_points=500)
+    info = small.ensure_collection(1, "enc", dim, "w")
+    small.upsert(1, "enc", [Point(task=i, vector=data[i], labels={"f": "a"}) for i in range(400)])
+    assert small._search_params(info.name, 10, exact=False).exact
+    assert small._shard(info.name).info().indexed_vectors_count == 0
+    small.close()
+
+
+def test_kth_similarities_and_unlabelled_near(store):
+    rng = np.random.default_rng(7)
+    data = unit_rows(rng, 200)
+    labelled = np.arange(200) % 2 == 0
+    queries = unit_rows(rng, 5)
+    assert (store.kth_similarities(1, queries, 3) == -1).all()  # no collection yet
+    store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(
+        1,
+        "enc",
+        [
+            Point(task=i, vector=data[i], labels={"f": "a"} if labelled[i] else {})
+            for i in range(200)
+        ],
+    )
+    expected = ExactIndex(data[labelled]).kth_similarities(queries, 10)
+    np.testing.assert_allclose(store.kth_similarities(1, queries, 10), expected, atol=1e-5)
+    assert (store.kth_similarities(1, queries, 101) == -1).all()  # only 100 labelled
+
+    sims = data @ queries[0]
+    near = store.unlabelled_near(1, queries[0], 0.3, limit=1000)
+    wanted = {i for i in range(200) if not labelled[i] and sims[i] >= 0.3}
+    assert {task for task, _, _ in near} == wanted
+    assert [s for _, s, _ in near] == sorted((s for _, s, _ in near), reverse=True)
+    task, similarity, vector = near[0]
+    np.testing.assert_allclose(vector, data[task], rtol=1e-5)
+    assert similarity == pytest.approx(sims[task], abs=1e-5)
+
+
+def test_same_answers_as_qdrant_local_mode(tmp_path):
+    """The same operations on QdrantStore's local mode and on EdgeStore read back the same."""
+    rng = np.random.default_rng(8)
+    data = unit_rows(rng, 300)
+    stores = {
+        "local": QdrantStore.open(path=tmp_path / "local"),
+        "edge": EdgeStore(tmp_path / "edge", exact_max_points=1000),
+    }
+    for store in stores.values():
+        for project in (1, 2):
+            store.ensure_collection(project, "enc", DIM, "w")
+        store.upsert(
+            1,
+            "enc",
+            [
+                Point(
+                    task=i,
+                    vector=data[i],
+                    labels={"f": str(i % 3)} if i % 4 else {},
+                    annotation=Annotation(id=i, updated_at="2026-01-01T00:00:00Z"),
+                )
+                for i in range(300)
+            ],
+        )
+        store.upsert(
+            2, "enc", [Point(task=i, vector=data[i], labels={"f": "p2"}) for i in range(5)]
+        )
+        store.set_labels(1, 4, {"f": "new"}, NEW)
+        store.set_labels(1, 5, {"f": "old"}, Annotation(id=5, updated_at="2025-01-01T00:00:00Z"))
+        store.clear_labels(1, 9)
+        store.upsert(1, "enc", [Point(task=i, vector=data[i]) for i in range(10, 20)])
+        store.note_label_changes(1, [4, 9])
+
+    def observe(store) -> dict:
+        seen: dict = {
+            "counts": [store.count(1, labelled) for labelled in (None, True, False)],
+            "points": {p.task: (p.labels, p.annotation) for p in store.iter_points(1)},
+            "info": store.collection(1),
+            "near": [
+                {t: round(s, 5) for t, s, _ in store.unlabelled_near(1, data[row], 0.2, 50)}
+                for row in range(0, 300, 37)
+            ],
+        }
+        seen["neighbours"] = [
+            store.nearest(1, data[row], k=10, exclude=[row]) for row in range(0, 300, 7)
+        ]
+        return seen
+
+    local, edged = (observe(store) for store in stores.values())
+    assert edged["counts"] == local["counts"] and edged["points"] == local["points"]
+    assert edged["info"] == local["info"]
+    for ours, theirs in zip(edged["neighbours"], local["neighbours"], strict=True):
+        assert [n.task for n in ours] == [n.task for n in theirs]
+        assert [n.labels for n in ours] == [n.labels for n in theirs]
+        np.testing.assert_allclose(
+            [n.similarity for n in ours], [n.similarity for n in theirs], atol=1e-5
+        )
+    for ours, theirs in zip(edged["near"], local["near"], strict=True):
+        assert ours.keys() == theirs.keys()
+        np.testing.assert_allclose(list(ours.values()), [theirs[t] for t in ours], atol=1e-5)
+    assert stores["edge"].nearest(2, data[0], k=3)[0].labels == {"f": "p2"}
+    name = stores["edge"].collection(1).name
+    assert stores["edge"]._labelled_count(name) == stores["edge"].count(1, labelled=True)
+    for store in stores.values():
+        store.close()
+
+
+def test_threads_share_one_store(store):
+    rng = np.random.default_rng(9)
+    data = unit_rows(rng, 400)
+    store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(1, "enc", [Point(task=i, vector=data[i], labels={"f": "a"}) for i in range(100)])
+    errors: list[BaseException] = []
+
+    def guarded(work):
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        return run
+
+    def writer(start: int):
+        for i in range(start, start + 150):
+            store.upsert(1, "enc", [Point(task=i, vector=data[i])])
+            store.set_labels(1, i, {"f": "b"}, NEW)
+
+    def reader():
+        for i in range(150):
+            assert len(store.nearest(1, data[i], k=5)) == 5
+
+    threads = [
+        threading.Thread(target=guarded(work))
+        for work in (lambda: writer(100), lambda: writer(250), reader, reader)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.count(1) == 400 and store.count(1, labelled=True) == 400
+    assert store._labelled_count(store.collection(1).name) == 400
+
+
+def test_open_store_opts_into_edge(tmp_path):
+    store = open_store(path=tmp_path / "edge", engine="edge", exact_max_points=50)
+    assert isinstance(store, EdgeStore) and store.local and store.exact_max_points == 50
+    store.close()
+    with pytest.raises(StoreError, match="storage path"):
+        open_store(engine="edge")
