@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -135,10 +136,14 @@ def idle_cpu(pid: int, window_s: float) -> float:
     return (cpu_seconds(pid) - start) / (time.monotonic() - t0)
 
 
-def process_env(model_dir: Path, images: Path, redis_url: str, encoder: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ECHOLABEL_", "QDRANT_"))}
+def process_env(
+    model_dir: Path, images: Path, redis_url: str | None, encoder: str
+) -> dict[str, str]:
+    skip = ("ECHOLABEL_", "QDRANT_", "REDIS_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     env.update(
-        REDIS_URL=redis_url,
         MODEL_DIR=str(model_dir),
         ECHOLABEL_ENCODER=encoder,
         ECHOLABEL_LOCAL_FILES_ROOT=str(images),
@@ -387,6 +392,87 @@ def run_bursts(
     return results
 
 
+def inline_kill_run(
+    work: Path,
+    tasks: int = 120,
+    threads: int = 8,
+    kill_after: int = 40,
+    encoder: str = "efficientnet_lite0",
+) -> tuple[int, list[str]]:
+    """The inline backend (no Redis) is SIGKILLed while `threads` clients send CREATED
+    webhooks; after a restart every acknowledged annotation must be in the store, once.
+    Returns (acknowledged, problems)."""
+    images = write_images(work / "images", tasks)
+    model_dir = work / "inline"
+    env = process_env(model_dir, work / "images", None, encoder)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    backend = start_backend(env, port, work / "inline-backend.log")
+    httpx.post(f"{base}/setup", json={"project": PROJECT, "schema": LABEL_CONFIG}, timeout=10)
+    acknowledged: set[int] = set()
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def send(mine: Sequence[int]) -> None:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for t in mine:
+                body = webhook(
+                    "ANNOTATION_CREATED", t, images[t], BurstPlan().labels(t), CREATED_AT
+                )
+                try:
+                    ok = client.post("/webhook", json=body).status_code == 200
+                except httpx.HTTPError:
+                    return  # the backend is gone
+                with lock:
+                    if ok:
+                        acknowledged.add(t)
+                    if len(acknowledged) >= kill_after and not killed.is_set():
+                        killed.set()
+                        backend.kill()
+
+    senders = [
+        threading.Thread(target=send, args=(range(i, tasks, threads),)) for i in range(threads)
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    backend.wait()
+    restarted = start_backend(env, port, work / "inline-backend.log")
+    problems = []
+    try:
+        deadline = time.monotonic() + 120 + tasks
+        while httpx.get(f"{base}/health", timeout=10).json()["webhooks_pending"]:
+            if time.monotonic() > deadline:
+                problems.append("the restarted backend did not replay its inbox in time")
+                break
+            time.sleep(0.2)
+    finally:
+        stop_backend(restarted, 5.0)
+    from echolabel.settings import Settings
+    from workers.context import open_configured_store
+
+    store = open_configured_store(Settings(model_dir=model_dir))
+    try:
+        points = list(store.iter_points(PROJECT, with_vectors=False))
+    finally:
+        store.close()
+    by_task = {p.task: p for p in points}
+    if len(by_task) != len(points):
+        problems.append(f"{len(points) - len(by_task)} duplicate point(s)")
+    lost = sorted(t for t in acknowledged if not by_task.get(t) or not by_task[t].labelled)
+    if lost:
+        problems.append(f"{len(lost)} acknowledged annotation(s) lost (e.g. {lost[:5]})")
+    wrong = [
+        t
+        for t in acknowledged
+        if t in by_task and by_task[t].labels.get("organ") != BurstPlan().labels(t)
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} task(s) with wrong labels")
+    return len(acknowledged), problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bursts", type=int, default=10)
@@ -399,9 +485,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder", default="efficientnet_lite0")
     parser.add_argument("--term-limit", type=float, default=5.0)
     parser.add_argument("--work", type=Path, help="folder for images, stores and logs")
+    parser.add_argument(
+        "--inline-kills",
+        type=int,
+        default=0,
+        help="instead: SIGKILL the inline backend (no Redis) mid-burst this many times",
+    )
     args = parser.parse_args(argv)
     plan = BurstPlan(args.tasks, args.updates, args.deletes)
     work = args.work or Path(tempfile.mkdtemp(prefix="echolabel-burst-"))
+    if args.inline_kills:
+        failures = 0
+        for run in range(1, args.inline_kills + 1):
+            acknowledged, problems = inline_kill_run(work / f"kill-{run}", tasks=args.tasks)
+            failures += bool(problems)
+            verdict = "ok" if not problems else "FAILED: " + "; ".join(problems)
+            print(f"kill {run}: {acknowledged} acknowledged before SIGKILL: {verdict}", flush=True)
+        print(f"{args.inline_kills - failures} of {args.inline_kills} runs passed")
+        return 1 if failures else 0
     Redis.from_url(args.redis_url).flushdb()
     print(
         json.dumps(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -25,6 +26,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # A database of its own, flushed by each test that uses it.
 REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 TINY_ENCODER = "tiny-test"
+DARK_BRIGHT_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
+</View>"""
 TINY_ENCODER_B = "tiny-test-b"
 
 
@@ -146,6 +150,19 @@ def redis_db():
     yield connection
     connection.flushdb()
     connection.close()
+
+
+@pytest.fixture
+def redis_settings(settings, redis_db) -> Settings:
+    """The test settings with Redis: a real encoder in worker processes, no waiting."""
+    return dataclasses.replace(
+        settings,
+        redis_url=REDIS_URL,
+        encoder="efficientnet_lite0",
+        embed_wait_s=0.0,
+        job_retry_intervals=(0, 0),
+        batch_size=4,
+    )
 
 
 def run_worker(settings: Settings, *queues: str, timeout: float = 240):

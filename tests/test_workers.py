@@ -11,32 +11,23 @@ import http.server
 import threading
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
-from tests.conftest import REDIS_URL, annotation_webhook, dark_and_bright, png_bytes, run_worker
+from tests.conftest import (
+    DARK_BRIGHT_CONFIG,
+    annotation_webhook,
+    dark_and_bright,
+    png_bytes,
+    run_worker,
+)
 from workers.embedding import TaskImage
 from workers.queues import EMBED, RedisGate
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
-
-
-@pytest.fixture
-def redis_settings(settings, redis_db):
-    return dataclasses.replace(
-        settings,
-        redis_url=REDIS_URL,
-        encoder="efficientnet_lite0",
-        embed_wait_s=0.0,
-        job_retry_intervals=(0, 0),
-        batch_size=4,
-    )
+CONFIG = DARK_BRIGHT_CONFIG
 
 
 def write_images(root: Path) -> dict[str, str]:
