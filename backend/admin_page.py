@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from echolabel.settings import Settings
 from workers.encoders import available_encoders
+from workers.encoders.trained import encoder_name, list_trained
 
 from .admin import Admin
 from .model import Services
@@ -52,12 +53,18 @@ class Action:
     selects: tuple[Select, ...] = ()
 
 
+def encoder_choices(settings: Settings) -> list[str]:
+    """The registered encoders, then those trained on any process (the shared artefacts)."""
+    trained = [encoder_name(path.name) for path in list_trained(settings.encoders_dir)]
+    return [*available_encoders(), *trained]
+
+
 # The page's actions, in order; one entry each (URL: POST /admin/projects/<p>/<key>).
 ACTIONS: dict[str, Action] = {
     "reembed": Action(
         "Re-embed",
         lambda admin, project, form: admin.start_reembed(project, form["encoder"]),
-        (Select("encoder", lambda _: available_encoders(), lambda s: s.encoder),),
+        (Select("encoder", encoder_choices, lambda s: s.encoder),),
     ),
     "evaluate": Action("Evaluate", lambda admin, project, _: admin.start_evaluation(project)),
     "review": Action("Label QA", lambda admin, project, _: admin.start_review(project)),
@@ -108,7 +115,7 @@ def latest_reports(services: Services, project: int | str, limit: int = 3) -> li
     """URLs of the newest evaluation reports and label-QA results, newest first per kind."""
     urls = []
     for kind, (main, _) in OUTPUTS.items():
-        folder = services.settings.model_dir / kind / str(project)
+        folder = services.settings.artefacts / kind / str(project)
         if not folder.is_dir():
             continue
         stamps = sorted(
@@ -124,23 +131,23 @@ def report_url(project: int | str, stamp: str, kind: str = "reports") -> str:
 
 
 def report_file(
-    model_dir: Path, kind: str, project: int | str, stamp: str, name: str
+    artefacts: Path, kind: str, project: int | str, stamp: str, name: str
 ) -> Path | None:
     """A job's output file to serve read-only, or None for anything else."""
     if name not in OUTPUTS.get(kind, ()) or not STAMP.match(stamp):
         return None
-    root = (model_dir / kind).resolve()
+    root = (artefacts / kind).resolve()
     path = (root / str(project) / stamp / name).resolve()
     return path if path.is_relative_to(root) and path.is_file() else None
 
 
-def job_rows(jobs: Sequence[Mapping[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
+def job_rows(jobs: Sequence[Mapping[str, Any]], artefacts: Path) -> list[dict[str, Any]]:
     """Jobs as table rows (running first), every cell already text: the page only fills them."""
     ordered = sorted(jobs, key=lambda j: _STATUS_ORDER.get(str(j.get("status")), 3))
-    return [_job_row(job, model_dir) for job in ordered]
+    return [_job_row(job, artefacts) for job in ordered]
 
 
-def _job_row(job: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
+def _job_row(job: Mapping[str, Any], artefacts: Path) -> dict[str, Any]:
     progress = job.get("progress") or {}
     done, total = progress.get("done"), progress.get("total")
     parts = []
@@ -156,7 +163,7 @@ def _job_row(job: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
     outcome = job.get("error") or ""
     report = None
     if not outcome and isinstance(result, Mapping):
-        report = _report_of(result, model_dir)
+        report = _report_of(result, artefacts)
         headline = result.get("headline")
         outcome = headline if isinstance(headline, str) else _brief(result)
     return {
@@ -184,14 +191,14 @@ def _brief(result: Mapping[str, Any]) -> str:
     return " · ".join(pairs)[:300]
 
 
-def _report_of(result: Mapping[str, Any], model_dir: Path) -> str | None:
+def _report_of(result: Mapping[str, Any], artefacts: Path) -> str | None:
     """The link to what a finished job wrote: an evaluation report or a label-QA result."""
     for kind, key in (("reports", "report_html"), ("reviews", "review_csv")):
         path = result.get(key)
         if not isinstance(path, str):
             continue
         try:
-            relative = Path(path).resolve().relative_to((model_dir / kind).resolve())
+            relative = Path(path).resolve().relative_to((artefacts / kind).resolve())
         except ValueError:
             return None
         parts = relative.parts

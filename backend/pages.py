@@ -129,7 +129,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
         return HTMLResponse(html, headers={"Cache-Control": "no-store", **_HEADERS})
 
     def _job_rows() -> list[dict[str, Any]]:
-        return admin_page.job_rows(admin().jobs(), settings.model_dir)
+        return admin_page.job_rows(admin().jobs(), settings.artefacts)
 
     def admin() -> Admin:
         return state["admin"]
@@ -138,7 +138,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
     async def admin_jobs() -> JSONResponse:
         """What the admin page polls: every job, and its rows formatted for the table."""
         jobs = await run_in_threadpool(admin().jobs)
-        rows = admin_page.job_rows(jobs, settings.model_dir)
+        rows = admin_page.job_rows(jobs, settings.artefacts)
         return JSONResponse({"jobs": jobs, "rows": rows}, headers={"Cache-Control": "no-store"})
 
     @router.get("/admin/projects")
@@ -171,7 +171,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
     @router.get("/admin/{kind}/{project}/{stamp}/{name}", response_model=None)
     async def admin_report(kind: str, project: str, stamp: str, name: str) -> Response:
         """An evaluation report or a label-QA result, read-only."""
-        path = admin_page.report_file(settings.model_dir, kind, project_id(project), stamp, name)
+        path = admin_page.report_file(settings.artefacts, kind, project_id(project), stamp, name)
         if path is None:
             return JSONResponse({"error": "not_found", "detail": "no such report"}, status_code=404)
         return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})

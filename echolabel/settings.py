@@ -24,6 +24,10 @@ class Settings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     model_dir: Path = Path("./data")
+    # Trained encoders, evaluation reports and label-QA outputs. Every process that writes or
+    # serves them must see this folder: compose mounts one volume here on the backend and on
+    # every worker. Default: MODEL_DIR (one process, or one machine).
+    artefacts_dir: Path | None = None
     weights_dir: Path | None = None
     redis_url: str | None = None
     qdrant_url: str | None = None
@@ -68,9 +72,14 @@ class Settings:
         return self.model_dir / "projects"
 
     @property
+    def artefacts(self) -> Path:
+        """The folder shared by every process for what jobs write (ECHOLABEL_ARTEFACTS_DIR)."""
+        return self.artefacts_dir or self.model_dir
+
+    @property
     def encoders_dir(self) -> Path:
         """Where trained encoders are saved, one versioned directory each."""
-        return self.model_dir / "encoders"
+        return self.artefacts / "encoders"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +92,7 @@ class Settings:
             basic_auth_user=reader.text("BASIC_AUTH_USER"),
             basic_auth_pass=reader.text("BASIC_AUTH_PASS"),
             model_dir=Path(reader.text("MODEL_DIR") or "./data").expanduser(),
+            artefacts_dir=reader.path("ECHOLABEL_ARTEFACTS_DIR"),
             weights_dir=reader.path("ECHOLABEL_WEIGHTS_DIR"),
             redis_url=reader.url("REDIS_URL", schemes=("redis", "rediss", "unix")),
             qdrant_url=reader.url("QDRANT_URL"),

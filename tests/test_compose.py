@@ -104,6 +104,21 @@ def test_services_and_wiring():
     assert ls["ML_BLOCK_LOCAL_IP"] == "false" and ls["SSRF_PROTECTION_ENABLED"] == "false"
 
 
+def test_what_jobs_write_is_on_one_volume_mounted_by_the_backend_and_every_worker():
+    """Issue 17: a worker's trained encoder must load on the others and its reports must show on
+    the backend's admin page, so ECHOLABEL_ARTEFACTS_DIR is the same named volume everywhere."""
+    compose_file = compose()
+    mounts = {}
+    for name in ("backend", "worker"):
+        service = compose_file["services"][name]
+        folder = service["environment"]["ECHOLABEL_ARTEFACTS_DIR"]
+        (volume,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == folder]
+        mounts[name] = volume
+        assert not any(v.endswith(":ro") for v in service["volumes"] if v.startswith(volume))
+    assert mounts["backend"] == mounts["worker"]
+    assert mounts["backend"] in compose_file["volumes"]  # a named volume, not a container's own
+
+
 def test_backend_and_worker_variables_are_ones_the_settings_read():
     for service in ("backend", "worker"):
         for name in compose()["services"][service]["environment"]:

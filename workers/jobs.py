@@ -400,8 +400,8 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
 
 
 def _output_dir(settings: Settings, kind: str, project: int | str) -> Path:
-    """MODEL_DIR/<kind>/<project>/<UTC time>/: one folder per run, newest last by name."""
-    return settings.model_dir / kind / str(project) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    """<artefacts>/<kind>/<project>/<UTC time>/: one folder per run, newest last by name."""
+    return settings.artefacts / kind / str(project) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def _labelled_points(project: int | str, what: str) -> list[Point]:
