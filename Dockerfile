@@ -10,7 +10,7 @@ COPY echolabel echolabel
 # `bench` is a package of the distribution (`echolabel bench`), so the install needs it.
 COPY bench bench
 RUN pip install .
-# Weights for encoders other than the packaged default go here (see README "Weights").
+# Weights for encoders other than the packaged default go here (see docs/encoders.md).
 ENV MODEL_DIR=/data ECHOLABEL_WEIGHTS_DIR=/weights
 VOLUME ["/data", "/weights"]
 EXPOSE 9090

@@ -42,8 +42,8 @@ class Check:
 
 @dataclass(frozen=True)
 class Trouble:
-    """One way a check fails, as a user meets it; README "Troubleshooting" is generated from
-    these (`echolabel doctor --troubleshooting`), so the table and the CLI's fixes never drift.
+    """One way a check fails, as a user meets it; docs/troubleshooting.md's table is generated
+    from these (`echolabel doctor --troubleshooting`), so the table and the CLI's fixes never drift.
 
     `fix` is a `str.format` template over {project}, {backend_url}, {encoder} and {found}.
     """
@@ -58,7 +58,7 @@ class Trouble:
 
 
 class _Placeholders(dict):
-    """Missing template values read as their generic README names (N, URL, NAME)."""
+    """Missing template values read as generic names (N, URL, NAME), as the docs show them."""
 
     def __missing__(self, key: str) -> str:
         return {"project": "N", "backend_url": "URL", "encoder": "NAME", "found": "OTHER"}[key]
@@ -176,7 +176,7 @@ TROUBLES = (
 
 
 def troubleshooting_markdown() -> str:
-    """README's Troubleshooting table, one row per way a check fails, in the order they run."""
+    """docs/troubleshooting.md's table, one row per way a check fails, in the order they run."""
     rows = [
         "| check | fails when | what you see in Label Studio | fix |",
         "|---|---|---|---|",

@@ -12,7 +12,7 @@ from label_studio_sdk.label_interface.control_tags import ChoicesTag, TextAreaTa
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
 # A <TextArea> of this name bound to the image receives a link to the task's neighbour gallery
-# in every prediction (README "Review in the browser").
+# in every prediction (docs/review.md).
 GALLERY_TAG = "neighbours"
 
 

@@ -36,7 +36,7 @@ class ProjectRegistry:
         self._dir = directory
         self._schemas: dict[str, LabelSchema] = {}
         # The config text each schema was parsed from: Label Studio sends the same config
-        # with every /predict, and parsing it is ~4 % of a prediction (README, Performance §2).
+        # with every /predict, and parsing it is ~4 % of a prediction (docs/performance.md §2).
         self._parsed_from: dict[str, str] = {}
         self._lock = threading.Lock()
 

@@ -1,6 +1,6 @@
 """Pre-annotation cost: tasks/s pushed, and the refresh cost per new annotation, by size.
 
-What is timed is our side of the push (README "Pre-annotating whole projects"): voting every
+What is timed is our side of the push (docs/preannotation.md): voting every
 unlabelled task, finding the tasks new labels can affect, re-voting them. Vectors are synthetic
 (clustered, L2-normalised; embedding speed is bench/embedding.py's), the store is the embedded
 default's search path (qdrant-client local mode, in memory, and the exact in-memory index), and

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--troubleshooting",
         action="store_true",
-        help="print README's Troubleshooting table (every way a check fails, and its fix)",
+        help="print docs/troubleshooting.md's table (every way a check fails, and its fix)",
     )
     doctor.set_defaults(run=_doctor)
 
@@ -330,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = weights_sub.add_parser("list", help="list the registered encoders")
     listing.set_defaults(run=_list_encoders)
 
-    bench = sub.add_parser("bench", help="performance benchmarks (README 'Performance')")
+    bench = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
     bench.add_argument("--smoke", action="store_true", help="small sizes: under a minute")
     bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory")
     bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")

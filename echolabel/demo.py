@@ -66,7 +66,7 @@ def label_config(fields: Sequence[str], items: Sequence[Item], choices: Sequence
             f'  <Choices name={quoteattr(name)} toName="image" showInline="true">'
             f"{options}</Choices>"
         )
-    # The link to each task's neighbour gallery (README "Review in the browser").
+    # The link to each task's neighbour gallery (docs/review.md).
     gallery = (
         '  <TextArea name="neighbours" toName="image" editable="false" readonly="true"'
         ' maxSubmissions="1" rows="1"/>'

@@ -118,7 +118,7 @@ def decode_image(
     greyscale is stretched over its own min–max range; transparency is composed onto black.
     `source` names the image in error messages. With `min_side` (the side an encoder resizes
     to), a JPEG at least twice that size is decoded reduced by 1/2–1/8 inside libjpeg's DCT,
-    keeping both sides ≥ `min_side`: 7× faster for 1024² frames (README, Performance §3).
+    keeping both sides ≥ `min_side`: 7× faster for 1024² frames (docs/performance.md §3).
     A multi-frame DICOM (a cine loop) yields the one frame `dicom_frame` names.
     `ultrasound_crop`: "dicom" crops DICOM ultrasound (Modality US) to its sector, "all" crops
     every image to its largest bright region (`sector_box`).

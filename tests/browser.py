@@ -56,5 +56,5 @@ def screenshot_folder(tmp_path: Path) -> Path:
 
 
 def shoot(page: Any, path: Path, full_page: bool = False) -> None:
-    """A JPEG small enough to commit (the README's screenshots)."""
+    """A JPEG small enough to commit (the screenshots of the README and docs/)."""
     page.screenshot(path=str(path), type="jpeg", quality=70, full_page=full_page)

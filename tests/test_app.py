@@ -335,7 +335,7 @@ def test_tasks_created_pre_embeds_imported_tasks(client, images):
 def test_a_prediction_reads_the_collection_once_and_parses_a_known_config_once(
     client, images, monkeypatch
 ):
-    """Per-request costs found by the profile (README, Performance §2): the collection's info
+    """Per-request costs found by the profile (docs/performance.md §2): the collection's info
     is read once per /predict, and the config Label Studio resends is not parsed again."""
     import backend.projects
 

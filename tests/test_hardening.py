@@ -1,5 +1,5 @@
 """Bad input, end to end through the app: each case gets a clear, specific error, nothing that was
-stored is lost, and /health still answers. README "Failure modes" is this table in prose.
+stored is lost, and /health still answers. docs/failure-modes.md is this table in prose.
 """
 
 from __future__ import annotations

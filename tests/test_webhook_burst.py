@@ -1,7 +1,7 @@
 """Issue 20's stress test, short: real backend and worker processes, real Redis.
 
 The long version is `python -m bench.webhook_burst --bursts 10` (624 annotations a burst) and
-`python -m bench.webhook_burst --inline-kills 5`; see the README on workers.
+`python -m bench.webhook_burst --inline-kills 5`; see docs/production.md (workers).
 """
 
 from __future__ import annotations

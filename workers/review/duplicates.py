@@ -16,8 +16,8 @@ import numpy as np
 
 from workers.evaluation.metrics import MISSING, leave_one_out_neighbours
 
-# Chosen on BUSI with efficientnet_lite0 (`python -m workers.review.duplicates_bench`, README
-# "Near-duplicates"): the nearest-neighbour similarity distribution has a separate high tail.
+# Chosen on BUSI with efficientnet_lite0 (`python -m workers.review.duplicates_bench`,
+# docs/review.md): the nearest-neighbour similarity distribution has a separate high tail.
 DEFAULT_THRESHOLD = 0.92
 
 

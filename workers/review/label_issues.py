@@ -21,7 +21,7 @@ import numpy as np
 from echolabel.vote import is_multi_choice
 from workers.evaluation.metrics import leave_one_out_neighbours, neighbour_votes
 
-# Measured by `python -m workers.review.flip_bench` (README "Label QA").
+# Measured by `python -m workers.review.flip_bench` (docs/review.md, label QA).
 DEFAULT_METHOD = "self_confidence"
 METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 

@@ -75,7 +75,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     # Weight of the supervised-contrastive term (0: off). 0.5 beat 0 on the BUSI validation
-    # split: kNN vote 0.86 vs 0.80, head accuracy 0.86 vs 0.83 (README).
+    # split: kNN vote 0.86 vs 0.80, head accuracy 0.86 vs 0.83 (docs/training.md).
     metric_weight: float = 0.5
     val_fraction: float = 0.15
     hflip: bool = True
