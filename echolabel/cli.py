@@ -1049,9 +1049,21 @@ def _list_encoders(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.suite import run_from_cli
+    from bench import missing_extra, require_extra
 
-    return run_from_cli(args.smoke, args.only, args.out, args.argv)
+    # The suite needs the `bench` extra (hnswlib, scikit-learn, psutil): without it, say which
+    # extra to install instead of a traceback, before any section starts.
+    try:
+        require_extra()
+        from bench.suite import run_from_cli
+
+        return run_from_cli(args.smoke, args.only, args.out, args.argv)
+    except ModuleNotFoundError as exc:
+        reason = missing_extra(exc)
+        if reason is None:
+            raise
+        print(f"echolabel: {reason}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

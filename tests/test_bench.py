@@ -6,13 +6,16 @@ No timing is asserted: speed claims are the suite's printed numbers, not tests.
 from __future__ import annotations
 
 import json
+import re
+import sys
+import tomllib
 
 import pytest
 
-from bench import profiles, suite
+from bench import EXTRA_MODULES, profiles, suite
 from bench.report import Table, format_value
 from echolabel.cli import main
-from tests.conftest import TINY_ENCODER, png_bytes
+from tests.conftest import ROOT, TINY_ENCODER, png_bytes
 
 SECTIONS = ("search", "latency", "embedding", "memory")
 
@@ -150,3 +153,26 @@ def test_format_value_marks_ratios_and_recall():
 def test_cli_refuses_an_unknown_section(capsys):
     assert main(["bench", "--smoke", "--only", "search,nope"]) == 1
     assert "unknown bench section(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["hnswlib", "sklearn", "psutil"])
+def test_bench_without_its_extra_says_which_extra_to_install(module, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if absent
+    assert main(["bench", "--smoke", "--only", "search"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"echolabel: bench needs {module}")
+    assert 'pip install -e ".[bench]"' in err and "Traceback" not in err
+
+
+def test_bench_reraises_a_missing_module_outside_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bench.suite", None)
+    with pytest.raises(ModuleNotFoundError, match=r"bench\.suite"):
+        main(["bench", "--smoke", "--only", "search"])
+
+
+def test_bench_extra_names_the_packages_of_pyprojects_bench_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    packages = {re.split(r"[<>=!~ \[]", spec)[0] for spec in extras["bench"]}
+    assert set(EXTRA_MODULES.values()) == packages
