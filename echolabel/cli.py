@@ -202,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
         const=5,
         default=0,
         metavar="SEEDS",
-        help="replay an annotation session (random and uncertain-first order, SEEDS seeds)",
+        help="replay an annotation session (random, uncertain-first and diverse-first "
+        "order, SEEDS seeds)",
     )
     evaluate.set_defaults(run=_evaluate)
 
