@@ -81,6 +81,7 @@ def test_diverse_first_follows_the_k_center_order_and_finds_the_rare_classes_soo
 
     assert accuracy_at_10("diverse_first") > accuracy_at_10("random")
     assert diverse[0][0]["fields"]["finding"]["accuracy"] > 0.95
+    assert diverse[0][0]["fields"]["finding"]["classes_labelled"] == 3
 
 
 def test_evaluate_cli_learning_curve_and_near_duplicates_in_the_report(
@@ -121,3 +122,34 @@ def test_evaluate_cli_learning_curve_and_near_duplicates_in_the_report(
     assert "diverse first: accuracy" in page
     assert "Learning curve" in page and page.count("data:image/png;base64,") == 5
     assert "near-duplicates (cosine ≥ 0.92) excluded" in page
+
+
+def test_cold_start_script_replays_one_split_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    """`python -m bench.cold_start` on a small folder: only the named split's rows are read,
+    every order is in the table, and --subsample gives diverse-first a spread."""
+    from bench.cold_start import main as cold_start
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    root = tmp_path / "images"
+    root.mkdir()
+    names = sorted(dark_and_bright(root, 30))
+    split = ["test" if i % 6 == 5 else "train" for i in range(len(names))]
+    rows = [f"{n}.png,{n.split('_')[0]},{s}" for n, s in zip(names, split, strict=True)]
+    (tmp_path / "labels.csv").write_text("image,shade,split\n" + "\n".join(rows) + "\n")
+    args = [
+        *("--images", str(root), "--labels", str(tmp_path / "labels.csv"), "--field", "shade"),
+        *("--split-column", "split", "--encoder", TINY_ENCODER, "--cache", str(tmp_path / "c")),
+        *("--sizes", "10,20", "--seeds", "3"),
+    ]
+    assert cold_start([*args, "--out", str(tmp_path / "curve.json")]) == 0
+    out = capsys.readouterr().out
+    assert "50 images (split 'train' of" in out and "3 seeds" in out
+    assert "| labelled | random: accuracy |" in out and "diverse-first: accuracy" in out
+    assert len([line for line in out.splitlines() if line.startswith("| 10 |")]) == 2
+    assert "| right: diverse-first − random | ahead in |" in out
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    diverse = [r for r in saved["rows"] if r["order"] == "diverse_first"]
+    assert [r["labelled"] for r in diverse] == [10, 20]
+    assert all(r["coverage"]["sd"] == 0 for r in diverse)  # one set: one session
+    assert cold_start([*args, "--subsample", "0.8"]) == 0
+    assert "each on a random 80% of the rows" in capsys.readouterr().out

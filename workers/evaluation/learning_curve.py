@@ -55,8 +55,9 @@ def replay(
     min_score: float = 0.5,
     exclude_above: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One session: after each batch, {labelled, fields: {field: {remaining, voted,
-    coverage, accuracy}}} measured on the tasks not labelled yet."""
+    """One session: after each batch, {labelled, fields: {field: {classes_labelled,
+    remaining, voted, coverage, accuracy}}}: the classes among the labelled tasks, the rest
+    measured on the tasks not labelled yet."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
     n = len(vectors)
@@ -87,6 +88,7 @@ def replay(
             voted = [i for i in measured if votes[i][name].label is not None]
             correct = sum(votes[i][name].label == truth[i] for i in voted)
             per_field[name] = {
+                "classes_labelled": len({truth[i] for i in np.flatnonzero(revealed)} - {None}),
                 "remaining": len(measured),
                 "voted": len(voted),
                 "coverage": len(voted) / len(measured) if measured else None,
