@@ -39,7 +39,7 @@ from workers.reembed import Progress
 from workers.training import TrainingProgress
 from workers.worker import ThreadWorker
 
-from . import preannotate
+from . import diverse_first, preannotate
 from .model import Services
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,19 @@ class Admin:
             preannotate.preannotate_project,
             (project,),
             f"pre-annotate project {project}",
+            with_progress=True,
+        )
+
+    def start_diverse_first(
+        self, project: int | str, limit: int | None = None, clear: bool = False
+    ) -> dict[str, Any]:
+        """Queue (or start) writing the diverse-first order into the project's task data."""
+        return self._start(
+            f"diverse-first-{project}",
+            PREANNOTATE,
+            diverse_first.diverse_first_project,
+            (project, limit, clear),
+            f"diverse-first order of project {project}" + (" (clear)" if clear else ""),
             with_progress=True,
         )
 

@@ -239,6 +239,14 @@ def create_app(
         start = admin.start_refresh if refresh else admin.start_preannotate
         return await run_in_threadpool(start, project)
 
+    @app.post("/projects/{project}/diverse-first")
+    async def diverse_first(
+        project: int, limit: int | None = None, clear: bool = False
+    ) -> dict[str, Any]:
+        """Start writing the diverse-first order into the tasks' data (or removing it)."""
+        admin: Admin = state["admin"]
+        return await run_in_threadpool(admin.start_diverse_first, project, limit, clear)
+
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
         """Label Studio's "Start Training" (without its START_TRAINING webhook flag)."""

@@ -126,11 +126,11 @@ class PreAnnotator:
         model = SimilarityModel(self.services, self.project)
         self.store.take_label_changes(self.project)  # a push re-votes every task anyway
         tasks = list(self.client.tasks(self.project, full=True))
-        labelled = [t for t in tasks if _latest_annotation(t) is not None]
-        unlabelled = [t for t in tasks if _latest_annotation(t) is None]
+        labelled = [t for t in tasks if latest_annotation(t) is not None]
+        unlabelled = [t for t in tasks if latest_annotation(t) is None]
 
         progress.stage = "embedding"
-        self._embed_missing(model, schema, labelled, unlabelled, progress)
+        self.embed_missing(model, schema, labelled, unlabelled, progress)
         info = self.store.collection(self.project)
         if info is None:
             return {
@@ -171,7 +171,7 @@ class PreAnnotator:
             "deleted_stale_predictions": stale,
         }
 
-    def _embed_missing(
+    def embed_missing(
         self,
         model: SimilarityModel,
         schema: LabelSchema,
@@ -188,7 +188,7 @@ class PreAnnotator:
             except TaskError as exc:
                 progress.failed[str(task["id"])] = str(exc)
         known = self.store.has_vectors(self.project, [i.task for i in items])
-        latest = {t["id"]: _latest_annotation(t) for t in labelled}
+        latest = {t["id"]: latest_annotation(t) for t in labelled}
         missing = []
         for item in items:
             if item.task in known:
@@ -384,7 +384,7 @@ class PreAnnotator:
         return revotes
 
 
-def _latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The task's newest annotation that is not a skip, or None when it has none."""
     annotations = [
         a
@@ -417,7 +417,7 @@ def preannotate_project(
     project: int, on_progress: Callable[[PushProgress], None] | None = None
 ) -> dict[str, Any]:
     """Push predictions for every unlabelled task of a Label Studio project."""
-    with _annotator(project, on_progress) as annotator:
+    with pre_annotator(project, on_progress) as annotator:
         return annotator.push()
 
 
@@ -425,12 +425,12 @@ def refresh_project(
     project: int, on_progress: Callable[[PushProgress], None] | None = None
 ) -> dict[str, Any]:
     """Update the pushed predictions that the label changes since the last refresh affect."""
-    with _annotator(project, on_progress) as annotator:
+    with pre_annotator(project, on_progress) as annotator:
         return annotator.refresh()
 
 
 @contextmanager
-def _annotator(
+def pre_annotator(
     project: int, on_progress: Callable[[PushProgress], None] | None
 ) -> Iterator[PreAnnotator]:
     ctx = context.current()

@@ -202,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
         const=5,
         default=0,
         metavar="SEEDS",
-        help="replay an annotation session (random and uncertain-first order, SEEDS seeds)",
+        help="replay an annotation session (random, uncertain-first and diverse-first "
+        "order, SEEDS seeds)",
     )
     evaluate.set_defaults(run=_evaluate)
 
@@ -316,6 +317,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     preannotate.add_argument("--no-wait", action="store_true", help="queue it and return")
     preannotate.set_defaults(run=_preannotate)
+
+    diverse = sub.add_parser(
+        "diverse-first",
+        help="write the diverse-first labelling order into the task data of a Label Studio "
+        "project (data.echolabel_diverse_first; Data Manager → Order by)",
+    )
+    diverse.add_argument("--project", type=int, required=True, help="Label Studio project")
+    diverse.add_argument(
+        "--limit", type=int, default=1000, help="rank the first N unlabelled tasks (default 1000)"
+    )
+    diverse.add_argument("--clear", action="store_true", help="remove the order from every task")
+    diverse.add_argument("--no-wait", action="store_true", help="queue it and return")
+    diverse.set_defaults(run=_diverse_first)
 
     jobs = sub.add_parser("jobs", help="queued, running and failed jobs with progress")
     jobs.add_argument("--json", action="store_true")
@@ -927,6 +941,23 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
         func,
         (args.project,),
         f"{kind} project {args.project}",
+        unit="task",
+        no_wait=args.no_wait,
+    )
+
+
+def _diverse_first(args: argparse.Namespace, settings: Settings) -> int:
+    """Write (or clear) the diverse-first order and follow the progress."""
+    from backend import diverse_first
+    from workers.queues import PREANNOTATE
+
+    return _run_job(
+        settings,
+        PREANNOTATE,
+        f"diverse-first-{args.project}",
+        diverse_first.diverse_first_project,
+        (args.project, args.limit, args.clear),
+        f"diverse-first order of project {args.project}" + (" (clear)" if args.clear else ""),
         unit="task",
         no_wait=args.no_wait,
     )

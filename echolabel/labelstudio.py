@@ -105,10 +105,16 @@ class LabelStudioClient:
     def label_config(self, project: int) -> str:
         return str(self._get(f"/api/projects/{project}/").get("label_config", ""))
 
-    def tasks(self, project: int, full: bool = False) -> Iterator[dict[str, Any]]:
-        """Every task of the project, page by page; `full` adds annotations and predictions."""
+    def tasks(
+        self, project: int, full: bool = False, resolve_uri: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        """Every task of the project, page by page; `full` adds annotations and predictions.
+        `resolve_uri=False`: the task data as stored (cloud storage URIs not turned into
+        Label Studio's proxy URLs), the only data fit to write back."""
         page = 1
-        extra = {"fields": "all"} if full else {}
+        extra: dict[str, str] = {"fields": "all"} if full else {}
+        if not resolve_uri:
+            extra["resolve_uri"] = "false"
         while True:
             body = self._get(
                 "/api/tasks/", project=project, page=page, page_size=PAGE_SIZE, **extra
@@ -253,6 +259,10 @@ class LabelStudioClient:
     def set_model_version(self, project: int, version: str) -> None:
         """The project's model_version: which predictions annotators are shown."""
         self._request("PATCH", f"/api/projects/{project}/", json={"model_version": version})
+
+    def update_task_data(self, task: int, data: dict[str, Any]) -> None:
+        """Replace a task's data (Label Studio keeps no other copy: send all of it)."""
+        self._request("PATCH", f"/api/tasks/{task}/", json={"data": data})
 
     def create_personal_access_token(self) -> str:
         """A new personal access token (JWT refresh token) of the authenticated user."""

@@ -110,7 +110,8 @@ def running() -> Iterator[FakeLabelStudio]:
 
 
 class FakeLabelStudioAPI:
-    """The Label Studio API calls the push makes, in memory (tests, bench/preannotate.py).
+    """The Label Studio API calls the push (and the diverse-first order) make, in memory
+    (tests, bench/preannotate.py).
 
     `fail_imports_after` makes imports fail as a 500 would after that many.
     """
@@ -125,13 +126,18 @@ class FakeLabelStudioAPI:
         self.imports = 0
         self.fail_imports_after = fail_imports_after
         self.model_version = "echolabel"
+        self.data_updates = 0
 
     def label_config(self, project):
         return self.config
 
-    def tasks(self, project, full=False):
+    def tasks(self, project, full=False, resolve_uri=True):
         for task in self.tasks_by_id.values():
-            yield {**task, "predictions": self.predictions(task["id"])}
+            yield {**task, "data": dict(task["data"]), "predictions": self.predictions(task["id"])}
+
+    def update_task_data(self, task, data):
+        self.data_updates += 1
+        self.tasks_by_id[task]["data"] = dict(data)
 
     def import_predictions(self, project, predictions):
         if self.fail_imports_after is not None and self.imports >= self.fail_imports_after:

@@ -4,7 +4,10 @@ subset, half annotated), in Debian's headless Chromium:
 - the labelling screen shows the link to the task's neighbour gallery (the prediction's
   read-only <TextArea name="neighbours">), and that link opens the gallery with ten thumbnails;
 - after choosing our predictions for prelabelling (Settings → Annotation), the Data Manager
-  ordered by prediction score lists the least certain tasks first.
+  ordered by prediction score lists the least certain tasks first;
+- after `POST /projects/<p>/diverse-first`, the Data Manager ordered by the task data column
+  `echolabel_diverse_first` lists the diverse-first order, and with every task ticked,
+  "Label N Tasks" opens its first task.
 
 Screenshots go to a temp folder; with ECHOLABEL_UPDATE_SCREENSHOTS=1 to docs/screenshots/
 (each at most 200 KB).
@@ -17,6 +20,7 @@ import re
 import httpx
 import pytest
 
+from backend.diverse_first import FIELD
 from echolabel.demo import USER, _job_done, _learned
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
@@ -132,6 +136,71 @@ def test_gallery_link_and_uncertain_first_in_label_studio(tmp_path):
     scores = [predicted[t]["score"] for t in first]
     assert scores == sorted(scores) and first[0] == task, list(zip(first, scores, strict=True))
     assert len(later) == 1 and later != {version} and followed in later, (later, followed)
+    for shot in out.glob("*.jpg"):
+        assert shot.stat().st_size <= MAX_BYTES, shot
+
+
+def test_diverse_first_order_in_label_studio(tmp_path):
+    out = screenshot_folder(tmp_path)
+    folder = tmp_path / "busi-subset"
+    with busi_demo(folder) as demo:
+        client = LabelStudioClient(
+            Settings(label_studio_url=demo.label_studio.url, label_studio_api_key=demo.token)
+        )
+        before = {t["id"]: t["data"] for t in client.tasks(demo.project, resolve_uri=False)}
+        # 1. The job: the backend embeds what it lacks, orders, writes data.echolabel_diverse_first.
+        url = f"{demo.backend_url}/projects/{demo.project}/diverse-first"
+        started = httpx.post(url, timeout=30)
+        job = _job_done(demo.backend_url, f"diverse-first-{demo.project}")
+        tasks = list(client.tasks(demo.project, full=True, resolve_uri=False))
+        base = demo.label_studio.url
+        with chromium_page(1200, 900) as page:
+            log_in_to_label_studio(page, base, USER, demo.password)
+            # 2. Data Manager: Order by → echolabel_diverse_first (the arrow: ascending).
+            page.goto(demo.url)
+            page.wait_for_load_state("networkidle")
+            page.get_by_text("Order by", exact=True).click()
+            page.get_by_text(FIELD, exact=True).last.click()
+            page.mouse.click(700, 24)  # the empty middle of the top bar closes the menu
+            page.wait_for_load_state("networkidle")
+            ordering = _ordering(base, demo.token, demo.project)
+            if ordering and ordering[0].startswith("-"):
+                page.locator("text=Order by >> xpath=../..//button").last.click()
+                page.wait_for_load_state("networkidle")
+                ordering = _ordering(base, demo.token, demo.project)
+            page.wait_for_timeout(1000)
+            rows = page.eval_on_selector_all(
+                "[class*=row-wrapper]", "rows => rows.map(r => r.innerText.split('\\n'))"
+            )
+            shoot(page, out / "data-manager-diverse-first.jpg")
+            # 3. Tick the header box (every task), "Label N Tasks": the labelling stream then
+            # follows the tab's order. ("Label All Tasks" with nothing ticked does not: Label
+            # Studio 1.23.2 sends no ordering then and serves tasks by id.)
+            page.locator("input[type=checkbox]").first.click()
+            with page.expect_response(lambda r: "id=next_task" in r.url) as nxt:
+                page.get_by_role("button", name=re.compile(r"^Label \d+ Tasks?$")).click()
+            opened = nxt.value.json()
+        order = _view_order(base, demo.token, demo.project)
+        client.close()
+
+    assert started.status_code == 200, started.text
+    result = job["result"]
+    unlabelled = sorted(t["id"] for t in tasks if not t["annotations"])
+    ranked = {t["id"]: t["data"][FIELD] for t in tasks if FIELD in t["data"]}
+    assert sorted(ranked) == unlabelled and result["ranked"] == len(unlabelled)
+    assert sorted(ranked.values()) == [f"{i:04d}" for i in range(1, len(unlabelled) + 1)]
+    by_rank = sorted(ranked, key=ranked.__getitem__)
+    assert by_rank[: len(result["first"])] == result["first"]
+    # Nothing but the one key changed in any task's data.
+    for t in tasks:
+        assert {k: v for k, v in t["data"].items() if k != FIELD} == before[t["id"]]
+    assert ordering == [f"tasks:data.{FIELD}"], ordering
+    assert order[: len(by_rank)] == by_rank, (order, by_rank)  # labelled tasks (no key) last
+    shown_rows = [int(r[0]) for r in rows if r[0].isdigit()]
+    assert shown_rows and shown_rows == order[: len(shown_rows)], (shown_rows, order)
+    assert "0001" in rows[0] and "0002" in rows[1], rows[:2]  # the column shows the places
+    assert opened["id"] == by_rank[0], (opened.get("queue"), ranked.get(opened["id"]))
+    assert opened["queue"] == "Data manager queue", opened["queue"]
     for shot in out.glob("*.jpg"):
         assert shot.stat().st_size <= MAX_BYTES, shot
 

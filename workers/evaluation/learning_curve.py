@@ -6,10 +6,13 @@ each batch, every task not labelled yet gets the backend's suggestion from its k
 `echolabel.vote.vote` with the backend's abstain rules), and the suggestions' accuracy (on the
 tasks voted) and coverage (the share voted) are measured against the hidden labels.
 
-Two orders of annotation: `random`, and `uncertain_first`, where each next batch is the
+Three orders of annotation: `random`; `uncertain_first`, where each next batch is the
 not-yet-labelled tasks with the least certain suggestion (the prediction score Label Studio
-sorts by, `echolabel.vote.task_score`). Both start from the same random first batch, and run
-once per seed; the report gives mean and standard deviation over seeds.
+sorts by, `echolabel.vote.task_score`); and `diverse_first`, the k-center greedy order of
+`echolabel.diversity` (the order the backend writes into Label Studio), which picks its first
+batch too. Random and uncertain-first start from the same random first batch. Each order runs
+once per seed (diverse-first is deterministic: its seeds repeat one session); the report gives
+mean and standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.diversity import k_center_order
 from echolabel.vote import task_score, vote
 from vectorstore import Neighbour
 
 from .metrics import MISSING, leave_one_out_neighbours
 
-ORDERS = ("random", "uncertain_first")
+ORDERS = ("random", "uncertain_first", "diverse_first")
 
 
 def batch_sizes(n: int, first: int = 10) -> list[int]:
@@ -51,8 +55,9 @@ def replay(
     min_score: float = 0.5,
     exclude_above: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One session: after each batch, {labelled, fields: {field: {remaining, voted,
-    coverage, accuracy}}} measured on the tasks not labelled yet."""
+    """One session: after each batch, {labelled, fields: {field: {classes_labelled,
+    remaining, voted, coverage, accuracy}}}: the classes among the labelled tasks, the rest
+    measured on the tasks not labelled yet."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
     n = len(vectors)
@@ -64,6 +69,12 @@ def replay(
     revealed = np.zeros(n, dtype=bool)
     revealed[rng.permutation(n)[: sizes[0]]] = True
     random_rest = [i for i in rng.permutation(n) if not revealed[i]]
+    if order == "diverse_first":
+        # One traversal: the order is prefix-consistent, so following it batch by batch
+        # equals recomputing it from the revealed tasks before each batch.
+        diverse = k_center_order(vectors, limit=sizes[-1])[: sizes[-1]]
+        revealed[:] = False
+        revealed[diverse[: sizes[0]]] = True
     points = []
     for step, size in enumerate(sizes):
         votes, scores = _suggestions(
@@ -77,6 +88,7 @@ def replay(
             voted = [i for i in measured if votes[i][name].label is not None]
             correct = sum(votes[i][name].label == truth[i] for i in voted)
             per_field[name] = {
+                "classes_labelled": len({truth[i] for i in np.flatnonzero(revealed)} - {None}),
                 "remaining": len(measured),
                 "voted": len(voted),
                 "coverage": len(voted) / len(measured) if measured else None,
@@ -88,6 +100,8 @@ def replay(
         more = sizes[step + 1] - size
         if order == "random":
             chosen = [i for i in random_rest if not revealed[i]][:more]
+        elif order == "diverse_first":
+            chosen = diverse[size : size + more].tolist()
         else:
             ranked = hidden[np.lexsort((tie_break[hidden], scores[hidden]))]
             chosen = ranked[:more].tolist()
@@ -105,8 +119,9 @@ def learning_curve(
     min_neighbours: int = 3,
     min_score: float = 0.5,
     exclude_above: float | None = None,
+    orders: Sequence[str] = ORDERS,
 ) -> dict[str, Any]:
-    """Both orders over all seeds: {sizes, seeds, k, orders: {order: {field: {labelled,
+    """Every order over all seeds: {sizes, seeds, k, orders: {order: {field: {labelled,
     accuracy_mean, accuracy_std, coverage_mean, coverage_std}}}, runs: {order: [per seed]}}.
 
     Means skip a seed's None (nothing voted at that point)."""
@@ -126,7 +141,7 @@ def learning_curve(
             )
             for seed in seeds
         ]
-        for order in ORDERS
+        for order in orders
     }
     summary: dict[str, Any] = {}
     for order, sessions in runs.items():

@@ -535,7 +535,7 @@ def _learning_curve_section(encoder: str, curve: Mapping[str, Any], name: str) -
 
 
 def _plot_learning_curve(ax: Any, curve: Mapping[str, Any], name: str) -> None:
-    for order, style in zip(curve["orders"], ("-", "--"), strict=False):
+    for order, style in zip(curve["orders"], ("-", "--", ":"), strict=False):
         table = curve["orders"][order][name]
         x = np.array(table["labelled"])
         for measure, colour in (("accuracy", "tab:blue"), ("coverage", "tab:orange")):
