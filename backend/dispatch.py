@@ -24,7 +24,7 @@ from rq.job import Job, JobStatus
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore
+from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore, StoreUnavailableError
 from workers.embedding import EmbedReport, TaskImage
 from workers.jobs import enqueue_embed
 from workers.queues import REDIS_ERRORS, RedisGate, connect, fetch_job
@@ -135,8 +135,8 @@ class EmbedDispatcher:
         try:
             message = EmbedMessage.decode(raw)
             self._store(message)
-        except REDIS_ERRORS:
-            raise
+        except (*REDIS_ERRORS, StoreUnavailableError):
+            raise  # kept in `processing`: applied again once Redis and the store answer
         except Exception as exc:  # a bad result must not block the ones behind it
             log.warning("embedding result not applied", extra={"error": f"{exc!r}"[:500]})
             self.results.done(raw)
@@ -183,10 +183,15 @@ class EmbedDispatcher:
                     self._apply(raw)
 
         def loop() -> None:
-            self.gate.call(self.collect_once)  # what a previous run left
+            left_over = True  # what a previous run (or a failed apply) left in `processing`
             while not self._stop.is_set():
-                ok, _ = self.gate.call(take_and_apply)
-                if not ok:
+                try:
+                    ok, _ = self.gate.call(self.collect_once if left_over else take_and_apply)
+                    left_over = not ok
+                except Exception as exc:  # the thread must outlive any one failure
+                    log.warning("applying embedding results", extra={"error": repr(exc)[:500]})
+                    left_over = True
+                if left_over:
                     self._stop.wait(timeout_s)
 
         self._collector = threading.Thread(target=loop, name="embed-collector", daemon=True)

@@ -18,7 +18,7 @@ from rq.registry import FinishedJobRegistry
 from backend.app import create_app
 from tests.conftest import DARK_BRIGHT_CONFIG as CONFIG
 from tests.conftest import annotation_webhook, dark_and_bright, run_worker
-from vectorstore import Annotation, Point
+from vectorstore import Annotation, Point, StoreUnavailableError
 from workers.queues import EMBED
 from workers.results import EmbedMessage, ResultList, store_key
 
@@ -174,3 +174,27 @@ def test_an_idle_backend_makes_a_few_redis_calls_a_second_however_many_jobs_fini
     per_second = len(calls) / 4.0
     assert per_second <= 15, sorted(set(map(str, calls)))
     assert not any(str(c).upper() == "HGETALL" for c in calls)  # no job is fetched
+
+
+def test_a_result_that_meets_an_unavailable_store_is_applied_once_it_answers(
+    redis_settings, redis_db
+):
+    """A Qdrant server briefly away must neither drop a result nor stop the collector."""
+    results = ResultList(redis_db, store_key(redis_settings.model_dir))
+    point = Point(task=6, vector=np.eye(1, 1280, 1, dtype=np.float32)[0], image="/y.png")
+    with TestClient(create_app(redis_settings)) as client:
+        store = client.app.state.echolabel["services"].store
+        original, calls = store.upsert, []
+
+        def away_once(*args, **options):
+            calls.append(args)
+            if len(calls) == 1:
+                raise StoreUnavailableError("the Qdrant server at http://q is unreachable")
+            return original(*args, **options)
+
+        store.upsert = away_once
+        results.push(EmbedMessage("embed-3-y", 3, "efficientnet_lite0", 1280, "w", [point]))
+        deadline = time.monotonic() + 15
+        while (results.waiting() or store.count(3) == 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) == 2 and store.count(3) == 1 and results.waiting() == 0
