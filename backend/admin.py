@@ -77,7 +77,7 @@ class Admin:
         a second, and a Redis outage only pauses it (RedisGate warns once a minute).
         """
         dispatcher = self.services.dispatcher
-        if dispatcher is None or not self.services.store.local or self._worker_thread:
+        if dispatcher is None or not self.services.store.single_writer or self._worker_thread:
             return
 
         def work_queue() -> None:

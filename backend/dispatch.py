@@ -121,7 +121,7 @@ class EmbedDispatcher:
 
     def start_collector(self, every_s: float = 1.0) -> None:
         """Apply finished jobs in the background (only needed for the embedded store)."""
-        if not self.store.local or self._collector is not None:
+        if not self.store.single_writer or self._collector is not None:
             return
 
         def loop() -> None:

@@ -92,7 +92,7 @@ class Services:
             settings=self.settings,
             embedder=self.embedder,
             fetcher=self.fetcher,
-            owns_store=self.store.local,
+            owns_store=self.store.single_writer,
             _store=self.store,
         )
 

@@ -48,7 +48,7 @@ class JobContext:
         with self._lock:
             if self._store is None:
                 self._store = open_configured_store(self.settings)
-                self.owns_store = self._store.local
+                self.owns_store = self._store.single_writer
             return self._store
 
 

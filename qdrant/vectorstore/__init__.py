@@ -47,7 +47,7 @@ def open_store(
     exact_max_points: int = 100_000,
     shards: int = 1,
     replication_factor: int = 1,
-) -> QdrantStore | ExactSearchStore:
+) -> VectorStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
     Only the in-process store gets the exact in-memory index: there this process is the only
@@ -56,6 +56,6 @@ def open_store(
     store = QdrantStore.open(
         path=path, url=url, api_key=api_key, shards=shards, replication_factor=replication_factor
     )
-    if store.local and exact_max_points > 0:
+    if store.single_writer and exact_max_points > 0:
         return ExactSearchStore(store, max_points=exact_max_points)
     return store

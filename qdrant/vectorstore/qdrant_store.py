@@ -39,12 +39,18 @@ _INDEXED_FIELDS = {
     "annotation_id": models.PayloadSchemaType.KEYWORD,
 }
 _SCROLL_PAGE = 512
+# Queries per batched search request (kth_similarities): bounds one request's size.
+_QUERY_BATCH = 256
 # Label changes remembered between refreshes; more mean "refresh everything".
 _MAX_CHANGES = 5000
 
 
 class QdrantStore:
-    """VectorStore over qdrant-client; one instance per process."""
+    """VectorStore over qdrant-client; one instance per process.
+
+    `local` is qdrant-client's in-process mode: it is not thread-safe (so calls are serialised
+    here), ignores payload indexes, and holds a file lock, so its opener is the single writer.
+    """
 
     def __init__(
         self,
@@ -62,7 +68,12 @@ class QdrantStore:
         self._replication_factor = replication_factor
         # qdrant-client's local mode is not thread-safe; a server client is.
         self._lock: AbstractContextManager[object] = threading.RLock() if local else nullcontext()
-        self.local = local
+        self._local = local
+
+    @property
+    def single_writer(self) -> bool:
+        """True in-process (the storage's file lock admits one process); False for a server."""
+        return self._local
 
     @classmethod
     def open(
@@ -103,6 +114,7 @@ class QdrantStore:
         return cls(client, local=True)
 
     def close(self) -> None:
+        """Close the client (and release the in-process storage's file lock)."""
         with self._lock:
             self._client.close()
 
@@ -253,7 +265,7 @@ class QdrantStore:
                     "project": str(project),
                 },
             )
-            if not self.local:  # local mode ignores payload indexes (and warns about them)
+            if not self._local:  # local mode ignores payload indexes (and warns about them)
                 for field_name, schema in _INDEXED_FIELDS.items():
                     self._client.create_payload_index(name, field_name, schema)
             return self._info(project, name)
@@ -534,6 +546,33 @@ class QdrantStore:
             )
             for p in result.points
         ]
+
+    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
+        """Each query row's k-th best labelled similarity, from the same search as `nearest`
+        (batched, nothing excluded); -1 where fewer than k points are labelled."""
+        rows = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        out = np.full(len(rows), -1.0, dtype=np.float32)
+        if k <= 0 or not len(rows):
+            return out
+        labelled = models.Filter(must=[_labelled(True)])
+        with self._lock:
+            info = self.collection(project)
+            if info is None:
+                return out
+            for start in range(0, len(rows), _QUERY_BATCH):
+                answers = self._client.query_batch_points(
+                    info.name,
+                    requests=[
+                        models.QueryRequest(
+                            query=row.tolist(), filter=labelled, limit=k, with_payload=False
+                        )
+                        for row in rows[start : start + _QUERY_BATCH]
+                    ],
+                )
+                for row, answer in enumerate(answers, start=start):
+                    if len(answer.points) >= k:
+                        out[row] = answer.points[k - 1].score
+        return out
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._lock:
