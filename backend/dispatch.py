@@ -18,7 +18,7 @@ from rq.registry import FinishedJobRegistry
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import ExactSearchStore, QdrantStore
+from vectorstore import VectorStore
 from workers.embedding import EmbedReport, TaskImage
 from workers.jobs import enqueue_embed, points_of
 from workers.queues import EMBED, RedisGate, connect, fetch_job, queue
@@ -29,7 +29,7 @@ APPLIED = "applied"  # job meta flag: this result's points are in the store
 
 
 class EmbedDispatcher:
-    def __init__(self, settings: Settings, store: QdrantStore | ExactSearchStore) -> None:
+    def __init__(self, settings: Settings, store: VectorStore) -> None:
         assert settings.redis_url
         self.settings = settings
         self.store = store

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from echolabel.folders import read_folder
-from vectorstore import ExactSearchStore, QdrantStore
+from vectorstore import VectorStore
 from workers.training.samples import Sample, TrainingRefused
 
 VALIDATION_SPLITS = ("val", "valid", "validation")
 
 
 def project_samples(
-    store: QdrantStore | ExactSearchStore,
+    store: VectorStore,
     project: int | str,
     fields: Sequence[str] = (),
     patient_key: str | None = None,
