@@ -4,11 +4,14 @@ tests/test_store_congruence.py."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from vectorstore import (
     Annotation,
@@ -17,6 +20,7 @@ from vectorstore import (
     Point,
     QdrantStore,
     StoreError,
+    StoreUnavailableError,
     open_store,
     point_id,
 )
@@ -141,3 +145,35 @@ def test_cluster_settings_reach_every_new_generation(tmp_path):
     assert [(c["shard_number"], c["replication_factor"]) for c in created] == [(6, 2), (6, 2)]
     assert first is not None and first.generation == 1
     inner.close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        (
+            httpx.ConnectError("refused"),
+            "at http://q:6333 is unreachable (refused): check QDRANT_URL",
+        ),
+        (UnexpectedResponse(401, "Unauthorized", b"", httpx.Headers()), "check QDRANT_API_KEY"),
+        (UnexpectedResponse(503, "Service Unavailable", b"", httpx.Headers()), "failed (503)"),
+    ],
+)
+def test_a_failing_server_is_one_store_error_that_says_what_to_check(failure, says):
+    class Failing:
+        def get_aliases(self):
+            raise failure
+
+    store = QdrantStore(Failing(), server="the Qdrant server at http://q:6333")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailableError, match=re.escape(says)):
+        store.collection(1)
+    with pytest.raises(StoreUnavailableError):  # translated once, however deep the call
+        store.upsert(1, "enc", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
+
+
+def test_other_server_answers_pass_through():
+    class NotFound:
+        def get_aliases(self):
+            raise UnexpectedResponse(404, "Not Found", b"", httpx.Headers())
+
+    with pytest.raises(UnexpectedResponse):
+        QdrantStore(NotFound()).collection(1)  # type: ignore[arg-type]
