@@ -450,7 +450,7 @@ class QdrantStore:
         condition = models.Filter(
             must=[
                 models.FieldCondition(
-                    key="annotation_id", match=models.MatchValue(value=_key(annotation_id))
+                    key="annotation_id", match=models.MatchValue(value=str(annotation_id))
                 )
             ]
         )
