@@ -84,7 +84,7 @@ class Admin:
         outage only pauses it (RedisGate warns once a minute).
         """
         dispatcher = self.services.dispatcher
-        if dispatcher is None or not self.services.store.local or self._worker_thread:
+        if dispatcher is None or not self.services.store.single_writer or self._worker_thread:
             return
         queues = [queue(dispatcher.connection, name) for name in STORE_QUEUES]
 

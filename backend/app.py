@@ -155,7 +155,7 @@ def create_app(
             "status": "UP",
             "model_class": "SimilarityModel",
             "encoder": settings.encoder,
-            "store": "embedded" if services.store.local else "server",
+            "store": "embedded" if services.store.single_writer else "server",
             "webhooks_pending": len(inbox.pending()),
             "webhooks_failed": len(inbox.failed()),
             "webhooks_blocked_by": inbox.blocked_by,

@@ -24,7 +24,7 @@ from rq.job import Job, JobStatus
 
 from echolabel.images import ImageError
 from echolabel.settings import Settings
-from vectorstore import Annotation, ExactSearchStore, Point, QdrantStore, StoreUnavailableError
+from vectorstore import Annotation, Point, StoreUnavailableError, VectorStore
 from workers.embedding import EmbedReport, TaskImage
 from workers.jobs import enqueue_embed
 from workers.queues import REDIS_ERRORS, RedisGate, connect, fetch_job
@@ -39,11 +39,7 @@ _REMEMBERED_OUTCOMES = 4096  # per-job failures kept for `wait` (a request waits
 
 
 class EmbedDispatcher:
-    def __init__(
-        self,
-        settings: Settings,
-        store: QdrantStore | ExactSearchStore,
-    ) -> None:
+    def __init__(self, settings: Settings, store: VectorStore) -> None:
         assert settings.redis_url
         self.settings = settings
         self.store = store

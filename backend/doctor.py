@@ -16,12 +16,10 @@ from echolabel.images import ImageError, ImageFetcher
 from echolabel.labelstudio import LabelStudioClient, LabelStudioError
 from echolabel.labelstudio_auth import LabelStudioAuthError
 from echolabel.settings import Settings
-from vectorstore import StoreError
+from vectorstore import StoreError, VectorStore
 from workers.encoders import EncoderError, load_encoder
 
 from .label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
-
-Store = object  # QdrantStore | ExactSearchStore: only collection() and count() are used
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,7 @@ class Doctor:
     def __init__(
         self,
         settings: Settings,
-        store: Callable[[], Store] | None = None,
+        store: Callable[[], VectorStore] | None = None,
         load_weights: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
@@ -424,9 +422,9 @@ class Doctor:
             return
         try:
             store = self._store()
-            info = store.collection(project)  # type: ignore[attr-defined]
-            embedded = store.count(project) if info else 0  # type: ignore[attr-defined]
-            labelled = store.count(project, labelled=True) if info else 0  # type: ignore[attr-defined]
+            info = store.collection(project)
+            embedded = store.count(project) if info else 0
+            labelled = store.count(project, labelled=True) if info else 0
         except StoreError as exc:
             self.add(
                 "collection encoder",

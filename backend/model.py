@@ -18,14 +18,7 @@ import numpy as np
 from echolabel.images import ImageError, ImageFetcher
 from echolabel.settings import Settings
 from echolabel.vote import FieldVote, task_score, vote
-from vectorstore import (
-    Annotation,
-    CollectionInfo,
-    ExactSearchStore,
-    Neighbour,
-    QdrantStore,
-    TaskId,
-)
+from vectorstore import Annotation, CollectionInfo, Neighbour, TaskId, VectorStore
 from workers.context import JobContext, open_configured_store
 from workers.embedding import Embedder, EmbedReport, TaskImage
 
@@ -47,7 +40,7 @@ class Services:
     """Everything a process builds once: store, embedder, fetcher, project schemas."""
 
     settings: Settings
-    store: QdrantStore | ExactSearchStore
+    store: VectorStore
     embedder: Embedder
     fetcher: ImageFetcher
     projects: ProjectRegistry
@@ -92,7 +85,7 @@ class Services:
             settings=self.settings,
             embedder=self.embedder,
             fetcher=self.fetcher,
-            owns_store=self.store.local,
+            owns_store=self.store.single_writer,
             _store=self.store,
         )
 

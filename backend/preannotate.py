@@ -363,15 +363,15 @@ class PreAnnotator:
             self.store.kth_similarities(
                 self.project, np.stack([candidate_vectors[t] for t in tasks]), self.top_k
             )
-            if tasks and hasattr(self.store, "kth_similarities")
-            else None
+            if tasks
+            else np.empty(0, dtype=np.float32)
         )
         revotes: dict[TaskId, Suggestion] = {}
         vectors = {**candidate_vectors, **self.store.vectors(self.project, now_unlabelled)}
         for row, task in enumerate(tasks):
             # The store and the exact index compute similarities in different float orders:
             # the tolerance keeps a task sitting exactly at the k-th place from being missed.
-            if kth is not None and candidates[task] < kth[row] - SIMILARITY_EPS:
+            if candidates[task] < kth[row] - SIMILARITY_EPS:
                 continue  # no change reaches its top k: its vote stands
             suggestion = model.suggest(vectors[task], exclude=[task])
             entered = any(n.task in changed_set for n in suggestion.neighbours)

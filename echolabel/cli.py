@@ -432,14 +432,15 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     from backend.doctor import Doctor, troubleshooting_markdown
+    from vectorstore import VectorStore
     from workers.context import open_configured_store
 
     if args.troubleshooting:
         print(troubleshooting_markdown(), end="")
         return 0
-    opened: list[Any] = []
+    opened: list[VectorStore] = []
 
-    def store() -> Any:
+    def store() -> VectorStore:
         if not opened:
             opened.append(open_configured_store(settings))
         return opened[0]

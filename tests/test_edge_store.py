@@ -525,7 +525,7 @@ def test_threads_share_one_store(store):
 
 def test_open_store_opts_into_edge(tmp_path):
     store = open_store(path=tmp_path / "edge", engine="edge", exact_max_points=50)
-    assert isinstance(store, EdgeStore) and store.local and store.exact_max_points == 50
+    assert isinstance(store, EdgeStore) and store.single_writer and store.exact_max_points == 50
     store.close()
     with pytest.raises(StoreError, match="storage path"):
         open_store(engine="edge")

@@ -1,21 +1,26 @@
-"""The vector store: round trips, label rules, and congruence of every search implementation."""
+"""What is particular to each store implementation: the exact cache's bookkeeping, the exact
+index itself, opening and locking. What every implementation must answer alike is in
+tests/test_store_congruence.py."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from vectorstore import (
     Annotation,
-    DimensionMismatchError,
     ExactIndex,
     ExactSearchStore,
     Point,
     QdrantStore,
     StoreError,
+    StoreUnavailableError,
     open_store,
     point_id,
 )
@@ -28,135 +33,10 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-@pytest.fixture(params=["qdrant", "exact-matmul", "exact-kdtree"])
-def store(request, tmp_path):
-    inner = QdrantStore.open(path=tmp_path / "q")
-    if request.param == "qdrant":
-        yield inner
-    else:
-        yield ExactSearchStore(inner, max_points=10_000, method=request.param.split("-")[1])
-    inner.close()
-
-
 def test_point_ids_are_deterministic_and_distinct():
     assert point_id(3, 17) == point_id(3, 17)
     assert point_id(3, 17) != point_id(4, 17)
     assert point_id(3, 17) != point_id(3, "17x")
-
-
-def test_round_trip_keeps_vectors_and_payload(store):
-    rng = np.random.default_rng(0)
-    vectors = unit_rows(rng, 3)
-    store.ensure_collection(1, "enc", DIM, "w1")
-    store.upsert(
-        1,
-        "enc",
-        [
-            Point(task=10, vector=vectors[0], image="/data/upload/a.png", labels={"organ": "x"}),
-            Point(task=11, vector=vectors[1], image="/data/upload/b.png"),
-            Point(task="c", vector=vectors[2]),
-        ],
-    )
-    assert store.count(1) == 3
-    assert store.count(1, labelled=True) == 1
-    got = store.vectors(1, [10, 11, 99])
-    assert set(got) == {10, 11}
-    np.testing.assert_allclose(got[10], vectors[0], rtol=1e-6)
-    points = {p.task: p for p in store.iter_points(1)}
-    assert points[10].labels == {"organ": "x"} and points[10].image == "/data/upload/a.png"
-    assert points["c"].labels == {}
-    info = store.collection(1)
-    assert (info.encoder, info.dim, info.weights_id, info.generation) == ("enc", DIM, "w1", 1)
-
-
-def test_retried_upsert_overwrites_instead_of_duplicating(store):
-    rng = np.random.default_rng(1)
-    store.ensure_collection(1, "enc", DIM, "w")
-    for _ in range(3):
-        store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
-    assert store.count(1) == 1
-
-
-def test_newest_annotation_wins_and_survives_reembedding(store):
-    rng = np.random.default_rng(2)
-    store.ensure_collection(1, "enc", DIM, "w")
-    store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
-    new = Annotation(id=2, updated_at="2026-01-02T00:00:00Z")
-    old = Annotation(id=1, updated_at="2026-01-01T00:00:00Z")
-    assert store.set_labels(1, 5, {"organ": "liver"}, new)
-    assert store.set_labels(1, 5, {"organ": "heart"}, old)  # older: ignored
-    assert next(store.iter_points(1)).labels == {"organ": "liver"}
-    # A re-upsert without labels (e.g. the image embedded again) keeps them.
-    store.upsert(1, "enc", [Point(task=5, vector=unit_rows(rng, 1)[0])])
-    assert next(store.iter_points(1)).labels == {"organ": "liver"}
-    assert store.set_labels(1, 99, {"organ": "x"}, new) is False  # no such point
-
-
-def test_clear_labels_by_annotation_id(store):
-    rng = np.random.default_rng(3)
-    store.ensure_collection(1, "enc", DIM, "w")
-    v = unit_rows(rng, 2)
-    store.upsert(1, "enc", [Point(task=1, vector=v[0]), Point(task=2, vector=v[1])])
-    store.set_labels(1, 1, {"organ": "a"}, Annotation(id=7, updated_at="2026-01-01T00:00:00Z"))
-    store.set_labels(1, 2, {"organ": "b"}, Annotation(id=8, updated_at="2026-01-01T00:00:00Z"))
-    assert store.nearest(1, v[0], k=5)[0].task == 1
-    assert store.clear_labels(1, 7) == [1]
-    assert store.count(1, labelled=True) == 1
-    assert [n.task for n in store.nearest(1, v[0], k=5)] == [2]
-
-
-def test_mismatched_vectors_are_refused(store):
-    store.ensure_collection(1, "enc", DIM, "w")
-    with pytest.raises(DimensionMismatchError, match="expects 16"):
-        store.upsert(1, "enc", [Point(task=1, vector=np.ones(DIM + 1, dtype=np.float32))])
-    with pytest.raises(DimensionMismatchError, match="refusing other"):
-        store.upsert(1, "other", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
-    with pytest.raises(DimensionMismatchError, match="echolabel reembed"):
-        store.ensure_collection(1, "other", 8, "w")
-    assert store.count(1) == 0
-
-
-def test_projects_are_isolated(store):
-    rng = np.random.default_rng(4)
-    for project in (1, 2):
-        store.ensure_collection(project, "enc", DIM, "w")
-    v = unit_rows(rng, 1)[0]
-    store.upsert(1, "enc", [Point(task=1, vector=v, labels={"f": "a"})])
-    assert store.nearest(2, v, k=3) == []
-    assert store.count(2) == 0
-
-
-def test_congruence_of_nearest_across_implementations(tmp_path):
-    """The same data in Qdrant and in both exact indexes gives the same neighbours."""
-    rng = np.random.default_rng(5)
-    vectors = unit_rows(rng, 300)
-    labels = rng.integers(0, 3, size=300)
-    qdrant = QdrantStore.open(path=tmp_path / "q")
-    stores = {
-        "qdrant": qdrant,
-        "matmul": ExactSearchStore(qdrant, max_points=10_000, method="matmul"),
-        "kdtree": ExactSearchStore(qdrant, max_points=10_000, method="kdtree"),
-    }
-    qdrant.ensure_collection(1, "enc", DIM, "w")
-    points = [
-        Point(task=i, vector=vectors[i], labels={"f": str(labels[i])} if i % 3 else {})
-        for i in range(300)
-    ]
-    qdrant.upsert(1, "enc", points)
-    for query_row in range(0, 300, 7):
-        answers = {
-            name: s.nearest(1, vectors[query_row], k=10, exclude=[query_row])
-            for name, s in stores.items()
-        }
-        reference = answers["qdrant"]
-        assert len(reference) == 10
-        assert all(n.task != query_row and n.task % 3 for n in reference)
-        for name, found in answers.items():
-            assert [n.task for n in found] == [n.task for n in reference], name
-            np.testing.assert_allclose(
-                [n.similarity for n in found], [n.similarity for n in reference], atol=1e-5
-            )
-    qdrant.close()
 
 
 def test_exact_cache_follows_writes(tmp_path):
@@ -186,6 +66,22 @@ def test_exact_store_falls_back_to_qdrant_above_threshold(tmp_path):
     found = store.nearest(1, v[0], k=3)
     assert [n.task for n in found] == [n.task for n in inner.nearest(1, v[0], k=3)]
     assert store._labelled_set(1) is None
+    np.testing.assert_array_equal(
+        store.kth_similarities(1, v[:4], 3), inner.kth_similarities(1, v[:4], 3)
+    )
+
+
+def test_only_a_single_writer_store_gets_the_exact_cache(tmp_path):
+    """The cache is valid only while this process is the sole writer (the embedded store)."""
+    embedded = open_store(path=tmp_path / "q")
+    assert isinstance(embedded, ExactSearchStore) and embedded.single_writer
+    embedded.close()
+    plain = open_store(path=tmp_path / "q", exact_max_points=0)
+    assert isinstance(plain, QdrantStore) and plain.single_writer
+    plain.close()
+    server = open_store(url="http://127.0.0.1:9")  # nothing is asked of it yet
+    assert isinstance(server, QdrantStore) and not server.single_writer
+    server.close()
 
 
 @pytest.mark.parametrize("dim", [8, 64])
@@ -249,3 +145,35 @@ def test_cluster_settings_reach_every_new_generation(tmp_path):
     assert [(c["shard_number"], c["replication_factor"]) for c in created] == [(6, 2), (6, 2)]
     assert first is not None and first.generation == 1
     inner.close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        (
+            httpx.ConnectError("refused"),
+            "at http://q:6333 is unreachable (refused): check QDRANT_URL",
+        ),
+        (UnexpectedResponse(401, "Unauthorized", b"", httpx.Headers()), "check QDRANT_API_KEY"),
+        (UnexpectedResponse(503, "Service Unavailable", b"", httpx.Headers()), "failed (503)"),
+    ],
+)
+def test_a_failing_server_is_one_store_error_that_says_what_to_check(failure, says):
+    class Failing:
+        def get_aliases(self):
+            raise failure
+
+    store = QdrantStore(Failing(), server="the Qdrant server at http://q:6333")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailableError, match=re.escape(says)):
+        store.collection(1)
+    with pytest.raises(StoreUnavailableError):  # translated once, however deep the call
+        store.upsert(1, "enc", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
+
+
+def test_other_server_answers_pass_through():
+    class NotFound:
+        def get_aliases(self):
+            raise UnexpectedResponse(404, "Not Found", b"", httpx.Headers())
+
+    with pytest.raises(UnexpectedResponse):
+        QdrantStore(NotFound()).collection(1)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from vectorstore import ExactSearchStore, QdrantStore, open_store
+from vectorstore import VectorStore, open_store
 from workers.embedding import Embedder
 
 
@@ -26,7 +26,7 @@ class JobContext:
     embedder: Embedder
     fetcher: ImageFetcher
     owns_store: bool = False  # True in the process that opened the embedded store
-    _store: QdrantStore | ExactSearchStore | None = None
+    _store: VectorStore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -43,12 +43,12 @@ class JobContext:
         return bool(self.settings.qdrant_url) or self.owns_store
 
     @property
-    def store(self) -> QdrantStore | ExactSearchStore:
+    def store(self) -> VectorStore:
         """The store, opened on first use (a server, or the embedded one if we may own it)."""
         with self._lock:
             if self._store is None:
                 self._store = open_configured_store(self.settings)
-                self.owns_store = self._store.local
+                self.owns_store = self._store.single_writer
             return self._store
 
 
@@ -72,7 +72,7 @@ def install(context: JobContext | None) -> None:
         _current = context
 
 
-def open_configured_store(settings: Settings) -> QdrantStore | ExactSearchStore:
+def open_configured_store(settings: Settings) -> VectorStore:
     """The store the settings describe: the Qdrant server or the embedded one under MODEL_DIR."""
     return open_store(
         path=settings.qdrant_path,

@@ -1,7 +1,7 @@
 """Re-embedding a project with another encoder, with zero downtime.
 
 A new generation collection is filled beside the live one, batch by batch; predictions keep
-coming from the live generation and label writes reach both (QdrantStore.set_labels). When
+coming from the live generation and label writes reach both (VectorStore.set_labels). When
 every task is in, labels are synced once more and the alias is switched atomically; the old
 generation is dropped. A run that dies leaves the live generation untouched, and the next run
 finds the half-built generation and embeds only what it lacks.
@@ -14,12 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from vectorstore import CollectionInfo, ExactSearchStore, Point, QdrantStore, StoreError
+from vectorstore import CollectionInfo, Point, StoreError, VectorStore
 from workers.embedding import Embedder, ImageLoader, TaskImage
 
 log = logging.getLogger(__name__)
-
-Store = QdrantStore | ExactSearchStore
 
 
 @dataclass
@@ -40,7 +38,7 @@ class Progress:
 
 
 def building_generation(
-    store: Store, project: int | str, encoder: str, dim: int, weights_id: str
+    store: VectorStore, project: int | str, encoder: str, dim: int, weights_id: str
 ) -> CollectionInfo:
     """The half-built generation for this encoder (to resume), else a new one."""
     live = store.collection(project)
@@ -60,7 +58,7 @@ def building_generation(
 
 
 def reembed_project(
-    store: Store,
+    store: VectorStore,
     embedder: Embedder,
     load_image: ImageLoader,
     project: int | str,
@@ -140,7 +138,7 @@ def reembed_project(
     return progress
 
 
-def _sync_labels(store: Store, project: int | str, target: CollectionInfo) -> None:
+def _sync_labels(store: VectorStore, project: int | str, target: CollectionInfo) -> None:
     """Make the new generation's labels equal the live ones (the live one is authoritative)."""
     built = {p.task: p for p in store.iter_points(project, with_vectors=False, collection=target)}
     for point in store.iter_points(project, with_vectors=False):

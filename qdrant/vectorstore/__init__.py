@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from .base import (
     Annotation,
@@ -20,9 +20,6 @@ from .base import (
 )
 from .exact import ExactIndex, ExactSearchStore
 from .qdrant_store import QdrantStore
-
-if TYPE_CHECKING:
-    from .edge_store import EdgeStore
 
 __all__ = [
     "Annotation",
@@ -52,7 +49,7 @@ def open_store(
     shards: int = 1,
     replication_factor: int = 1,
     engine: Literal["local", "edge"] = "local",
-) -> QdrantStore | ExactSearchStore | EdgeStore:
+) -> VectorStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
     Only the in-process store gets the exact in-memory index: there this process is the only
@@ -67,6 +64,6 @@ def open_store(
     store = QdrantStore.open(
         path=path, url=url, api_key=api_key, shards=shards, replication_factor=replication_factor
     )
-    if store.local and exact_max_points > 0:
+    if store.single_writer and exact_max_points > 0:
         return ExactSearchStore(store, max_points=exact_max_points)
     return store

@@ -91,7 +91,24 @@ class Neighbour:
 
 @runtime_checkable
 class VectorStore(Protocol):
-    """Operations every store implements; all are scoped to one project."""
+    """What the backend, the jobs, the CLI and the bench may ask of a store; nothing else.
+
+    Every operation is scoped to one project. Reads and writes go to the live generation (the
+    one the project's alias points at) unless `collection` names a generation being built;
+    label writes without `collection` reach the live generation and every one being built, so
+    nothing annotated during a re-embedding is lost. `tests/test_store_congruence.py` runs
+    every implementation against one reference.
+    """
+
+    @property
+    def single_writer(self) -> bool:
+        """True when only the process that opened the store may write to it (embedded)."""
+        ...
+
+    def close(self) -> None:
+        """Release the store (the embedded one's file lock, a server's connections)."""
+
+    # -- collections and generations --------------------------------------------------------
 
     def collection(self, project: int | str) -> CollectionInfo | None:
         """The project's live collection, or None if nothing was stored yet."""
@@ -101,22 +118,94 @@ class VectorStore(Protocol):
     ) -> CollectionInfo:
         """Create the project's first generation if missing; refuse a different encoder/dim."""
 
-    def upsert(self, project: int | str, encoder: str, points: Sequence[Point]) -> None:
+    def generations(self, project: int | str) -> list[CollectionInfo]:
+        """Every generation of the project, live or being built, oldest first."""
+
+    def create_generation(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """A new, empty generation that is not live yet (re-embedding builds into it)."""
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        """Make `target` live atomically, then drop the older generations."""
+
+    def drop_generation(self, target: CollectionInfo) -> None:
+        """Delete a generation that is not live; refuse the live one."""
+
+    # -- pre-annotation state ---------------------------------------------------------------
+
+    def set_prediction_state(
+        self,
+        project: int | str,
+        *,
+        published_version: str | None = None,
+        vote_radius_min: float | None = None,
+    ) -> None:
+        """Record the pushed predictions' model_version and a lower bound of their vote radii."""
+
+    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
+        """Remember these tasks' label changes until taken; the number remembered now."""
+
+    def take_label_changes(self, project: int | str) -> list[TaskId]:
+        """The tasks whose labels changed since the last call, forgetting them."""
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        project: int | str,
+        encoder: str,
+        points: Sequence[Point],
+        collection: CollectionInfo | None = None,
+    ) -> None:
         """Write points embedded by `encoder` (deterministic ids); newer stored labels are kept."""
 
     def set_labels(
-        self, project: int | str, task: TaskId, labels: Labels, annotation: Annotation
+        self,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+        collection: CollectionInfo | None = None,
     ) -> bool:
         """Set a task's labels unless a newer annotation is stored; False if no such point."""
 
     def clear_labels(self, project: int | str, annotation_id: int | str) -> list[TaskId]:
-        """Clear labels that came from this annotation; returns the tasks affected."""
+        """Clear labels that came from this annotation; returns the live tasks affected."""
 
-    def has_vectors(self, project: int | str, tasks: Sequence[TaskId]) -> set[TaskId]:
-        """Which of these tasks already have a vector in the live collection."""
+    # -- reads ------------------------------------------------------------------------------
+
+    def has_vectors(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        collection: CollectionInfo | None = None,
+    ) -> set[TaskId]:
+        """Which of these tasks already have a vector."""
 
     def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
         """Stored vectors of these tasks (missing ones are absent from the result)."""
+
+    def points(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Point]:
+        """Stored points (vector and payload) of these tasks; missing ones are absent."""
+
+    def iter_points(
+        self,
+        project: int | str,
+        labelled: bool | None = None,
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> Iterator[Point]:
+        """Every point (optionally only labelled / unlabelled ones)."""
+
+    def count(self, project: int | str, labelled: bool | None = None) -> int:
+        """Number of points (optionally only labelled / unlabelled ones)."""
 
     def nearest(
         self,
@@ -125,12 +214,12 @@ class VectorStore(Protocol):
         k: int,
         exclude: Sequence[TaskId] = (),
     ) -> list[Neighbour]:
-        """The k most similar *labelled* points of the project, best first."""
+        """The k most similar *labelled* points, best first, never one of `exclude`."""
 
-    def count(self, project: int | str, labelled: bool | None = None) -> int:
-        """Number of points (optionally only labelled / unlabelled ones)."""
+    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
+        """Each query row's k-th best labelled similarity, as `nearest` ranks; -1 if fewer."""
 
-    def iter_points(
-        self, project: int | str, labelled: bool | None = None, with_vectors: bool = True
-    ) -> Iterator[Point]:
-        """Every point of the project's live collection."""
+    def unlabelled_near(
+        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    ) -> list[tuple[TaskId, float, np.ndarray]]:
+        """Unlabelled (task, similarity, vector) at least `min_similarity` near, best first."""

@@ -98,7 +98,7 @@ class EdgeStore:
     `kth_similarities`.
     """
 
-    local = True  # this process is the store's only writer
+    single_writer = True  # the process that opened it holds its lock file
 
     def __init__(
         self,

@@ -7,6 +7,13 @@ is much faster and gives the same neighbours. `echolabel bench --only search` me
 The cache is only valid while this process is the store's sole writer, which is exactly the
 embedded deployment (the in-process Qdrant holds a file lock). With a Qdrant server, other
 processes write too, so `open_store` does not wrap a server store in this class.
+
+`ExactSearchStore` is a cache in front of another `VectorStore`, not a subclass of
+`QdrantStore`: it answers `nearest` and `kth_similarities` itself and spells out every other
+operation as an explicit call to the store behind it. It needs nothing from that store but the
+protocol, so it can sit in front of any single-writer store (qdrant-client's local mode today,
+an embedded engine tomorrow), and a method added to the protocol has to be written here, where
+one decides whether the cache must follow it, instead of slipping past it unseen.
 """
 
 from __future__ import annotations
@@ -19,8 +26,7 @@ from typing import Literal
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .base import Annotation, CollectionInfo, Labels, Neighbour, Point, TaskId
-from .qdrant_store import QdrantStore
+from .base import Annotation, CollectionInfo, Labels, Neighbour, Point, TaskId, VectorStore
 
 Method = Literal["matmul", "kdtree"]
 
@@ -73,22 +79,86 @@ class _LabelledSet:
 
 
 class ExactSearchStore:
-    """A QdrantStore whose `nearest` answers from an in-memory exact index while small.
+    """A VectorStore whose `nearest` answers from an in-memory exact index while small.
 
-    Every write goes to Qdrant first; the affected points are then read back from it, so the
-    cache never holds anything Qdrant does not (one source of truth for merge rules).
+    Every write goes to the store behind it first; the affected points are then read back from
+    it, so the cache never holds anything that store does not (one source of truth for merge
+    rules). Writes into a generation being built leave the cache alone (it holds the live one).
     """
 
-    def __init__(self, inner: QdrantStore, max_points: int, method: Method = "matmul") -> None:
+    def __init__(self, inner: VectorStore, max_points: int, method: Method = "matmul") -> None:
         self.inner = inner
         self.max_points = max_points
         self.method = method
         self._cache: dict[str, _LabelledSet] = {}
         self._lock = threading.RLock()
 
-    def __getattr__(self, name: str) -> object:
-        # Generation management, iteration and reads pass straight through.
-        return getattr(self.inner, name)
+    @property
+    def single_writer(self) -> bool:
+        """The store behind the cache's answer (the cache itself needs it to be True)."""
+        return self.inner.single_writer
+
+    def close(self) -> None:
+        """Close the store behind the cache."""
+        self.inner.close()
+
+    # -- collections and generations: the live one changes only on a switch -------------------
+
+    def collection(self, project: int | str) -> CollectionInfo | None:
+        """The project's live collection, or None if nothing was stored yet."""
+        return self.inner.collection(project)
+
+    def ensure_collection(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """Create the project's first generation if missing; refuse a different encoder/dim."""
+        return self.inner.ensure_collection(project, encoder, dim, weights_id)
+
+    def generations(self, project: int | str) -> list[CollectionInfo]:
+        """Every generation of the project, live or being built, oldest first."""
+        return self.inner.generations(project)
+
+    def create_generation(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """A new, empty generation that is not live yet."""
+        return self.inner.create_generation(project, encoder, dim, weights_id)
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        """Make `target` live, then forget the cached labelled set of the old generation."""
+        self.inner.switch_generation(project, target)
+        self.invalidate(project)
+
+    def drop_generation(self, target: CollectionInfo) -> None:
+        """Delete a generation that is not live (the cache holds only the live one)."""
+        self.inner.drop_generation(target)
+
+    def invalidate(self, project: int | str) -> None:
+        """Forget the project's cached labelled set; the next search reloads it."""
+        with self._lock:
+            self._cache.pop(str(project), None)
+
+    # -- pre-annotation state: metadata only, nothing cached ----------------------------------
+
+    def set_prediction_state(
+        self,
+        project: int | str,
+        *,
+        published_version: str | None = None,
+        vote_radius_min: float | None = None,
+    ) -> None:
+        """Record the pushed predictions' model_version and a lower bound of their radii."""
+        self.inner.set_prediction_state(
+            project, published_version=published_version, vote_radius_min=vote_radius_min
+        )
+
+    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
+        """Remember these tasks' label changes until taken; the number remembered now."""
+        return self.inner.note_label_changes(project, tasks)
+
+    def take_label_changes(self, project: int | str) -> list[TaskId]:
+        """The tasks whose labels changed since the last call, forgetting them."""
+        return self.inner.take_label_changes(project)
 
     # -- writes keep the cache in step --------------------------------------------------------
 
@@ -99,6 +169,7 @@ class ExactSearchStore:
         points: Sequence[Point],
         collection: CollectionInfo | None = None,
     ) -> None:
+        """Write points, then refresh the cached ones (live generation only)."""
         self.inner.upsert(project, encoder, points, collection=collection)
         if collection is None:
             self._refresh(project, [p.task for p in points])
@@ -111,33 +182,17 @@ class ExactSearchStore:
         annotation: Annotation,
         collection: CollectionInfo | None = None,
     ) -> bool:
+        """Set a task's labels unless a newer annotation is stored, then refresh the cache."""
         found = self.inner.set_labels(project, task, labels, annotation, collection=collection)
         if found and collection is None:
             self._refresh(project, [task])
         return found
 
-    def clear_labels(
-        self,
-        project: int | str,
-        annotation_id: int | str,
-        collection: CollectionInfo | None = None,
-    ) -> list[TaskId]:
-        tasks = self.inner.clear_labels(project, annotation_id, collection=collection)
-        if collection is None:
-            self._refresh(project, tasks)
+    def clear_labels(self, project: int | str, annotation_id: int | str) -> list[TaskId]:
+        """Clear labels that came from this annotation, then drop them from the cache."""
+        tasks = self.inner.clear_labels(project, annotation_id)
+        self._refresh(project, tasks)
         return tasks
-
-    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
-        self.inner.switch_generation(project, target)
-        self.invalidate(project)
-
-    def drop_project(self, project: int | str) -> None:
-        self.inner.drop_project(project)
-        self.invalidate(project)
-
-    def invalidate(self, project: int | str) -> None:
-        with self._lock:
-            self._cache.pop(str(project), None)
 
     def _refresh(self, project: int | str, tasks: Sequence[TaskId]) -> None:
         with self._lock:
@@ -157,7 +212,50 @@ class ExactSearchStore:
                 cached.tasks = list(cached.points)
                 cached.index = None
 
-    # -- reads --------------------------------------------------------------------------------
+    # -- reads: searches from the cache, the rest from the store behind it --------------------
+
+    def has_vectors(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        collection: CollectionInfo | None = None,
+    ) -> set[TaskId]:
+        """Which of these tasks already have a vector."""
+        return self.inner.has_vectors(project, tasks, collection=collection)
+
+    def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
+        """Stored vectors of these tasks (missing ones are absent from the result)."""
+        return self.inner.vectors(project, tasks)
+
+    def points(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Point]:
+        """Stored points (vector and payload) of these tasks; missing ones are absent."""
+        return self.inner.points(project, tasks, with_vectors, collection=collection)
+
+    def iter_points(
+        self,
+        project: int | str,
+        labelled: bool | None = None,
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> Iterator[Point]:
+        """Every point (optionally only labelled / unlabelled ones)."""
+        return self.inner.iter_points(project, labelled, with_vectors, collection=collection)
+
+    def count(self, project: int | str, labelled: bool | None = None) -> int:
+        """Number of points (optionally only labelled / unlabelled ones)."""
+        return self.inner.count(project, labelled)
+
+    def unlabelled_near(
+        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    ) -> list[tuple[TaskId, float, np.ndarray]]:
+        """Unlabelled points near `vector`: not cached (the cache holds labelled ones only)."""
+        return self.inner.unlabelled_near(project, vector, min_similarity, limit)
 
     def nearest(
         self,
@@ -165,12 +263,12 @@ class ExactSearchStore:
         vector: np.ndarray,
         k: int,
         exclude: Sequence[TaskId] = (),
-        exact: bool = False,
     ) -> list[Neighbour]:
+        """The k most similar labelled points: exact from the cache, or the store's above it."""
         with self._lock:
             labelled = self._labelled_set(project)
             if labelled is None:
-                return self.inner.nearest(project, vector, k, exclude, exact=exact)
+                return self.inner.nearest(project, vector, k, exclude)
             index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
         excluded = set(exclude)
         rows, sims = index.search(vector, k + len(excluded))
@@ -187,15 +285,13 @@ class ExactSearchStore:
                 break
         return out
 
-    def kth_similarities(
-        self, project: int | str, queries: np.ndarray, k: int
-    ) -> np.ndarray | None:
-        """Each query's k-th labelled neighbour's similarity, all in one matmul (queries that
-        are not labelled points themselves); None when the labelled set is not held here."""
+    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
+        """Each query's k-th labelled similarity, all in one matmul while the labelled set is
+        cached; the store's own (batched) search above it."""
         with self._lock:
             labelled = self._labelled_set(project)
             if labelled is None:
-                return None
+                return self.inner.kth_similarities(project, queries, k)
             index = self._index(labelled)
         if len(index) == 0:
             return np.full(len(queries), -1.0, dtype=np.float32)
@@ -225,12 +321,3 @@ class ExactSearchStore:
             self._cache.pop(key, None)
             return None
         return cached
-
-    def iter_points(
-        self,
-        project: int | str,
-        labelled: bool | None = None,
-        with_vectors: bool = True,
-        collection: CollectionInfo | None = None,
-    ) -> Iterator[Point]:
-        return self.inner.iter_points(project, labelled, with_vectors, collection=collection)

@@ -8,12 +8,12 @@ from another encoder are refused instead of silently mixed.
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import TracebackType
 
 import httpx
 import numpy as np
@@ -39,12 +39,18 @@ _INDEXED_FIELDS = {
     "annotation_id": models.PayloadSchemaType.KEYWORD,
 }
 _SCROLL_PAGE = 512
+# Queries per batched search request (kth_similarities): bounds one request's size.
+_QUERY_BATCH = 256
 # Label changes remembered between refreshes; more mean "refresh everything".
 _MAX_CHANGES = 5000
 
 
 class QdrantStore:
-    """VectorStore over qdrant-client; one instance per process."""
+    """VectorStore over qdrant-client; one instance per process.
+
+    `local` is qdrant-client's in-process mode: it is not thread-safe (so calls are serialised
+    here), ignores payload indexes, and holds a file lock, so its opener is the single writer.
+    """
 
     def __init__(
         self,
@@ -54,15 +60,24 @@ class QdrantStore:
         local: bool = False,
         shards: int = 1,
         replication_factor: int = 1,
+        server: str = "the Qdrant server",
     ):
         self._client = client
         self._prefix = prefix
         # Distributed Qdrant: how each new generation collection is split and copied.
         self._shards = shards
         self._replication_factor = replication_factor
-        # qdrant-client's local mode is not thread-safe; a server client is.
-        self._lock: AbstractContextManager[object] = threading.RLock() if local else nullcontext()
-        self.local = local
+        # Every client call runs inside `with self._guard`: a lock for local mode, which is not
+        # thread-safe; for a server (thread-safe), what turns its failures into store errors.
+        self._guard: AbstractContextManager[object] = (
+            threading.RLock() if local else _ServerErrors(server)
+        )
+        self._local = local
+
+    @property
+    def single_writer(self) -> bool:
+        """True in-process (the storage's file lock admits one process); False for a server."""
+        return self._local
 
     @classmethod
     def open(
@@ -80,12 +95,12 @@ class QdrantStore:
         """
         if url:
             client = QdrantClient(url=url, api_key=api_key, timeout=10, check_compatibility=False)
-            guarded = _ServerGuard(client, url)
             return cls(
-                guarded,  # type: ignore[arg-type]
+                client,
                 local=False,
                 shards=shards,
                 replication_factor=replication_factor,
+                server=f"the Qdrant server at {url}",
             )
         if path is None:
             raise StoreError("either a Qdrant URL (QDRANT_URL) or a storage path is required")
@@ -103,7 +118,8 @@ class QdrantStore:
         return cls(client, local=True)
 
     def close(self) -> None:
-        with self._lock:
+        """Close the client (and release the in-process storage's file lock)."""
+        with self._guard:
             self._client.close()
 
     # -- collections and generations -------------------------------------------------------
@@ -114,7 +130,7 @@ class QdrantStore:
 
     def collection(self, project: int | str) -> CollectionInfo | None:
         alias = self.alias(project)
-        with self._lock:
+        with self._guard:
             target = next(
                 (
                     a.collection_name
@@ -130,7 +146,7 @@ class QdrantStore:
     def generations(self, project: int | str) -> list[CollectionInfo]:
         """Every generation collection of the project, live or being built."""
         pattern = re.compile(re.escape(self.alias(project)) + r"_g(\d+)$")
-        with self._lock:
+        with self._guard:
             names = [c.name for c in self._client.get_collections().collections]
             return sorted(
                 (self._info(project, n) for n in names if pattern.match(n)),
@@ -174,7 +190,7 @@ class QdrantStore:
             values["published_version"] = published_version
         if vote_radius_min is not None:
             values["vote_radius_min"] = vote_radius_min
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None:
                 raise StoreError(f"project {project} has no collection")
@@ -185,7 +201,7 @@ class QdrantStore:
 
         Called by the one process that applies webhooks, so a read-modify-write is safe.
         """
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None or not tasks:
                 return 0
@@ -198,7 +214,7 @@ class QdrantStore:
 
     def take_label_changes(self, project: int | str) -> list[TaskId]:
         """The tasks whose labels changed since the last call, forgetting them."""
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None or not info.label_changes:
                 return []
@@ -210,7 +226,7 @@ class QdrantStore:
     ) -> list[tuple[TaskId, float, np.ndarray]]:
         """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
         similar first."""
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None:
                 return []
@@ -236,7 +252,7 @@ class QdrantStore:
         self, project: int | str, encoder: str, dim: int, weights_id: str
     ) -> CollectionInfo:
         """A new, empty, not-yet-live generation collection for the project."""
-        with self._lock:
+        with self._guard:
             existing = self.generations(project)
             generation = (existing[-1].generation + 1) if existing else 1
             name = f"{self.alias(project)}_g{generation}"
@@ -253,7 +269,7 @@ class QdrantStore:
                     "project": str(project),
                 },
             )
-            if not self.local:  # local mode ignores payload indexes (and warns about them)
+            if not self._local:  # local mode ignores payload indexes (and warns about them)
                 for field_name, schema in _INDEXED_FIELDS.items():
                     self._client.create_payload_index(name, field_name, schema)
             return self._info(project, name)
@@ -261,7 +277,7 @@ class QdrantStore:
     def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
         """Point the project's alias at `target` atomically, then drop older generations."""
         alias = self.alias(project)
-        with self._lock:
+        with self._guard:
             current = self.collection(project)
             operations: list[models.AliasOperations] = []
             if current is not None:
@@ -280,7 +296,7 @@ class QdrantStore:
 
     def drop_generation(self, target: CollectionInfo) -> None:
         """Delete a generation that is not live (an abandoned or superseded build)."""
-        with self._lock:
+        with self._guard:
             live = self.collection(target.project)
             if live is not None and live.name == target.name:
                 raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
@@ -289,7 +305,7 @@ class QdrantStore:
     def ensure_collection(
         self, project: int | str, encoder: str, dim: int, weights_id: str
     ) -> CollectionInfo:
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None:
                 info = self.create_generation(project, encoder, dim, weights_id)
@@ -304,7 +320,7 @@ class QdrantStore:
             return info
 
     def drop_project(self, project: int | str) -> None:
-        with self._lock:
+        with self._guard:
             alias = self.alias(project)
             if self.collection(project) is not None:
                 self._client.update_collection_aliases(
@@ -332,7 +348,7 @@ class QdrantStore:
         """
         if not points:
             return
-        with self._lock:
+        with self._guard:
             info = collection or self.collection(project)
             if info is None:
                 raise StoreError(f"project {project} has no collection: call ensure_collection")
@@ -371,7 +387,7 @@ class QdrantStore:
     ) -> bool:
         """Set labels in `collection`, or in the live one *and* every generation being built
         (so nothing annotated during a re-embedding is lost). True if the live point exists."""
-        with self._lock:
+        with self._guard:
             targets = [collection] if collection else self._label_targets(project)
             found_live = False
             for index, info in enumerate(targets):
@@ -421,7 +437,7 @@ class QdrantStore:
         collection: CollectionInfo | None = None,
     ) -> list[TaskId]:
         """Clear labels that came from this annotation, in every generation (live first)."""
-        with self._lock:
+        with self._guard:
             cleared: list[TaskId] = []
             targets = [collection] if collection else self._label_targets(project)
             for index, info in enumerate(targets):
@@ -434,7 +450,7 @@ class QdrantStore:
         condition = models.Filter(
             must=[
                 models.FieldCondition(
-                    key="annotation_id", match=models.MatchValue(value=_key(annotation_id))
+                    key="annotation_id", match=models.MatchValue(value=str(annotation_id))
                 )
             ]
         )
@@ -490,7 +506,7 @@ class QdrantStore:
     ) -> dict[TaskId, models.Record]:
         if not tasks:
             return {}
-        with self._lock:
+        with self._guard:
             info = collection or self.collection(project)
             if info is None:
                 return {}
@@ -508,7 +524,7 @@ class QdrantStore:
         exclude: Sequence[TaskId] = (),
         exact: bool = False,
     ) -> list[Neighbour]:
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None:
                 return []
@@ -535,8 +551,35 @@ class QdrantStore:
             for p in result.points
         ]
 
+    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
+        """Each query row's k-th best labelled similarity, from the same search as `nearest`
+        (batched, nothing excluded); -1 where fewer than k points are labelled."""
+        rows = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        out = np.full(len(rows), -1.0, dtype=np.float32)
+        if k <= 0 or not len(rows):
+            return out
+        labelled = models.Filter(must=[_labelled(True)])
+        with self._guard:
+            info = self.collection(project)
+            if info is None:
+                return out
+            for start in range(0, len(rows), _QUERY_BATCH):
+                answers = self._client.query_batch_points(
+                    info.name,
+                    requests=[
+                        models.QueryRequest(
+                            query=row.tolist(), filter=labelled, limit=k, with_payload=False
+                        )
+                        for row in rows[start : start + _QUERY_BATCH]
+                    ],
+                )
+                for row, answer in enumerate(answers, start=start):
+                    if len(answer.points) >= k:
+                        out[row] = answer.points[k - 1].score
+        return out
+
     def count(self, project: int | str, labelled: bool | None = None) -> int:
-        with self._lock:
+        with self._guard:
             info = self.collection(project)
             if info is None:
                 return 0
@@ -556,7 +599,7 @@ class QdrantStore:
         condition = None if labelled is None else models.Filter(must=[_labelled(labelled)])
         offset = None
         while True:
-            with self._lock:
+            with self._guard:
                 records, offset = self._client.scroll(
                     info.name,
                     scroll_filter=condition,
@@ -589,45 +632,37 @@ class QdrantStore:
                 return out
 
 
-class _ServerGuard:
-    """A QdrantClient whose transport failures become StoreUnavailableError naming the server.
+class _ServerErrors(AbstractContextManager[object]):
+    """Turns a Qdrant server's failures into StoreUnavailableError naming the server.
 
     qdrant-client raises httpx and its own ResponseHandlingException for a server that is down;
-    callers (HTTP app, jobs, CLI) should see one store error that says what to check.
+    callers (HTTP app, jobs, CLI) should see one store error that says what to check. Nested
+    use is harmless: an error already translated passes through.
     """
 
-    def __init__(self, client: QdrantClient, url: str) -> None:
-        self._client = client
-        self._url = url
+    def __init__(self, server: str) -> None:
+        self._server = server
 
-    def __getattr__(self, name: str) -> object:
-        attribute = getattr(self._client, name)
-        if not callable(attribute):
-            return attribute
-
-        @functools.wraps(attribute)
-        def call(*args: object, **kwargs: object) -> object:
-            try:
-                return attribute(*args, **kwargs)
-            except (ResponseHandlingException, httpx.TransportError) as exc:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(error, ResponseHandlingException | httpx.TransportError):
+            raise StoreUnavailableError(
+                f"{self._server} is unreachable ({error}): check QDRANT_URL and that Qdrant "
+                "is running"
+            ) from None
+        if isinstance(error, UnexpectedResponse):
+            if error.status_code in (401, 403):
                 raise StoreUnavailableError(
-                    f"the Qdrant server at {self._url} is unreachable ({exc}): check QDRANT_URL "
-                    "and that Qdrant is running"
+                    f"{self._server} refused us ({error.status_code}): check QDRANT_API_KEY"
                 ) from None
-            except UnexpectedResponse as exc:
-                if exc.status_code in (401, 403):
-                    raise StoreUnavailableError(
-                        f"the Qdrant server at {self._url} refused us ({exc.status_code}): "
-                        "check QDRANT_API_KEY"
-                    ) from None
-                if exc.status_code is not None and exc.status_code >= 500:
-                    raise StoreUnavailableError(
-                        f"the Qdrant server at {self._url} failed ({exc.status_code}): "
-                        f"{exc.reason_phrase}"
-                    ) from None
-                raise
-
-        return call
+            if error.status_code is not None and error.status_code >= 500:
+                raise StoreUnavailableError(
+                    f"{self._server} failed ({error.status_code}): {error.reason_phrase}"
+                ) from None
 
 
 def _labelled(value: bool) -> models.FieldCondition:

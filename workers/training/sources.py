@@ -8,14 +8,14 @@ from pathlib import Path
 
 from echolabel.folders import read_folder
 from echolabel.vote import is_multi_choice
-from vectorstore import ExactSearchStore, QdrantStore
+from vectorstore import VectorStore
 from workers.training.samples import Sample, TrainingRefused
 
 VALIDATION_SPLITS = ("val", "valid", "validation")
 
 
 def project_samples(
-    store: QdrantStore | ExactSearchStore,
+    store: VectorStore,
     project: int | str,
     fields: Sequence[str] = (),
     patient_key: str | None = None,
