@@ -51,7 +51,11 @@ def test_a_job_id_enqueued_again_is_applied_again(redis_settings, redis_db):
         (job_id,) = FinishedJobRegistry(EMBED, connection=redis_db).get_job_ids()
         assert Job.fetch(job_id, connection=redis_db).meta["applied"] is True
 
-        services.store.drop_project(3)  # the points are gone; the job still says applied
+        # An empty generation goes live: the points are gone, the job still says applied.
+        live = services.store.collection(3)
+        empty = services.store.create_generation(3, live.encoder, live.dim, live.weights_id)
+        services.store.switch_generation(3, empty)
+        assert services.store.count(3) == 0
         client.post("/webhook", json=created)  # the same annotation again: the same job id
         assert client.app.state.echolabel["inbox"].wait_idle(30)
         assert FinishedJobRegistry(EMBED, connection=redis_db).get_job_ids() == [job_id]
