@@ -1,0 +1,81 @@
+"""The learning curve with retraining: rounds at the policy's points, judged as the backend
+judges them, and the session continues on the promoted encoder's vectors only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.evaluation.retraining_curve import replay_retraining
+from workers.training.selection import RetrainPolicy
+
+N = 300
+LABELS = {"finding": ["a" if i % 3 else "b" for i in range(N)]}
+POLICY = RetrainPolicy(
+    growth=0.25, min_per_class=10, holdout_fraction=0.25, min_holdout_per_class=3, k=5
+)
+SIZES = [20, 50, 100, 200]
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+NOISE = unit(np.random.default_rng(1).standard_normal((N, 8)))
+# What a good challenger makes: one tight cluster per class.
+CLUSTERED = unit(
+    np.array([[1.0, 0.0] if c == "a" else [0.0, 1.0] for c in LABELS["finding"]])
+    + 0.05 * np.random.default_rng(2).standard_normal((N, 2))
+)
+
+
+@pytest.mark.parametrize("order", ["random", "diverse_first"])
+def test_a_good_challenger_is_promoted_and_the_curve_continues_on_it(order):
+    trained: list[int] = []
+
+    def retrain(rows):
+        trained.append(len(rows))
+        return CLUSTERED
+
+    curve = replay_retraining(
+        NOISE, LABELS, retrain, order=order, seed=0, sizes=SIZES, policy=POLICY
+    )
+    rounds = curve["rounds"]
+    # 20 labels: fewer than 10 of class "b" (a third) -> refused by the guard-rail.
+    assert rounds[0]["labelled"] == 20 and rounds[0]["decision"] == "refused"
+    promoted = [r for r in rounds if r["decision"] == "promoted"]
+    assert promoted, rounds
+    assert promoted[0]["comparison"]["interval"][0] > 0
+    # After the first, every round is at the policy's point: 25 % more than the last decision.
+    for before, after in zip(rounds, rounds[1:], strict=False):
+        assert after["labelled"] == int(np.ceil(before["labelled"] * 1.25))
+    # The held-out images were never trained on.
+    judged = [r for r in rounds if r["decision"] != "refused"]
+    assert trained == [r["trained_on"] for r in judged]
+    assert all(r["trained_on"] + r["comparison"]["images"] == r["labelled"] for r in judged)
+    points = {p["labelled"]: p for p in curve["points"]}
+    assert list(points) == SIZES
+    assert points[200]["promotions"] >= 1
+    assert points[200]["fields"]["finding"]["accuracy"] == 1.0
+    assert points[20]["fields"]["finding"]["accuracy"] < 0.8  # the noise champion
+
+
+def test_a_useless_challenger_is_kept_out():
+    curve = replay_retraining(
+        CLUSTERED, LABELS, lambda rows: NOISE, order="random", seed=0, sizes=SIZES, policy=POLICY
+    )
+    decided = [r["decision"] for r in curve["rounds"] if r["decision"] != "refused"]
+    assert decided and set(decided) == {"kept"}
+    assert all(p["promotions"] == 0 for p in curve["points"])
+    assert curve["points"][-1]["fields"]["finding"]["accuracy"] == 1.0
+
+
+def test_turned_off_there_are_no_rounds():
+    def retrain(rows):
+        raise AssertionError("no round may train when the loop is off")
+
+    off = RetrainPolicy(enabled=False, min_per_class=10, k=5)
+    curve = replay_retraining(
+        NOISE, LABELS, retrain, order="random", seed=0, sizes=SIZES, policy=off
+    )
+    assert curve["rounds"] == [] and [p["labelled"] for p in curve["points"]] == SIZES
