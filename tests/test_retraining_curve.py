@@ -79,3 +79,33 @@ def test_turned_off_there_are_no_rounds():
         NOISE, LABELS, retrain, order="random", seed=0, sizes=SIZES, policy=off
     )
     assert curve["rounds"] == [] and [p["labelled"] for p in curve["points"]] == SIZES
+
+
+def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, settings):
+    """A small set in the suite; the full BUSI curve runs by script (docs/evaluation.md)."""
+    from echolabel.folders import read_folder
+    from tests.conftest import TINY_ENCODER
+    from tests.test_train_encoder import folder
+    from workers.evaluation.runner import RetrainingReplay, evaluate_folder
+    from workers.training import TrainOptions
+
+    root = folder(tmp_path / "data", train=40, test=0)
+    items = read_folder(root, root / "labels.csv", fields=("organ",))
+    replay = RetrainingReplay(
+        policy=RetrainPolicy(min_per_class=15, holdout_fraction=0.25, min_holdout_per_class=3),
+        options=TrainOptions(input_size=64, epochs=1, views=1, batch_size=16, min_per_class=8),
+        orders=("random",),
+    )
+    report = evaluate_folder(
+        items, ["organ"], [TINY_ENCODER], settings, root=root, min_class_size=2, retraining=replay
+    )
+    block = report["encoders"][TINY_ENCODER]["learning_curve_retraining"]
+    (session,) = block["sessions"]
+    assert [p["labelled"] for p in session["points"]] == [10, 20, 50]
+    judged = [r for r in session["rounds"] if r["decision"] != "refused"]
+    assert judged, session["rounds"]
+    assert all(r["trained_on"] + r["comparison"]["images"] == r["labelled"] for r in judged)
+    assert {r["decision"] for r in judged} <= {"promoted", "kept"}
+    assert block["policy"]["min_per_class"] == 15
+    # The scratch encoders never reach the project's encoders folder.
+    assert not settings.encoders_dir.exists() or not any(settings.encoders_dir.iterdir())
