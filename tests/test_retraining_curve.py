@@ -3,6 +3,8 @@ judges them, and the session continues on the promoted encoder's vectors only.""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,7 @@ def test_a_good_challenger_is_promoted_and_the_curve_continues_on_it(order):
     assert promoted, rounds
     assert promoted[0]["comparison"]["interval"][0] > 0
     # After the first, every round is at the policy's point: 25 % more than the last decision.
-    for before, after in zip(rounds, rounds[1:], strict=False):
+    for before, after in itertools.pairwise(rounds):
         assert after["labelled"] == int(np.ceil(before["labelled"] * 1.25))
     # The held-out images were never trained on.
     judged = [r for r in rounds if r["decision"] != "refused"]
