@@ -4,6 +4,7 @@ judges them, and the session continues on the promoted encoder's vectors only.""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -91,8 +92,9 @@ def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, sett
     from workers.evaluation.runner import RetrainingReplay, evaluate_folder
     from workers.training import TrainOptions
 
-    root = folder(tmp_path / "data", train=40, test=0)
-    items = read_folder(root, root / "labels.csv", fields=("organ",))
+    root = folder(tmp_path / "data", train=40, test=5)
+    items = read_folder(root, root / "labels.csv", fields=("organ",), where={"split": "train"})
+    assert len(items) == 80  # the 10 test rows stay out
     replay = RetrainingReplay(
         policy=RetrainPolicy(min_per_class=15, holdout_fraction=0.25, min_holdout_per_class=3),
         options=TrainOptions(input_size=64, epochs=1, views=1, batch_size=16, min_per_class=8),
@@ -111,3 +113,32 @@ def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, sett
     assert block["policy"]["min_per_class"] == 15
     # The scratch encoders never reach the project's encoders folder.
     assert not settings.encoders_dir.exists() or not any(settings.encoders_dir.iterdir())
+
+
+def test_evaluate_cli_learning_curve_replays_retraining_on_the_rows_named(
+    tmp_path, monkeypatch, capsys
+):
+    from echolabel.cli import main
+    from tests.conftest import TINY_ENCODER
+    from tests.test_train_encoder import folder
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)
+    monkeypatch.setenv("ECHOLABEL_MIN_PER_CLASS", "15")
+    root = folder(tmp_path / "data", train=40, test=5)
+    argv = ["evaluate", "--images", str(root), "--labels", str(root / "labels.csv")]
+    argv += ["--field", "organ", "--where", "split=train", "--learning-curve", "1"]
+    argv += ["--min-class-size", "2", "--out", str(tmp_path / "out")]
+    for option in ("input_size=64", "epochs=1", "views=1", "batch_size=16", "min_per_class=8"):
+        argv += ["--retrain-option", option]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"{TINY_ENCODER}, replayed with automatic retraining:" in printed
+    assert "| random | 50 | organ |" in printed and "| diverse_first | 50 | organ |" in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["dataset"]["items"] == 80  # --where kept the test rows out
+    block = report["encoders"][TINY_ENCODER]["learning_curve_retraining"]
+    assert block["options"]["epochs"] == 1 and block["policy"]["min_per_class"] == 15
+    assert [s["order"] for s in block["sessions"]] == ["random", "diverse_first"]
+    assert main([*argv, "--retrain-option", "epoch=2"]) != 0
+    assert "--retrain-option epoch: not a training option" in capsys.readouterr().err

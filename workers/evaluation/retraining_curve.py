@@ -146,3 +146,35 @@ def _round(
     if comparison.challenger_wins:
         out["vectors"] = np.asarray(challenger, dtype=np.float32)
     return out
+
+
+def retraining_table(block: Mapping[str, Any]) -> str:
+    """A markdown table of the replayed sessions: per order and curve point, the mean over
+    seeds of each field's right rate (abstentions as misses), accuracy and coverage, and the
+    promotions so far; then every round's decision."""
+    sessions = block["sessions"]
+    lines = ["| order | labelled | field | right rate | accuracy | coverage | promotions |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for order in dict.fromkeys(s["order"] for s in sessions):
+        runs = [s for s in sessions if s["order"] == order]
+        for step, point in enumerate(runs[0]["points"]):
+            for name in point["fields"]:
+                cells = []
+                for measure in ("right_rate", "accuracy", "coverage"):
+                    values = [r["points"][step]["fields"][name][measure] for r in runs]
+                    kept = [v for v in values if v is not None]
+                    cells.append(f"{np.mean(kept):.3f}" if kept else "—")
+                promotions = np.mean([r["points"][step]["promotions"] for r in runs])
+                lines.append(
+                    f"| {order} | {point['labelled']} | {name} | "
+                    + " | ".join(cells)
+                    + f" | {promotions:g} |"
+                )
+    for session in sessions:
+        decided = [
+            f"{r['labelled']}: {r['decision']}"
+            + (f" ({r['comparison']['margin']:+.3f})" if "comparison" in r else "")
+            for r in session["rounds"]
+        ]
+        lines.append(f"\n{session['order']} seed {session['seed']}: " + "; ".join(decided))
+    return "\n".join(lines)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.settings import Settings
 from echolabel.vote import vote
 from vectorstore import Neighbour
 from workers.evaluation.metrics import MISSING, leave_one_out_neighbours
@@ -47,6 +48,18 @@ class RetrainPolicy:
     resamples: int = 2000
     confidence: float = 0.95
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetrainPolicy:
+        """The policy the backend runs: switch, growth, guard-rail and vote from the settings."""
+        return cls(
+            enabled=settings.auto_retrain,
+            growth=settings.retrain_growth,
+            min_per_class=settings.min_per_class,
+            k=settings.top_k,
+            min_neighbours=settings.min_neighbours,
+            min_score=settings.min_score,
+        )
 
 
 @dataclass(frozen=True)
