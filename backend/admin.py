@@ -118,7 +118,7 @@ class Admin:
             if thread is not None:
                 thread.join(timeout=timeout_s)
                 if thread.is_alive():
-                    log.warning("job interrupted by shutdown", extra={"thread": thread.name})
+                    log.warning("job interrupted by shutdown", extra={"worker": thread.name})
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""
@@ -171,10 +171,10 @@ class Admin:
         review.csv / review.json."""
         return self._start("review", project=project)
 
-    def _start(self, name: str, **arguments: Any) -> dict[str, Any]:
+    def _start(self, job: str, /, **arguments: Any) -> dict[str, Any]:
         launched = run_or_enqueue(
             self.runtime,
-            name,
+            job,
             in_thread=self._start_local,
             redis_down_runs_here=True,
             **arguments,

@@ -893,11 +893,11 @@ def _diverse_first(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
-def _print_job(settings: Settings, name: str, *, no_wait: bool, **arguments: Any) -> int:
+def _print_job(settings: Settings, job: str, /, *, no_wait: bool, **arguments: Any) -> int:
     """Run a catalogue job here or on the workers (echolabel.follow) and print its result."""
     from echolabel.follow import run_job
 
-    result = run_job(settings, name, no_wait=no_wait, **arguments)
+    result = run_job(settings, job, no_wait=no_wait, **arguments)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

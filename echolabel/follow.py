@@ -33,19 +33,19 @@ class _Bar:
             self._bar.close()
 
 
-def run_job(settings: Settings, name: str, *, no_wait: bool = False, **arguments: Any) -> Any:
-    """Run catalogue job `name` here (no REDIS_URL: the embedded store must not be held by a
+def run_job(settings: Settings, job: str, /, *, no_wait: bool = False, **arguments: Any) -> Any:
+    """Run catalogue job `job` here (no REDIS_URL: the embedded store must not be held by a
     running server) or queue it and follow it to its end; its result (None with `no_wait`).
     A queued job that fails raises workers.catalogue.JobFailedError."""
     from workers.catalogue import job_spec, wait
     from workers.runtime import open_runtime, run_or_enqueue
 
-    spec = job_spec(name)
+    spec = job_spec(job)
     bar = _Bar(spec.progress_unit or "it", spec.describe(arguments))
     follow = bar if spec.progress_unit else None
     with open_runtime(settings) as runtime:
         try:
-            launched = run_or_enqueue(runtime, name, on_progress=follow, **arguments)
+            launched = run_or_enqueue(runtime, job, on_progress=follow, **arguments)
             if launched.job is None:
                 return launched.result
             print(f"job {launched.id} on queue {launched.queue}", file=sys.stderr)

@@ -107,7 +107,7 @@ RunHere = Callable[[Progress | None], Any]
 
 def run_or_enqueue(
     runtime: Runtime,
-    name: str,
+    job: str,
     /,
     *,
     on_progress: Progress | None = None,
@@ -115,14 +115,14 @@ def run_or_enqueue(
     redis_down_runs_here: bool = False,
     **arguments: Any,
 ) -> Launched:
-    """Run catalogue job `name` with `arguments`: on the RQ queues when REDIS_URL is set (a job
+    """Run catalogue job `job` with `arguments`: on the RQ queues when REDIS_URL is set (a job
     with the same id still queued or running is answered instead of a second one), else here.
 
     Here, it runs on `runtime` with progress to `on_progress` (or, given `in_thread`, is handed
     to it to start: the backend's admin runs jobs in threads). `redis_down_runs_here`: an
     unreachable Redis runs the job here instead of raising (the backend keeps working).
     """
-    spec = job_spec(name)
+    spec = job_spec(job)
     launched = Launched(spec, spec.job_id(**arguments), spec.describe(arguments))
     dispatcher = redis_dispatcher(runtime)
     if dispatcher is not None:
@@ -139,9 +139,9 @@ def run_or_enqueue(
         if not redis_down_runs_here:
             launched.job = enqueue()
             return launched
-        ok, job = dispatcher.gate.call(enqueue)
-        if ok and job is not None:
-            launched.job = job
+        ok, queued = dispatcher.gate.call(enqueue)
+        if ok and queued is not None:
+            launched.job = queued
             return launched
 
     def run(progress: Progress | None) -> Any:
