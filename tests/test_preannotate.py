@@ -156,14 +156,14 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed, e
     rng = np.random.default_rng(seed)
     n = 500 if exact_cache else 200  # qdrant-client's local mode scans in Python: keep it short
     project = synthetic_project(n, rng, tmp_path)
-    services, api = project.services, project.api
+    services, api = project.runtime, project.api
     classes, labelled = project.classes, project.labelled
     store = services.store
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
     if not exact_cache:
         assert isinstance(store, ExactSearchStore)
-        annotator = PreAnnotator(dataclasses.replace(services, store=store.inner), api, 1)
+        annotator = PreAnnotator(open_runtime(services.settings, store=store.inner), api, 1)
     unlabelled = [i for i in range(n) if not labelled[i]]
     still_labelled = [i for i in range(n) if labelled[i]]
     model = SimilarityModel(services, 1)
