@@ -1,7 +1,7 @@
 """Embedding through Redis/RQ: real Redis, real worker processes (burst mode), embedded store.
 
 With the embedded store the backend is the store's only writer: workers return vectors and the
-backend's collector upserts them (workers/context.py).
+backend's collector upserts them (Runtime.writes_store, echolabel/core/runtime.py).
 """
 
 from __future__ import annotations
