@@ -8,6 +8,7 @@ import re
 from echolabel.cli import main
 from tests.browser import chromium_page, needs_chromium
 from tests.conftest import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+from workers.runtime import open_runtime
 
 
 def shaded_folder(tmp_path, count):
@@ -130,11 +131,11 @@ def test_admin_evaluates_a_project_from_the_store(settings):
     from fastapi.testclient import TestClient
 
     from backend.app import create_app
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
     from workers.embedding import TaskImage
 
     paths = dark_and_bright(settings.local_files_root, 8)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     config = (
         '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
         '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
