@@ -27,6 +27,7 @@ from rq.registry import (
 from echolabel.core.runtime import Runtime
 from workers.queues import EMBED, QUEUES, STORE_QUEUES, queue
 from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
+from workers.training.selection import RetrainPolicy, SelectionLog
 from workers.worker import ThreadWorker
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Admin:
         self._stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
         self._timer_thread: threading.Thread | None = None
+        self._retrain_thread: threading.Thread | None = None
 
     def start_store_worker(self, every_s: float = 1.0) -> None:
         """With Redis and the embedded store, this process runs the store-writing jobs.
@@ -109,12 +111,41 @@ class Admin:
         self._timer_thread = threading.Thread(target=loop, name="refresh-timer", daemon=True)
         self._timer_thread.start()
 
+    def start_retraining_timer(self, every_s: float) -> None:
+        """Every `every_s` seconds, start a retraining round for each project whose labels
+        grew by ECHOLABEL_RETRAIN_GROWTH since its last decision (the round checks the
+        guard-rail itself and records a refusal, which resets the clock)."""
+        settings = self.runtime.settings
+        if every_s <= 0 or not settings.auto_retrain or self._retrain_thread is not None:
+            return
+        selection = SelectionLog(settings.selection_dir)
+        policy = RetrainPolicy.from_settings(settings)
+
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                for project in self.runtime.projects.known():
+                    try:
+                        if self.runtime.store.collection(project) is None:
+                            continue
+                        labelled = self.runtime.store.count(project, labelled=True)
+                        if labelled >= policy.next_round_at(
+                            selection.labelled_at_last_decision(project)
+                        ):
+                            self.start_retraining(project)
+                    except Exception as exc:  # one project's trouble must not stop the timer
+                        log.warning(
+                            "retraining timer", extra={"project": project, "error": str(exc)}
+                        )
+
+        self._retrain_thread = threading.Thread(target=loop, name="retraining-timer", daemon=True)
+        self._retrain_thread.start()
+
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the store worker and the refresh timer. A job still running after `timeout_s`
+        """Stop the store worker and the timers. A job still running after `timeout_s`
         (a long re-embedding) is left to die with the process: its generation never became
         live, and RQ retries it as abandoned, resuming where it stopped."""
         self._stop.set()
-        for thread in (self._worker_thread, self._timer_thread):
+        for thread in (self._worker_thread, self._timer_thread, self._retrain_thread):
             if thread is not None:
                 thread.join(timeout=timeout_s)
                 if thread.is_alive():
@@ -161,6 +192,18 @@ class Admin:
     def start_refresh(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) updating the predictions that recent label changes affect."""
         return self._start("refresh", project=project)
+
+    def start_retraining(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) one round of the self-improving loop for the project."""
+        return self._start("retrain", project=project)
+
+    def start_rollback(self, project: int | str, encoder: str | None = None) -> dict[str, Any]:
+        """Queue (or start) going back to an earlier encoder (default: the previous one)."""
+        return self._start("rollback-encoder", project=project, encoder=encoder)
+
+    def selection(self, project: int | str) -> dict[str, Any]:
+        """The project's live encoder, lineage and every retraining round's record."""
+        return SelectionLog(self.runtime.settings.selection_dir).read(project)
 
     def start_evaluation(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) the evaluation report of a project's labelled tasks."""

@@ -21,6 +21,7 @@ from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
 from workers.encoders import available_encoders
 from workers.encoders.trained import encoder_name, list_trained
+from workers.training.selection import SelectionLog
 
 from .admin import Admin
 
@@ -68,6 +69,10 @@ ACTIONS: dict[str, Action] = {
     ),
     "evaluate": Action("Evaluate", lambda admin, project, _: admin.start_evaluation(project)),
     "review": Action("Label QA", lambda admin, project, _: admin.start_review(project)),
+    "retrain": Action("Retrain now", lambda admin, project, _: admin.start_retraining(project)),
+    "rollback": Action(
+        "Roll back encoder", lambda admin, project, _: admin.start_rollback(project)
+    ),
     "train": Action(
         "Train encoder",
         lambda admin, project, form: admin.start_training_encoder(
@@ -91,10 +96,16 @@ def form_values(action: Action, settings: Settings, form: Mapping[str, str]) -> 
 
 
 def project_summaries(runtime: Runtime) -> list[dict[str, Any]]:
-    """Per known project: its live collection, encoder, generation, counts and reports."""
+    """Per known project: its live collection, encoder, generation, counts, reports and the
+    self-improving loop's records."""
+    selection = SelectionLog(runtime.settings.selection_dir)
     out = []
     for project in runtime.projects.known():
-        row: dict[str, Any] = {"project": project, "reports": latest_reports(runtime, project)}
+        row: dict[str, Any] = {
+            "project": project,
+            "reports": latest_reports(runtime, project),
+            "selection": selection.read(project),
+        }
         try:
             info = runtime.store.collection(project)
             if info is not None:
@@ -226,12 +237,48 @@ def render_admin(
 <table><tr><th>project</th><th>collection</th><th>encoder</th><th>generation</th>
 <th>points</th><th>labelled</th><th>latest results</th><th>actions</th></tr>
 {project_rows}</table>
+<h2>Encoder selection</h2>
+<p>Retraining rounds: a challenger is promoted only when the bootstrap interval of its margin
+(product vote on held-out images, abstentions as misses) excludes 0.</p>
+<table id="selection"><tr><th>project</th><th>started</th><th>labelled</th><th>decision</th>
+<th>challenger</th><th>champion</th><th>accuracy (challenger / champion)</th>
+<th>margin [interval]</th><th>reason</th></tr>
+{_selection_rows(projects)}</table>
 <h2>Jobs</h2>
 <table id="jobs"><thead><tr><th>status</th><th>job</th><th>what</th><th>progress</th>
 <th>error or result</th></tr></thead><tbody>{job_html}</tbody></table>
 <script>{_POLL}</script>
 </body></html>
 """
+
+
+def _selection_rows(projects: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for project in projects:
+        for c in reversed(project.get("selection", {}).get("candidates", [])):
+            comparison = c.get("comparison") or {}
+            scores = margin = ""
+            if comparison:
+                scores = (
+                    f"{comparison['challenger_accuracy']:.3f} / "
+                    f"{comparison['champion_accuracy']:.3f}"
+                )
+                low, high = comparison["interval"]
+                margin = f"{comparison['margin']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            cells = [
+                project["project"],
+                c["started_at"],
+                c["labelled"],
+                c["decision"],
+                c.get("challenger") or "",
+                c["champion"],
+                scores,
+                margin,
+                c["reason"],
+            ]
+            tds = "".join(f"<td>{escape(str(cell))}</td>" for cell in cells)
+            rows.append(f'<tr class="{escape(c["decision"].replace(" ", "-"))}">{tds}</tr>')
+    return "".join(rows) or '<tr><td colspan="9">no retraining round yet</td></tr>'
 
 
 def duplicates_url(project: int | str) -> str:

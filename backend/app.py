@@ -91,6 +91,7 @@ def create_app(
             dispatcher.start_collector()
             admin.start_store_worker()
         admin.start_refresh_timer(settings.refresh_interval_s)
+        admin.start_retraining_timer(settings.retrain_check_s)
         inbox = WebhookInbox(
             settings.model_dir / "webhooks",
             handle_webhook,
@@ -235,6 +236,25 @@ def create_app(
                 reembed=bool(body.get("reembed")),
             )
         )
+
+    @app.post("/projects/{project}/retrain")
+    async def retrain(project: str) -> dict[str, Any]:
+        """Start one round of the self-improving loop now (see GET /jobs and
+        GET /projects/{project}/encoder-selection for its record)."""
+        admin: Admin = state["admin"]
+        return await run_in_threadpool(admin.start_retraining, project_id(project))
+
+    @app.post("/projects/{project}/rollback-encoder")
+    async def rollback_encoder(project: str, encoder: str | None = None) -> dict[str, Any]:
+        """Go back to the previous live encoder (or `encoder`), with zero downtime."""
+        admin: Admin = state["admin"]
+        return await run_in_threadpool(admin.start_rollback, project_id(project), encoder)
+
+    @app.get("/projects/{project}/encoder-selection")
+    async def encoder_selection(project: str) -> dict[str, Any]:
+        """The live encoder, its lineage, and every retraining round: scores, decision, reason."""
+        admin: Admin = state["admin"]
+        return await run_in_threadpool(admin.selection, project_id(project))
 
     @app.post("/projects/{project}/preannotate")
     async def preannotate(project: int, refresh: bool = False) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def process_env(
         ECHOLABEL_LOCAL_FILES_ROOT=str(images),
         ECHOLABEL_JOB_RETRY_INTERVALS="1,2",
         ECHOLABEL_REFRESH_INTERVAL_S="0",
+        # A retraining round would train in the backend mid-measurement (idle CPU, SIGTERM).
+        ECHOLABEL_AUTO_RETRAIN="0",
     )
     return env
 

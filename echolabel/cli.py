@@ -356,8 +356,32 @@ def _parser() -> argparse.ArgumentParser:
     diverse.add_argument("--no-wait", action="store_true", help="queue it and return")
     diverse.set_defaults(run=_diverse_first)
 
-    jobs = sub.add_parser("jobs", help="queued, running and failed jobs with progress")
+    retrain = sub.add_parser(
+        "retrain",
+        help="one round of the self-improving loop now: train a challenger on the project's "
+        "labels, promote it only if it votes better on held-out images (docs/retraining.md)",
+    )
+    retrain.add_argument("--project", required=True)
+    retrain.add_argument("--no-wait", action="store_true", help="queue it and return")
+    retrain.set_defaults(run=_retrain)
+
+    rollback = sub.add_parser(
+        "rollback-encoder",
+        help="go back to the encoder that was live before (or --encoder): zero-downtime "
+        "re-embedding and a fresh push",
+    )
+    rollback.add_argument("--project", required=True)
+    rollback.add_argument("--encoder", help="default: the previous live encoder")
+    rollback.add_argument("--no-wait", action="store_true", help="queue it and return")
+    rollback.set_defaults(run=_rollback_encoder)
+
+    jobs = sub.add_parser(
+        "jobs", help="queued, running and failed jobs with progress; retraining rounds"
+    )
     jobs.add_argument("--json", action="store_true")
+    jobs.add_argument(
+        "--rounds", action="store_true", help="with --json: the retraining rounds' records"
+    )
     jobs.set_defaults(run=_jobs)
 
     weights = sub.add_parser("weights", help="encoder weights")
@@ -974,20 +998,40 @@ def _print_job(settings: Settings, job: str, /, *, no_wait: bool, **arguments: A
     return 0
 
 
+def _retrain(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one retraining round (even with ECHOLABEL_AUTO_RETRAIN=0: asked for by hand)."""
+    from backend.projects import project_id
+
+    settings = dataclasses.replace(settings, auto_retrain=True)
+    return _print_job(settings, "retrain", no_wait=args.no_wait, project=project_id(args.project))
+
+
+def _rollback_encoder(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.projects import project_id
+
+    return _print_job(
+        settings,
+        "rollback-encoder",
+        no_wait=args.no_wait,
+        project=project_id(args.project),
+        encoder=args.encoder,
+    )
+
+
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from backend.admin import list_rq_jobs
     from workers.queues import connect
+    from workers.training.selection import SelectionLog
 
-    if not settings.redis_url:
-        print(
-            "echolabel: REDIS_URL is not set: jobs run in the backend; see GET /jobs",
-            file=sys.stderr,
-        )
-        return 1
-    listed = list_rq_jobs(connect(settings.redis_url))
+    rounds = SelectionLog(settings.selection_dir).all_projects()
+    listed = (
+        list_rq_jobs(connect(settings.redis_url)) if settings.redis_url and not args.rounds else []
+    )
     if args.json:
-        print(json.dumps(listed, indent=2))
-        return 0
+        print(json.dumps({"retraining": rounds} if args.rounds else listed, indent=2))
+        return 0 if settings.redis_url or args.rounds else 1
+    if not settings.redis_url:
+        print("REDIS_URL is not set: jobs run in the backend; see GET /jobs", file=sys.stderr)
     for job in listed:
         progress = job["progress"]
         done = f"{progress.get('done', '')}/{progress.get('total', '')}" if progress else ""
@@ -995,7 +1039,15 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             f"{job['status']:9} {job['queue']:9} {job['id']:40} {done:12} "
             f"{job['error'] or job['description'] or ''}"
         )
-    return 0
+    for project, state in rounds.items():
+        live = state["live"]["encoder"] if state["live"] else "the first encoder"
+        print(f"\nproject {project}: live encoder {live}; retraining rounds:")
+        for c in state["candidates"]:
+            print(
+                f"  {c['started_at']}  {c['labelled']:>6} labelled  {c['decision']:11} "
+                f"{c['challenger'] or '':28} {c['reason']}"
+            )
+    return 0 if settings.redis_url else 1
 
 
 def _download_weights(args: argparse.Namespace, settings: Settings) -> int:

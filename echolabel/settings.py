@@ -6,10 +6,12 @@ Names follow Label Studio's ML-backend conventions where they exist (`LABEL_STUD
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -63,6 +65,9 @@ class Settings:
     # the last decision; `patient_key` (a task data key) keeps patients on one side of its split.
     auto_retrain: bool = True
     retrain_growth: float = 0.25
+    retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
+    # TrainOptions for the loop's challengers (JSON, e.g. {"epochs": 5}); the recipe otherwise.
+    retrain_options: Mapping[str, Any] = field(default_factory=dict)
     patient_key: str | None = None
     log_level: str = "WARNING"
     log_json: bool = True
@@ -85,6 +90,11 @@ class Settings:
     def encoders_dir(self) -> Path:
         """Where trained encoders are saved, one versioned directory each."""
         return self.artefacts / "encoders"
+
+    @property
+    def selection_dir(self) -> Path:
+        """The self-improving loop's records: one file per project (workers/training/selection)."""
+        return self.artefacts / "selection"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -149,7 +159,11 @@ class Settings:
             min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
             auto_retrain=reader.flag("ECHOLABEL_AUTO_RETRAIN", cls.auto_retrain),
             retrain_growth=reader.fraction("ECHOLABEL_RETRAIN_GROWTH", cls.retrain_growth),
+            retrain_check_s=float(
+                reader.integer("ECHOLABEL_RETRAIN_CHECK_S", int(cls.retrain_check_s), 0)
+            ),
             patient_key=reader.text("ECHOLABEL_PATIENT_KEY"),
+            retrain_options=reader.json_object("ECHOLABEL_RETRAIN_OPTIONS"),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),
@@ -230,6 +244,18 @@ class _EnvReader:
         if number < minimum:
             raise ConfigError(f"{name}={number} must be at least {minimum}")
         return number
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        value = self.text(name)
+        if value is None:
+            return {}
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}={value!r} is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f'{name} must be a JSON object, e.g. {{"epochs": 5}}')
+        return parsed
 
     def fraction(self, name: str, default: float) -> float:
         value = self.text(name)

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # A database of its own, flushed by each test that uses it.
 REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# The self-improving loop trains encoders in the background of a backend that runs long
+# enough; only its own tests (test_retraining*.py) turn it on. Subprocesses inherit this.
+os.environ.setdefault("ECHOLABEL_AUTO_RETRAIN", "0")
 TINY_ENCODER = "tiny-test"
 DARK_BRIGHT_CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
@@ -135,6 +138,7 @@ def settings(tmp_path: Path) -> Settings:
         min_score=0.5,
         max_image_bytes=200_000,
         max_image_pixels=1_000_000,
+        auto_retrain=False,
     )
 
 

@@ -138,3 +138,109 @@ def test_a_round_waits_for_labels_to_grow_or_when_turned_off(settings, tmp_path,
     else:
         assert "ECHOLABEL_AUTO_RETRAIN" in first.reason
     assert not list((settings.encoders_dir).glob("project-5-v*"))
+
+
+def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
+    settings, redis_db, monkeypatch
+):
+    """Labels grow through webhooks; the backend's timer starts a round on the RQ queue, its
+    in-process store worker trains a challenger against a champion that knows nothing, promotes
+    it with zero downtime (every /predict answered throughout), pushes the predictions again
+    under the new version; then a rollback brings the old encoder back."""
+    import threading
+    import time
+
+    import httpx
+
+    from backend import preannotate
+    from backend.app import create_app
+    from tests.conftest import REDIS_URL, annotation_webhook, choices_result, serving
+    from tests.fake_label_studio import FakeLabelStudioAPI
+    from workers.training.selection import SelectionLog
+
+    paths = dark_and_bright(settings.local_files_root, 60, size=(48, 48))
+    tasks = []
+    for n, name in enumerate(sorted(paths)):
+        tone = name.split("_")[0]
+        first = int(name.split("_")[1]) < 10  # 10 of each labelled before the backend starts
+        annotations = (
+            [{"id": 100 + n, "result": choices_result({"organ": tone}), "updated_at": "2026"}]
+            if first
+            else []
+        )
+        tasks.append({"id": n, "data": {"image": paths[name]}, "annotations": annotations})
+    api = FakeLabelStudioAPI(tasks, CONFIG)
+    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    looped = dataclasses.replace(
+        settings,
+        encoder=NOISE_ENCODER,
+        redis_url=REDIS_URL,
+        auto_retrain=True,
+        retrain_check_s=1.0,
+        min_per_class=60,
+        retrain_options=dataclasses.asdict(TINY) | {"min_per_class": 8, "epochs": 4},
+        top_k=5,
+        refresh_interval_s=0,
+        embed_wait_s=0.0,
+    )
+    selection = SelectionLog(looped.selection_dir)
+    answers: list[int] = []
+    stop = threading.Event()
+    with serving(create_app(looped)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post("/setup", json={"project": "5", "schema": CONFIG}).status_code == 200
+        started = client.post("/projects/5/preannotate").json()
+        assert started["queue"] == "preannotate", started
+        deadline = time.monotonic() + 300
+        while not api.predictions_by_id:
+            assert time.monotonic() < deadline, client.get("/jobs").json()
+            time.sleep(0.5)
+        first_version = next(iter(api.predictions_by_id.values()))["model_version"]
+        assert NOISE_ENCODER in first_version
+
+        def ask() -> None:
+            task = {"id": 119, "data": {"image": tasks[119]["data"]["image"]}}
+            while not stop.is_set():
+                reply = client.post("/predict", json={"tasks": [task], "project": "5"})
+                answers.append(reply.status_code)
+                time.sleep(0.1)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        # Labels grow: 50 more of each class, 120 labelled, where the first round is due
+        # (twice the guard-rail's 60 per class).
+        unlabelled = [t for t in tasks if not t["annotations"]]
+        for task in [t for t in unlabelled if "dark_" in t["data"]["image"]][:50] + [
+            t for t in unlabelled if "bright_" in t["data"]["image"]
+        ][:50]:
+            tone = "dark" if "dark_" in task["data"]["image"] else "bright"
+            body = annotation_webhook(5, task, {"organ": tone}, 1000 + task["id"])
+            assert client.post("/webhook", json=body).status_code == 200
+        deadline = time.monotonic() + 600
+        while not selection.read(5)["candidates"]:
+            assert time.monotonic() < deadline, client.get("/jobs").json()
+            time.sleep(0.5)
+        stop.set()
+        asker.join(30)
+        (round_,) = selection.read(5)["candidates"]
+        assert round_["decision"] == "promoted", round_["reason"]
+        assert round_["labelled"] == 120 and round_["champion"] == NOISE_ENCODER
+        challenger = round_["challenger"]
+        assert selection.read(5)["live"]["encoder"] == challenger
+        assert answers and set(answers) == {200}, answers  # predictions answered throughout
+        # The push ran again under the new encoder's version: one current prediction per task.
+        versions = {p["model_version"] for p in api.predictions_by_id.values()}
+        assert any(challenger.replace(":", "-") in v or challenger in v for v in versions)
+        assert round_["details"]["push"]["model_version"] != first_version
+        shown = client.get("/projects/5/encoder-selection").json()
+        assert shown["candidates"][0]["comparison"]["interval"][0] > 0
+
+        # Rollback: the champion that knew nothing is back, recorded.
+        assert client.post("/projects/5/rollback-encoder").status_code == 200
+        deadline = time.monotonic() + 300
+        while selection.read(5)["live"]["encoder"] != NOISE_ENCODER:
+            assert time.monotonic() < deadline, client.get("/jobs").json()
+            time.sleep(0.5)
+        decisions = [
+            c["decision"] for c in client.get("/projects/5/encoder-selection").json()["candidates"]
+        ]
+        assert decisions == ["promoted", "rolled back"]

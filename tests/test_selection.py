@@ -145,7 +145,8 @@ def test_selection_log_tracks_live_encoder_and_rollback_target(tmp_path) -> None
     assert log.read(3)["live"]["encoder"] == "trained:p-v1"
     assert log.labelled_at_last_decision(3) == 130
     log.record(3, round_("trained:p-v3", "failed", 170))
-    assert log.labelled_at_last_decision(3) == 130  # a failed round does not reset the clock
+    assert log.labelled_at_last_decision(3) == 170  # a failure waits for more labels too
+    assert log.previous_encoder(3) == "x"  # the encoder the project started with
     log.record(3, round_("trained:p-v3", "promoted", 170))
     assert log.previous_encoder(3) == "trained:p-v1"
     assert [c["decision"] for c in log.read(3)["candidates"]] == [

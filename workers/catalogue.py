@@ -134,6 +134,25 @@ CATALOGUE: dict[str, JobSpec] = {
             ),
             progress_unit="step",
         ),
+        # One round of the self-improving loop; a promotion re-embeds in the same job, so it
+        # runs where re-embedding does.
+        JobSpec(
+            "retrain",
+            "workers.jobs.retrain_round",
+            REEMBED,
+            "retrain-{project}",
+            _project("retraining round of"),
+            progress_unit="step",
+        ),
+        JobSpec(
+            "rollback-encoder",
+            "workers.jobs.rollback_encoder",
+            REEMBED,
+            "rollback-encoder-{project}",
+            lambda a: (
+                f"go back to {a.get('encoder') or 'the previous encoder'} on project {a['project']}"
+            ),
+        ),
         JobSpec(
             "evaluate",
             "workers.jobs.evaluate_project",

@@ -6,6 +6,7 @@ process's runtime (workers.runtime.current); workers/catalogue.py says how each 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -360,3 +361,133 @@ def _labelled_points(project: int | str, what: str) -> list[Point]:
 
 def _fields(points: Sequence[Point]) -> list[str]:
     return sorted({name for p in points for name in p.labels})
+
+
+def retrain_round(
+    project: int | str, on_progress: Callable[[Any], None] | None = None
+) -> dict[str, Any]:
+    """One round of the self-improving loop (workers/training/retraining.py): train a
+    challenger, score it against the live encoder, and promote it only when it wins: a
+    zero-downtime re-embedding, then a fresh push where predictions were pushed before. Every
+    round's record is in the selection log (admin page, `echolabel jobs`)."""
+    from workers.training import TrainOptions
+    from workers.training.retraining import run_round
+    from workers.training.selection import Candidate, RetrainPolicy, SelectionLog
+
+    runtime = current()
+    settings = runtime.settings
+    selection = SelectionLog(settings.selection_dir)
+    started = _now()
+    try:
+        candidate = run_round(
+            store=runtime.store,
+            embedder=runtime.embedder,
+            fetcher=runtime.fetcher,
+            encoders_dir=settings.encoders_dir,
+            selection=selection,
+            project=project,
+            policy=RetrainPolicy.from_settings(settings),
+            options=TrainOptions(
+                **{
+                    "min_per_class": settings.min_per_class,
+                    "device": settings.device,
+                    **settings.retrain_options,
+                }
+            ),
+            patient_key=settings.patient_key,
+            on_progress=_meta_reporter(on_progress),
+        )
+    except Exception as exc:
+        info = runtime.store.collection(project)
+        selection.record(
+            project,
+            Candidate(
+                challenger=None,
+                champion=info.encoder if info else "",
+                labelled=runtime.store.count(project, labelled=True) if info else 0,
+                started_at=started,
+                decision="failed",
+                reason=f"{type(exc).__name__}: {exc}",
+            ),
+        )
+        raise
+    if candidate.decision == "promoted" and candidate.challenger:
+        candidate = _switch_encoder(project, candidate.challenger, selection, candidate)
+    return dataclasses.asdict(candidate)
+
+
+def rollback_encoder(project: int | str, encoder: str | None = None) -> dict[str, Any]:
+    """Go back to `encoder`, or to the encoder that was live before the current one: the same
+    zero-downtime re-embedding and push as a promotion, recorded as "rolled back"."""
+    from workers.training.selection import Candidate, SelectionLog
+
+    runtime = current()
+    selection = SelectionLog(runtime.settings.selection_dir)
+    info = runtime.store.collection(project)
+    if info is None:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no collection")
+    target = encoder or selection.previous_encoder(project)
+    if target is None:
+        _no_retry()
+        raise PermanentJobError(
+            f"project {project}: no earlier encoder to go back to (name one with --encoder)"
+        )
+    candidate = Candidate(
+        challenger=target,
+        champion=info.encoder,
+        labelled=runtime.store.count(project, labelled=True),
+        started_at=_now(),
+        decision="rolled back",
+        reason=f"rolled back from {info.encoder} to {target} by an admin",
+    )
+    return dataclasses.asdict(_switch_encoder(project, target, selection, candidate))
+
+
+def _switch_encoder(project: int | str, encoder: str, selection: Any, candidate: Any) -> Any:
+    """Re-embed with `encoder` (zero downtime), push again where predictions were pushed, then
+    record the switch; a failed re-embedding is recorded as "failed" and raised."""
+    from workers.catalogue import job_spec
+    from workers.runtime import run_here
+
+    runtime = current()
+    before = runtime.store.collection(project)
+    try:
+        switched = reembed(project, encoder)
+    except Exception as exc:
+        selection.record(
+            project,
+            dataclasses.replace(
+                candidate, decision="failed", reason=f"re-embedding with {encoder} failed: {exc}"
+            ),
+        )
+        raise
+    details = {**candidate.details, "reembed": switched.get("stage")}
+    if before is not None and before.published_version:
+        # The push votes every unlabelled task with the new encoder under a new version.
+        try:
+            details["push"] = run_here(runtime, job_spec("preannotate"), {"project": project})
+        except Exception as exc:  # the switch is live; the push can be started again by hand
+            details["push_error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("push after encoder switch failed", extra={"error": str(exc)})
+    candidate = dataclasses.replace(candidate, details=details)
+    selection.record(project, candidate)
+    return candidate
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def _meta_reporter(on_progress: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """Progress to `on_progress` and to the current RQ job's meta."""
+    job = get_current_job()
+
+    def report(progress: Any) -> None:
+        if on_progress is not None:
+            on_progress(progress)
+        if job is not None:
+            job.meta["progress"] = progress.as_meta()
+            job.save_meta()
+
+    return report

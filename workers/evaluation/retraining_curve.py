@@ -66,7 +66,7 @@ def replay_retraining(
     labelled = 0
     for target in sizes:
         while labelled < target:
-            due_at = int(np.ceil(last_decision * (1 + policy.growth))) if last_decision else None
+            due_at = policy.next_round_at(last_decision) if last_decision else None
             # Step to the curve's next point, or to the policy's next point if it comes first.
             labelled = due_at if due_at is not None and labelled < due_at < target else target
             if policy.enabled and (due_at is None or labelled >= due_at):

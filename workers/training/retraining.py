@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,7 @@ def run_round(
 
     `relabel` changes the labels the challenger trains on (tests build a worse challenger
     with shuffled labels); scoring always uses the true labels."""
-    started = datetime.now(UTC).isoformat(timespec="seconds")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     inputs = round_inputs(store, project, fields, patient_key)
 
     def record(decision: str, reason: str, **extra: Any) -> Candidate:

@@ -49,6 +49,13 @@ class RetrainPolicy:
     confidence: float = 0.95
     seed: int = 0
 
+    def next_round_at(self, labelled_at_last_decision: int) -> int:
+        """Labelled images at which the next round is due: `growth` more than at the last
+        decision; before any, when two classes could pass the guard-rail."""
+        if not labelled_at_last_decision:
+            return 2 * self.min_per_class
+        return int(np.ceil(labelled_at_last_decision * (1 + self.growth)))
+
     @classmethod
     def from_settings(cls, settings: Settings) -> RetrainPolicy:
         """The policy the backend runs: switch, growth, guard-rail and vote from the settings."""
@@ -81,7 +88,7 @@ def retraining_due(
     if not policy.enabled:
         return Due(False, "automatic retraining is off (ECHOLABEL_AUTO_RETRAIN=0)")
     labelled = len(samples)
-    needed = int(np.ceil(labelled_at_last_decision * (1 + policy.growth)))
+    needed = policy.next_round_at(labelled_at_last_decision)
     if labelled_at_last_decision and labelled < needed:
         return Due(
             False,
@@ -254,10 +261,20 @@ class SelectionLog:
             return {"live": None, "lineage": [], "candidates": []}
         return json.loads(path.read_text())
 
+    def all_projects(self) -> dict[str, dict[str, Any]]:
+        """Every project's record, by project id."""
+        if not self.directory.is_dir():
+            return {}
+        return {
+            path.stem.removeprefix("project-"): json.loads(path.read_text())
+            for path in sorted(self.directory.glob("project-*.json"))
+        }
+
     def labelled_at_last_decision(self, project: int | str) -> int:
-        """Labelled images when the last round ended (or the live encoder was chosen); 0 if none."""
+        """Labelled images when the last round ended, whatever its decision (a failure too: the
+        next try waits for more labels instead of failing again at every check); 0 if none."""
         state = self.read(project)
-        counts = [c["labelled"] for c in state["candidates"] if c["decision"] != "failed"]
+        counts = [c["labelled"] for c in state["candidates"]]
         if state["live"]:
             counts.append(state["live"]["labelled"])
         return max(counts, default=0)
@@ -267,8 +284,14 @@ class SelectionLog:
         state = self.read(project)
         state["candidates"].append(asdict(candidate))
         if candidate.decision in ("promoted", "rolled back") and candidate.challenger:
-            if state["live"]:
-                state["lineage"].append(state["live"])
+            # The encoder the project started with has no round of its own: it enters the
+            # lineage when it is first replaced, so a rollback can return to it.
+            replaced = state["live"] or {
+                "encoder": candidate.champion,
+                "labelled": 0,
+                "since": None,
+            }
+            state["lineage"].append(replaced)
             state["live"] = {
                 "encoder": candidate.challenger,
                 "labelled": candidate.labelled,
