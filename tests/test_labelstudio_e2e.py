@@ -23,18 +23,11 @@ from backend.model import SimilarityModel
 from backend.preannotate import PreAnnotator
 from echolabel.cli import main
 from echolabel.settings import Settings
-from tests.conftest import SHARED_DATA, choices_result, serving
+from tests.helpers import SHARED_DATA, choices_result, serving
+from tests.label_configs import ORGAN_FINDING_CONFIG
 
 BUSI = SHARED_DATA / "busi"
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Choices name="organ" toName="image">
-    <Choice value="breast"/><Choice value="thyroid"/><Choice value="liver"/>
-  </Choices>
-  <Choices name="finding" toName="image">
-    <Choice value="normal"/><Choice value="benign"/><Choice value="malignant"/>
-  </Choices>
-</View>"""
+CONFIG = ORGAN_FINDING_CONFIG
 BASIC_AUTH = ("labelstudio", "backend-secret-é")  # non-ASCII: Label Studio sends latin-1
 
 pytestmark = [
