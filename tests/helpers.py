@@ -4,8 +4,10 @@ a uvicorn server on loopback, and the tests' Label Studio install. Fixtures are 
 
 from __future__ import annotations
 
+import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from echolabel.settings import Settings
+from tests.label_configs import ORGAN_FINDING_CONFIG
 from workers.encoders import available_encoders, register_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,9 +220,6 @@ def label_studio_server(root: Path, **settings: str):
 def busi_subset(folder: Path, every: int = 13) -> Path:
     """A copy of every `every`-th BUSI image (all three findings) with a labels.csv of its own,
     for tests that must not touch ../shared/data (the demo reads the folder it is given)."""
-    import csv
-    import shutil
-
     busi = SHARED_DATA / "busi"
     (folder / "images").mkdir(parents=True)
     with open(busi / "labels.csv", newline="") as handle:
@@ -247,3 +247,46 @@ def busi_demo(folder: Path):
         annotate=0.5,
         say=lambda _: None,
     )
+
+
+# -- a real Label Studio with BUSI's images (tests/test_labelstudio_e2e.py, test_doctor.py) --------
+
+BUSI = SHARED_DATA / "busi"
+BASIC_AUTH = ("labelstudio", "backend-secret-é")  # non-ASCII: Label Studio sends latin-1
+
+
+def busi_rows() -> list[dict[str, str]]:
+    with open(BUSI / "labels.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def serve_images(label_studio, rows: list[dict[str, str]], folder: str) -> Path:
+    """Copy the images into Label Studio's local-files root (a temp dir, never the repo)."""
+    target = label_studio.local_files_root / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        shutil.copyfile(BUSI / row["image"], target / Path(row["image"]).name)
+    return target
+
+
+def annotate_rows(admin, ids: dict[str, int], rows: list[dict]) -> None:
+    """Annotate these BUSI rows' tasks through Label Studio's API with their CSV labels."""
+    for row in rows:
+        labels = {"organ": row["organ"], "finding": row["finding"]}
+        admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+
+
+def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> dict[str, int]:
+    """A project with our config and the images as tasks; the backend connected. Task ids by
+    image name."""
+    target = serve_images(label_studio, rows, folder)
+    project = admin.create_project(f"echolabel e2e {folder}", ORGAN_FINDING_CONFIG)
+    admin.add_local_storage(project, str(target))
+    names = [Path(row["image"]).name for row in rows]
+    ids = admin.import_tasks(
+        project, [{"image": f"/data/local-files/?d={folder}/{name}"} for name in names]
+    )
+    admin.connect_backend(project, backend_url, "echolabel", basic_auth=BASIC_AUTH)
+    # Without its webhook a connected backend shows "Connected" but never learns.
+    assert admin.webhooks_to(project, backend_url), admin.webhooks(project)
+    return {"project": project} | dict(zip(names, ids, strict=True))
