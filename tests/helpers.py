@@ -1,5 +1,7 @@
-"""Test helpers: a tiny deterministic encoder, image and webhook builders, a real worker and
-a uvicorn server on loopback, and the tests' Label Studio install. Fixtures are in conftest.py.
+"""Test helpers: tiny deterministic encoders, image, webhook and synthetic-vector builders, a
+real worker and a uvicorn server on loopback, and the tests' real Label Studio (its install and
+BUSI projects). Fixtures are in conftest.py, shared label configs in label_configs.py, the fake
+Label Studio and image host in fakes.py.
 """
 
 from __future__ import annotations
