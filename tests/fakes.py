@@ -72,8 +72,8 @@ class Reply:
     delay_s: float = 0.0
 
 
-def image(body: bytes = PNG, content_type: str | None = "image/png") -> Reply:
-    return Reply(200, body, {"Content-Type": content_type} if content_type else {})
+def image_reply(body: bytes = PNG, content_type: str = "image/png") -> Reply:
+    return Reply(200, body, {"Content-Type": content_type})
 
 
 def redirect(location: str) -> Reply:
@@ -110,14 +110,14 @@ class FakeImageHost:
         """Add the routes an image fetcher must survive; `/away` leaves for `localhost`, this
         server under another host name."""
         self.routes |= {
-            "/public.png": image(),
+            "/public.png": image_reply(),
             "/away": lambda _: redirect(f"http://localhost:{self.port}/public.png"),
             "/home": redirect("/data/upload/1/a.png"),
             "/ftp": redirect("ftp://example.org/a.png"),
             "/loop": redirect("/loop"),
             "/big-declared": Reply(200, b"\0" * (max_bytes + 1)),
             "/big-streamed": Reply(200, b"\0" * (max_bytes * 3), declare_length=False),
-            "/mislabelled": image(content_type="text/html; charset=utf-8"),
+            "/mislabelled": image_reply(content_type="text/html; charset=utf-8"),
             "/login": Reply(200, b"<!doctype html><html><body>Log in</body></html>"),
             "/error": Reply(500, b"Internal Server Error"),
             "/slow": Reply(200, PNG, delay_s=1.0),
@@ -225,18 +225,15 @@ class FakeLabelStudio(InMemoryLabelStudio, FakeImageHost):
         *,
         project: int = 1,
         token: str = KEY,
-        upload: bytes = PNG,
-        routes: dict[str, Route] | None = None,
         clock: Callable[[], float] = time.time,
         access_lifetime_s: float = 300.0,
         fail_imports_after: int | None = None,
     ) -> None:
         InMemoryLabelStudio.__init__(self, tasks or [], label_config or "")
-        FakeImageHost.__init__(self, routes)
+        FakeImageHost.__init__(self)
         self.has_project = label_config is not None
         self.project_id = project
         self.token = token
-        self.upload = upload
         self.clock = clock
         self.access_lifetime_s = access_lifetime_s
         self.fail_imports_after = fail_imports_after
@@ -298,7 +295,7 @@ class FakeLabelStudio(InMemoryLabelStudio, FakeImageHost):
                 self.unauthorized += 1
             return json_reply(401, {"detail": "Authentication credentials were not provided."})
         if route.startswith("/data/upload/"):
-            return image(self.upload)
+            return image_reply()
         if request.method == "GET":
             return self._api_get(route, request.query)
         return NOT_FOUND

@@ -14,8 +14,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
-from tests import fakes
-from tests.fakes import FakeImageHost
+from tests.fakes import FakeImageHost, image_reply
 from tests.helpers import (
     annotation_webhook,
     dark_and_bright,
@@ -76,7 +75,7 @@ def test_predict_queues_embedding_and_workers_fill_the_store(redis_settings, red
 
 def test_transient_failure_is_retried(redis_settings, redis_db):
     image = png_bytes((40, 40, 40), size=(64, 64))
-    images = FakeImageHost({"/scan.png": fakes.image(image)})
+    images = FakeImageHost({"/scan.png": image_reply(image)})
     images.fail("/scan.png", 503)
     settings = dataclasses.replace(redis_settings, image_allowed_hosts=("127.0.0.1",))
     with images, TestClient(create_app(settings)) as client:
