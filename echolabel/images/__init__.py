@@ -1,9 +1,10 @@
 """Fetch a task's image from wherever its reference points, and decode it to RGB within limits.
 
-A reference is trusted only as far as the settings allow: Label Studio's own URLs get its token,
-hosts in ECHOLABEL_IMAGE_ALLOWED_HOSTS are fetched without credentials, local paths are read
-only inside ECHOLABEL_LOCAL_FILES_ROOT, and everything else is refused. Every failure is an
-`ImageError` carrying a short reason code and the HTTP status our API should answer with.
+`fetch` is the policy (which references are trusted, with which credentials, up to which size),
+`decode` turns bytes into pixels (Pillow's formats, the ultrasound crop), `dicom` reads DICOM,
+`modes` converts any pixel mode to 8-bit RGB, and `errors` holds `ImageError`: every failure
+carries a short reason code and the HTTP status our API should answer with. Callers import from
+here.
 """
 
 from echolabel.images.decode import UltrasoundCrop, decode_image
