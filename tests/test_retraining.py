@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from backend.model import Services, SimilarityModel
-from tests.conftest import TINY_ENCODER, dark_and_bright
+from tests.helpers import TINY_ENCODER, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.embedding import TaskImage
 from workers.encoders import available_encoders, register_encoder
 from workers.training import TrainOptions
@@ -22,9 +23,7 @@ from workers.training.samples import Sample
 from workers.training.selection import RetrainPolicy, SelectionLog
 
 NOISE_ENCODER = "noise-test"
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 TINY = TrainOptions(input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20)
 POLICY = RetrainPolicy(holdout_fraction=0.25, min_holdout_per_class=4, k=5, min_neighbours=2)
 
