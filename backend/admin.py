@@ -1,8 +1,9 @@
-"""Admin operations: start a re-embedding, and see every job with its progress and errors.
+"""Admin operations: start the catalogue's jobs, and see every job with its progress and errors.
 
-With Redis, re-embedding is an RQ job on the `reembed` queue (run by a worker that may write
-the store: any worker with a Qdrant server, the backend's own in-process worker with the
-embedded store). Without Redis, the backend runs the same job function in a thread.
+With Redis, a job goes to its RQ queue (workers/catalogue.py; one that touches the store runs
+on a worker that may write it: any worker with a Qdrant server, the backend's own in-process
+worker with the embedded store). Without Redis, or while it is unreachable, the backend runs
+the same job function in a thread.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,34 +24,12 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from workers import jobs as job_functions
-from workers.queues import (
-    EMBED,
-    EVALUATE,
-    PREANNOTATE,
-    QUEUES,
-    REEMBED,
-    STORE_QUEUES,
-    enqueue_unique,
-    queue,
-    retry_policy,
-)
-from workers.reembed import Progress
-from workers.training import TrainingProgress
+from echolabel.core.runtime import Runtime
+from workers.queues import EMBED, QUEUES, STORE_QUEUES, queue
+from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
 from workers.worker import ThreadWorker
 
-from . import diverse_first, preannotate
-from .model import Services
-
 log = logging.getLogger(__name__)
-
-
-def reembed_job_id(project: int | str) -> str:
-    return f"reembed-{project}"
-
-
-def train_encoder_job_id(project: int | str) -> str:
-    return f"train-encoder-{project}"
 
 
 @dataclass
@@ -67,8 +46,8 @@ class LocalJob:
 
 
 class Admin:
-    def __init__(self, services: Services) -> None:
-        self.services = services
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.local_jobs: dict[str, LocalJob] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -83,8 +62,8 @@ class Admin:
         and a scheduler run every second. The loop notices `stop` within a second, and a Redis
         outage only pauses it (RedisGate warns once a minute).
         """
-        dispatcher = self.services.dispatcher
-        if dispatcher is None or not self.services.store.single_writer or self._worker_thread:
+        dispatcher = redis_dispatcher(self.runtime)
+        if dispatcher is None or not self.runtime.store.single_writer or self._worker_thread:
             return
         queues = [queue(dispatcher.connection, name) for name in STORE_QUEUES]
 
@@ -119,9 +98,9 @@ class Admin:
 
         def loop() -> None:
             while not self._stop.wait(every_s):
-                for project in self.services.projects.known():
+                for project in self.runtime.projects.known():
                     try:
-                        info = self.services.store.collection(project)
+                        info = self.runtime.store.collection(project)
                         if info is not None and info.published_version and info.label_changes:
                             self.start_refresh(project)
                     except Exception as exc:  # one project's trouble must not stop the timer
@@ -139,18 +118,11 @@ class Admin:
             if thread is not None:
                 thread.join(timeout=timeout_s)
                 if thread.is_alive():
-                    log.warning("job interrupted by shutdown", extra={"thread": thread.name})
+                    log.warning("job interrupted by shutdown", extra={"worker": thread.name})
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""
-        return self._start(
-            reembed_job_id(project),
-            REEMBED,
-            job_functions.reembed,
-            (project, encoder),
-            f"re-embed project {project} with {encoder}",
-            with_progress=True,
-        )
+        return self._start("reembed", project=project, encoder=encoder)
 
     def start_training_encoder(
         self,
@@ -167,127 +139,71 @@ class Admin:
         (epochs, input_size, ...); progress (epoch, loss, validation accuracy, ETA) is in
         the job's meta."""
         return self._start(
-            train_encoder_job_id(project),
-            REEMBED,
-            job_functions.train_encoder,
-            (project, list(fields), name, dict(options or {}), patient_key, reembed),
-            f"train encoder on project {project}" + (" and re-embed" if reembed else ""),
-            with_progress=True,
+            "train-encoder",
+            project=project,
+            fields=list(fields),
+            name=name,
+            options=dict(options or {}),
+            patient_key=patient_key,
+            reembed_after=reembed,
         )
 
     def start_preannotate(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) pushing predictions for every unlabelled task of the project."""
-        return self._start(
-            f"preannotate-{project}",
-            PREANNOTATE,
-            preannotate.preannotate_project,
-            (project,),
-            f"pre-annotate project {project}",
-            with_progress=True,
-        )
+        return self._start("preannotate", project=project)
 
     def start_diverse_first(
         self, project: int | str, limit: int | None = None, clear: bool = False
     ) -> dict[str, Any]:
         """Queue (or start) writing the diverse-first order into the project's task data."""
-        return self._start(
-            f"diverse-first-{project}",
-            PREANNOTATE,
-            diverse_first.diverse_first_project,
-            (project, limit, clear),
-            f"diverse-first order of project {project}" + (" (clear)" if clear else ""),
-            with_progress=True,
-        )
+        return self._start("diverse-first", project=project, limit=limit, clear=clear)
 
     def start_refresh(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) updating the predictions that recent label changes affect."""
-        return self._start(
-            f"refresh-{project}",
-            PREANNOTATE,
-            preannotate.refresh_project,
-            (project,),
-            f"refresh predictions of project {project}",
-        )
+        return self._start("refresh", project=project)
 
     def start_evaluation(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) the evaluation report of a project's labelled tasks."""
-        return self._start(
-            f"evaluate-{project}",
-            EVALUATE,
-            job_functions.evaluate_project,
-            (project,),
-            f"evaluate project {project}",
-        )
+        return self._start("evaluate", project=project)
 
     def start_review(self, project: int | str) -> dict[str, Any]:
-        """Queue (or start) label QA of a project's labelled tasks (on the `evaluate` queue:
-        it reads the store like the evaluation); the result names review.csv / review.json."""
-        return self._start(
-            f"review-{project}",
-            EVALUATE,
-            job_functions.review_project,
-            (project,),
-            f"label QA of project {project}",
+        """Queue (or start) label QA of a project's labelled tasks; the result names
+        review.csv / review.json."""
+        return self._start("review", project=project)
+
+    def _start(self, job: str, /, **arguments: Any) -> dict[str, Any]:
+        launched = run_or_enqueue(
+            self.runtime,
+            job,
+            in_thread=self._start_local,
+            redis_down_runs_here=True,
+            **arguments,
         )
+        if launched.job is not None:
+            status = str(launched.job.get_status())
+            return {"job": launched.id, "status": status, "queue": launched.queue}
+        return {"job": launched.id, "status": "started", "queue": launched.queue}
 
-    def _start(
-        self,
-        job_id: str,
-        queue_name: str,
-        func: Callable[..., dict],
-        args: tuple[Any, ...],
-        description: str,
-        with_progress: bool = False,
-    ) -> dict[str, Any]:
-        dispatcher = self.services.dispatcher
-        if dispatcher is not None:
-            settings = self.services.settings
-            ok, job = dispatcher.gate.call(
-                lambda: enqueue_unique(
-                    queue(dispatcher.connection, queue_name),
-                    job_id,
-                    func,
-                    *args,
-                    retry=retry_policy(settings),
-                    job_timeout=settings.job_timeout_s,
-                    result_ttl=7 * 24 * 3600,
-                    failure_ttl=7 * 24 * 3600,
-                    description=description,
-                )
-            )
-            if ok and job is not None:
-                return {"job": job.id, "status": str(job.get_status()), "queue": queue_name}
-        return self._start_local(job_id, func, args, description, with_progress)
-
-    def _start_local(
-        self,
-        job_id: str,
-        func: Callable[..., dict],
-        args: tuple[Any, ...],
-        description: str,
-        with_progress: bool,
-    ) -> dict[str, Any]:
-        """Without Redis: the same job function in a thread of this process."""
+    def _start_local(self, launched: Launched, run: RunHere) -> None:
+        """Without Redis: the job function in a thread of this process (once at a time)."""
         with self._lock:
-            running = self.local_jobs.get(job_id)
+            running = self.local_jobs.get(launched.id)
             if running is not None and running.status == "started":
-                return {"job": job_id, "status": "started", "queue": "in-process"}
-            local = self.local_jobs[job_id] = LocalJob(job_id, description)
+                return
+            local = self.local_jobs[launched.id] = LocalJob(launched.id, launched.description)
 
-        def report(progress: Progress | TrainingProgress) -> None:
-            local.progress = progress.as_meta()
+        def report(progress: Mapping[str, Any]) -> None:
+            local.progress = dict(progress)
 
-        def run() -> None:
+        def work() -> None:
             try:
-                options = {"on_progress": report} if with_progress else {}
-                local.result = func(*args, **options)
+                local.result = run(report)
                 local.status = "finished"
             except Exception as exc:
                 local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.warning("job failed", extra={"job": job_id, "error": str(exc)})
+                log.warning("job failed", extra={"job": launched.id, "error": str(exc)})
 
-        threading.Thread(target=run, name=job_id, daemon=True).start()
-        return {"job": job_id, "status": "started", "queue": "in-process"}
+        threading.Thread(target=work, name=launched.id, daemon=True).start()
 
     def jobs(self) -> list[dict[str, Any]]:
         """Queued, running, failed and recently finished jobs, with progress and errors."""
@@ -303,7 +219,7 @@ class Admin:
             }
             for j in self.local_jobs.values()
         ]
-        dispatcher = self.services.dispatcher
+        dispatcher = redis_dispatcher(self.runtime)
         if dispatcher is not None:
             ok, listed = dispatcher.gate.call(lambda: list_rq_jobs(dispatcher.connection))
             if ok and listed:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
 from workers.encoders import available_encoders
 from workers.encoders.trained import encoder_name, list_trained
 
 from .admin import Admin
-from .model import Services
 
 # What the jobs write under MODEL_DIR/<kind>/<project>/<time>/ that the page links and serves
 # read-only; the first file of each kind is the one a link opens.
@@ -90,20 +90,20 @@ def form_values(action: Action, settings: Settings, form: Mapping[str, str]) -> 
     return values
 
 
-def project_summaries(services: Services) -> list[dict[str, Any]]:
+def project_summaries(runtime: Runtime) -> list[dict[str, Any]]:
     """Per known project: its live collection, encoder, generation, counts and reports."""
     out = []
-    for project in services.projects.known():
-        row: dict[str, Any] = {"project": project, "reports": latest_reports(services, project)}
+    for project in runtime.projects.known():
+        row: dict[str, Any] = {"project": project, "reports": latest_reports(runtime, project)}
         try:
-            info = services.store.collection(project)
+            info = runtime.store.collection(project)
             if info is not None:
                 row.update(
                     collection=info.name,
                     encoder=info.encoder,
                     generation=info.generation,
-                    points=services.store.count(project),
-                    labelled=services.store.count(project, labelled=True),
+                    points=runtime.store.count(project),
+                    labelled=runtime.store.count(project, labelled=True),
                 )
         except Exception as exc:  # one project's store trouble must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -111,11 +111,11 @@ def project_summaries(services: Services) -> list[dict[str, Any]]:
     return out
 
 
-def latest_reports(services: Services, project: int | str, limit: int = 3) -> list[str]:
+def latest_reports(runtime: Runtime, project: int | str, limit: int = 3) -> list[str]:
     """URLs of the newest evaluation reports and label-QA results, newest first per kind."""
     urls = []
     for kind, (main, _) in OUTPUTS.items():
-        folder = services.settings.artefacts / kind / str(project)
+        folder = runtime.settings.artefacts / kind / str(project)
         if not folder.is_dir():
             continue
         stamps = sorted(

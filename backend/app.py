@@ -21,17 +21,18 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.concurrency import run_in_threadpool
 
+from echolabel.core.runtime import Runtime
 from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import DimensionMismatchError, StoreError, StoreUnavailableError
-from workers import context
 from workers.encoders import EncoderError
+from workers.runtime import install, open_runtime, redis_dispatcher
 
 from .admin import Admin
 from .doctor import Doctor
 from .inbox import WebhookInbox
 from .label_config import LabelConfigError, TaskError
-from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, Services, SimilarityModel
+from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, SimilarityModel
 from .pages import PageRefused, refused, review_router
 from .projects import project_id
 
@@ -49,21 +50,21 @@ class RequestError(ValueError):
 
 def create_app(
     settings: Settings | None = None,
-    services: Services | None = None,
+    runtime: Runtime | None = None,
     listen_host: str | None = None,
 ) -> FastAPI:
-    """Build the app; `services` may be injected (tests), else built from settings at start.
+    """Build the app; `runtime` may be injected (tests, bench), else opened at start.
 
     `listen_host` is the address the server binds (`serve --host`): the review and admin
     pages need basic auth unless it is loopback (unknown counts as beyond loopback).
     """
-    settings = settings or (services.settings if services else Settings.from_env())
+    settings = settings or (runtime.settings if runtime else Settings.from_env())
     state: dict[str, Any] = {}
 
     def handle_webhook(payload: Mapping[str, Any]) -> object:
         project = payload.get("project")
         config = project.get("label_config") if isinstance(project, Mapping) else None
-        model = SimilarityModel(state["services"], project, config)
+        model = SimilarityModel(state["runtime"], project, config)
         action = str(payload.get("action"))
         outcome = model.fit(action, payload)
         changed = [*outcome.get("labelled", []), *outcome.get("cleared", [])]
@@ -79,12 +80,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        built = state["services"] = services or Services.from_settings(settings)
+        built = state["runtime"] = runtime or open_runtime(settings)
+        # Opened now: this process holds the embedded store from the start.
+        _ = built.store
         # Jobs run in this process (re-embedding) share its store and loaded encoders.
-        context.install(built.job_context())
+        install(built)
         admin = state["admin"] = Admin(built)
-        if built.dispatcher is not None:
-            built.dispatcher.start_collector()
+        dispatcher = redis_dispatcher(built)
+        if dispatcher is not None:
+            dispatcher.start_collector()
             admin.start_store_worker()
         admin.start_refresh_timer(settings.refresh_interval_s)
         inbox = WebhookInbox(
@@ -100,9 +104,9 @@ def create_app(
         finally:
             inbox.stop()
             admin.stop()
-            context.install(None)
-            if services is None:
-                state["services"].close()
+            install(None)
+            if runtime is None:
+                built.close()
 
     app = FastAPI(title="echolabel", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.echolabel = state
@@ -149,13 +153,13 @@ def create_app(
     @app.get("/health")
     @app.get("/")
     async def health() -> dict[str, Any]:
-        services: Services = state["services"]
+        built: Runtime = state["runtime"]
         inbox: WebhookInbox = state["inbox"]
         return {
             "status": "UP",
             "model_class": "SimilarityModel",
             "encoder": settings.encoder,
-            "store": "embedded" if services.store.single_writer else "server",
+            "store": "embedded" if built.store.single_writer else "server",
             "webhooks_pending": len(inbox.pending()),
             "webhooks_failed": len(inbox.failed()),
             "webhooks_blocked_by": inbox.blocked_by,
@@ -164,7 +168,7 @@ def create_app(
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
         body = await _json_object(request)
-        model = SimilarityModel(state["services"], body.get("project"), _config(body, "schema"))
+        model = SimilarityModel(state["runtime"], body.get("project"), _config(body, "schema"))
         return {"model_version": await run_in_threadpool(model.setup)}
 
     @app.post("/predict")
@@ -176,7 +180,7 @@ def create_app(
         project = body.get("project") or (
             tasks[0].get("project") if isinstance(tasks[0], dict) else None
         )
-        model = SimilarityModel(state["services"], project, _config(body, "label_config"))
+        model = SimilarityModel(state["runtime"], project, _config(body, "label_config"))
         outcome = await run_in_threadpool(model.predict, tasks, body.get("params"))
         return {
             "results": outcome.predictions,
@@ -191,11 +195,11 @@ def create_app(
     @app.get("/doctor")
     async def doctor(project: int | None = None, backend_url: str | None = None) -> dict:
         """`echolabel doctor` run inside the backend: with its store and loaded encoder."""
-        services: Services = state["services"]
+        built: Runtime = state["runtime"]
         checker = Doctor(
             settings,
-            store=lambda: services.store,
-            load_weights=lambda: services.embedder.encoder(settings.encoder),
+            store=lambda: built.store,
+            load_weights=lambda: built.embedder.encoder(settings.encoder),
         )
         checks = await run_in_threadpool(checker.run, project, backend_url)
         return {"healthy": checker.healthy, "checks": [c.as_dict() for c in checks]}

@@ -69,8 +69,8 @@ def order_tasks(annotator: PreAnnotator, limit: int = DEFAULT_LIMIT) -> dict[str
     unlabelled = [t for t in tasks if latest_annotation(t) is None]
 
     progress.stage = "embedding"
-    schema = annotator.services.projects.remember(project, config)
-    model = SimilarityModel(annotator.services, project)
+    schema = annotator.runtime.projects.remember(project, config)
+    model = SimilarityModel(annotator.runtime, project)
     annotator.embed_missing(model, schema, labelled, unlabelled, progress)
 
     progress.stage = "ordering"

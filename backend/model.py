@@ -1,8 +1,8 @@
 """The similarity model: Label Studio's predict/fit, shaped like label_studio_ml 2.x.
 
 One `SimilarityModel` is built per request for one project (as label_studio_ml 2.x does) on top
-of process-wide `Services`: the store, the embedder with its loaded encoders, the image
-fetcher and the remembered label schemas.
+of the process's `Runtime` (echolabel.core.runtime): the store, the embedder with its loaded
+encoders, the image fetcher, the remembered label schemas and the background embedding.
 """
 
 from __future__ import annotations
@@ -15,87 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from echolabel.images import ImageError, ImageFetcher
-from echolabel.settings import Settings
+from echolabel.core.runtime import Runtime
+from echolabel.images import ImageError
 from echolabel.vote import FieldVote, task_score, vote
-from vectorstore import Annotation, CollectionInfo, Neighbour, TaskId, VectorStore
-from workers.context import JobContext, open_configured_store
-from workers.embedding import Embedder, EmbedReport, TaskImage
+from vectorstore import Annotation, CollectionInfo, Neighbour, TaskId
+from workers.embedding import EmbedReport, TaskImage
 
-from .backlog import Backlog
-from .dispatch import EmbedDispatcher
 from .gallery import task_path
 from .label_config import GALLERY_TAG, LabelSchema, TaskError
-from .projects import ProjectRegistry, project_id
+from .projects import project_id
 
 log = logging.getLogger(__name__)
 
 LABEL_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"}
 DELETE_EVENTS = {"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
 PREEMBED_EVENTS = {"TASKS_CREATED"}
-
-
-@dataclass
-class Services:
-    """Everything a process builds once: store, embedder, fetcher, project schemas."""
-
-    settings: Settings
-    store: VectorStore
-    embedder: Embedder
-    fetcher: ImageFetcher
-    projects: ProjectRegistry
-    dispatcher: EmbedDispatcher | None = None  # set when REDIS_URL is: workers embed
-    # Without workers: what a /predict had no time to embed is embedded after the reply.
-    backlog: Backlog | None = None
-
-    def __post_init__(self) -> None:
-        if self.backlog is None and self.dispatcher is None:
-            self.backlog = Backlog(
-                lambda project, items: SimilarityModel(self, project).embed(items)
-            )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Services:
-        settings.model_dir.mkdir(parents=True, exist_ok=True)
-        store = open_configured_store(settings)
-        return cls(
-            settings=settings,
-            store=store,
-            embedder=Embedder.from_settings(settings),
-            fetcher=ImageFetcher(settings),
-            projects=ProjectRegistry(settings.projects_dir),
-            dispatcher=EmbedDispatcher(settings, store) if settings.redis_url else None,
-        )
-
-    @classmethod
-    def from_job_context(cls, ctx: JobContext) -> Services:
-        """Services for a job: the worker's store and encoders; embedding inline (the job
-        itself runs on a worker)."""
-        return cls(
-            settings=ctx.settings,
-            store=ctx.store,
-            embedder=ctx.embedder,
-            fetcher=ctx.fetcher,
-            projects=ProjectRegistry(ctx.settings.projects_dir),
-        )
-
-    def job_context(self) -> JobContext:
-        """The context for jobs run in this process: this process's store and encoders."""
-        return JobContext(
-            settings=self.settings,
-            embedder=self.embedder,
-            fetcher=self.fetcher,
-            owns_store=self.store.single_writer,
-            _store=self.store,
-        )
-
-    def close(self) -> None:
-        """Stop the background threads that write the store, then close it."""
-        if self.backlog is not None:
-            self.backlog.stop()
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
-        self.store.close()
 
 
 @dataclass
@@ -123,12 +57,10 @@ class PredictOutcome:
 class SimilarityModel:
     """Suggests choices for a project's image tasks from their nearest labelled neighbours."""
 
-    def __init__(
-        self, services: Services, project: object, label_config: str | None = None
-    ) -> None:
-        self.services = services
-        self.settings = services.settings
-        self.store = services.store
+    def __init__(self, runtime: Runtime, project: object, label_config: str | None = None) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.store = runtime.store
         self.project = project_id(project)
         self._label_config = label_config
         self._schema: LabelSchema | None = None
@@ -137,7 +69,7 @@ class SimilarityModel:
     @property
     def schema(self) -> LabelSchema:
         if self._schema is None:
-            self._schema = self.services.projects.schema(self.project, self._label_config)
+            self._schema = self.runtime.projects.schema(self.project, self._label_config)
         return self._schema
 
     def live_collection(self) -> CollectionInfo | None:
@@ -278,34 +210,26 @@ class SimilarityModel:
         result is stored when it lands). Without Redis, or while it is down, inline.
         """
         name = self.encoder_name
-        dispatcher = self.services.dispatcher
+        dispatcher = self.runtime.dispatcher
         if dispatcher is not None:
             jobs = dispatcher.submit(self.project, name, items)
             if jobs is not None:
                 if wait_s <= 0:
                     return EmbedReport(pending={i.task for i in items})
                 return dispatcher.wait(jobs, wait_s)
-        backlog = self.services.backlog
+        backlog = self.runtime.backlog
         if wait_s <= 0 or backlog is None:
-            return EmbedReport(failures=self._embed_inline(name, items))
+            return EmbedReport(failures=self.runtime.embed_here(self.project, name, items))
         # Inline within the wait; the rest after the reply (Label Studio asks again).
         deadline = time.monotonic() + wait_s
         report, rest = EmbedReport(), list(items)
         while rest and time.monotonic() < deadline:
             chunk, rest = rest[: self.settings.batch_size], rest[self.settings.batch_size :]
-            report.failures.update(self._embed_inline(name, chunk))
+            report.failures.update(self.runtime.embed_here(self.project, name, chunk))
         if rest:
             backlog.submit(self.project, rest)
             report.pending = {i.task for i in rest}
         return report
-
-    def _embed_inline(self, name: str, items: Sequence[TaskImage]) -> dict[TaskId, ImageError]:
-        encoder = self.services.embedder.encoder(name)
-        result = self.services.embedder.embed_tasks(name, items, self.services.fetcher.load)
-        if result.points:
-            self.store.ensure_collection(self.project, name, encoder.dim, encoder.weights_id)
-            self.store.upsert(self.project, name, result.points)
-        return result.failures
 
     # -- learn from annotations --------------------------------------------------------------
 
@@ -332,9 +256,9 @@ class SimilarityModel:
             cleared: list[TaskId] = []
             for annotation in _annotations(data):
                 if isinstance(annotation, Mapping) and annotation.get("id") is not None:
-                    if self.services.dispatcher is not None:
+                    if self.runtime.dispatcher is not None:
                         # First: a job still queued may carry this annotation's labels.
-                        self.services.dispatcher.deleted.add(self.project, annotation["id"])
+                        self.runtime.dispatcher.note_deleted(self.project, annotation["id"])
                     cleared += self.store.clear_labels(self.project, annotation["id"])
             return {"cleared": cleared}
         return {"ignored": event}

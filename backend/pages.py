@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
 from workers.jobs import PermanentJobError, find_project_duplicates
 
@@ -25,7 +26,7 @@ from .admin import Admin
 from .csrf import CsrfError, CsrfTokens
 from .duplicates_page import render_duplicates
 from .gallery import TaskNotFound, build_gallery, image_ref, render_gallery
-from .model import Services, SimilarityModel
+from .model import SimilarityModel
 from .projects import project_id
 from .thumbnails import ThumbnailCache
 
@@ -46,7 +47,7 @@ def is_loopback(host: str | None) -> bool:
 
 
 def review_router(state: dict[str, Any], settings: Settings, listen_host: str | None) -> APIRouter:
-    """The pages' routes; `state` holds the app's services and admin once it has started."""
+    """The pages' routes; `state` holds the app's runtime and admin once it has started."""
     csrf = CsrfTokens()
     user = settings.basic_auth_user or ""
 
@@ -61,14 +62,14 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
 
     router = APIRouter(dependencies=[Depends(guard)])
 
-    def services() -> Services:
-        return state["services"]
+    def runtime() -> Runtime:
+        return state["runtime"]
 
     def thumbnails() -> ThumbnailCache:
         if "thumbnails" not in state:
             state["thumbnails"] = ThumbnailCache(
                 settings.model_dir / "thumbnails",
-                services().fetcher,
+                runtime().fetcher,
                 settings.thumbnail_cache_bytes,
             )
         return state["thumbnails"]
@@ -76,7 +77,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
     @router.get("/projects/{project}/tasks/{task:path}/neighbours", response_model=None)
     async def neighbours(project: str, task: str, request: Request) -> Response:
         """The task's labelled neighbours and their vote: HTML, or JSON when asked for."""
-        model = SimilarityModel(services(), project_id(project))
+        model = SimilarityModel(runtime(), project_id(project))
         try:
             gallery = await run_in_threadpool(build_gallery, model, task)
         except TaskNotFound as exc:
@@ -88,7 +89,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
     @router.get("/projects/{project}/tasks/{task:path}/thumbnail", response_model=None)
     async def thumbnail(project: str, task: str) -> Response:
         """The task's image, small: fetched by the backend's ImageFetcher, cached on disk."""
-        model = SimilarityModel(services(), project_id(project))
+        model = SimilarityModel(runtime(), project_id(project))
         try:
             ref = await run_in_threadpool(image_ref, model, task)
         except TaskNotFound as exc:
@@ -122,7 +123,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
 
     @router.get("/admin", response_class=HTMLResponse)
     async def admin_home(started: str = "") -> HTMLResponse:
-        projects = await run_in_threadpool(admin_page.project_summaries, services())
+        projects = await run_in_threadpool(admin_page.project_summaries, runtime())
         rows = await run_in_threadpool(_job_rows)
         message = f"started job {started}" if started else ""
         html = admin_page.render_admin(projects, rows, settings, csrf.issue(user), message)
@@ -143,7 +144,7 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
 
     @router.get("/admin/projects")
     async def admin_projects() -> JSONResponse:
-        projects = await run_in_threadpool(admin_page.project_summaries, services())
+        projects = await run_in_threadpool(admin_page.project_summaries, runtime())
         return JSONResponse({"projects": projects}, headers={"Cache-Control": "no-store"})
 
     @router.post("/admin/projects/{project}/{action}", response_model=None)

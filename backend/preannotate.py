@@ -35,14 +35,15 @@ from typing import Any
 import numpy as np
 from rq import get_current_job
 
+from echolabel.core.runtime import Runtime
 from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
 from vectorstore import Annotation, CollectionInfo, TaskId
-from workers import context
 from workers.embedding import TaskImage
 from workers.jobs import TransientJobError
+from workers.runtime import current
 
 from .label_config import LabelSchema, TaskError
-from .model import Services, SimilarityModel, Suggestion, suggests_labels
+from .model import SimilarityModel, Suggestion, suggests_labels
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +101,19 @@ class PreAnnotator:
 
     def __init__(
         self,
-        services: Services,
+        runtime: Runtime,
         client: LabelStudioClient,
         project: int,
         on_progress: Callable[[PushProgress], None] | None = None,
         batch_size: int | None = None,
     ) -> None:
-        self.services = services
+        self.runtime = runtime
         self.client = client
         self.project = project
-        self.store = services.store
+        self.store = runtime.store
         self.on_progress = on_progress or (lambda _: None)
         self.batch_size = batch_size or PUSH_BATCH
-        self.top_k = services.settings.top_k
+        self.top_k = runtime.settings.top_k
 
     # -- push -----------------------------------------------------------------------------
 
@@ -120,10 +121,10 @@ class PreAnnotator:
         """Vote every unlabelled task and write the predictions under a new version."""
         progress = PushProgress()
         self.on_progress(progress)
-        schema = self.services.projects.remember(
+        schema = self.runtime.projects.remember(
             self.project, self.client.label_config(self.project)
         )
-        model = SimilarityModel(self.services, self.project)
+        model = SimilarityModel(self.runtime, self.project)
         self.store.take_label_changes(self.project)  # a push re-votes every task anyway
         tasks = list(self.client.tasks(self.project, full=True))
         labelled = [t for t in tasks if latest_annotation(t) is not None]
@@ -300,7 +301,7 @@ class PreAnnotator:
         changed = self.store.take_label_changes(self.project)
         if len(changed) >= MAX_REFRESH_CHANGES:
             return {"project": self.project, "full_push": True, **self.push()}
-        model = SimilarityModel(self.services, self.project)
+        model = SimilarityModel(self.runtime, self.project)
         revotes = self.affected_by(model, changed, info.vote_radius_min)
         updated = created = deleted = 0
         for task, suggestion in revotes.items():
@@ -433,7 +434,7 @@ def refresh_project(
 def pre_annotator(
     project: int, on_progress: Callable[[PushProgress], None] | None
 ) -> Iterator[PreAnnotator]:
-    ctx = context.current()
+    runtime = current()
     job = get_current_job()
 
     def report(progress: PushProgress) -> None:
@@ -443,9 +444,10 @@ def pre_annotator(
             job.meta["progress"] = progress.as_meta()
             job.save_meta()
 
-    client = LabelStudioClient(ctx.settings)
+    client = LabelStudioClient(runtime.settings)
     try:
-        yield PreAnnotator(Services.from_job_context(ctx), client, int(project), report)
+        # A job embeds what it needs itself: it runs where the work is meant to happen.
+        yield PreAnnotator(runtime.inline(), client, int(project), report)
     except LabelStudioUnavailable as exc:
         raise TransientJobError(str(exc)) from None
     finally:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.model import Services
 from backend.preannotate import PreAnnotator
-from bench.server import in_memory_services
+from bench.server import in_memory_runtime
+from echolabel.core.runtime import Runtime
 from echolabel.labelstudio_memory import InMemoryLabelStudio
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point
@@ -64,7 +64,7 @@ def result(label: int) -> list[dict]:
 class SyntheticProject:
     """A project of synthetic vectors in an in-memory store, and its in-memory Label Studio."""
 
-    services: Services
+    runtime: Runtime
     api: InMemoryLabelStudio
     classes: np.ndarray
     labelled: np.ndarray
@@ -74,8 +74,8 @@ def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> Synt
     """Project 1: n clustered vectors, LABELLED_SHARE of them annotated with their class."""
     vectors, classes = clustered(n, rng)
     labelled = rng.random(n) < LABELLED_SHARE
-    services = in_memory_services(Settings(model_dir=model_dir, encoder="synthetic"))
-    store = services.store
+    runtime = in_memory_runtime(Settings(model_dir=model_dir, encoder="synthetic"))
+    store = runtime.store
     store.ensure_collection(1, "synthetic", DIM, "none")
     points = [
         Point(
@@ -99,7 +99,7 @@ def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> Synt
         }
         for i in range(n)
     ]
-    return SyntheticProject(services, InMemoryLabelStudio(tasks, CONFIG), classes, labelled)
+    return SyntheticProject(runtime, InMemoryLabelStudio(tasks, CONFIG), classes, labelled)
 
 
 def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
@@ -108,9 +108,9 @@ def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
         start = time.perf_counter()
         project = synthetic_project(n, rng, Path(tmp))
         load_s = time.perf_counter() - start
-        store, labelled, classes = project.services.store, project.labelled, project.classes
+        store, labelled, classes = project.runtime.store, project.labelled, project.classes
         try:
-            annotator = PreAnnotator(project.services, project.api, 1)
+            annotator = PreAnnotator(project.runtime, project.api, 1)
             start = time.perf_counter()
             pushed = annotator.push()
             push_s = time.perf_counter() - start
@@ -131,7 +131,7 @@ def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
                 refreshed = annotator.refresh()
                 refresh_rows.append((time.perf_counter() - start, refreshed))
         finally:
-            project.services.close()
+            project.runtime.close()
     times = [t for t, _ in refresh_rows]
     affected = [r["affected"] for _, r in refresh_rows]
     return {

@@ -1,7 +1,7 @@
 """A real backend process whose store already holds N labelled vectors, serving on loopback.
 
 `python -m bench.server --points N ...` builds the app from the same public pieces as
-`echolabel serve` (Settings, Services, create_app) with an in-memory embedded store, fills it,
+`echolabel serve` (Settings, the runtime, create_app) with an in-memory embedded store, fills it,
 serves it with uvicorn on 127.0.0.1 and prints one `BENCH-SERVER {json}` line with its port and
 its RSS after each phase. It then answers commands on stdin (`profile N`, `stats`) and stops at
 end of input. Running it as its own process keeps the load generator off its cores' GIL and
@@ -56,26 +56,19 @@ def predict_body(task_id: int, image: str) -> dict[str, Any]:
     return {"tasks": [task(task_id, image)], "project": PROJECT, "label_config": LABEL_CONFIG}
 
 
-def in_memory_services(settings: Any) -> Any:
-    """The backend's services over qdrant-client's local mode *in memory*: the same arrays and
+def in_memory_runtime(settings: Any) -> Any:
+    """The backend's runtime over qdrant-client's local mode *in memory*: the same arrays and
     search path as the on-disk embedded store, without its per-point SQLite commit (~17 ms a
     point here), which only slows filling the store, not what the benches measure."""
     from qdrant_client import QdrantClient
 
-    from backend.model import Services
-    from backend.projects import ProjectRegistry
-    from echolabel.images import ImageFetcher
     from vectorstore import ExactSearchStore, QdrantStore
-    from workers.embedding import Embedder
+    from workers.runtime import open_runtime
 
     inner = QdrantStore(QdrantClient(":memory:"), local=True)
     limit = settings.exact_search_max_points
-    return Services(
-        settings=settings,
-        store=ExactSearchStore(inner, max_points=limit) if limit > 0 else inner,
-        embedder=Embedder.from_settings(settings),
-        fetcher=ImageFetcher(settings),
-        projects=ProjectRegistry(settings.projects_dir),
+    return open_runtime(
+        settings, store=ExactSearchStore(inner, max_points=limit) if limit > 0 else inner
     )
 
 
@@ -200,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_url=None,
         qdrant_url=None,
     )
-    services = in_memory_services(settings)
-    store = services.store
+    runtime = in_memory_runtime(settings)
+    store = runtime.store
     started = time.perf_counter()
     store.ensure_collection(PROJECT_ID, args.encoder, args.dim, "bench")
     rng = np.random.default_rng(args.seed)
@@ -230,10 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_s = time.perf_counter() - started
     phases["search_ready"] = rss()
     if args.load_encoder:
-        services.embedder.encoder(args.encoder)
+        runtime.embedder.encoder(args.encoder)
         phases["encoder_loaded"] = rss()
 
-    app = create_app(settings, services)
+    app = create_app(settings, runtime)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
     # it every response waits ~40 ms for a delayed ACK (Nagle), as `uvicorn.run` never does.
@@ -260,24 +253,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in sys.stdin:
         command = line.split()
         if command[:1] == ["profile"]:
-            _say(profile(services, int(command[1]), args.queries))
+            _say(profile(runtime, int(command[1]), args.queries))
         elif command[:1] == ["stats"]:
             _say({"rss": rss(), "peak_rss": peak_rss()})
     server.should_exit = True
     thread.join(timeout=10)
-    services.close()
+    runtime.close()
     shutil.rmtree(model_dir, ignore_errors=True)
     return 0
 
 
-def profile(services: Any, calls: int, queries: int) -> dict[str, Any]:
+def profile(runtime: Any, calls: int, queries: int) -> dict[str, Any]:
     """Where one /predict's time goes, in process: wall time per call, then cProfile's view."""
     from backend.model import SimilarityModel
 
     def predict_request(i: int) -> None:
         # What the /predict handler does with the parsed body.
         body = predict_body(QUERY_TASK_BASE + i % queries, "none.png")
-        model = SimilarityModel(services, body["project"], body["label_config"])
+        model = SimilarityModel(runtime, body["project"], body["label_config"])
         model.predict(body["tasks"])
         _ = model.model_version
 

@@ -283,8 +283,8 @@ def stop_backend(proc: subprocess.Popen, limit_s: float) -> float:
 def check_store(model_dir: Path, plan: BurstPlan, result: BurstResult) -> dict[int, Point]:
     """Read the embedded store the backend left behind and compare with the plan; returns
     its points by task."""
+    from echolabel.core.runtime import open_configured_store
     from echolabel.settings import Settings
-    from workers.context import open_configured_store
 
     store = open_configured_store(Settings(model_dir=model_dir))
     try:
@@ -449,8 +449,8 @@ def inline_kill_run(
             time.sleep(0.2)
     finally:
         stop_backend(restarted, 5.0)
+    from echolabel.core.runtime import open_configured_store
     from echolabel.settings import Settings
-    from workers.context import open_configured_store
 
     store = open_configured_store(Settings(model_dir=model_dir))
     try:

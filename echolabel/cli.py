@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from echolabel.images import ImageError
         from echolabel.labelstudio import LabelStudioError
         from vectorstore import StoreError
+        from workers.catalogue import JobFailedError
         from workers.encoders import EncoderError
         from workers.jobs import PermanentJobError
 
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 StoreError,
                 EncoderError,
                 PermanentJobError,
+                JobFailedError,
                 FileNotFoundError,
                 ValueError,
             ),
@@ -455,25 +457,14 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     from backend.doctor import Doctor, troubleshooting_markdown
-    from vectorstore import VectorStore
-    from workers.context import open_configured_store
+    from workers.runtime import open_runtime
 
     if args.troubleshooting:
         print(troubleshooting_markdown(), end="")
         return 0
-    opened: list[VectorStore] = []
-
-    def store() -> VectorStore:
-        if not opened:
-            opened.append(open_configured_store(settings))
-        return opened[0]
-
-    checker = Doctor(settings, store=store)
-    try:
+    with open_runtime(settings) as runtime:  # the store opens only if a check asks for it
+        checker = Doctor(settings, store=lambda: runtime.store)
         checks = checker.run(args.project, args.backend_url)
-    finally:
-        for handle in opened:
-            handle.close()
     if args.json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))
     else:
@@ -523,12 +514,11 @@ def _index(args: argparse.Namespace, settings: Settings) -> int:
 def _index_label_studio_project(args: argparse.Namespace, settings: Settings) -> int:
     """Pre-embed a Label Studio project's tasks so that its predictions are instant."""
     from backend.label_config import TaskError, parse_label_config
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
     from backend.projects import project_id
     from echolabel.labelstudio import LabelStudioClient
     from workers.embedding import TaskImage
-    from workers.jobs import enqueue_embed
-    from workers.queues import connect
+    from workers.runtime import open_runtime, redis_dispatcher
 
     project = project_id(args.project)
     client = LabelStudioClient(settings)
@@ -543,23 +533,26 @@ def _index_label_studio_project(args: argparse.Namespace, settings: Settings) ->
     finally:
         client.close()
     items = items[: args.limit]
-    if settings.redis_url:
-        # The workers embed; the process holding the store (backend or a worker with a Qdrant
-        # server) stores the vectors. The project's encoder is the configured one.
-        jobs = enqueue_embed(
-            connect(settings.redis_url), settings, project, settings.encoder, items
-        )
-        print(
-            json.dumps(
-                {"project": project, "tasks": len(items), "skipped": skipped, "jobs": len(jobs)},
-                indent=2,
+    with open_runtime(settings) as runtime:
+        dispatcher = redis_dispatcher(runtime)
+        if dispatcher is not None:
+            # The workers embed; the process holding the store (backend or a worker with a
+            # Qdrant server) stores the vectors. The project's encoder is the configured one.
+            jobs = dispatcher.enqueue(project, settings.encoder, items)
+            print(
+                json.dumps(
+                    {
+                        "project": project,
+                        "tasks": len(items),
+                        "skipped": skipped,
+                        "jobs": len(jobs),
+                    },
+                    indent=2,
+                )
             )
-        )
-        return 0
-    services = Services.from_settings(settings)
-    try:
-        model = SimilarityModel(services, project)
-        known = services.store.has_vectors(project, [i.task for i in items])
+            return 0
+        model = SimilarityModel(runtime, project)
+        known = runtime.store.has_vectors(project, [i.task for i in items])
         todo = [i for i in items if i.task not in known]
         failed: dict[str, str] = {}
         with tqdm(total=len(todo), unit="img", desc=f"index {project}") as bar:
@@ -575,22 +568,21 @@ def _index_label_studio_project(args: argparse.Namespace, settings: Settings) ->
                     "tasks": len(items),
                     "skipped": skipped,
                     "already_embedded": len(known),
-                    "points": services.store.count(project),
+                    "points": runtime.store.count(project),
                     "failed": failed,
                 },
                 indent=2,
             )
         )
         return 0
-    finally:
-        services.close()
 
 
 def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
     from backend.label_config import ChoicesField, LabelSchema
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
     from echolabel.folders import read_folder
     from workers.embedding import TaskImage
+    from workers.runtime import open_runtime
 
     items = read_folder(
         args.images, args.labels, image_column=args.image_column, fields=tuple(args.field)
@@ -598,11 +590,12 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
     # The folder is the only place this command reads images from; it embeds here (a folder
     # is indexed before any server runs, so this process holds the store).
     settings = dataclasses.replace(settings, local_files_root=args.images.resolve(), redis_url=None)
-    services = Services.from_settings(settings)
-    try:
+    with open_runtime(settings) as runtime:
+        # The store first: one that a running server holds refuses before anything is written.
+        model = SimilarityModel(runtime, args.project)
         if args.field:
             classes = {f: sorted({i.labels[f] for i in items if f in i.labels}) for f in args.field}
-            services.projects.save(
+            runtime.projects.save(
                 args.project,
                 LabelSchema(
                     "image",
@@ -610,7 +603,6 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
                     tuple(ChoicesField(f, "image", tuple(classes[f])) for f in args.field),
                 ),
             )
-        model = SimilarityModel(services, args.project)
         failures: dict[str, str] = {}
         with tqdm(total=len(items), unit="img", desc=f"index {args.project}") as bar:
             for start in range(0, len(items), INDEX_CHUNK):
@@ -621,7 +613,7 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
                 result = model.embed(chunk)
                 failures.update({str(t): str(e) for t, e in result.failures.items()})
                 bar.update(len(chunk))
-        store = services.store
+        store = runtime.store
         print(
             json.dumps(
                 {
@@ -634,24 +626,22 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
         return 1 if failures and len(failures) == len(items) else 0
-    finally:
-        services.close()
 
 
 def _predict(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
+    from workers.runtime import open_runtime
 
     path = args.image.resolve()
     settings = dataclasses.replace(settings, local_files_root=path.parent)
-    services = Services.from_settings(settings)
-    try:
-        model = SimilarityModel(services, args.project)
-        if services.store.collection(model.project) is None:
+    with open_runtime(settings) as runtime:
+        model = SimilarityModel(runtime, args.project)
+        if runtime.store.collection(model.project) is None:
             raise ValueError(
                 f"project {args.project} has no collection yet: run `echolabel index` first"
             )
-        image = services.fetcher.load(str(path))
-        vector = services.embedder.embed_images(model.encoder_name, [image])[0]
+        image = runtime.fetcher.load(str(path))
+        vector = runtime.embedder.embed_images(model.encoder_name, [image])[0]
         suggestion = model.suggest(vector, exclude_images=[str(path)])
         out: dict[str, Any] = {
             "image": str(path),
@@ -673,8 +663,6 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    finally:
-        services.close()
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -838,47 +826,18 @@ def _with_groups(items: list[Any], specs: Sequence[str]) -> list[Any]:
 
 def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
     """The report of a project in the store: queued to the `evaluate` workers with Redis."""
-    import time
-
     from backend.projects import project_id
-    from workers import context, jobs
-    from workers.queues import EVALUATE, connect, enqueue_unique, queue
+    from echolabel.follow import run_job
 
-    project = project_id(args.project)
-    options = {
-        "k": args.k,
-        "min_class_size": args.min_class_size,
-        "near_duplicate_threshold": args.exclude_near_duplicates,
-        "learning_curve_seeds": args.learning_curve,
-    }
-    if settings.redis_url:
-        job = enqueue_unique(
-            queue(connect(settings.redis_url), EVALUATE),
-            f"evaluate-{project}",
-            jobs.evaluate_project,
-            project,
-            job_timeout=settings.job_timeout_s,
-            kwargs=options,
-            description=f"evaluate project {project}",
-        )
-        while (status := job.get_status(refresh=True)) not in ("finished", "failed"):
-            time.sleep(1)
-        if status == "failed":
-            failure = job.latest_result()
-            print(
-                f"echolabel: evaluation failed: {failure.exc_string if failure else ''}",
-                file=sys.stderr,
-            )
-            return 1
-        result = job.return_value()
-    else:
-        job_context = context.JobContext.from_settings(settings)
-        context.install(job_context)
-        try:
-            result = jobs.evaluate_project(project, **options)
-        finally:
-            context.install(None)
-            job_context.store.close()
+    result = run_job(
+        settings,
+        "evaluate",
+        project=project_id(args.project),
+        k=args.k,
+        min_class_size=args.min_class_size,
+        near_duplicate_threshold=args.exclude_near_duplicates,
+        learning_curve_seeds=args.learning_curve,
+    )
     print(result["headline"])
     print(f"\n{result['report_json']}\n{result['report_html']}", file=sys.stderr)
     return 0
@@ -893,20 +852,14 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
-    from backend.admin import reembed_job_id
     from backend.projects import project_id
-    from workers import jobs
-    from workers.queues import REEMBED
 
-    return _run_job(
+    return _print_job(
         settings,
-        REEMBED,
-        reembed_job_id(args.project),
-        jobs.reembed,
-        (project_id(args.project), args.encoder),
-        f"re-embed project {args.project} with {args.encoder}",
-        unit="img",
+        "reembed",
         no_wait=args.no_wait,
+        project=project_id(args.project),
+        encoder=args.encoder,
     )
 
 
@@ -929,27 +882,24 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "min_per_class": args.min_per_class or settings.min_per_class,
     }
     if args.project:
-        from backend.admin import train_encoder_job_id
         from backend.projects import project_id
-        from workers import jobs
-        from workers.queues import REEMBED
 
-        project = project_id(args.project)
-        return _run_job(
+        return _print_job(
             settings,
-            REEMBED,
-            train_encoder_job_id(project),
-            jobs.train_encoder,
-            (project, args.field, args.name, options, args.patient_column, args.reembed),
-            f"train encoder on project {project}",
-            unit="step",
+            "train-encoder",
             no_wait=args.no_wait,
+            project=project_id(args.project),
+            fields=args.field,
+            name=args.name,
+            options=options,
+            patient_key=args.patient_column,
+            reembed_after=args.reembed,
         )
     if not (args.images and args.labels and args.field):
         raise ValueError("train-encoder needs --project, or --images, --labels and --field")
     if args.reembed:
         raise ValueError("--reembed needs --project (a folder has no collection to re-embed)")
-    from echolabel.images import ImageFetcher
+    from workers.runtime import open_runtime
     from workers.training import TrainOptions, train_encoder
     from workers.training.sources import folder_samples
 
@@ -968,7 +918,7 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
             f"{left_out} row(s) outside the training split left out (never read)", file=sys.stderr
         )
     folder_settings = dataclasses.replace(settings, local_files_root=root)
-    with ImageFetcher(folder_settings) as fetcher, tqdm(desc="train encoder") as bar:
+    with open_runtime(folder_settings) as runtime, tqdm(desc="train encoder") as bar:
 
         def show(progress: Any) -> None:
             bar.total, bar.n = progress.total, progress.done
@@ -978,7 +928,7 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         summary = train_encoder(
             samples,
             args.field,
-            fetcher=fetcher,
+            fetcher=runtime.fetcher,
             encoders_dir=settings.encoders_dir,
             name=args.name or root.name,
             options=TrainOptions(**options),
@@ -998,114 +948,29 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
 
 def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     """Push predictions into Label Studio (or refresh them) and follow the progress."""
-    from backend import preannotate
-    from workers.queues import PREANNOTATE
-
-    kind, func = (
-        ("refresh", preannotate.refresh_project)
-        if args.refresh
-        else ("preannotate", preannotate.preannotate_project)
-    )
-    return _run_job(
-        settings,
-        PREANNOTATE,
-        f"{kind}-{args.project}",
-        func,
-        (args.project,),
-        f"{kind} project {args.project}",
-        unit="task",
-        no_wait=args.no_wait,
-    )
+    name = "refresh" if args.refresh else "preannotate"
+    return _print_job(settings, name, no_wait=args.no_wait, project=args.project)
 
 
 def _diverse_first(args: argparse.Namespace, settings: Settings) -> int:
     """Write (or clear) the diverse-first order and follow the progress."""
-    from backend import diverse_first
-    from workers.queues import PREANNOTATE
-
-    return _run_job(
+    return _print_job(
         settings,
-        PREANNOTATE,
-        f"diverse-first-{args.project}",
-        diverse_first.diverse_first_project,
-        (args.project, args.limit, args.clear),
-        f"diverse-first order of project {args.project}" + (" (clear)" if args.clear else ""),
-        unit="task",
+        "diverse-first",
         no_wait=args.no_wait,
+        project=args.project,
+        limit=args.limit,
+        clear=args.clear,
     )
 
 
-def _run_job(
-    settings: Settings,
-    queue_name: str,
-    job_id: str,
-    func: Any,
-    job_args: tuple[Any, ...],
-    description: str,
-    *,
-    unit: str,
-    no_wait: bool,
-) -> int:
-    """Run a job function here (no REDIS_URL) or queue it, with a progress bar either way."""
-    import time
+def _print_job(settings: Settings, job: str, /, *, no_wait: bool, **arguments: Any) -> int:
+    """Run a catalogue job here or on the workers (echolabel.follow) and print its result."""
+    from echolabel.follow import run_job
 
-    from workers.queues import connect, enqueue_unique, queue, retry_policy
-
-    if not settings.redis_url:
-        # No queue: run it here (the embedded store must not be held by a running server).
-        from workers import context
-
-        job_context = context.JobContext.from_settings(settings)
-        context.install(job_context)
-        with tqdm(unit=unit, desc=description) as bar:
-
-            def show(progress: Any) -> None:
-                meta = progress.as_meta()
-                bar.total, bar.n = meta.get("total") or bar.total, meta.get("done", 0)
-                bar.set_postfix(stage=meta.get("stage"), eta=meta.get("eta_s"))
-                bar.refresh()
-
-            try:
-                result = func(*job_args, on_progress=show)
-            finally:
-                context.install(None)
-                job_context.store.close()
+    result = run_job(settings, job, no_wait=no_wait, **arguments)
+    if result is not None:
         print(json.dumps(result, indent=2, default=str))
-        return 0
-    connection = connect(settings.redis_url)
-    job = enqueue_unique(
-        queue(connection, queue_name),
-        job_id,
-        func,
-        *job_args,
-        retry=retry_policy(settings),
-        job_timeout=settings.job_timeout_s,
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=7 * 24 * 3600,
-        description=description,
-    )
-    print(f"job {job.id} on queue {queue_name}", file=sys.stderr)
-    if no_wait:
-        return 0
-    with tqdm(unit=unit, desc=description) as bar:
-        while True:
-            status = job.get_status(refresh=True)
-            progress = job.get_meta(refresh=True).get("progress", {})
-            bar.total = progress.get("total") or bar.total
-            bar.n = progress.get("done", 0)
-            bar.set_postfix(stage=progress.get("stage", status), eta=progress.get("eta_s"))
-            bar.refresh()
-            if status in ("finished", "failed", "stopped", "canceled"):
-                break
-            time.sleep(1)
-    if status != "finished":
-        result = job.latest_result()
-        print(
-            f"echolabel: {description} {status}: {result.exc_string if result else ''}",
-            file=sys.stderr,
-        )
-        return 1
-    print(json.dumps(job.return_value(), indent=2, default=str))
     return 0
 
 

@@ -203,8 +203,8 @@ def _set_up(
         _learned(backend_url)
         if chosen:
             say("pre-annotating the other tasks")
-            httpx.post(f"{backend_url}/projects/{project}/preannotate", timeout=30)
-            _job_done(backend_url, f"preannotate-{project}")
+            started = httpx.post(f"{backend_url}/projects/{project}/preannotate", timeout=30)
+            _job_done(backend_url, started.raise_for_status().json()["job"])
         return Demo(server, backend_url, project, len(ids), len(chosen), "", "")
     finally:
         client.close()

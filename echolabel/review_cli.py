@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +57,9 @@ def _review(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.project:
         from backend.projects import project_id
-        from workers import jobs
+        from echolabel.follow import run_job
 
-        result = _run_store_job(
-            settings, f"review-{args.project}", jobs.review_project, project_id(args.project)
-        )
+        result = run_job(settings, "review", project=project_id(args.project), k=args.k)
         print(result["headline"])
         print(f"\n{result['review_csv']}\n{result['review_json']}", file=sys.stderr)
         return 0
@@ -87,14 +84,10 @@ def _duplicates(args: argparse.Namespace, settings: Settings) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.project:
         from backend.projects import project_id
-        from workers import jobs
+        from echolabel.follow import run_job
 
-        result = _run_store_job(
-            settings,
-            f"duplicates-{args.project}",
-            jobs.find_project_duplicates,
-            project_id(args.project),
-            threshold,
+        result = run_job(
+            settings, "duplicates", project=project_id(args.project), threshold=threshold
         )
     else:
         if not args.images:
@@ -144,38 +137,3 @@ def _folder(args: argparse.Namespace, settings: Settings) -> tuple[Any, list[Any
     if failed:
         print(f"echolabel: {len(failed)} image(s) unreadable, left out", file=sys.stderr)
     return vectors, kept
-
-
-def _run_store_job(
-    settings: Settings, job_id: str, func: Callable[..., dict], *job_args: Any
-) -> dict:
-    """A job that reads the store: on the `evaluate` workers with Redis, else here."""
-    import time
-
-    from workers import context
-    from workers.queues import EVALUATE, connect, enqueue_unique, queue
-
-    if not settings.redis_url:
-        job_context = context.JobContext.from_settings(settings)
-        context.install(job_context)
-        try:
-            return func(*job_args)
-        finally:
-            context.install(None)
-            job_context.store.close()
-    job = enqueue_unique(
-        queue(connect(settings.redis_url), EVALUATE),
-        job_id,
-        func,
-        *job_args,
-        job_timeout=settings.job_timeout_s,
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=7 * 24 * 3600,
-        description=f"{job_id.split('-')[0]} project {job_args[0]}",
-    )
-    while (status := job.get_status(refresh=True)) not in ("finished", "failed"):
-        time.sleep(1)
-    if status == "failed":
-        failure = job.latest_result()
-        raise ValueError(f"{job_id} failed: {failure.exc_string if failure else 'unknown'}")
-    return job.return_value()

@@ -15,13 +15,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from backend.pages import is_loopback
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers import jobs
 from workers.embedding import TaskImage
+from workers.runtime import open_runtime
 
 DOCS = ROOT / "docs" / "screenshots"  # with ECHOLABEL_UPDATE_SCREENSHOTS=1
 CONFIG = DARK_BRIGHT_CONFIG
@@ -32,7 +33,7 @@ LS_KEY = "0123456789abcdef0123456789abcdef01234567"
 def index_projects(settings) -> None:
     """Project 5: twelve labelled tasks; project 6: one (its evaluation must fail)."""
     paths = dark_and_bright(settings.local_files_root, 6, size=(48, 48))
-    services = Services.from_settings(dataclasses.replace(settings, redis_url=None))
+    services = open_runtime(dataclasses.replace(settings, redis_url=None))
     try:
         for project in (5, 6):
             SimilarityModel(services, project, CONFIG).setup()

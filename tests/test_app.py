@@ -61,7 +61,7 @@ def wait(client):
 
 
 def store(client):
-    return client.app.state.echolabel["services"].store
+    return client.app.state.echolabel["runtime"].store
 
 
 def setup_project(client):
@@ -141,7 +141,7 @@ def test_prediction_never_counts_the_task_itself(client, images):
     body = client.post(
         "/predict", json={"tasks": [task(100, images["dark_0"])], "project": 7}
     ).json()
-    model = client.app.state.echolabel["services"]
+    model = client.app.state.echolabel["runtime"]
     neighbours = model.store.nearest(7, model.store.vectors(7, [100])[100], 10, exclude=[100])
     assert 100 not in [n.task for n in neighbours]
     assert body["results"][0]["result"][0]["value"]["choices"] == ["dark"]

@@ -19,6 +19,7 @@ from pydicom.pixels import pixel_array
 from echolabel.images import ImageError, ImageFetcher, decode_image
 from echolabel.sector import sector_box
 from echolabel.settings import ConfigError, Settings
+from workers.runtime import open_runtime
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # Ultrasound files of pydicom's test data: a 30-frame JPEG-baseline YBR cine loop of a heart,
@@ -230,7 +231,7 @@ def test_no_crop_when_no_sector_is_found():
 
 
 def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys):
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
     from workers.embedding import TaskImage
 
     root = settings.local_files_root
@@ -244,7 +245,7 @@ def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys)
     (root / "broken.dcm").write_bytes(broken[: len(broken) // 3])  # truncated pixel data
     settings = settings.__class__(**{**settings.__dict__, "max_image_bytes": 5_000_000})
     caplog.set_level(logging.DEBUG)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         model = SimilarityModel(services, 9)
         report = model.embed(

@@ -11,14 +11,13 @@ import pytest
 
 import backend.preannotate as preannotate
 from backend.diverse_first import FIELD, clear_tasks, order_tasks, rank_value
-from backend.model import Services
 from backend.preannotate import PreAnnotator
 from echolabel.diversity import k_center_order
 from tests.fakes import FakeLabelStudio
 from tests.helpers import TINY_ENCODER, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG as CONFIG
-from workers import context
 from workers.jobs import PermanentJobError
+from workers.runtime import install, open_runtime
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def project_tasks(settings):
 
 @pytest.fixture
 def services(settings):
-    built = Services.from_settings(dataclasses.replace(settings, min_neighbours=2))
+    built = open_runtime(dataclasses.replace(settings, min_neighbours=2))
     yield built
     built.store.close()
 
@@ -135,7 +134,7 @@ def test_the_admin_runs_the_job_like_the_push(services, project_tasks, monkeypat
 
     api = FakeLabelStudio(project_tasks, CONFIG)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
-    context.install(services.job_context())
+    install(services)
     admin = Admin(services)
     try:
         started = admin.start_diverse_first(1)
@@ -149,7 +148,7 @@ def test_the_admin_runs_the_job_like_the_push(services, project_tasks, monkeypat
         assert job.result["ranked"] == 10 and job.progress["stage"] == "writing"
     finally:
         admin.stop()
-        context.install(None)
+        install(None)
 
 
 def test_the_cli_runs_it_here_without_redis(settings, project_tasks, monkeypatch, capsys):

@@ -10,10 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import SHARED_DATA, TINY_ENCODER, serving
 from workers.embedding import TaskImage
+from workers.runtime import open_runtime
 
 BUSI = SHARED_DATA / "busi"
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -36,7 +37,7 @@ def project_with_a_copy(settings):
     ]
     other = next(c for c in ("benign", "malignant", "normal") if c != rows[0]["finding"])
     items.append(TaskImage(100, items[0].image, {"finding": other}))
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         SimilarityModel(services, 8, CONFIG).setup()
         assert not SimilarityModel(services, 8).embed(items).failures

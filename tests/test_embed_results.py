@@ -41,7 +41,7 @@ def test_a_job_id_enqueued_again_is_applied_again(redis_settings, redis_db):
     images = dark_and_bright(redis_settings.local_files_root, 2, size=(64, 64))
     created = webhook(10, images["dark_0"], "dark", 100, "ANNOTATION_CREATED", "2026-12-01T00:00Z")
     with TestClient(create_app(redis_settings)) as client:
-        services = client.app.state.echolabel["services"]
+        services = client.app.state.echolabel["runtime"]
         client.post("/setup", json={"project": 3, "schema": CONFIG})
         client.post("/webhook", json=created)
         assert client.app.state.echolabel["inbox"].wait_idle(30)
@@ -95,7 +95,7 @@ def test_updates_and_deletes_racing_queued_jobs_win(redis_settings, redis_db):
         for body in bodies:
             client.post("/webhook", json=body)
         assert state["inbox"].wait_idle(30)
-        dispatcher = state["services"].dispatcher
+        dispatcher = state["runtime"].dispatcher
         dispatcher.stop()  # results are applied below, in the order chosen here
         # Results land newest first: the reverse of the order the jobs were queued in.
         results = ResultList(redis_db, store_key(redis_settings.model_dir))
@@ -106,8 +106,8 @@ def test_updates_and_deletes_racing_queued_jobs_win(redis_settings, redis_db):
             redis_db.lrem(results.processing_key, 1, raw)
             results.push(EmbedMessage.decode(raw))
         dispatcher.collect_once()
-        assert labels_by_task(state["services"]) == LAST_WEBHOOK_WINS
-        assert state["services"].store.count(3, labelled=True) == 2
+        assert labels_by_task(state["runtime"]) == LAST_WEBHOOK_WINS
+        assert state["runtime"].store.count(3, labelled=True) == 2
 
 
 @pytest.mark.parametrize("wait_s", [0.0, 5.0])
@@ -127,8 +127,8 @@ def test_inline_updates_and_deletes_in_a_burst_end_as_the_last_webhook_left_them
             client.post("/webhook", json=body)
             client.post("/predict", json={"tasks": tasks, "project": 3})
         assert state["inbox"].wait_idle(30)
-        assert state["services"].backlog.wait_idle(30)
-        assert labels_by_task(state["services"]) == LAST_WEBHOOK_WINS
+        assert state["runtime"].backlog.wait_idle(30)
+        assert labels_by_task(state["runtime"]) == LAST_WEBHOOK_WINS
 
 
 def test_a_result_half_applied_when_the_backend_died_is_applied_at_start(redis_settings, redis_db):
@@ -144,7 +144,7 @@ def test_a_result_half_applied_when_the_backend_died_is_applied_at_start(redis_s
     # Taken off the list by a backend that was killed before it stored the points.
     redis_db.rpush(results.processing_key, message.encode())
     with TestClient(create_app(redis_settings)) as client:
-        services = client.app.state.echolabel["services"]
+        services = client.app.state.echolabel["runtime"]
         deadline = time.monotonic() + 10
         while results.waiting() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -163,7 +163,7 @@ def test_an_idle_backend_makes_a_few_redis_calls_a_second_however_many_jobs_fini
         job.save()
         registry.add(job, ttl=3600)
     with TestClient(create_app(redis_settings)) as client:
-        connection = client.app.state.echolabel["services"].dispatcher.connection
+        connection = client.app.state.echolabel["runtime"].dispatcher.connection
         calls = []
         original = connection.execute_command
 
@@ -187,7 +187,7 @@ def test_a_result_that_meets_an_unavailable_store_is_applied_once_it_answers(
     results = ResultList(redis_db, store_key(redis_settings.model_dir))
     point = Point(task=6, vector=np.eye(1, 1280, 1, dtype=np.float32)[0], image="/y.png")
     with TestClient(create_app(redis_settings)) as client:
-        store = client.app.state.echolabel["services"].store
+        store = client.app.state.echolabel["runtime"].store
         original, calls = store.upsert, []
 
         def away_once(*args, **options):

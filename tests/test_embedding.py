@@ -61,7 +61,7 @@ def test_parallel_predictions_share_one_inference_at_a_time(settings):
                     body = annotation_webhook(7, task, {"organ": tone}, f"{tone}-{i}")
                     http.post("/webhook", json=body).raise_for_status()
         assert app.state.echolabel["inbox"].wait_idle(30)
-        embedder = app.state.echolabel["services"].embedder
+        embedder = app.state.echolabel["runtime"].embedder
         SlowEncoder.max_active, SlowEncoder.batch_sizes = 0, []
         before = embedder.inferences
 
@@ -123,7 +123,7 @@ def test_predict_answers_within_its_wait_and_embeds_the_rest_after(settings):
         assert 0 < len(body["pending"]) < len(tasks)
         answered = [r for r in body["results"] if r]
         assert len(answered) == len(tasks) - len(body["pending"])
-        assert client.app.state.echolabel["services"].backlog.wait_idle(30)
+        assert client.app.state.echolabel["runtime"].backlog.wait_idle(30)
         second = client.post("/predict", json={"project": 7, "tasks": tasks}).json()
     assert second["pending"] == [] and all(second["results"])
 

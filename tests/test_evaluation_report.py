@@ -9,6 +9,7 @@ from echolabel.cli import main
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
 from tests.label_configs import SHADE_CONFIG
+from workers.runtime import open_runtime
 
 
 def shaded_folder(tmp_path, count):
@@ -131,11 +132,11 @@ def test_admin_evaluates_a_project_from_the_store(settings):
     from fastapi.testclient import TestClient
 
     from backend.app import create_app
-    from backend.model import Services, SimilarityModel
+    from backend.model import SimilarityModel
     from workers.embedding import TaskImage
 
     paths = dark_and_bright(settings.local_files_root, 8)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     config = SHADE_CONFIG
     SimilarityModel(services, 4, config).embed(
         [TaskImage(n, p, {"shade": n.split("_")[0]}) for n, p in paths.items()]

@@ -14,13 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from backend.thumbnails import ThumbnailCache
 from echolabel.images import ImageFetcher
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import SHARED_DATA, TINY_ENCODER, png_bytes, serving
 from vectorstore import Point
 from workers.embedding import TaskImage
+from workers.runtime import open_runtime
 
 BUSI = SHARED_DATA / "busi"
 PROJECT = 4
@@ -64,7 +65,7 @@ def busi_settings(settings):
 @pytest.fixture
 def busi_services(busi_settings):
     """60 BUSI tasks of project 4: task 1 unlabelled (the query), the others labelled."""
-    services = Services.from_settings(busi_settings)
+    services = open_runtime(busi_settings)
     model = SimilarityModel(services, PROJECT, CONFIG)
     model.setup()  # remembers the label config, as Label Studio's /setup does
     rows = busi_rows()
@@ -170,7 +171,7 @@ def test_labels_are_escaped_and_unknown_tasks_say_what_to_do(settings):
         label_studio_url="http://label-studio:8080",  # as the backend reaches it (compose)
         label_studio_public_url="https://ls.example",  # as browsers do
     )
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         hostile, unicode = "<script>alert(1)</script>", "échographie « 超音波 » &"
         model = SimilarityModel(
@@ -208,7 +209,7 @@ def test_labels_are_escaped_and_unknown_tasks_say_what_to_do(settings):
 def test_thumbnails_go_through_the_image_fetcher_rules(settings):
     """A stored reference to a host that is not allowed (cloud metadata) or a path outside the
     local root is refused by the fetcher, exactly as for /predict."""
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         store = services.store
         store.ensure_collection(9, TINY_ENCODER, 16, "none")
@@ -275,7 +276,7 @@ def test_the_gallery_link_needs_the_tag_a_public_url_and_a_suggestion(settings):
     sure = Suggestion(vote(near, ["finding"], min_neighbours=3, min_score=0.5), near)
     unsure = Suggestion(vote(near[:2], ["finding"], min_neighbours=3, min_score=0.5), near[:2])
     public = dataclasses.replace(settings, public_url="https://echolabel.example")
-    services = Services.from_settings(public)
+    services = open_runtime(public)
     try:
 
         def kinds(config, suggestion, task="a/b c"):

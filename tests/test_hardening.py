@@ -113,7 +113,7 @@ def test_label_studio_refusing_our_token_is_named(settings, fake_ls):
 def assert_still_healthy(client: TestClient) -> None:
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "UP"
-    store = client.app.state.echolabel["services"].store
+    store = client.app.state.echolabel["runtime"].store
     assert store.count(7, labelled=True) == 2, "a bad request must not lose stored labels"
     assert store.count(7) == 2, "nothing half-written for the bad task"
 
@@ -311,7 +311,7 @@ def test_secrets_and_image_bytes_stay_out_of_logs_and_payloads(settings, fake_ls
             task = {"id": 9, "data": {"image": ref}}
             client.post("/predict", json={"project": 7, "tasks": [task]}, auth=auth)
         client.post("/predict", json={"project": 7, "tasks": []}, auth=("ls", "wrong"))
-        inner = client.app.state.echolabel["services"].store.inner
+        inner = client.app.state.echolabel["runtime"].store.inner
         records, _ = inner._client.scroll(inner.alias(7), limit=100)
         payloads = [record.payload for record in records]
     logged = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)

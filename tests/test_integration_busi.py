@@ -95,7 +95,7 @@ def test_votes_on_real_ultrasound_beat_the_majority_class(deployment):
         inbox = client.app.state.echolabel["inbox"]
         assert inbox.wait_idle(timeout=600)
         assert not inbox.failed()
-        store = client.app.state.echolabel["services"].store
+        store = client.app.state.echolabel["runtime"].store
         deadline = time.monotonic() + 600  # with a worker, vectors land as its jobs finish
         while store.count(1, labelled=True) < len(train) and time.monotonic() < deadline:
             time.sleep(0.5)

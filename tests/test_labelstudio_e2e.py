@@ -76,7 +76,7 @@ def test_suggestions_reach_annotators_through_a_real_label_studio(
         inbox = app.state.echolabel["inbox"]
         assert inbox.wait_idle(timeout=600)
         assert not inbox.failed(), "a webhook from Label Studio failed in the backend"
-        store = app.state.echolabel["services"].store
+        store = app.state.echolabel["runtime"].store
         assert store.count(project, labelled=True) == len(annotated)
 
         targets = [ids[Path(row["image"]).name] for row in unlabelled]
@@ -148,7 +148,7 @@ def test_legacy_token_fetches_images_and_predictions_are_stored(
         assert "already connected" in capsys.readouterr().out
         annotate_rows(admin, ids, annotated)
         assert app.state.echolabel["inbox"].wait_idle(timeout=300)
-        assert app.state.echolabel["services"].store.count(project, labelled=True) == len(annotated)
+        assert app.state.echolabel["runtime"].store.count(project, labelled=True) == len(annotated)
         targets = [ids[Path(row["image"]).name] for row in unlabelled]
         admin.retrieve_predictions(project, targets)
         for task in targets:
@@ -212,7 +212,7 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         annotate_rows(admin, ids, annotated)
         inbox = app.state.echolabel["inbox"]
         assert inbox.wait_idle(timeout=600)
-        services = app.state.echolabel["services"]
+        services = app.state.echolabel["runtime"]
         targets = {ids[Path(r["image"]).name]: r for r in unlabelled}
 
         # A push killed after two batches, then resumed by the next run.

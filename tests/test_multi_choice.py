@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from backend.gallery import build_gallery, render_gallery
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from tests.helpers import TINY_ENCODER, dark_and_bright
-from workers import context, jobs
+from workers import jobs
 from workers.embedding import TaskImage
 from workers.evaluation.report import headline, render_html
+from workers.runtime import install, open_runtime
 from workers.training import TrainingRefused, check_trainable
 from workers.training.sources import project_samples
 
@@ -30,7 +31,7 @@ def project(settings):
     """18 labelled tasks of project 4 (1-16 and two copies): shade (single) and findings
     (multi); task 99 unlabelled."""
     paths = dark_and_bright(settings.local_files_root, 8)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     model = SimilarityModel(services, 4, CONFIG)
     model.setup()
     items = [
@@ -52,9 +53,9 @@ def project(settings):
         TaskImage(99, paths["dark_0"]),
     ]
     assert not model.embed([*items, *copies]).failures
-    context.install(services.job_context())
+    install(services)
     yield services
-    context.install(None)
+    install(None)
     services.close()
 
 

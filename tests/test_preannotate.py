@@ -13,13 +13,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 
 import backend.preannotate as preannotate
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from backend.preannotate import PreAnnotator
 from tests.fakes import FakeLabelStudio
 from tests.helpers import REDIS_URL, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from workers import context
 from workers.queues import PREANNOTATE, connect, queue
+from workers.runtime import install, open_runtime
 
 CONFIG = DARK_BRIGHT_CONFIG
 
@@ -43,7 +43,7 @@ def project_tasks(settings):
 
 @pytest.fixture
 def services(settings):
-    built = Services.from_settings(dataclasses.replace(settings, min_neighbours=2))
+    built = open_runtime(dataclasses.replace(settings, min_neighbours=2))
     yield built
     built.store.close()
 
@@ -77,9 +77,9 @@ def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_noth
     monkeypatch.setattr(preannotate, "WRITE_RETRY_DELAYS_S", (0.0, 0.0))
     settings = dataclasses.replace(settings, redis_url=REDIS_URL, job_retry_intervals=(0,))
     connection = connect(REDIS_URL)
-    job_context = context.JobContext.from_settings(settings)
+    job_context = open_runtime(settings)
     job_context.owns_store = True
-    context.install(job_context)
+    install(job_context)
     try:
         job = queue(connection, PREANNOTATE).enqueue(
             preannotate.preannotate_project, 1, retry=preannotate_retry(), job_id="push-1"
@@ -99,8 +99,8 @@ def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_noth
         assert info is not None and info.published_version is None
         assert api.model_version == "echolabel"
     finally:
-        context.install(None)
-        job_context.store.close()
+        install(None)
+        job_context.close()
 
 
 def preannotate_retry():
@@ -121,7 +121,7 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
     unlabelled = next(t["id"] for t in project_tasks if not t["annotations"])
     services.store.set_labels(1, unlabelled, {"organ": "dark"}, Annotation(999, "2027"))
     services.store.note_label_changes(1, [unlabelled])
-    context.install(services.job_context())
+    install(services)
     admin = Admin(services)
     try:
         admin.start_refresh_timer(0.05)
@@ -136,7 +136,7 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
         assert job.result["label_changes"] == 1
     finally:
         admin.stop()
-        context.install(None)
+        install(None)
 
 
 @pytest.mark.parametrize(
@@ -155,14 +155,14 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed, e
     rng = np.random.default_rng(seed)
     n = 500 if exact_cache else 200  # qdrant-client's local mode scans in Python: keep it short
     project = synthetic_project(n, rng, tmp_path)
-    services, api = project.services, project.api
+    services, api = project.runtime, project.api
     classes, labelled = project.classes, project.labelled
     store = services.store
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
     if not exact_cache:
         assert isinstance(store, ExactSearchStore)
-        annotator = PreAnnotator(dataclasses.replace(services, store=store.inner), api, 1)
+        annotator = PreAnnotator(open_runtime(services.settings, store=store.inner), api, 1)
     unlabelled = [i for i in range(n) if not labelled[i]]
     still_labelled = [i for i in range(n) if labelled[i]]
     model = SimilarityModel(services, 1)

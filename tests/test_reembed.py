@@ -20,7 +20,7 @@ from rq.registry import StartedJobRegistry
 from safetensors.torch import save_file
 
 from backend.app import create_app
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from tests.helpers import (
     REDIS_URL,
     TINY_ENCODER_B,
@@ -33,6 +33,7 @@ from vectorstore import StoreError
 from workers import jobs
 from workers.embedding import TaskImage
 from workers.queues import REEMBED, connect, enqueue_unique, queue
+from workers.runtime import install, open_runtime
 
 CONFIG = DARK_BRIGHT_CONFIG
 
@@ -96,7 +97,7 @@ def test_predictions_and_annotations_continue_during_the_rebuild(rebuild_setting
     # The admin changes the encoder and presses Label Studio's "Start Training".
     with TestClient(create_app(dataclasses.replace(settings, encoder=TINY_ENCODER_B))) as client:
         state = client.app.state.echolabel
-        store = state["services"].store
+        store = state["runtime"].store
         assert client.post("/train", json={"project": "5.1764000000"}).json()["job"] == (
             "reembed-5"
         )
@@ -147,23 +148,20 @@ def test_predictions_and_annotations_continue_during_the_rebuild(rebuild_setting
 
 def test_a_labelled_task_whose_image_vanished_stops_the_switch(settings):
     paths = images(settings.local_files_root, 2)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         model = SimilarityModel(services, 5, CONFIG)
         model.embed(
             [TaskImage(1, paths["dark_0"], {"organ": "dark"}), TaskImage(2, paths["bright_0"])]
         )
         os.remove(paths["dark_0"])
-        from workers import context
 
-        context.install(services.job_context())
+        install(services)
         with pytest.raises(StoreError, match="live generation is untouched"):
             jobs.reembed(5, TINY_ENCODER_B)
         assert services.store.collection(5).generation == 1
     finally:
-        from workers import context
-
-        context.install(None)
+        install(None)
         services.close()
 
 
@@ -190,7 +188,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
     )
     paths = images(settings.local_files_root, 12)
     inline = dataclasses.replace(settings, redis_url=None)
-    services = Services.from_settings(inline)
+    services = open_runtime(inline)
     SimilarityModel(services, 5, CONFIG).embed(
         [
             TaskImage(i, path, {"organ": name.split("_")[0]})
@@ -234,7 +232,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
     done_before_kill = job.get_meta(refresh=True)["progress"]["done"]
     assert done_before_kill < 24
 
-    services = Services.from_settings(inline)  # the lock died with the worker
+    services = open_runtime(inline)  # the lock died with the worker
     info = services.store.collection(5)
     assert (info.encoder, info.generation) == ("efficientnet_lite0", 1)  # live untouched
     assert services.store.count(5) == 24
@@ -250,7 +248,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
     assert result["skipped"] >= done_before_kill  # finished batches were not redone
     assert result["done"] == 24 and result["stage"] == "switched"
 
-    services = Services.from_settings(inline)
+    services = open_runtime(inline)
     info = services.store.collection(5)
     assert (info.encoder, info.dim, info.generation) == ("resnet50", 2048, 2)
     assert services.store.count(5, labelled=True) == 24
@@ -261,7 +259,7 @@ def test_worker_killed_mid_reembed_resumes_without_redoing_batches(
 def test_training_button_starts_a_reembedding_visible_in_jobs(settings):
     paths = images(settings.local_files_root, 2)
     settings = dataclasses.replace(settings, encoder=TINY_ENCODER_B)
-    services = Services.from_settings(dataclasses.replace(settings, encoder="tiny-test"))
+    services = open_runtime(dataclasses.replace(settings, encoder="tiny-test"))
     SimilarityModel(services, 5, CONFIG).embed([TaskImage(1, paths["dark_0"], {"organ": "dark"})])
     services.close()
     with TestClient(create_app(settings)) as client:
@@ -275,8 +273,6 @@ def test_training_button_starts_a_reembedding_visible_in_jobs(settings):
             time.sleep(0.1)
         assert listed[0]["status"] == "finished", listed
         assert listed[0]["progress"]["stage"] == "switched"
-        assert client.app.state.echolabel["services"].store.collection(5).encoder == (
-            TINY_ENCODER_B
-        )
+        assert client.app.state.echolabel["runtime"].store.collection(5).encoder == (TINY_ENCODER_B)
         again = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
         assert again.json()["job"] == "reembed-5"

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from backend.admin import Admin
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from echolabel.cli import main
 from tests.helpers import TINY_ENCODER, dark_and_bright, overlapping_classes
 from tests.label_configs import SHADE_CONFIG
-from workers import context
 from workers.embedding import TaskImage
 from workers.evaluation.metrics import leave_one_out_neighbours
 from workers.review.flip_bench import flip_labels, precision_recall_at
 from workers.review.label_issues import CSV_COLUMNS, rank_label_issues
+from workers.runtime import install, open_runtime
 
 
 def test_flagged_labels_are_mostly_the_flipped_ones():
@@ -104,7 +104,7 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
     settings = dataclasses.replace(settings, label_studio_url="http://ls.example:8080")
     paths = dark_and_bright(settings.local_files_root, 8)
     wrong = {"dark_2"}
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     config = SHADE_CONFIG
     tasks = {name: 100 + i for i, name in enumerate(paths)}
     SimilarityModel(services, 4, config).embed(
@@ -118,7 +118,7 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
         ]
     )
     admin = Admin(services)
-    context.install(services.job_context())  # as the backend does: jobs share its store
+    install(services)  # as the backend does: jobs share its store
     try:
         started = admin.start_review(4)
         assert started == {"job": "review-4", "status": "started", "queue": "in-process"}
@@ -128,7 +128,7 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
         job = admin.local_jobs["review-4"]
         assert job.status == "finished", job.error
     finally:
-        context.install(None)
+        install(None)
         services.close()
     review = json.loads(Path(job.result["review_json"]).read_text())
     top = review["fields"]["shade"]["rows"][0]
@@ -162,7 +162,7 @@ def test_review_runs_as_an_rq_job_on_the_evaluate_queue(settings, redis_db):
     from workers.queues import EVALUATE, enqueue_unique, queue
 
     paths = dark_and_bright(settings.local_files_root, 6)
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     config = SHADE_CONFIG
     SimilarityModel(services, 9, config).embed(
         [

@@ -15,19 +15,21 @@ import pytest
 from PIL import Image
 
 from backend.admin import Admin
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
 from echolabel import cli
+from echolabel.core.runtime import Runtime
 from echolabel.images import ImageFetcher
 from tests.helpers import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import Annotation
-from workers import context, jobs
+from workers import jobs
 from workers.embedding import TaskImage
 from workers.encoders import load_encoder
 from workers.encoders.trained import read_config
 from workers.evaluation.report import headline
 from workers.evaluation.runner import evaluate_folder
 from workers.queues import REEMBED, enqueue_unique, queue
+from workers.runtime import install, open_runtime
 from workers.training import Sample, TrainingRefused, TrainOptions, train_encoder
 from workers.training.samples import validation_split
 from workers.training.sources import folder_samples
@@ -211,9 +213,9 @@ def test_evaluation_of_a_trained_encoder_uses_held_out_images_only(tmp_path, set
     assert plain["dataset"]["items"] == 50 and "held_out" not in plain["dataset"]
 
 
-def project(settings, count: int = 20) -> Services:
+def project(settings, count: int = 20) -> Runtime:
     paths = dark_and_bright(settings.local_files_root, count, size=(48, 48))
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     SimilarityModel(services, 5, CONFIG).embed(
         [
             TaskImage(n, paths[name], {"organ": name.split("_")[0]})
@@ -227,7 +229,7 @@ def project(settings, count: int = 20) -> Services:
 def test_admin_trains_on_a_project_reports_progress_and_reembeds(settings):
     services = project(settings)
     admin = Admin(services)
-    context.install(services.job_context())
+    install(services)
     try:
         started = admin.start_training_encoder(
             5, ["organ"], name="organs", options=dataclasses.asdict(TINY), reembed=True
@@ -257,7 +259,7 @@ def test_admin_trains_on_a_project_reports_progress_and_reembeds(settings):
         with pytest.raises(jobs.PermanentJobError, match=r"0 labelled task.* not used to train"):
             jobs.evaluate_project(5, min_class_size=1)
     finally:
-        context.install(None)
+        install(None)
         admin.stop()
         services.close()
 
@@ -302,7 +304,7 @@ def test_cli_trains_on_a_project_and_reembeds_with_a_progress_bar(settings, caps
     result = json.loads(out)
     assert result["encoder"] == "trained:cli-v1" and result["reembed"]["stage"] == "switched"
     assert "train encoder on project 5" in err and "epoch 1/1: loss" in err  # the bar
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     try:
         assert services.store.collection(5).encoder == "trained:cli-v1"
     finally:

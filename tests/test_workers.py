@@ -1,7 +1,7 @@
 """Embedding through Redis/RQ: real Redis, real worker processes (burst mode), embedded store.
 
 With the embedded store the backend is the store's only writer: workers return vectors and the
-backend's collector upserts them (workers/context.py).
+backend's collector upserts them (Runtime.writes_store, echolabel/core/runtime.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_predict_queues_embedding_and_workers_fill_the_store(redis_settings, red
     images = write_images(redis_settings.local_files_root)
     with TestClient(create_app(redis_settings)) as client:
         state = client.app.state.echolabel
-        services = state["services"]
+        services = state["runtime"]
         assert client.post("/setup", json={"project": 3, "schema": CONFIG}).status_code == 200
         for i in range(4):
             client.post("/webhook", json=annotation(10 + i, images[f"dark_{i}"], "dark", 100 + i))
@@ -83,7 +83,7 @@ def test_transient_failure_is_retried(redis_settings, redis_db):
         client.post("/setup", json={"project": 3, "schema": CONFIG})
         client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": url}}], "project": 3})
         run_worker(settings, EMBED)
-        services = client.app.state.echolabel["services"]
+        services = client.app.state.echolabel["runtime"]
         services.dispatcher.collect_once()
         assert services.store.count(3) == 1
     assert len(images.seen) == 2
@@ -109,7 +109,7 @@ def test_permanent_failure_lands_in_the_failed_registry_with_its_reason(redis_se
         failed_jobs = [j for j in listed if j["status"] == "failed"]
         assert len(failed_jobs) == 1 and "not_an_image" in failed_jobs[0]["error"]
         # A later request queues a fresh attempt (the user may have fixed the image).
-        services = client.app.state.echolabel["services"]
+        services = client.app.state.echolabel["runtime"]
         again = services.dispatcher.submit(3, "efficientnet_lite0", [TaskImage(1, str(bad))])
         assert again[0].id == job.id and again[0].get_status() == "queued"
 
@@ -125,7 +125,7 @@ def test_redis_down_means_inline_embedding_and_one_warning(settings, caplog):
                 json={"tasks": [{"id": i, "data": {"image": images[f"dark_{i}"]}}], "project": 3},
             )
             assert response.status_code == 200 and response.json()["pending"] == []
-        services = client.app.state.echolabel["services"]
+        services = client.app.state.echolabel["runtime"]
         assert services.store.count(3) == 3  # embedded inline
         assert services.dispatcher.gate.warnings == 1
 
@@ -159,6 +159,6 @@ def test_newer_annotation_of_a_task_still_queued_is_not_lost(redis_settings, red
         client.post("/webhook", json=second)  # arrives while the first job is still queued
         assert state["inbox"].wait_idle(30)
         run_worker(redis_settings, EMBED)
-        state["services"].dispatcher.collect_once()
-        points = list(state["services"].store.iter_points(3))
+        state["runtime"].dispatcher.collect_once()
+        points = list(state["runtime"].store.iter_points(3))
         assert len(points) == 1 and points[0].labels == {"organ": "dark"}

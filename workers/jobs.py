@@ -1,6 +1,7 @@
 """RQ job functions: plain functions with plain arguments (ids, names, image references).
 
-They run in an RQ worker, in the backend's own process, or inline from the CLI alike.
+They run in an RQ worker, in the backend's own process, or inline from the CLI alike, on the
+process's runtime (workers.runtime.current); workers/catalogue.py says how each one travels.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from redis import Redis
 from rq import get_current_job
-from rq.job import Job
 
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point, StoreError
-from workers import context
 from workers.embedding import TaskImage
-from workers.queues import EMBED, enqueue_unique, queue, retry_policy
 from workers.reembed import Progress, reembed_project
-from workers.results import EmbedMessage, ResultList, store_key
+from workers.results import EmbedMessage, ResultList
+from workers.runtime import current
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +41,6 @@ def _no_retry() -> None:
     job = get_current_job()
     if job is not None:
         job.retries_left = 0  # read by the worker when it handles this failure
-
-
-def task_payload(item: TaskImage) -> dict[str, Any]:
-    """A TaskImage as a job argument (plain JSON-able values)."""
-    return {
-        "task": item.task,
-        "image": item.image,
-        "labels": dict(item.labels),
-        "annotation_id": item.annotation.id,
-        "annotation_updated_at": item.annotation.updated_at,
-    }
 
 
 def _task_image(raw: Mapping[str, Any]) -> TaskImage:
@@ -77,9 +64,9 @@ def embed_batch(
     onto `reply_to` (workers.results) for the store's owner to upsert. Either way the owner
     hears of the result there. Failed images are listed in `failed`.
     """
-    ctx = context.current()
+    runtime = current()
     items = [_task_image(t) for t in tasks]
-    result = ctx.embedder.embed_tasks(encoder, items, ctx.fetcher.load)
+    result = runtime.embedder.embed_tasks(encoder, items, runtime.fetcher.load)
     transient = {t: e for t, e in result.failures.items() if e.reason in TRANSIENT_IMAGE_REASONS}
     if transient:
         raise TransientJobError(
@@ -93,7 +80,7 @@ def embed_batch(
             f"every image of the batch failed (project {project}): "
             + "; ".join(f"{f['reason']}: {f['detail']}" for f in failed.values())
         )
-    model = ctx.embedder.encoder(encoder)
+    model = runtime.embedder.encoder(encoder)
     job = get_current_job()
     message = EmbedMessage(
         job=job.id if job else "",
@@ -103,10 +90,10 @@ def embed_batch(
         weights_id=model.weights_id,
         failed=failed,
     )
-    summary: dict[str, Any] = {"failed": failed, "loads": ctx.embedder.loads}
-    if ctx.writes_store:
-        ctx.store.ensure_collection(project, encoder, model.dim, model.weights_id)
-        ctx.store.upsert(project, encoder, result.points)
+    summary: dict[str, Any] = {"failed": failed, "loads": runtime.embedder.loads}
+    if runtime.writes_store:
+        runtime.store.ensure_collection(project, encoder, model.dim, model.weights_id)
+        runtime.store.upsert(project, encoder, result.points)
         summary["stored"] = [p.task for p in result.points]
         # The owner only needs to hear of labels (a delete may have overtaken them).
         message.stored = {p.task: p.annotation.id for p in result.points if p.labelled}
@@ -114,7 +101,7 @@ def embed_batch(
         _no_retry()
         raise PermanentJobError(
             "this worker may not write the embedded store and the job names no reply list: "
-            "enqueue embedding with workers.jobs.enqueue_embed"
+            "enqueue embedding with workers.catalogue.enqueue_embed"
         )
     else:
         message.points = result.points
@@ -123,51 +110,6 @@ def embed_batch(
         # The job's last act: the owner may apply it before RQ marks the job finished.
         ResultList(job.connection, reply_to).push(message)
     return summary
-
-
-def enqueue_embed(
-    connection: Redis,
-    settings: Settings,
-    project: int | str,
-    encoder: str,
-    items: Sequence[TaskImage],
-) -> list[Job]:
-    """One `embed_batch` job per batch, answering to this MODEL_DIR's store; a batch already
-    queued or running is not queued twice (its id is derived from the store, project, encoder,
-    task ids and annotations)."""
-    reply_to = store_key(settings.model_dir)
-    jobs = []
-    for start in range(0, len(items), settings.batch_size):
-        batch = items[start : start + settings.batch_size]
-        # The annotation is part of the key: a newer annotation of a task still queued gets a
-        # job of its own (the store keeps the newest labels whichever job lands last).
-        key = hashlib.sha1(
-            repr(
-                (
-                    reply_to,
-                    project,
-                    encoder,
-                    sorted((str(i.task), str(i.annotation)) for i in batch),
-                )
-            ).encode()
-        ).hexdigest()[:16]
-        jobs.append(
-            enqueue_unique(
-                queue(connection, EMBED),
-                f"embed-{project}-{key}",
-                embed_batch,
-                project,
-                encoder,
-                [task_payload(i) for i in batch],
-                reply_to,
-                retry=retry_policy(settings),
-                job_timeout=settings.job_timeout_s,
-                result_ttl=3600,
-                failure_ttl=7 * 24 * 3600,
-                description=f"embed {len(batch)} task(s) of project {project} with {encoder}",
-            )
-        )
-    return jobs
 
 
 def reembed(
@@ -181,9 +123,9 @@ def reembed(
     Runs where the store may be written: any worker with a Qdrant server; with the embedded
     store, the process that holds it (the backend's in-process worker, or a worker alone).
     """
-    ctx = context.current()
+    runtime = current()
     try:
-        store = ctx.store
+        store = runtime.store
     except StoreError as exc:
         _no_retry()
         raise PermanentJobError(str(exc)) from None
@@ -198,11 +140,11 @@ def reembed(
 
     done = reembed_project(
         store,
-        ctx.embedder,
-        ctx.fetcher.load,
+        runtime.embedder,
+        runtime.fetcher.load,
         project,
         encoder,
-        batch_size=ctx.settings.batch_size,
+        batch_size=runtime.settings.batch_size,
         on_progress=report,
     )
     return done.as_meta()
@@ -228,8 +170,8 @@ def train_encoder(
     from workers.training import train_encoder as fit
     from workers.training.sources import project_samples
 
-    ctx = context.current()
-    settings = ctx.settings
+    runtime = current()
+    settings = runtime.settings
     job = get_current_job()
 
     def report(progress: Any) -> None:
@@ -240,13 +182,13 @@ def train_encoder(
             job.save_meta()
 
     chosen = {"min_per_class": settings.min_per_class, "device": settings.device, **(options or {})}
-    info = ctx.store.collection(project)
+    info = runtime.store.collection(project)
     try:
-        samples, fields = project_samples(ctx.store, project, fields, patient_key)
+        samples, fields = project_samples(runtime.store, project, fields, patient_key)
         summary = fit(
             samples,
             fields,
-            fetcher=ctx.fetcher,
+            fetcher=runtime.fetcher,
             encoders_dir=settings.encoders_dir,
             name=name or f"project-{project}",
             options=TrainOptions(**chosen),
@@ -281,14 +223,14 @@ def evaluate_project(
     from workers.evaluation.held_out import held_out, note, trained_on
     from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
 
-    ctx = context.current()
+    runtime = current()
     points = _labelled_points(project, "evaluate")
-    info = ctx.store.collection(project)
+    info = runtime.store.collection(project)
     assert info is not None  # _labelled_points refused a project without one
     # A trained live encoder is measured only on images it was not trained on (by content:
     # the same image under another task id is still left out).
-    trained = trained_on([info.encoder], ctx.settings.encoders_dir)
-    fetch = ctx.fetcher.fetch_bytes
+    trained = trained_on([info.encoder], runtime.settings.encoders_dir)
+    fetch = runtime.fetcher.fetch_bytes
     points, excluded = held_out(points, trained.values(), lambda p: fetch(p.image))
     if len(points) < 2:
         _no_retry()
@@ -297,7 +239,7 @@ def evaluate_project(
             f"{info.encoder}: need 2+"
         )
     fields = _fields(points)
-    settings = ctx.settings
+    settings = runtime.settings
     result = evaluate_vectors(
         np.stack([p.vector for p in points]),
         {name: [p.labels.get(name) for p in points] for name in fields},
@@ -356,7 +298,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
     from workers.review.label_issues import review, summary, write_review
 
     points = _labelled_points(project, "review")
-    settings = context.current().settings
+    settings = current().settings
     result = review(
         np.stack([p.vector for p in points]),
         {name: [p.labels.get(name) for p in points] for name in _fields(points)},
@@ -380,7 +322,7 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
     from workers.review import browser_label_studio_url, task_link
     from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
-    store = context.current().store
+    store = current().store
     if store.collection(project) is None:
         _no_retry()
         raise PermanentJobError(f"project {project} has no collection: nothing to compare")
@@ -388,7 +330,7 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
     if len(points) < 2:
         _no_retry()
         raise PermanentJobError(f"project {project} has {len(points)} task(s): need 2+")
-    settings = context.current().settings
+    settings = current().settings
     result = find_duplicates(
         np.stack([p.vector for p in points]),
         [p.task for p in points],
@@ -405,7 +347,7 @@ def _output_dir(settings: Settings, kind: str, project: int | str) -> Path:
 
 
 def _labelled_points(project: int | str, what: str) -> list[Point]:
-    store = context.current().store
+    store = current().store
     if store.collection(project) is None:
         _no_retry()
         raise PermanentJobError(f"project {project} has no collection: nothing to {what}")

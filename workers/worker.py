@@ -2,8 +2,8 @@
 
 RQ's default `Worker` forks a work-horse per job: the child would load the encoder again for
 every job, and a CUDA context cannot cross `fork`. `SimpleWorker` runs jobs in the worker
-process itself, so the encoders loaded by the first job (kept in `workers.context`) serve
-every later one. One worker per GPU; scale out with more processes.
+process itself, so the encoders loaded by the first job (kept in the process's runtime,
+`workers.runtime`) serve every later one. One worker per GPU; scale out with more processes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from rq import SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
 from echolabel.settings import Settings
-from workers import context
 from workers.queues import QUEUES, STORE_QUEUES, connect, queue
+from workers.runtime import install, open_runtime
 
 
 class EcholabelWorker(SimpleWorker):
@@ -57,7 +57,7 @@ def run_worker(
         raise ValueError(f"unknown queue(s) {unknown}; echolabel's queues are {list(QUEUES)}")
     if device:
         settings = dataclasses.replace(settings, device=device)
-    context.install(context.JobContext.from_settings(settings))
+    install(open_runtime(settings))
     connection = connect(settings.redis_url)
     worker = EcholabelWorker(
         [queue(connection, name) for name in queue_names], connection=connection

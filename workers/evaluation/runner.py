@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from echolabel.core.runtime import Runtime
 from echolabel.folders import Item, fingerprint
-from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder, ImageLoader, TaskImage
 from workers.training.samples import Sample
@@ -63,12 +63,12 @@ def evaluate_folder(
     self-improving loop starting from that encoder (`retraining_curve.py`)."""
     # The folder is the only place images are read from.
     settings = dataclasses.replace(settings, local_files_root=root)
-    fetcher = ImageFetcher(settings)
-    embedder = Embedder.from_settings(settings)
+    runtime = Runtime.build(settings)  # no store: the folder is the data
+    fetcher, embedder = runtime.fetcher, runtime.embedder
     trained = trained_on(encoders, settings.encoders_dir)
     items, excluded = held_out(items, trained.values(), lambda i: fetcher.fetch_bytes(str(i.path)))
     if not items:
-        fetcher.close()
+        runtime.close()
         raise ValueError("every image was used to train the encoder(s): nothing held out")
     report = new_report(
         command=command,
@@ -145,7 +145,7 @@ def evaluate_folder(
                 **result,
             }
     finally:
-        fetcher.close()
+        runtime.close()
     return report
 
 

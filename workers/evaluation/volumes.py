@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.core.runtime import Runtime
 from echolabel.folders import Item, fingerprint
 from echolabel.settings import Settings
 from echolabel.volumes import Sampling, VolumeError, read_volume, volume_vote
@@ -49,7 +50,8 @@ def evaluate_volumes(
     """
     if not samplings:
         raise ValueError("no sampling given: expected at least one (e.g. every-n:4)")
-    embedder = Embedder.from_settings(settings)
+    runtime = Runtime.build(settings)  # no store: the volumes are the data
+    embedder = runtime.embedder
     report = new_report(
         command=command,
         k=k,
@@ -67,24 +69,25 @@ def evaluate_volumes(
             "seed": seed,
         },
     )
-    for name in encoders:
-        model = embedder.encoder(name)
-        embedded, failed = _embed_volumes(embedder, name, items, samplings, seed, on_progress)
-        for sampling in samplings:
-            rows = [
-                (item, vectors[i]) for item, picks, vectors in embedded for i in picks[sampling]
-            ]
-            key = name if len(samplings) == 1 else f"{name} {sampling}"
-            report["encoders"][key] = {
-                "encoder": name,
-                "sampling": str(sampling),
-                "weights_id": model.weights_id,
-                "dim": model.dim,
-                "images": len(rows),
-                "volumes": len(embedded),
-                "failed": failed,
-                **_evaluate_slices(rows, fields, settings, k, min_class_size),
-            }
+    with runtime:
+        for name in encoders:
+            model = embedder.encoder(name)
+            embedded, failed = _embed_volumes(embedder, name, items, samplings, seed, on_progress)
+            for sampling in samplings:
+                rows = [
+                    (item, vectors[i]) for item, picks, vectors in embedded for i in picks[sampling]
+                ]
+                key = name if len(samplings) == 1 else f"{name} {sampling}"
+                report["encoders"][key] = {
+                    "encoder": name,
+                    "sampling": str(sampling),
+                    "weights_id": model.weights_id,
+                    "dim": model.dim,
+                    "images": len(rows),
+                    "volumes": len(embedded),
+                    "failed": failed,
+                    **_evaluate_slices(rows, fields, settings, k, min_class_size),
+                }
     return report
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from echolabel.core.runtime import Runtime
 from echolabel.folders import Item, fingerprint, read_folder
-from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from workers.embedding import Embedder
 
 
 def folder_vectors(
@@ -38,21 +37,21 @@ def folder_vectors(
     from workers.evaluation.runner import embed_all
 
     settings = dataclasses.replace(settings, local_files_root=root.resolve())
-    embedder = Embedder.from_settings(settings)
+    runtime = Runtime.build(settings)  # no store: the folder is the data
+    embedder = runtime.embedder
     model = embedder.encoder(encoder)
     key = f"{encoder}-{fingerprint(list(items))}"
     cached = cache_dir / f"{key}.npz" if cache_dir is not None else None
     by_task = {item.task: item for item in items}
-    if cached is not None and cached.exists():
-        data = np.load(cached, allow_pickle=False)
-        meta = json.loads(str(data["meta"]))
-        if meta["weights_id"] == model.weights_id:
-            return data["vectors"], [by_task[t] for t in meta["tasks"]], meta["failed"]
-    fetcher = ImageFetcher(settings)
-    try:
-        vectors, kept, failed = embed_all(embedder, fetcher.load, encoder, items, on_progress)
-    finally:
-        fetcher.close()
+    with runtime:
+        if cached is not None and cached.exists():
+            data = np.load(cached, allow_pickle=False)
+            meta = json.loads(str(data["meta"]))
+            if meta["weights_id"] == model.weights_id:
+                return data["vectors"], [by_task[t] for t in meta["tasks"]], meta["failed"]
+        vectors, kept, failed = embed_all(
+            embedder, runtime.fetcher.load, encoder, items, on_progress
+        )
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         meta = {"weights_id": model.weights_id, "tasks": [i.task for i in kept], "failed": failed}

@@ -13,11 +13,12 @@ annotations. Idle, that is one Redis round trip a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -25,8 +26,8 @@ from rq.job import Job, JobStatus
 from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point, StoreUnavailableError, VectorStore
+from workers.catalogue import enqueue_embed
 from workers.embedding import EmbedReport, TaskImage
-from workers.jobs import enqueue_embed
 from workers.queues import REDIS_ERRORS, RedisGate, connect, fetch_job
 from workers.results import EmbedMessage, ResultList, store_key
 
@@ -39,19 +40,31 @@ _REMEMBERED_OUTCOMES = 4096  # per-job failures kept for `wait` (a request waits
 
 
 class EmbedDispatcher:
-    def __init__(self, settings: Settings, store: VectorStore) -> None:
+    """The runtime's `EmbedQueue` with Redis (echolabel.core.runtime), and this process's link
+    to the job queues: its connection and gate serve every job it enqueues."""
+
+    def __init__(self, settings: Settings, store: Callable[[], VectorStore]) -> None:
         assert settings.redis_url
         self.settings = settings
-        self.store = store
+        self._store_of = store  # opened only when a result is applied (the store's owner)
         # Deletes that a queued job's result must not undo (see deleted_annotations.py).
         self.deleted = DeletedAnnotations(settings.model_dir / "deleted-annotations")
         self.connection: Redis = connect(settings.redis_url)
-        self.results = ResultList(self.connection, store_key(settings.model_dir))
         self.gate = RedisGate()
         self._apply_lock = threading.Lock()
         self._applied: OrderedDict[str, dict[str, dict[str, str]]] = OrderedDict()
         self._stop = threading.Event()
         self._collector: threading.Thread | None = None
+
+    @functools.cached_property
+    def results(self) -> ResultList:
+        """This store's result list (named on first use: a CLI that only enqueues other jobs
+        leaves MODEL_DIR alone)."""
+        return ResultList(self.connection, store_key(self.settings.model_dir))
+
+    @property
+    def store(self) -> VectorStore:
+        return self._store_of()
 
     # -- submit and wait ----------------------------------------------------------------------
 
@@ -59,10 +72,18 @@ class EmbedDispatcher:
         self, project: int | str, encoder: str, items: Sequence[TaskImage]
     ) -> list[Job] | None:
         """One job per batch; a batch already queued or running is not queued twice."""
-        ok, jobs = self.gate.call(
-            lambda: enqueue_embed(self.connection, self.settings, project, encoder, items)
-        )
+        ok, jobs = self.gate.call(lambda: self.enqueue(project, encoder, items))
         return jobs if ok else None
+
+    def enqueue(self, project: int | str, encoder: str, items: Sequence[TaskImage]) -> list[Job]:
+        """`submit` without the gate: Redis errors reach the caller (the CLI)."""
+        return enqueue_embed(
+            self.connection, self.settings, project, encoder, items, self.results.key
+        )
+
+    def note_deleted(self, project: int | str, annotation_id: int | str) -> None:
+        """Remember the delete first: a job still queued may carry this annotation's labels."""
+        self.deleted.add(project, annotation_id)
 
     def wait(self, jobs: Sequence[Job], timeout_s: float) -> EmbedReport:
         """Wait up to `timeout_s` for the jobs' results to be stored; report failures and
