@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.model import Services, SimilarityModel
+from backend.model import SimilarityModel
+from echolabel.core.runtime import Runtime
 from tests.helpers import TINY_ENCODER, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.embedding import TaskImage
 from workers.encoders import available_encoders, register_encoder
+from workers.runtime import open_runtime
 from workers.training import TrainOptions
 from workers.training.retraining import run_round
 from workers.training.samples import Sample
@@ -49,10 +51,10 @@ if NOISE_ENCODER not in available_encoders():
     register_encoder(NOISE_ENCODER)(lambda weights_dir, device, batch_size: NoiseEncoder())
 
 
-def labelled_project(settings, encoder: str, count: int = 40) -> Services:
+def labelled_project(settings, encoder: str, count: int = 40) -> Runtime:
     settings = dataclasses.replace(settings, encoder=encoder)
     paths = dark_and_bright(settings.local_files_root, count, size=(48, 48))
-    services = Services.from_settings(settings)
+    services = open_runtime(settings)
     SimilarityModel(services, 5, CONFIG).embed(
         [
             TaskImage(n, paths[name], {"organ": name.split("_")[0]})
@@ -62,7 +64,7 @@ def labelled_project(settings, encoder: str, count: int = 40) -> Services:
     return services
 
 
-def round_on(services: Services, selection: SelectionLog, **kwargs):
+def round_on(services: Runtime, selection: SelectionLog, **kwargs):
     return run_round(
         store=services.store,
         embedder=services.embedder,

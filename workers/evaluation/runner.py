@@ -14,6 +14,7 @@ from PIL import Image
 
 from echolabel.core.runtime import Runtime
 from echolabel.folders import Item, fingerprint
+from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder, ImageLoader, TaskImage
 from workers.training.samples import Sample
