@@ -207,10 +207,13 @@ def _retrain_from(
                 name="replay",
                 options=options,
             )
-            embedder = Embedder.from_settings(local)
-            vectors, kept, failed = embed_all(
-                embedder, load, summary["encoder"], items, lambda encoder, n: None
-            )
+            scratch_runtime = Runtime.build(local)  # its embedder finds the scratch encoders
+            try:
+                vectors, kept, failed = embed_all(
+                    scratch_runtime.embedder, load, summary["encoder"], items, lambda e, n: None
+                )
+            finally:
+                scratch_runtime.close()
         if len(kept) != len(items):
             raise ValueError(f"the challenger could not read {len(failed)} image(s): {failed}")
         return vectors
