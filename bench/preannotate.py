@@ -4,7 +4,7 @@ What is timed is our side of the push (docs/preannotation.md): voting every
 unlabelled task, finding the tasks new labels can affect, re-voting them. Vectors are synthetic
 (clustered, L2-normalised; embedding speed is bench/embedding.py's), the store is the embedded
 default's search path (qdrant-client local mode, in memory, and the exact in-memory index), and
-Label Studio is the in-memory API of tests/fake_label_studio.py (a real one adds its HTTP and
+Label Studio is echolabel.labelstudio_memory's in-memory one (a real one adds its HTTP and
 database time per call: see the end-to-end test's printout).
 
 Usage (from the repository root): python -m bench.preannotate [--sizes 1000,15000,100000]
@@ -26,8 +26,8 @@ import numpy as np
 from backend.preannotate import PreAnnotator
 from bench.server import in_memory_runtime
 from echolabel.core.runtime import Runtime
+from echolabel.labelstudio_memory import InMemoryLabelStudio
 from echolabel.settings import Settings
-from tests.fake_label_studio import FakeLabelStudioAPI
 from vectorstore import Annotation, Point
 
 DIM = 384
@@ -65,7 +65,7 @@ class SyntheticProject:
     """A project of synthetic vectors in an in-memory store, and its in-memory Label Studio."""
 
     runtime: Runtime
-    api: FakeLabelStudioAPI
+    api: InMemoryLabelStudio
     classes: np.ndarray
     labelled: np.ndarray
 
@@ -99,7 +99,7 @@ def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> Synt
         }
         for i in range(n)
     ]
-    return SyntheticProject(runtime, FakeLabelStudioAPI(tasks, CONFIG), classes, labelled)
+    return SyntheticProject(runtime, InMemoryLabelStudio(tasks, CONFIG), classes, labelled)
 
 
 def run_size(n: int, refreshes: int, seed: int = 0) -> dict:

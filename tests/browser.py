@@ -47,7 +47,7 @@ def log_in_to_label_studio(page: Any, base_url: str, user: str, password: str) -
 def screenshot_folder(tmp_path: Path) -> Path:
     """docs/screenshots/ with ECHOLABEL_UPDATE_SCREENSHOTS=1 (committed: each ≤ 200 KB), else
     a folder of the test's own."""
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     update = os.environ.get("ECHOLABEL_UPDATE_SCREENSHOTS") == "1"
     out = ROOT / "docs" / "screenshots" if update else tmp_path / "shots"

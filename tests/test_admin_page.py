@@ -18,15 +18,14 @@ from backend.app import create_app
 from backend.model import SimilarityModel
 from backend.pages import is_loopback
 from tests.browser import chromium_page, needs_chromium
-from tests.conftest import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
+from tests.helpers import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers import jobs
 from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 
 DOCS = ROOT / "docs" / "screenshots"  # with ECHOLABEL_UPDATE_SCREENSHOTS=1
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 USER, PASSWORD = "reviewer", "pässwörd-9c1f"
 LS_KEY = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from tests.conftest import annotation_webhook, dark_and_bright
+from tests.helpers import annotation_webhook, dark_and_bright
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>

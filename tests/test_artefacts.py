@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from bench.webhook_burst import free_port, start_backend, stop_backend
-from tests.conftest import DARK_BRIGHT_CONFIG, ROOT, annotation_webhook, dark_and_bright
+from tests.helpers import ROOT, annotation_webhook, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from bench import EXTRA_MODULES, profiles, suite
 from bench.report import Table, format_value
 from echolabel.cli import main
-from tests.conftest import ROOT, TINY_ENCODER, png_bytes
+from tests.helpers import ROOT, TINY_ENCODER, png_bytes
 
 SECTIONS = ("search", "latency", "embedding", "memory")
 

@@ -18,7 +18,8 @@ from backend.admin import Admin
 from backend.app import create_app
 from backend.model import SimilarityModel
 from echolabel.cli import main
-from tests.conftest import REDIS_URL, ROOT, TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+from tests.helpers import REDIS_URL, ROOT, TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+from tests.label_configs import SHADE_CONFIG
 from workers.catalogue import (
     CATALOGUE,
     JobFailedError,
@@ -30,9 +31,7 @@ from workers.embedding import TaskImage
 from workers.queues import QUEUES, queue
 from workers.runtime import current, install, open_runtime, redis_dispatcher, run_or_enqueue
 
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="shade" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = SHADE_CONFIG
 PROJECT = 4
 
 

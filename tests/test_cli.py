@@ -9,7 +9,7 @@ import pytest
 
 from backend.app import create_app
 from echolabel.cli import main
-from tests.conftest import TINY_ENCODER, png_bytes, serving
+from tests.helpers import TINY_ENCODER, png_bytes, serving
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_reembed_inline_without_redis(folder, tmp_path, capsys, monkeypatch):
 
 
 def test_jobs_lists_queued_jobs_from_redis(redis_db, monkeypatch, capsys):
-    from tests.conftest import REDIS_URL
+    from tests.helpers import REDIS_URL
     from workers import jobs
     from workers.queues import REEMBED, enqueue_unique, queue
 

@@ -11,7 +11,7 @@ import pytest
 
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
-from tests.conftest import SHARED_DATA, busi_demo
+from tests.helpers import SHARED_DATA, busi_demo
 
 BUSI = SHARED_DATA / "busi"
 
@@ -69,7 +69,7 @@ def test_demo_without_labels_lets_the_user_annotate_and_see_suggestions_appear(t
     import httpx
 
     from echolabel.demo import running_demo
-    from tests.conftest import LABEL_STUDIO_HOME, busi_subset, choices_result
+    from tests.helpers import LABEL_STUDIO_HOME, busi_subset, choices_result
 
     folder = busi_subset(tmp_path / "unlabelled", every=60)
     (folder / "labels.csv").unlink()  # a folder of images, nothing else

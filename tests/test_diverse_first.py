@@ -13,9 +13,9 @@ import backend.preannotate as preannotate
 from backend.diverse_first import FIELD, clear_tasks, order_tasks, rank_value
 from backend.preannotate import PreAnnotator
 from echolabel.diversity import k_center_order
-from tests.conftest import TINY_ENCODER, choices_result, dark_and_bright
-from tests.fake_label_studio import FakeLabelStudioAPI
-from tests.test_preannotate import CONFIG
+from tests.fakes import FakeLabelStudio
+from tests.helpers import TINY_ENCODER, choices_result, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG as CONFIG
 from workers.jobs import PermanentJobError
 from workers.runtime import install, open_runtime
 
@@ -59,7 +59,7 @@ def test_the_order_is_written_to_the_unlabelled_tasks_and_nothing_else_changes(
     services, project_tasks
 ):
     before = {t["id"]: dict(t["data"]) for t in project_tasks}
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     result = order_tasks(PreAnnotator(services, api, 1))
     unlabelled = [t["id"] for t in project_tasks if not t["annotations"]]
     assert result["ranked"] == len(unlabelled) == 10 and result["written"] == 10
@@ -79,7 +79,7 @@ def test_the_order_is_written_to_the_unlabelled_tasks_and_nothing_else_changes(
 
 
 def test_following_the_order_and_running_again_keeps_it(services, project_tasks):
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     annotator = PreAnnotator(services, api, 1)
     order_tasks(annotator)
     first = in_order(api)
@@ -96,7 +96,7 @@ def test_following_the_order_and_running_again_keeps_it(services, project_tasks)
 
 
 def test_a_limit_ranks_the_first_tasks_only_and_clears_older_places(services, project_tasks):
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     annotator = PreAnnotator(services, api, 1)
     order_tasks(annotator)
     full = in_order(api)
@@ -107,7 +107,7 @@ def test_a_limit_ranks_the_first_tasks_only_and_clears_older_places(services, pr
 
 def test_a_key_echolabel_did_not_write_is_never_overwritten(services, project_tasks):
     project_tasks[5]["data"][FIELD] = "high priority"
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     annotator = PreAnnotator(services, api, 1)
     with pytest.raises(PermanentJobError, match=r"\[5\].*did not write"):
         order_tasks(annotator)
@@ -123,7 +123,7 @@ def test_a_key_echolabel_did_not_write_is_never_overwritten(services, project_ta
 
 def test_a_label_config_that_reads_the_key_is_refused(services, project_tasks):
     config = CONFIG.replace("</View>", f'<Text name="rank" value="${FIELD}"/></View>')
-    api = FakeLabelStudioAPI(project_tasks, config)
+    api = FakeLabelStudio(project_tasks, config)
     with pytest.raises(PermanentJobError, match="label config"):
         order_tasks(PreAnnotator(services, api, 1))
     assert api.data_updates == 0
@@ -132,7 +132,7 @@ def test_a_label_config_that_reads_the_key_is_refused(services, project_tasks):
 def test_the_admin_runs_the_job_like_the_push(services, project_tasks, monkeypatch):
     from backend.admin import Admin
 
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     install(services)
     admin = Admin(services)
@@ -154,7 +154,7 @@ def test_the_admin_runs_the_job_like_the_push(services, project_tasks, monkeypat
 def test_the_cli_runs_it_here_without_redis(settings, project_tasks, monkeypatch, capsys):
     from echolabel.cli import main
 
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setenv("MODEL_DIR", str(settings.model_dir))

@@ -6,18 +6,7 @@ import numpy as np
 import pytest
 
 from echolabel.diversity import k_center_order, rank_scores
-
-
-def three_clusters(sizes=(30, 10, 5), spread=0.02, seed=0):
-    """Tight clusters around three orthogonal directions (the first the largest)."""
-    rng = np.random.default_rng(seed)
-    rows, cluster = [], []
-    for c, size in enumerate(sizes):
-        centre = np.zeros(8)
-        centre[c] = 1.0
-        rows.append(centre + spread * rng.standard_normal((size, 8)))
-        cluster += [c] * size
-    return np.vstack(rows).astype(np.float32), np.array(cluster)
+from tests.helpers import three_clusters
 
 
 def naive_order(x: np.ndarray, seeds: list[int]) -> list[int]:

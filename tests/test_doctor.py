@@ -12,12 +12,13 @@ from backend.app import create_app
 from echolabel.cli import main
 from echolabel.labelstudio import LabelStudioError
 from echolabel.settings import Settings
-from tests.conftest import TINY_ENCODER, serving
-from tests.test_labelstudio_e2e import (
+from tests.helpers import (
     BASIC_AUTH,
     BUSI,
+    TINY_ENCODER,
     annotate_rows,
     busi_rows,
+    serving,
     set_up_project,
 )
 
@@ -127,8 +128,8 @@ def test_doctor_on_a_stock_label_studio_with_ssrf_protection_and_legacy_tokens_o
     as Connected but creates no webhook, and doctor says so. Then the organisation turns
     legacy tokens off: a legacy key is refused with the fix, a personal access token works."""
     from echolabel.labelstudio import LabelStudioClient
-    from tests.conftest import label_studio_server
-    from tests.test_labelstudio_e2e import CONFIG, serve_images
+    from tests.helpers import label_studio_server, serve_images
+    from tests.label_configs import ORGAN_FINDING_CONFIG as CONFIG
 
     server = label_studio_server(tmp_path / "stock", SSRF_PROTECTION_ENABLED="true")
     rows = busi_rows()[::260]

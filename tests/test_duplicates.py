@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from echolabel.cli import main
-from tests.conftest import TINY_ENCODER
+from tests.helpers import TINY_ENCODER
 from workers.evaluation.metrics import leave_one_out_neighbours
 from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates, groups
 

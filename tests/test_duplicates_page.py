@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from backend.app import create_app
 from backend.model import SimilarityModel
 from tests.browser import chromium_page, needs_chromium
-from tests.conftest import SHARED_DATA, TINY_ENCODER, serving
+from tests.helpers import SHARED_DATA, TINY_ENCODER, serving
 from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 

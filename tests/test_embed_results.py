@@ -16,8 +16,8 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
 from backend.app import create_app
-from tests.conftest import DARK_BRIGHT_CONFIG as CONFIG
-from tests.conftest import annotation_webhook, dark_and_bright, run_worker
+from tests.helpers import annotation_webhook, dark_and_bright, run_worker
+from tests.label_configs import DARK_BRIGHT_CONFIG as CONFIG
 from vectorstore import Annotation, Point, StoreUnavailableError
 from workers.queues import EMBED
 from workers.results import EmbedMessage, ResultList, store_key

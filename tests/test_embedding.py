@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 
 from backend.app import create_app
-from tests.conftest import TinyEncoder, annotation_webhook, dark_and_bright, serving
+from tests.helpers import TinyEncoder, annotation_webhook, dark_and_bright, serving
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.encoders import available_encoders, register_encoder
 
 SLOW = "slow-test"
@@ -46,10 +47,7 @@ if SLOW not in available_encoders():
 def test_parallel_predictions_share_one_inference_at_a_time(settings):
     settings = dataclasses.replace(settings, encoder=SLOW, batch_size=16)
     images = dark_and_bright(settings.local_files_root, 12)
-    config = (
-        '<View><Image name="image" value="$image"/><Choices name="organ" toName="image">'
-        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
-    )
+    config = DARK_BRIGHT_CONFIG
     app = create_app(settings)
     clients, each = 8, 4
     statuses: list[int] = []
@@ -106,10 +104,7 @@ def test_predict_answers_within_its_wait_and_embeds_the_rest_after(settings):
 
     settings = dataclasses.replace(settings, encoder=SLOW, batch_size=2, embed_wait_s=0.08)
     images = dark_and_bright(settings.local_files_root, 8)
-    config = (
-        '<View><Image name="image" value="$image"/><Choices name="organ" toName="image">'
-        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
-    )
+    config = DARK_BRIGHT_CONFIG
     with TestClient(create_app(settings)) as client:
         client.post("/setup", json={"project": "7.1", "schema": config})
         for i in range(3):

@@ -7,7 +7,8 @@ import re
 
 from echolabel.cli import main
 from tests.browser import chromium_page, needs_chromium
-from tests.conftest import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+from tests.helpers import TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
+from tests.label_configs import SHADE_CONFIG
 from workers.runtime import open_runtime
 
 
@@ -136,10 +137,7 @@ def test_admin_evaluates_a_project_from_the_store(settings):
 
     paths = dark_and_bright(settings.local_files_root, 8)
     services = open_runtime(settings)
-    config = (
-        '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
-        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
-    )
+    config = SHADE_CONFIG
     SimilarityModel(services, 4, config).embed(
         [TaskImage(n, p, {"shade": n.split("_")[0]}) for n, p in paths.items()]
     )

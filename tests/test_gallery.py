@@ -18,7 +18,7 @@ from backend.model import SimilarityModel
 from backend.thumbnails import ThumbnailCache
 from echolabel.images import ImageFetcher
 from tests.browser import chromium_page, needs_chromium
-from tests.conftest import SHARED_DATA, TINY_ENCODER, png_bytes, serving
+from tests.helpers import SHARED_DATA, TINY_ENCODER, png_bytes, serving
 from vectorstore import Point
 from workers.embedding import TaskImage
 from workers.runtime import open_runtime

@@ -19,18 +19,17 @@ from PIL import Image
 
 from backend.app import create_app
 from echolabel.settings import Settings
-from tests.conftest import annotation_webhook, dark_and_bright, png_bytes, serving
-from tests.fake_label_studio import KEY, running
+from tests.fakes import KEY, FakeLabelStudio
+from tests.helpers import annotation_webhook, dark_and_bright, png_bytes, serving
+from tests.label_configs import DARK_BRIGHT_CONFIG
 
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 
 
 @pytest.fixture(scope="module")
 def fake_ls():
-    with running() as server:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+    with FakeLabelStudio().fetch_edge_cases() as server:
+        yield server.url
 
 
 @pytest.fixture

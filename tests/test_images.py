@@ -20,7 +20,7 @@ from PIL import Image
 
 from echolabel.images import ImageError, ImageFetcher, decode_image
 from echolabel.settings import Settings
-from tests.fake_label_studio import KEY, MAX_BYTES, PNG, FakeLabelStudio, running
+from tests.fakes import KEY, MAX_BYTES, PNG, FakeLabelStudio
 
 DICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 BUSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi" / "images"
@@ -251,14 +251,14 @@ def test_real_ultrasound_images_decode():
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeLabelStudio]:
-    with running() as fake:
+    with FakeLabelStudio().fetch_edge_cases() as fake:
         yield fake
 
 
 @pytest.fixture
 def ls(server: FakeLabelStudio) -> str:
     server.seen.clear()
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return server.url
 
 
 @pytest.fixture
@@ -281,7 +281,7 @@ def fetcher(**overrides: object) -> ImageFetcher:
 
 
 def seen_auth(server: FakeLabelStudio, host: str) -> list[str | None]:
-    return [auth for seen_host, _, auth in server.seen if seen_host == host]
+    return [request.auth for request in server.seen if request.host == host]
 
 
 # --- fetching from Label Studio --------------------------------------------------------------

@@ -1,19 +1,17 @@
-"""`echolabel index --project N`: pre-embed a Label Studio project's tasks (fake Label Studio
-on 127.0.0.1 speaking the two endpoints we read)."""
+"""`echolabel index --project N`: pre-embed a Label Studio project's tasks (the fake Label
+Studio on 127.0.0.1 answers the two endpoints we read)."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from rq import Queue
 
 import echolabel.labelstudio
 from echolabel.cli import main
-from tests.conftest import REDIS_URL, TINY_ENCODER, png_bytes
+from tests.fakes import FakeLabelStudio
+from tests.helpers import REDIS_URL, TINY_ENCODER, png_bytes
 
 TOKEN = "a" * 40
 CONFIG = (
@@ -33,35 +31,8 @@ def label_studio(tmp_path):
         tasks.append({"id": 100 + i, "data": {"img": str(path)}, "project": 5})
     tasks.append({"id": 999, "data": {"other": "no image here"}, "project": 5})
 
-    class FakeLabelStudio(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.headers.get("Authorization") != f"Token {TOKEN}":
-                return self.reply(401, {"detail": "Authentication credentials were not provided."})
-            url = urlsplit(self.path)
-            if url.path == "/api/projects/5/":
-                return self.reply(200, {"id": 5, "label_config": CONFIG})
-            if url.path == "/api/tasks/":
-                query = parse_qs(url.query)
-                page, size = int(query["page"][0]), int(query["page_size"][0])
-                chunk = tasks[(page - 1) * size : page * size]
-                return self.reply(200 if chunk else 404, {"tasks": chunk, "total": len(tasks)})
-            return self.reply(404, {"detail": "Not found."})
-
-        def reply(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
+    with FakeLabelStudio(tasks, CONFIG, project=5, token=TOKEN) as fake:
+        yield fake.url, root
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from echolabel.settings import Settings
-from tests.conftest import REDIS_URL, SHARED_DATA, annotation_webhook
+from tests.helpers import REDIS_URL, SHARED_DATA, annotation_webhook
 
 BUSI = SHARED_DATA / "busi"
 CONFIG = """<View>

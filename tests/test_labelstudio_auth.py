@@ -1,29 +1,19 @@
-"""LabelStudioAuth against a fake Label Studio that issues unsigned, short-lived JWTs."""
+"""LabelStudioAuth against the fake Label Studio, which issues unsigned, short-lived JWTs."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from echolabel.labelstudio_auth import LabelStudioAuth, LabelStudioAuthError
+from tests.fakes import KEY as LEGACY_KEY
+from tests.fakes import FakeLabelStudio, make_jwt
 
-LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 START = 1_800_000_000.0
-
-
-def make_jwt(claims: dict[str, object]) -> str:
-    def part(obj: dict[str, object]) -> str:
-        raw = base64.urlsafe_b64encode(json.dumps(obj).encode()).decode()
-        return raw.rstrip("=")
-
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
 
 
 class Clock:
@@ -36,84 +26,6 @@ class Clock:
         return self.now
 
 
-class FakeLabelStudio:
-    """The token endpoints of Label Studio 1.23 and one protected endpoint."""
-
-    def __init__(self, clock: Clock, access_lifetime_s: float = 300.0) -> None:
-        self.clock = clock
-        self.access_lifetime_s = access_lifetime_s
-        self.pat = make_jwt({"token_type": "refresh", "exp": START + 86400 * 365, "jti": "pat"})
-        self.valid_access: set[str] = set()
-        self.reject_bearer = False
-        self.refreshes = 0
-        self.unauthorized = 0
-        self.headers_seen: list[str] = []
-        self._lock = threading.Lock()
-        self._jti = 0
-
-    def issue_access(self) -> str:
-        with self._lock:
-            self._jti += 1
-            exp = int(self.clock() + self.access_lifetime_s)
-            token = make_jwt({"token_type": "access", "exp": exp, "jti": self._jti})
-            self.valid_access.add(token)
-            self.refreshes += 1
-            return token
-
-    def authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        if scheme == "Token":
-            return token == LEGACY_KEY
-        if scheme == "Bearer" and not self.reject_bearer and token in self.valid_access:
-            exp = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["exp"]
-            return exp > self.clock()
-        return False
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict[str, object]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:
-        ls = self.server.ls
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path != "/api/token/refresh/":
-            self._reply(404, {"detail": "Not found."})
-        elif "Authorization" in self.headers:
-            self._reply(400, {"detail": "refresh takes no credentials in this fake"})
-        elif body.get("refresh") == ls.pat:
-            self._reply(200, {"access": ls.issue_access()})
-        else:
-            self._reply(401, {"detail": "Token is invalid", "code": "token_not_valid"})
-
-    def do_GET(self) -> None:
-        ls = self.server.ls
-        header = self.headers.get("Authorization", "")
-        ls.headers_seen.append(header)
-        if self.path != "/api/projects/":
-            self._reply(404, {"detail": "Not found."})
-        elif ls.authorized(header):
-            self._reply(200, {"results": []})
-        else:
-            with ls._lock:
-                ls.unauthorized += 1
-            self._reply(401, {"detail": "Authentication credentials were not provided."})
-
-
-class _Server(ThreadingHTTPServer):
-    ls: FakeLabelStudio
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -121,15 +33,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def fake_ls(clock: Clock) -> Iterator[tuple[FakeLabelStudio, str]]:
-    server = _Server(("127.0.0.1", 0), Handler)
-    server.ls = FakeLabelStudio(clock)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield server.ls, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with FakeLabelStudio(clock=clock) as ls:
+        yield ls, ls.url
 
 
 def client_for(base: str, key: str, clock: Clock) -> httpx.Client:

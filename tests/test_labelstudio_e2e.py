@@ -8,10 +8,8 @@ is read back from Label Studio: its reply to the action counts tasks, not stored
 
 from __future__ import annotations
 
-import csv
 import math
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,30 +21,20 @@ from backend.model import SimilarityModel
 from backend.preannotate import PreAnnotator
 from echolabel.cli import main
 from echolabel.settings import Settings
-from tests.conftest import SHARED_DATA, choices_result, serving
-
-BUSI = SHARED_DATA / "busi"
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Choices name="organ" toName="image">
-    <Choice value="breast"/><Choice value="thyroid"/><Choice value="liver"/>
-  </Choices>
-  <Choices name="finding" toName="image">
-    <Choice value="normal"/><Choice value="benign"/><Choice value="malignant"/>
-  </Choices>
-</View>"""
-BASIC_AUTH = ("labelstudio", "backend-secret-é")  # non-ASCII: Label Studio sends latin-1
+from tests.helpers import (
+    BASIC_AUTH,
+    BUSI,
+    annotate_rows,
+    busi_rows,
+    serving,
+    set_up_project,
+)
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.labelstudio,
     pytest.mark.skipif(not (BUSI / "labels.csv").exists(), reason=f"{BUSI} is not present"),
 ]
-
-
-def busi_rows() -> list[dict[str, str]]:
-    with open(BUSI / "labels.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def stratified_sample(rows: list[dict[str, str]], share: float, seed: int) -> list[dict]:
@@ -60,41 +48,9 @@ def stratified_sample(rows: list[dict[str, str]], share: float, seed: int) -> li
     return picked
 
 
-def serve_images(label_studio, rows: list[dict[str, str]], folder: str) -> Path:
-    """Copy the images into Label Studio's local-files root (a temp dir, never the repo)."""
-    target = label_studio.local_files_root / folder
-    target.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        shutil.copyfile(BUSI / row["image"], target / Path(row["image"]).name)
-    return target
-
-
-def annotate_rows(admin, ids: dict[str, int], rows: list[dict]) -> None:
-    """Annotate these BUSI rows' tasks through Label Studio's API with their CSV labels."""
-    for row in rows:
-        labels = {"organ": row["organ"], "finding": row["finding"]}
-        admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
-
-
 def identities(predictions: list[dict]) -> list[tuple]:
     """What makes predictions the same ones (Label Studio's `created_ago` text moves on)."""
     return [(p["id"], p["model_version"], repr(p["result"])) for p in predictions]
-
-
-def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> dict[str, int]:
-    """A project with our config and the images as tasks; the backend connected. Task ids by
-    image name."""
-    target = serve_images(label_studio, rows, folder)
-    project = admin.create_project(f"echolabel e2e {folder}", CONFIG)
-    admin.add_local_storage(project, str(target))
-    names = [Path(row["image"]).name for row in rows]
-    ids = admin.import_tasks(
-        project, [{"image": f"/data/local-files/?d={folder}/{name}"} for name in names]
-    )
-    admin.connect_backend(project, backend_url, "echolabel", basic_auth=BASIC_AUTH)
-    # Without its webhook a connected backend shows "Connected" but never learns.
-    assert admin.webhooks_to(project, backend_url), admin.webhooks(project)
-    return {"project": project} | dict(zip(names, ids, strict=True))
 
 
 def test_suggestions_reach_annotators_through_a_real_label_studio(

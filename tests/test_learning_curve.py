@@ -10,9 +10,7 @@ import pytest
 
 from echolabel.cli import main
 from echolabel.diversity import k_center_order
-from tests.conftest import TINY_ENCODER, dark_and_bright
-from tests.test_diversity import three_clusters
-from tests.test_review import overlapping_classes
+from tests.helpers import TINY_ENCODER, dark_and_bright, overlapping_classes, three_clusters
 from workers.evaluation.learning_curve import ORDERS, batch_sizes, learning_curve, replay
 
 

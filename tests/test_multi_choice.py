@@ -12,7 +12,7 @@ import pytest
 
 from backend.gallery import build_gallery, render_gallery
 from backend.model import SimilarityModel
-from tests.conftest import TINY_ENCODER, dark_and_bright
+from tests.helpers import TINY_ENCODER, dark_and_bright
 from workers import jobs
 from workers.embedding import TaskImage
 from workers.evaluation.report import headline, render_html

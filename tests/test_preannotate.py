@@ -15,14 +15,13 @@ from rq.registry import FailedJobRegistry
 import backend.preannotate as preannotate
 from backend.model import SimilarityModel
 from backend.preannotate import PreAnnotator
-from tests.conftest import REDIS_URL, choices_result, dark_and_bright
-from tests.fake_label_studio import FakeLabelStudioAPI
+from tests.fakes import FakeLabelStudio
+from tests.helpers import REDIS_URL, choices_result, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.queues import PREANNOTATE, connect, queue
 from workers.runtime import install, open_runtime
 
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def services(settings):
 def test_push_embeds_labelled_tasks_votes_the_rest_and_publishes_one_version(
     services, project_tasks
 ):
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     result = PreAnnotator(services, api, 1, batch_size=4).push()
     unlabelled = [t["id"] for t in project_tasks if not t["annotations"]]
     assert result["pushed"] + result["abstained"] == len(unlabelled) == 10
@@ -72,7 +71,7 @@ def test_push_embeds_labelled_tasks_votes_the_rest_and_publishes_one_version(
 def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_nothing(
     settings, project_tasks, redis_db, monkeypatch
 ):
-    api = FakeLabelStudioAPI(project_tasks, CONFIG, fail_imports_after=1)
+    api = FakeLabelStudio(project_tasks, CONFIG, fail_imports_after=1)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     monkeypatch.setattr(preannotate, "PUSH_BATCH", 4)
     monkeypatch.setattr(preannotate, "WRITE_RETRY_DELAYS_S", (0.0, 0.0))
@@ -116,7 +115,7 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
     from backend.admin import Admin
     from vectorstore import Annotation
 
-    api = FakeLabelStudioAPI(project_tasks, CONFIG)
+    api = FakeLabelStudio(project_tasks, CONFIG)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     PreAnnotator(services, api, 1).push()
     unlabelled = next(t["id"] for t in project_tasks if not t["annotations"])

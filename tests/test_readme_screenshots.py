@@ -21,7 +21,7 @@ from tests.browser import (
     screenshot_folder,
     shoot,
 )
-from tests.conftest import SHARED_DATA, busi_demo
+from tests.helpers import SHARED_DATA, busi_demo
 
 BUSI = SHARED_DATA / "busi"
 MAX_BYTES = 200_000

@@ -21,22 +21,21 @@ from safetensors.torch import save_file
 
 from backend.app import create_app
 from backend.model import SimilarityModel
-from tests.conftest import (
+from tests.helpers import (
     REDIS_URL,
     TINY_ENCODER_B,
     annotation_webhook,
     dark_and_bright,
     run_worker,
 )
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import StoreError
 from workers import jobs
 from workers.embedding import TaskImage
 from workers.queues import REEMBED, connect, enqueue_unique, queue
 from workers.runtime import install, open_runtime
 
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 
 
 def images(root, count):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from backend.model import SimilarityModel
 from echolabel.core.runtime import Runtime
-from tests.conftest import TINY_ENCODER, dark_and_bright
+from tests.helpers import TINY_ENCODER, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.embedding import TaskImage
 from workers.encoders import available_encoders, register_encoder
 from workers.runtime import open_runtime
@@ -24,9 +25,7 @@ from workers.training.samples import Sample
 from workers.training.selection import RetrainPolicy, SelectionLog
 
 NOISE_ENCODER = "noise-test"
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 TINY = TrainOptions(input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20)
 POLICY = RetrainPolicy(holdout_fraction=0.25, min_holdout_per_class=4, k=5, min_neighbours=2)
 
@@ -154,8 +153,8 @@ def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
 
     from backend import preannotate
     from backend.app import create_app
-    from tests.conftest import REDIS_URL, annotation_webhook, choices_result, serving
-    from tests.fake_label_studio import FakeLabelStudioAPI
+    from tests.fakes import FakeLabelStudio
+    from tests.helpers import REDIS_URL, annotation_webhook, choices_result, serving
     from workers.training.selection import SelectionLog
 
     paths = dark_and_bright(settings.local_files_root, 60, size=(48, 48))
@@ -169,7 +168,7 @@ def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
             else []
         )
         tasks.append({"id": n, "data": {"image": paths[name]}, "annotations": annotations})
-    api = FakeLabelStudioAPI(tasks, CONFIG)
+    api = FakeLabelStudio(tasks, CONFIG)
     monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
     looped = dataclasses.replace(
         settings,

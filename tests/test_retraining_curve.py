@@ -87,7 +87,7 @@ def test_turned_off_there_are_no_rounds():
 def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, settings):
     """A small set in the suite; the full BUSI curve runs by script (docs/evaluation.md)."""
     from echolabel.folders import read_folder
-    from tests.conftest import TINY_ENCODER
+    from tests.helpers import TINY_ENCODER
     from tests.test_train_encoder import folder
     from workers.evaluation.runner import RetrainingReplay, evaluate_folder
     from workers.training import TrainOptions
@@ -119,7 +119,7 @@ def test_evaluate_cli_learning_curve_replays_retraining_on_the_rows_named(
     tmp_path, monkeypatch, capsys
 ):
     from echolabel.cli import main
-    from tests.conftest import TINY_ENCODER
+    from tests.helpers import TINY_ENCODER
     from tests.test_train_encoder import folder
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))

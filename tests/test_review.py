@@ -12,23 +12,13 @@ import numpy as np
 from backend.admin import Admin
 from backend.model import SimilarityModel
 from echolabel.cli import main
-from tests.conftest import TINY_ENCODER, dark_and_bright
+from tests.helpers import TINY_ENCODER, dark_and_bright, overlapping_classes
+from tests.label_configs import SHADE_CONFIG
 from workers.embedding import TaskImage
 from workers.evaluation.metrics import leave_one_out_neighbours
 from workers.review.flip_bench import flip_labels, precision_recall_at
 from workers.review.label_issues import CSV_COLUMNS, rank_label_issues
 from workers.runtime import install, open_runtime
-
-
-def overlapping_classes(seed: int = 7, per_class: int = 100, dim: int = 16):
-    """Three Gaussian classes that overlap: the nearest neighbour agrees about 80 % of the
-    time, like BUSI's findings with the default encoder."""
-    rng = np.random.default_rng(seed)
-    centres = 0.35 * rng.standard_normal((3, dim))
-    truth = np.repeat(np.arange(3), per_class)
-    x = centres[truth] + 0.5 * rng.standard_normal((len(truth), dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), [f"class{c}" for c in truth]
 
 
 def test_flagged_labels_are_mostly_the_flipped_ones():
@@ -115,10 +105,7 @@ def test_review_of_a_project_from_the_admin_and_the_cli(settings, monkeypatch, c
     paths = dark_and_bright(settings.local_files_root, 8)
     wrong = {"dark_2"}
     services = open_runtime(settings)
-    config = (
-        '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
-        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
-    )
+    config = SHADE_CONFIG
     tasks = {name: 100 + i for i, name in enumerate(paths)}
     SimilarityModel(services, 4, config).embed(
         [
@@ -170,16 +157,13 @@ def test_review_runs_as_an_rq_job_on_the_evaluate_queue(settings, redis_db):
 
     from rq.job import Job
 
-    from tests.conftest import REDIS_URL, run_worker
+    from tests.helpers import REDIS_URL, run_worker
     from workers import jobs
     from workers.queues import EVALUATE, enqueue_unique, queue
 
     paths = dark_and_bright(settings.local_files_root, 6)
     services = open_runtime(settings)
-    config = (
-        '<View><Image name="image" value="$image"/><Choices name="shade" toName="image">'
-        '<Choice value="dark"/><Choice value="bright"/></Choices></View>'
-    )
+    config = SHADE_CONFIG
     SimilarityModel(services, 9, config).embed(
         [
             TaskImage(n, p, {"shade": "dark" if n == "bright_1" else n.split("_")[0]})

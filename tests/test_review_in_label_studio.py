@@ -31,7 +31,7 @@ from tests.browser import (
     screenshot_folder,
     shoot,
 )
-from tests.conftest import SHARED_DATA, busi_demo, choices_result
+from tests.helpers import SHARED_DATA, busi_demo, choices_result
 
 BUSI = SHARED_DATA / "busi"
 MAX_BYTES = 200_000

@@ -19,7 +19,8 @@ from backend.model import SimilarityModel
 from echolabel import cli
 from echolabel.core.runtime import Runtime
 from echolabel.images import ImageFetcher
-from tests.conftest import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
+from tests.helpers import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import Annotation
 from workers import jobs
 from workers.embedding import TaskImage
@@ -35,9 +36,7 @@ from workers.training.sources import folder_samples
 
 # Small enough to train in seconds on a busy CPU: 64 px, one augmented view, two epochs.
 TINY = TrainOptions(input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20)
-CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/></Choices>
-</View>"""
+CONFIG = DARK_BRIGHT_CONFIG
 
 
 def folder(root: Path, train: int = 20, test: int = 5) -> Path:

@@ -16,7 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from echolabel.cli import main
 from echolabel.folders import Item
 from echolabel.volumes import Sampling, VolumeError, read_volume, volume_vote
-from tests.conftest import TINY_ENCODER
+from tests.helpers import TINY_ENCODER
 from workers.evaluation.volumes import evaluate_volumes
 
 SIDE = 16

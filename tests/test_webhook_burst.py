@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bench.webhook_burst import BurstPlan, inline_kill_run, run_bursts
-from tests.conftest import REDIS_URL
+from tests.helpers import REDIS_URL
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,6 @@ backend's collector upserts them (Runtime.writes_store, echolabel/core/runtime.p
 from __future__ import annotations
 
 import dataclasses
-import http.server
-import threading
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -16,13 +14,14 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
-from tests.conftest import (
-    DARK_BRIGHT_CONFIG,
+from tests.fakes import FakeImageHost, image_reply
+from tests.helpers import (
     annotation_webhook,
     dark_and_bright,
     png_bytes,
     run_worker,
 )
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.embedding import TaskImage
 from workers.queues import EMBED, RedisGate
 
@@ -75,42 +74,19 @@ def test_predict_queues_embedding_and_workers_fill_the_store(redis_settings, red
 
 
 def test_transient_failure_is_retried(redis_settings, redis_db):
-    hits = {"count": 0}
     image = png_bytes((40, 40, 40), size=(64, 64))
-
-    class FlakyImages(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits["count"] += 1
-            if hits["count"] == 1:
-                self.send_response(503)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyImages)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    images = FakeImageHost({"/scan.png": image_reply(image)})
+    images.fail("/scan.png", 503)
     settings = dataclasses.replace(redis_settings, image_allowed_hosts=("127.0.0.1",))
-    url = f"http://127.0.0.1:{server.server_address[1]}/scan.png"
-    try:
-        with TestClient(create_app(settings)) as client:
-            client.post("/setup", json={"project": 3, "schema": CONFIG})
-            client.post(
-                "/predict", json={"tasks": [{"id": 1, "data": {"image": url}}], "project": 3}
-            )
-            run_worker(settings, EMBED)
-            services = client.app.state.echolabel["runtime"]
-            services.dispatcher.collect_once()
-            assert services.store.count(3) == 1
-    finally:
-        server.shutdown()
-    assert hits["count"] == 2
+    with images, TestClient(create_app(settings)) as client:
+        url = f"{images.url}/scan.png"
+        client.post("/setup", json={"project": 3, "schema": CONFIG})
+        client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": url}}], "project": 3})
+        run_worker(settings, EMBED)
+        services = client.app.state.echolabel["runtime"]
+        services.dispatcher.collect_once()
+        assert services.store.count(3) == 1
+    assert len(images.seen) == 2
     assert FailedJobRegistry(EMBED, connection=redis_db).count == 0
 
 
