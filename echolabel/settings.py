@@ -34,6 +34,9 @@ class Settings:
     qdrant_api_key: str | None = None
     qdrant_shards: int = 1
     qdrant_replication_factor: int = 1
+    # The in-process store without QDRANT_URL: Qdrant Edge. "local" (qdrant-client's local
+    # mode) is kept only as a stand-in for the server's API in tests, never for production.
+    embedded_engine: str = "edge"
     encoder: str = "efficientnet_lite0"
     device: str = "cpu"
     batch_size: int = 16
@@ -100,6 +103,9 @@ class Settings:
             qdrant_shards=reader.integer("QDRANT_SHARDS", cls.qdrant_shards, minimum=1),
             qdrant_replication_factor=reader.integer(
                 "QDRANT_REPLICATION_FACTOR", cls.qdrant_replication_factor, minimum=1
+            ),
+            embedded_engine=reader.choice(
+                "ECHOLABEL_EMBEDDED_ENGINE", ("edge", "local"), cls.embedded_engine
             ),
             encoder=reader.text("ECHOLABEL_ENCODER") or cls.encoder,
             device=reader.choice("ECHOLABEL_DEVICE", ("auto", "cpu", "cuda"), cls.device),

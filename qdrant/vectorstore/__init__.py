@@ -1,4 +1,8 @@
-"""echolabel's vector store: Qdrant (in-process or server) plus an exact in-memory fallback."""
+"""echolabel's vector store: Qdrant Edge in-process (the default), or a Qdrant server.
+
+qdrant-client's local mode remains only as a stand-in for the server's API in tests
+(`engine="local"`), with the exact in-memory index in front of it.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +52,14 @@ def open_store(
     exact_max_points: int = 100_000,
     shards: int = 1,
     replication_factor: int = 1,
-    engine: Literal["local", "edge"] = "local",
+    engine: Literal["local", "edge"] = "edge",
 ) -> VectorStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
-    Only the in-process store gets the exact in-memory index: there this process is the only
-    writer, so the cache cannot go stale. `engine="edge"` (opt-in, issue 19) puts the
-    in-process store on Qdrant Edge instead of qdrant-client's local mode; Edge searches
-    exactly up to `exact_max_points` labelled points itself.
+    In-process, `engine="edge"` (the default) is Qdrant Edge, which searches exactly up to
+    `exact_max_points` labelled points itself and by HNSW above. `engine="local"` is
+    qdrant-client's local mode, a stand-in for the server's API in tests: the exact in-memory
+    index goes in front of it (this process is its only writer, so the cache cannot go stale).
     """
     if engine == "edge" and not url:
         from .edge_store import EdgeStore  # imported when chosen: the engine is a native module

@@ -23,13 +23,18 @@ lose the last writes.
 
 Search is exact (Edge's scan of the labelled points, found through a payload index) while a
 generation holds at most `exact_max_points` labelled points, and HNSW above that. The same
-number sizes the engine's indexing threshold, so a segment gets an HNSW graph once it holds
-that many vectors; until then a scan is what HNSW would do anyway.
+number sizes the engine's indexing threshold: `build_index` gives a segment its HNSW graph
+once that many vectors wait unindexed. Writes never build it: Edge has no background
+optimizer, and `optimize()` holds the GIL for the whole build (3.1 s for 8,000 × 128-d here),
+which would stall every request and webhook of the process. So the graph is built where
+nobody waits for an answer: `switch_generation` (a re-embedding goes live with its graph), the
+migration (migrate.py), and `build_index` called from a job or the CLI. Until then the
+unindexed tail is scanned, so answers stay exact there, only slower.
 
 Thread safety: qdrant-edge-py's shard is internally synchronised, but every call holds the GIL
 (a query for its duration, `optimize()` for the whole index build), and the merge rules are
 read-modify-write. So one re-entrant lock serialises every operation of this store, as for
-QdrantStore's local mode. The index build runs inside a write, under that lock.
+QdrantStore's local mode.
 """
 
 from __future__ import annotations
@@ -240,7 +245,7 @@ class EdgeStore(EngineStore):
 
     # -- collections and generations -------------------------------------------------------
 
-    def collection(self, project: int | str) -> CollectionInfo | None:
+    def _live(self, project: int | str) -> CollectionInfo | None:
         with self._guard:
             target = self._pointers.get(self.alias(project))
             if target is None:
@@ -304,7 +309,7 @@ class EdgeStore(EngineStore):
     def drop_generation(self, target: CollectionInfo) -> None:
         """Delete a generation that is not live (an abandoned or superseded build)."""
         with self._guard:
-            live = self.collection(target.project)
+            live = self._live(target.project)
             if live is not None and live.name == target.name:
                 raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
             self._drop(target.name)
@@ -334,7 +339,6 @@ class EdgeStore(EngineStore):
         self._shard(name).update(
             edge.UpdateOperation.upsert_points([edge.Point(*row) for row in rows])
         )
-        self._build_index(name)
 
     def _set_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
         self._shard(name).update(edge.UpdateOperation.set_payload(ids, values))
@@ -364,7 +368,7 @@ class EdgeStore(EngineStore):
         if k <= 0:
             return []
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return []
             must_not = (
@@ -388,7 +392,7 @@ class EdgeStore(EngineStore):
         it is the one a fresh vote would see. Queries are assumed not to be labelled points.
         """
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return np.full(len(queries), -1.0, dtype=np.float32)
             rows = np.asarray(queries, dtype=np.float32).reshape(-1, info.dim)
@@ -424,7 +428,7 @@ class EdgeStore(EngineStore):
         """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
         similar first. Exact while the generation holds at most `exact_max_points` points."""
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None or limit <= 0:
                 return []
             shard = self._shard(info.name)
@@ -446,7 +450,7 @@ class EdgeStore(EngineStore):
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return 0
             condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
@@ -462,7 +466,7 @@ class EdgeStore(EngineStore):
         collection: CollectionInfo | None = None,
     ) -> Iterator[Point]:
         with self._guard:
-            info = collection or self.collection(project)
+            info = collection or self._live(project)
         if info is None:
             return
         condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
@@ -505,13 +509,23 @@ class EdgeStore(EngineStore):
             )
         return self._labelled[name]
 
-    def _build_index(self, name: str) -> None:
-        """Build HNSW graphs once `exact_max_points` vectors wait unindexed (Edge has no
-        background optimizer). Blocks, holding the GIL, for the length of the build."""
+    def build_index(self, project: int | str) -> bool:
+        """Build the HNSW graph of the project's live generation and of any being built, where
+        `exact_max_points` vectors wait unindexed; True if anything was built.
+
+        Blocks, holding the GIL, for the whole build: call it from a job or the CLI, never
+        while a request or a webhook waits.
+        """
+        with self._guard:
+            return any([self._build_index(info.name) for info in self.generations(project)])
+
+    def _build_index(self, name: str) -> bool:
         shard = self._shard(name)
         info = shard.info()
-        if info.points_count - info.indexed_vectors_count >= max(self.exact_max_points, 1):
-            shard.optimize()
+        if info.points_count - info.indexed_vectors_count < max(self.exact_max_points, 1):
+            return False
+        shard.optimize()
+        return True
 
 
 # -- files -----------------------------------------------------------------------------------

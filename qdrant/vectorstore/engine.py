@@ -70,6 +70,12 @@ class EngineStore(PushState):
 
     # -- collections --------------------------------------------------------------------------
 
+    def collection(self, project: int | str) -> CollectionInfo | None:
+        """The project's live collection, or None if nothing was stored yet.
+
+        The store's own operations call `_live` instead: this method is what callers read."""
+        return self._live(project)
+
     def alias(self, project: int | str) -> str:
         return alias_name(self._prefix, project)
 
@@ -84,7 +90,7 @@ class EngineStore(PushState):
     ) -> CollectionInfo:
         """Create the project's first generation if missing; refuse a different encoder/dim."""
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 info = self.create_generation(project, encoder, dim, weights_id)
                 self.switch_generation(project, info)
@@ -109,7 +115,7 @@ class EngineStore(PushState):
         if not points:
             return
         with self._guard:
-            info = collection or self.collection(project)
+            info = collection or self._live(project)
             if info is None:
                 raise StoreError(f"project {project} has no collection: call ensure_collection")
             if info.encoder != encoder:
@@ -156,7 +162,7 @@ class EngineStore(PushState):
 
     def _label_targets(self, project: int | str) -> list[CollectionInfo]:
         """The live collection first, then any newer generation under construction."""
-        live = self.collection(project)
+        live = self._live(project)
         if live is None:
             return []
         return [live] + [g for g in self.generations(project) if g.generation > live.generation]
@@ -246,7 +252,7 @@ class EngineStore(PushState):
         if not tasks:
             return {}
         with self._guard:
-            info = collection or self.collection(project)
+            info = collection or self._live(project)
             if info is None:
                 return {}
             by_id = {point_id(project, t): t for t in tasks}

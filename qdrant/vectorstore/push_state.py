@@ -23,7 +23,8 @@ class PushState:
 
     _guard: AbstractContextManager[Any]
 
-    def collection(self, project: int | str) -> CollectionInfo | None:
+    def _live(self, project: int | str) -> CollectionInfo | None:
+        """The project's live generation (what `collection` answers)."""
         raise NotImplementedError
 
     def _update_meta(self, name: str, values: dict[str, Any]) -> None:
@@ -45,7 +46,7 @@ class PushState:
         if vote_radius_min is not None:
             values["vote_radius_min"] = vote_radius_min
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 raise StoreError(f"project {project} has no collection")
             self._update_meta(info.name, values)
@@ -56,7 +57,7 @@ class PushState:
         Called by the one process that applies webhooks, so a read-modify-write is safe.
         """
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None or not tasks:
                 return 0
             changes = list(dict.fromkeys([*info.label_changes, *tasks]))[-MAX_CHANGES:]
@@ -69,7 +70,7 @@ class PushState:
     def take_label_changes(self, project: int | str) -> list[TaskId]:
         """The tasks whose labels changed since the last call, forgetting them."""
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None or not info.label_changes:
                 return []
             self._update_meta(info.name, {"label_changes": []})

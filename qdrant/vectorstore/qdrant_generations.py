@@ -31,7 +31,7 @@ class QdrantGenerations(EngineStore):
     _shards: int
     _replication_factor: int
 
-    def collection(self, project: int | str) -> CollectionInfo | None:
+    def _live(self, project: int | str) -> CollectionInfo | None:
         alias = self.alias(project)
         with self._guard:
             target = next(
@@ -86,7 +86,7 @@ class QdrantGenerations(EngineStore):
         """Point the project's alias at `target` atomically, then drop older generations."""
         alias = self.alias(project)
         with self._guard:
-            current = self.collection(project)
+            current = self._live(project)
             operations: list[models.AliasOperations] = []
             if current is not None:
                 operations.append(
@@ -105,7 +105,7 @@ class QdrantGenerations(EngineStore):
     def drop_generation(self, target: CollectionInfo) -> None:
         """Delete a generation that is not live (an abandoned or superseded build)."""
         with self._guard:
-            live = self.collection(target.project)
+            live = self._live(target.project)
             if live is not None and live.name == target.name:
                 raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
             self._client.delete_collection(target.name)
@@ -114,7 +114,7 @@ class QdrantGenerations(EngineStore):
         """Delete the project's alias and every generation."""
         with self._guard:
             alias = self.alias(project)
-            if self.collection(project) is not None:
+            if self._live(project) is not None:
                 self._client.update_collection_aliases(
                     change_aliases_operations=[
                         models.DeleteAliasOperation(

@@ -149,7 +149,7 @@ class QdrantStore(QdrantGenerations):
         exact: bool = False,
     ) -> list[Neighbour]:
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return []
             must_not: list[models.Condition] = []
@@ -176,7 +176,7 @@ class QdrantStore(QdrantGenerations):
             return out
         labelled = models.Filter(must=[_labelled(True)])
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return out
             for start in range(0, len(rows), _QUERY_BATCH):
@@ -200,7 +200,7 @@ class QdrantStore(QdrantGenerations):
         """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
         similar first."""
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return []
             result = self._client.query_points(
@@ -216,7 +216,7 @@ class QdrantStore(QdrantGenerations):
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
-            info = self.collection(project)
+            info = self._live(project)
             if info is None:
                 return 0
             condition = None if labelled is None else models.Filter(must=[_labelled(labelled)])
@@ -229,7 +229,7 @@ class QdrantStore(QdrantGenerations):
         with_vectors: bool = True,
         collection: CollectionInfo | None = None,
     ) -> Iterator[Point]:
-        info = collection or self.collection(project)
+        info = collection or self._live(project)
         if info is None:
             return
         condition = None if labelled is None else models.Filter(must=[_labelled(labelled)])
