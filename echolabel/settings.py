@@ -12,6 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+# How images are decoded for the encoders (echolabel/images.py `decode_image`: a JPEG reduced
+# in libjpeg's DCT towards the encoder's input side, any mode to 8-bit RGB). Recorded with each
+# collection: change it when that behaviour changes, and vectors made before are refused until
+# the project is re-embedded.
+DECODE_MODE = "reduced-to-input-side"
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -69,6 +75,16 @@ class Settings:
     @property
     def qdrant_path(self) -> Path:
         return self.model_dir / "qdrant"
+
+    @property
+    def preprocessing(self) -> dict[str, str]:
+        """What shapes a vector besides the encoder, recorded with every collection: vectors
+        made under other values are refused (409, "re-embed the project")."""
+        return {
+            "decode": DECODE_MODE,
+            "ECHOLABEL_ULTRASOUND_CROP": self.ultrasound_crop,
+            "ECHOLABEL_DICOM_FRAME": self.dicom_frame,
+        }
 
     @property
     def projects_dir(self) -> Path:

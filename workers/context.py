@@ -82,4 +82,5 @@ def open_configured_store(settings: Settings) -> VectorStore:
         shards=settings.qdrant_shards,
         replication_factor=settings.qdrant_replication_factor,
         engine="local" if settings.embedded_engine == "local" else "edge",
+        preprocessing=settings.preprocessing,
     )

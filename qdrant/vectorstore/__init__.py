@@ -6,6 +6,7 @@ qdrant-client's local mode remains only as a stand-in for the server's API in te
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,7 @@ def open_store(
     shards: int = 1,
     replication_factor: int = 1,
     engine: Literal["local", "edge"] = "edge",
+    preprocessing: Mapping[str, str] | None = None,
 ) -> VectorStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
@@ -60,13 +62,22 @@ def open_store(
     `exact_max_points` labelled points itself and by HNSW above. `engine="local"` is
     qdrant-client's local mode, a stand-in for the server's API in tests: the exact in-memory
     index goes in front of it (this process is its only writer, so the cache cannot go stale).
+    `preprocessing` (Settings.preprocessing) is recorded in new generations, and vectors made
+    with other preprocessing are refused like another encoder's.
     """
     if engine == "edge" and not url:
         from .edge_store import EdgeStore  # imported when chosen: the engine is a native module
 
-        return EdgeStore.open(path=path, exact_max_points=exact_max_points)
+        return EdgeStore.open(
+            path=path, exact_max_points=exact_max_points, preprocessing=preprocessing
+        )
     store = QdrantStore.open(
-        path=path, url=url, api_key=api_key, shards=shards, replication_factor=replication_factor
+        path=path,
+        url=url,
+        api_key=api_key,
+        shards=shards,
+        replication_factor=replication_factor,
+        preprocessing=preprocessing,
     )
     if store.single_writer and exact_max_points > 0:
         return ExactSearchStore(store, max_points=exact_max_points)

@@ -55,7 +55,7 @@ import qdrant_edge as edge
 from . import payload as pl
 from .base import CollectionInfo, Neighbour, Point, StoreError, TaskId, point_id
 from .engine import EngineStore
-from .generations import generation_pattern, info_from_meta, new_meta
+from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
 # Exact search up to this many labelled points per generation; `echolabel bench` chooses the
 # number (issue 19), this is a placeholder of the right order for 1280-d vectors.
@@ -102,8 +102,10 @@ class EdgeStore(EngineStore):
         hnsw_m: int = DEFAULT_HNSW_M,
         hnsw_ef_construct: int = DEFAULT_HNSW_EF_CONSTRUCT,
         hnsw_ef: int = DEFAULT_HNSW_EF,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.path = Path(path)
+        self._preprocessing = dict(preprocessing) if preprocessing is not None else None
         self.exact_max_points = exact_max_points
         self.hnsw_ef = hnsw_ef
         self._prefix = prefix
@@ -133,11 +135,14 @@ class EdgeStore(EngineStore):
         path: Path | None = None,
         exact_max_points: int = DEFAULT_EXACT_MAX_POINTS,
         prefix: str = "echolabel",
+        preprocessing: Preprocessing | None = None,
     ) -> EdgeStore:
         """The store under `path` (created if missing)."""
         if path is None:
             raise StoreError("the embedded store needs a storage path (MODEL_DIR)")
-        return cls(path, prefix=prefix, exact_max_points=exact_max_points)
+        return cls(
+            path, prefix=prefix, exact_max_points=exact_max_points, preprocessing=preprocessing
+        )
 
     def close(self) -> None:
         """Flush and close every shard, then release the directory for another process."""
@@ -288,7 +293,7 @@ class EdgeStore(EngineStore):
             self._shards[name] = shard
             self._labelled[name] = 0
             # Written last: from here on the directory is a generation.
-            meta = new_meta(project, encoder, dim, weights_id, generation)
+            meta = new_meta(project, encoder, dim, weights_id, generation, self._preprocessing)
             self._write_meta(name, {"format": _FORMAT, **meta})
             _fsync_dir(self._collections)
             return self._info(project, name)

@@ -25,7 +25,7 @@ from .base import (
     TaskId,
     point_id,
 )
-from .generations import alias_name, check_encoder
+from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
 from .push_state import PushState
 
 
@@ -33,6 +33,9 @@ class EngineStore(PushState):
     """The shared half of a VectorStore; subclasses implement the engine's primitives."""
 
     _prefix: str
+    # What this process embeds with, recorded in new generations and checked on every write
+    # (None: not told, nothing checked).
+    _preprocessing: Preprocessing | None = None
     # How the engine stores the `labelled` flag (see payload.Flag).
     _flag: pl.Flag = staticmethod(bool)
 
@@ -96,6 +99,7 @@ class EngineStore(PushState):
                 self.switch_generation(project, info)
             else:
                 check_encoder(info, encoder, dim)
+                check_preprocessing(info, self._preprocessing)
             return info
 
     # -- writes ------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class EngineStore(PushState):
                 raise DimensionMismatchError(
                     f"collection {info.name} holds {info.encoder} vectors; refusing {encoder} ones"
                 )
+            check_preprocessing(info, self._preprocessing)
             latest = {point_id(project, p.task): p for p in points}
             stored = {
                 str(r.id): r.payload or {} for r in self._fetch(info.name, list(latest), False)

@@ -75,7 +75,9 @@ class QdrantGenerations(EngineStore):
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
                 shard_number=self._shards,
                 replication_factor=self._replication_factor,
-                metadata=new_meta(project, encoder, dim, weights_id, generation),
+                metadata=new_meta(
+                    project, encoder, dim, weights_id, generation, self._preprocessing
+                ),
             )
             if not self._local:  # local mode ignores payload indexes (and warns about them)
                 for field_name, schema in INDEXED_FIELDS.items():

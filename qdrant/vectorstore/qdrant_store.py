@@ -30,6 +30,7 @@ from .base import (
     TaskId,
     point_id,
 )
+from .generations import Preprocessing
 from .qdrant_generations import QdrantGenerations
 
 _SCROLL_PAGE = 512
@@ -53,8 +54,10 @@ class QdrantStore(QdrantGenerations):
         shards: int = 1,
         replication_factor: int = 1,
         server: str = "the Qdrant server",
+        preprocessing: Preprocessing | None = None,
     ):
         self._client = client
+        self._preprocessing = dict(preprocessing) if preprocessing is not None else None
         self._prefix = prefix
         # Distributed Qdrant: how each new generation collection is split and copied.
         self._shards = shards
@@ -80,10 +83,12 @@ class QdrantStore(QdrantGenerations):
         api_key: str | None = None,
         shards: int = 1,
         replication_factor: int = 1,
+        preprocessing: Preprocessing | None = None,
     ) -> QdrantStore:
         """A server store when `url` is given, else an in-process store under `path`.
 
-        `shards` and `replication_factor` apply to collections created on a Qdrant cluster.
+        `shards` and `replication_factor` apply to collections created on a Qdrant cluster;
+        `preprocessing` is what this process embeds with (see generations.py).
         """
         if url:
             client = QdrantClient(url=url, api_key=api_key, timeout=10, check_compatibility=False)
@@ -93,6 +98,7 @@ class QdrantStore(QdrantGenerations):
                 shards=shards,
                 replication_factor=replication_factor,
                 server=f"the Qdrant server at {url}",
+                preprocessing=preprocessing,
             )
         if path is None:
             raise StoreError("either a Qdrant URL (QDRANT_URL) or a storage path is required")
@@ -107,7 +113,7 @@ class QdrantStore(QdrantGenerations):
                     "server and set QDRANT_URL)"
                 ) from exc
             raise
-        return cls(client, local=True)
+        return cls(client, local=True, preprocessing=preprocessing)
 
     def close(self) -> None:
         """Close the client (and release the in-process storage's file lock)."""
