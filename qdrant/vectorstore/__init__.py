@@ -64,9 +64,16 @@ def open_store(
     index goes in front of it (this process is its only writer, so the cache cannot go stale).
     `preprocessing` (Settings.preprocessing) is recorded in new generations, and vectors made
     with other preprocessing are refused like another encoder's.
+
+    A local-mode store found at `path` by the Edge engine (a MODEL_DIR written before Edge was
+    the default) is migrated first, once, and verified before anything moves (migrate.py).
     """
     if engine == "edge" and not url:
         from .edge_store import EdgeStore  # imported when chosen: the engine is a native module
+        from .migrate import migrate_local_store, needs_migration
+
+        if path is not None and needs_migration(path):
+            migrate_local_store(path, exact_max_points=exact_max_points)
 
         return EdgeStore.open(
             path=path, exact_max_points=exact_max_points, preprocessing=preprocessing

@@ -277,26 +277,54 @@ class EdgeStore(EngineStore):
         """A new, empty, not-yet-live generation collection for the project."""
         with self._guard:
             generation, name = self._next_generation(project)
-            where = self._collections / name
-            if where.exists():  # a creation that died before its metadata: never a generation
-                shutil.rmtree(where)
-            where.mkdir()
-            if self._lock_handle is None:
-                raise StoreError(f"the store at {self.path} was closed; open it again to use it")
-            shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(dim))
-            try:
-                for field_name, schema in _INDEXED_FIELDS.items():
-                    shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
-            except BaseException:
-                shard.close()  # the directory stays metadata-less: removed at the next try
-                raise
-            self._shards[name] = shard
-            self._labelled[name] = 0
-            # Written last: from here on the directory is a generation.
             meta = new_meta(project, encoder, dim, weights_id, generation, self._preprocessing)
-            self._write_meta(name, {"format": _FORMAT, **meta})
-            _fsync_dir(self._collections)
-            return self._info(project, name)
+            return self._create(project, name, meta)
+
+    def restore_generation(self, project: int | str, meta: dict[str, Any]) -> CollectionInfo:
+        """A new, empty, not-yet-live generation with exactly this metadata, its number kept
+        (the migration: Label Studio's predictions name the generation)."""
+        with self._guard:
+            name = f"{self.alias(project)}_g{int(meta['generation'])}"
+            if name in self._metas:
+                raise StoreError(f"collection {name} exists already in {self.path}")
+            return self._create(project, name, dict(meta))
+
+    def restore_points(self, target: CollectionInfo, records: Sequence[pl.Record]) -> None:
+        """Write stored records as they are (ids, vectors, payloads; no merge rules), `labelled`
+        turned into this engine's flag (the migration)."""
+        rows = [
+            (
+                str(r.id),
+                np.asarray(r.vector, dtype=np.float32),
+                {**(r.payload or {}), "labelled": self._flag(pl.is_labelled(r.payload))},
+            )
+            for r in records
+        ]
+        with self._guard:
+            if rows:
+                self._write(target.name, rows)
+            self._labelled.pop(target.name, None)  # counted again when next needed
+
+    def _create(self, project: int | str, name: str, meta: dict[str, Any]) -> CollectionInfo:
+        where = self._collections / name
+        if where.exists():  # a creation that died before its metadata: never a generation
+            shutil.rmtree(where)
+        where.mkdir()
+        if self._lock_handle is None:
+            raise StoreError(f"the store at {self.path} was closed; open it again to use it")
+        shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(int(meta["dim"])))
+        try:
+            for field_name, schema in _INDEXED_FIELDS.items():
+                shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
+        except BaseException:
+            shard.close()  # the directory stays metadata-less: removed at the next try
+            raise
+        self._shards[name] = shard
+        self._labelled[name] = 0
+        # Written last: from here on the directory is a generation.
+        self._write_meta(name, {"format": _FORMAT, **meta})
+        _fsync_dir(self._collections)
+        return self._info(project, name)
 
     def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
         """Point the project's alias at `target` atomically, then drop older generations."""
@@ -456,11 +484,14 @@ class EdgeStore(EngineStore):
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
             info = self._live(project)
-            if info is None:
-                return 0
-            condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+            return 0 if info is None else self.count_in(info, labelled)
+
+    def count_in(self, target: CollectionInfo, labelled: bool | None = None) -> int:
+        """`count` in any generation, live or not (the migration verifies each one)."""
+        condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+        with self._guard:
             return int(
-                self._shard(info.name).count(edge.CountRequest(exact=True, filter=condition))
+                self._shard(target.name).count(edge.CountRequest(exact=True, filter=condition))
             )
 
     def iter_points(
