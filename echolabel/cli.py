@@ -268,6 +268,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(run=_worker)
 
+    migrate = sub.add_parser(
+        "migrate-store",
+        help="move MODEL_DIR/qdrant from qdrant-client's local mode onto Qdrant Edge (also "
+        "done on the first start); the old store is kept as MODEL_DIR/qdrant.local-mode",
+    )
+    migrate.set_defaults(run=_migrate_store)
+
     reembed = sub.add_parser("reembed", help="re-embed a project with another encoder")
     reembed.add_argument("--project", required=True)
     reembed.add_argument("--encoder", required=True)
@@ -871,6 +878,23 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers.worker import run_worker
 
     run_worker(settings, args.queues or None, burst=args.burst, device=args.device)
+    return 0
+
+
+def _migrate_store(args: argparse.Namespace, settings: Settings) -> int:
+    """Migrate the embedded store to Qdrant Edge now (the backend would on its first start)."""
+    from vectorstore.migrate import migrate_local_store
+
+    if settings.qdrant_url:
+        print("echolabel: QDRANT_URL is set: the store is a Qdrant server, nothing to migrate")
+        return 0
+    report = migrate_local_store(
+        settings.qdrant_path, exact_max_points=settings.exact_search_max_points
+    )
+    if report is None:
+        print(f"{settings.qdrant_path}: no local-mode store to migrate (already Qdrant Edge)")
+        return 0
+    print(report.summary())
     return 0
 
 

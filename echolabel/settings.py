@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+# How images are decoded for the encoders (echolabel/images.py `decode_image`: a JPEG reduced
+# in libjpeg's DCT towards the encoder's input side, any mode to 8-bit RGB). Recorded with each
+# collection: change it when that behaviour changes, and vectors made before are refused until
+# the project is re-embedded.
+DECODE_MODE = "reduced-to-input-side"
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -36,6 +42,9 @@ class Settings:
     qdrant_api_key: str | None = None
     qdrant_shards: int = 1
     qdrant_replication_factor: int = 1
+    # The in-process store without QDRANT_URL: Qdrant Edge. "local" (qdrant-client's local
+    # mode) is kept only as a stand-in for the server's API in tests, never for production.
+    embedded_engine: str = "edge"
     encoder: str = "efficientnet_lite0"
     device: str = "cpu"
     batch_size: int = 16
@@ -78,6 +87,16 @@ class Settings:
         return self.model_dir / "qdrant"
 
     @property
+    def preprocessing(self) -> dict[str, str]:
+        """What shapes a vector besides the encoder, recorded with every collection: vectors
+        made under other values are refused (409, "re-embed the project")."""
+        return {
+            "decode": DECODE_MODE,
+            "ECHOLABEL_ULTRASOUND_CROP": self.ultrasound_crop,
+            "ECHOLABEL_DICOM_FRAME": self.dicom_frame,
+        }
+
+    @property
     def projects_dir(self) -> Path:
         return self.model_dir / "projects"
 
@@ -115,6 +134,9 @@ class Settings:
             qdrant_shards=reader.integer("QDRANT_SHARDS", cls.qdrant_shards, minimum=1),
             qdrant_replication_factor=reader.integer(
                 "QDRANT_REPLICATION_FACTOR", cls.qdrant_replication_factor, minimum=1
+            ),
+            embedded_engine=reader.choice(
+                "ECHOLABEL_EMBEDDED_ENGINE", ("edge", "local"), cls.embedded_engine
             ),
             encoder=reader.text("ECHOLABEL_ENCODER") or cls.encoder,
             device=reader.choice("ECHOLABEL_DEVICE", ("auto", "cpu", "cuda"), cls.device),

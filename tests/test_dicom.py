@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import qdrant_edge as edge
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
@@ -258,11 +259,14 @@ def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys)
         assert set(report.failures) == {3}
         points = list(services.store.iter_points(9))
         assert sorted(p.task for p in points) == [1, 2]
-        store = getattr(services.store, "inner", services.store)
+        # The payloads as the engine holds them (Qdrant Edge, the embedded default).
+        store = services.store
         raw = [
             record.payload
-            for collection in store._client.get_collections().collections
-            for record in store._client.scroll(collection.name, with_payload=True)[0]
+            for info in store.generations(9)
+            for record in store._shard(info.name).scroll(
+                edge.ScrollRequest(limit=100, with_payload=True)
+            )[0]
         ]
     finally:
         services.close()

@@ -16,10 +16,13 @@ import pytest
 import qdrant_edge as edge
 
 import vectorstore
+from echolabel.core.runtime import open_configured_store
+from echolabel.settings import ConfigError, Settings
 from vectorstore import (
     Annotation,
     DimensionMismatchError,
     ExactIndex,
+    ExactSearchStore,
     Point,
     QdrantStore,
     StoreError,
@@ -364,6 +367,8 @@ def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
         "enc",
         [Point(task=i, vector=data[i], labels={"f": "a"} if labelled[i] else {}) for i in range(n)],
     )
+    assert store._shard(info.name).info().indexed_vectors_count == 0, "writes never build it"
+    assert store.build_index(1) and not store.build_index(1)  # built once, then nothing waits
     shard_info = store._shard(info.name).info()
     assert shard_info.indexed_vectors_count > 0, "the HNSW graph was not built"
     assert not store._search_params(info.name, 10, exact=False).exact
@@ -385,6 +390,7 @@ def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
     info = small.ensure_collection(1, "enc", dim, "w")
     small.upsert(1, "enc", [Point(task=i, vector=data[i], labels={"f": "a"}) for i in range(400)])
     assert small._search_params(info.name, 10, exact=False).exact
+    assert not small.build_index(1)  # below the threshold: nothing to build
     assert small._shard(info.name).info().indexed_vectors_count == 0
     small.close()
 
@@ -529,3 +535,43 @@ def test_open_store_opts_into_edge(tmp_path):
     store.close()
     with pytest.raises(StoreError, match="storage path"):
         open_store(engine="edge")
+
+
+def test_edge_is_the_embedded_default_and_local_mode_only_a_stand_in(tmp_path):
+    store = open_store(path=tmp_path / "default")
+    assert isinstance(store, EdgeStore)
+    store.close()
+    local = open_store(path=tmp_path / "local", engine="local", exact_max_points=0)
+    assert isinstance(local, QdrantStore) and local.single_writer
+    local.close()
+    assert Settings.from_env({}).embedded_engine == "edge"
+    assert Settings.from_env({"ECHOLABEL_EMBEDDED_ENGINE": "LOCAL"}).embedded_engine == "local"
+    with pytest.raises(ConfigError, match="ECHOLABEL_EMBEDDED_ENGINE='sqlite' must be one of"):
+        Settings.from_env({"ECHOLABEL_EMBEDDED_ENGINE": "sqlite"})
+    context_store = open_configured_store(Settings(model_dir=tmp_path / "model"))
+    assert isinstance(context_store, EdgeStore)
+    context_store.close()
+    stand_in = open_configured_store(
+        Settings(model_dir=tmp_path / "model2", embedded_engine="local")
+    )
+    assert isinstance(stand_in, ExactSearchStore)
+    stand_in.close()
+
+
+def test_writes_never_build_the_graph_but_a_switch_does(tmp_path):
+    """optimize() holds the GIL for the whole build: never on a write (the request path)."""
+    rng = np.random.default_rng(10)
+    data = unit_rows(rng, 300)
+    store = EdgeStore(tmp_path / "edge", exact_max_points=50)
+    live = store.ensure_collection(1, "enc", DIM, "w")
+    for start in range(0, 300, 25):  # as /predict and webhooks write: a few points at a time
+        store.upsert(1, "enc", [Point(task=i, vector=data[i]) for i in range(start, start + 25)])
+        store.set_labels(1, start, {"f": "a"}, NEW)
+    assert store._shard(live.name).info().indexed_vectors_count == 0
+    assert len(store.nearest(1, data[0], k=5)) == 5  # the unindexed tail is scanned
+    building = store.create_generation(1, "enc", DIM, "w")
+    store.upsert(1, "enc", [Point(task=i, vector=data[i]) for i in range(300)], collection=building)
+    assert store._shard(building.name).info().indexed_vectors_count == 0
+    store.switch_generation(1, building)
+    assert store._shard(building.name).info().indexed_vectors_count > 0, "live with its graph"
+    store.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import qdrant_edge as edge
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -311,8 +312,10 @@ def test_secrets_and_image_bytes_stay_out_of_logs_and_payloads(settings, fake_ls
             task = {"id": 9, "data": {"image": ref}}
             client.post("/predict", json={"project": 7, "tasks": [task]}, auth=auth)
         client.post("/predict", json={"project": 7, "tasks": []}, auth=("ls", "wrong"))
-        inner = client.app.state.echolabel["runtime"].store.inner
-        records, _ = inner._client.scroll(inner.alias(7), limit=100)
+        # The payloads as the engine holds them (Qdrant Edge, the embedded default).
+        store = client.app.state.echolabel["runtime"].store
+        shard = store._shard(store.collection(7).name)
+        records, _ = shard.scroll(edge.ScrollRequest(limit=100, with_payload=True))
         payloads = [record.payload for record in records]
     logged = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
     assert any("webhook" in r.getMessage() or "HTTP" in r.getMessage() for r in caplog.records)

@@ -140,17 +140,27 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
 
 
 @pytest.mark.parametrize(
-    ("seed", "exact_cache"),
-    [(0, True), (1, True), (2, True), (0, False)],
-    ids=["0", "1", "2", "0-without-exact-cache"],
+    ("seed", "exact_cache", "edge_exact_max"),
+    [
+        (0, True, None),
+        (1, True, None),
+        (2, True, None),
+        (0, False, None),
+        (0, True, 10_000),
+        (0, True, 50),
+    ],
+    ids=["0", "1", "2", "0-without-exact-cache", "0-edge-exact", "0-edge-hnsw"],
 )
-def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed, exact_cache):
+def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(
+    tmp_path, seed, exact_cache, edge_exact_max
+):
     """Labels added and removed in rounds; after each refresh, every unlabelled task's stored
     prediction is exactly what voting it now gives (nothing missed, nothing stale). Also with
     the refresh on the Qdrant store alone (as with a server), whose kth_similarities are its
-    own searches."""
+    own searches, and on Qdrant Edge (the embedded default), exact and by its HNSW graph."""
     from bench.preannotate import synthetic_project
     from vectorstore import Annotation, ExactSearchStore
+    from vectorstore.edge_store import EdgeStore
 
     rng = np.random.default_rng(seed)
     n = 500 if exact_cache else 200  # qdrant-client's local mode scans in Python: keep it short
@@ -158,6 +168,15 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, seed, e
     services, api = project.runtime, project.api
     classes, labelled = project.classes, project.labelled
     store = services.store
+    if edge_exact_max is not None:  # the same project on Edge, its graph built (as a job does)
+        edge = EdgeStore(tmp_path / "edge", exact_max_points=edge_exact_max)
+        info = store.collection(1)
+        edge.ensure_collection(1, info.encoder, info.dim, info.weights_id)
+        edge.upsert(1, info.encoder, list(store.iter_points(1)))
+        assert edge.build_index(1) == (edge_exact_max < n)  # a graph to walk, where above it
+        store.close()
+        services = dataclasses.replace(services, store=edge)
+        store = edge
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
     if not exact_cache:

@@ -72,11 +72,14 @@ def test_exact_store_falls_back_to_qdrant_above_threshold(tmp_path):
 
 
 def test_only_a_single_writer_store_gets_the_exact_cache(tmp_path):
-    """The cache is valid only while this process is the sole writer (the embedded store)."""
-    embedded = open_store(path=tmp_path / "q")
+    """The cache is valid only while this process is the sole writer (the embedded store).
+
+    Local mode, the server's stand-in, is the engine the cache goes in front of; Edge searches
+    exactly itself (tests/test_edge_store.py)."""
+    embedded = open_store(path=tmp_path / "q", engine="local")
     assert isinstance(embedded, ExactSearchStore) and embedded.single_writer
     embedded.close()
-    plain = open_store(path=tmp_path / "q", exact_max_points=0)
+    plain = open_store(path=tmp_path / "q", exact_max_points=0, engine="local")
     assert isinstance(plain, QdrantStore) and plain.single_writer
     plain.close()
     server = open_store(url="http://127.0.0.1:9")  # nothing is asked of it yet

@@ -146,6 +146,9 @@ def filled(request, tmp_path_factory) -> Iterator[tuple[VectorStore, Reference]]
     points = project_points(np.random.default_rng(5), N)
     opened.ensure_collection(1, "enc", DIM, "w")
     opened.upsert(1, "enc", points)
+    if isinstance(opened, EdgeStore):
+        # Writes never build Edge's HNSW graph (a job does): build it, so edge-hnsw walks one.
+        opened.build_index(1)
     reference = Reference()
     reference.write(points)
     yield opened, reference

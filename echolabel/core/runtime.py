@@ -62,6 +62,8 @@ def open_configured_store(settings: Settings) -> VectorStore:
         exact_max_points=settings.exact_search_max_points,
         shards=settings.qdrant_shards,
         replication_factor=settings.qdrant_replication_factor,
+        engine="local" if settings.embedded_engine == "local" else "edge",
+        preprocessing=settings.preprocessing,
     )
 
 

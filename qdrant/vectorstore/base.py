@@ -53,6 +53,9 @@ class CollectionInfo:
     label_state: int = 0
     label_changes: tuple[TaskId, ...] = ()
     vote_radius_min: float = -1.0
+    # The image preprocessing its vectors were made with, as (setting, value) pairs; None for
+    # a generation created before it was recorded (see generations.check_preprocessing).
+    preprocessing: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

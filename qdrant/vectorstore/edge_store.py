@@ -23,13 +23,18 @@ lose the last writes.
 
 Search is exact (Edge's scan of the labelled points, found through a payload index) while a
 generation holds at most `exact_max_points` labelled points, and HNSW above that. The same
-number sizes the engine's indexing threshold, so a segment gets an HNSW graph once it holds
-that many vectors; until then a scan is what HNSW would do anyway.
+number sizes the engine's indexing threshold: `build_index` gives a segment its HNSW graph
+once that many vectors wait unindexed. Writes never build it: Edge has no background
+optimizer, and `optimize()` holds the GIL for the whole build (3.1 s for 8,000 × 128-d here),
+which would stall every request and webhook of the process. So the graph is built where
+nobody waits for an answer: `switch_generation` (a re-embedding goes live with its graph), the
+migration (migrate.py), and `build_index` called from a job or the CLI. Until then the
+unindexed tail is scanned, so answers stay exact there, only slower.
 
 Thread safety: qdrant-edge-py's shard is internally synchronised, but every call holds the GIL
 (a query for its duration, `optimize()` for the whole index build), and the merge rules are
 read-modify-write. So one re-entrant lock serialises every operation of this store, as for
-QdrantStore's local mode. The index build runs inside a write, under that lock.
+QdrantStore's local mode.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -48,17 +52,10 @@ from typing import IO, Any
 import numpy as np
 import qdrant_edge as edge
 
-from .base import (
-    Annotation,
-    CollectionInfo,
-    DimensionMismatchError,
-    Labels,
-    Neighbour,
-    Point,
-    StoreError,
-    TaskId,
-    point_id,
-)
+from . import payload as pl
+from .base import CollectionInfo, Neighbour, Point, StoreError, TaskId, point_id
+from .engine import EngineStore
+from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
 # Exact search up to this many labelled points per generation; `echolabel bench` chooses the
 # number (issue 19), this is a placeholder of the right order for 1280-d vectors.
@@ -70,8 +67,6 @@ DEFAULT_HNSW_EF = 128
 
 _SCROLL_PAGE = 512
 _QUERY_BATCH = 256
-# Label changes remembered between refreshes; more mean "refresh everything" (as QdrantStore).
-_MAX_CHANGES = 5000
 _FORMAT = 1
 _LOCK_FILE = "store.lock"
 _META = "meta.json"
@@ -86,19 +81,17 @@ _INDEXED_FIELDS = {
     "labelled": edge.PayloadSchemaType.Integer,
     "annotation_id": edge.PayloadSchemaType.Keyword,
 }
-_LABEL_KEYS = ("labels", "labelled", "annotation_id", "annotation_updated_at")
-_RESERVED = {"project", "task", "image", "encoder", *_LABEL_KEYS}
 
 
-class EdgeStore:
+class EdgeStore(EngineStore):
     """VectorStore over Qdrant Edge shards in a local directory; one instance per process.
 
-    Offers QdrantStore's methods with the same semantics (newest annotation wins, labels set in
-    the live generation and in generations being built, deterministic point ids), plus
-    `kth_similarities`.
+    The label rules and reads by task are EngineStore's, shared with QdrantStore; this class
+    keeps generations as files and calls the engine.
     """
 
     single_writer = True  # the process that opened it holds its lock file
+    _flag = staticmethod(int)  # `labelled` as 0/1: see _INDEXED_FIELDS
 
     def __init__(
         self,
@@ -109,14 +102,16 @@ class EdgeStore:
         hnsw_m: int = DEFAULT_HNSW_M,
         hnsw_ef_construct: int = DEFAULT_HNSW_EF_CONSTRUCT,
         hnsw_ef: int = DEFAULT_HNSW_EF,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.path = Path(path)
+        self._preprocessing = dict(preprocessing) if preprocessing is not None else None
         self.exact_max_points = exact_max_points
         self.hnsw_ef = hnsw_ef
         self._prefix = prefix
         self._hnsw_m = hnsw_m
         self._hnsw_ef_construct = hnsw_ef_construct
-        self._lock = threading.RLock()
+        self._guard = threading.RLock()
         self._collections = self.path / "collections"
         self._aliases = self.path / "aliases"
         self._collections.mkdir(parents=True, exist_ok=True)
@@ -140,15 +135,18 @@ class EdgeStore:
         path: Path | None = None,
         exact_max_points: int = DEFAULT_EXACT_MAX_POINTS,
         prefix: str = "echolabel",
+        preprocessing: Preprocessing | None = None,
     ) -> EdgeStore:
         """The store under `path` (created if missing)."""
         if path is None:
             raise StoreError("the embedded store needs a storage path (MODEL_DIR)")
-        return cls(path, prefix=prefix, exact_max_points=exact_max_points)
+        return cls(
+            path, prefix=prefix, exact_max_points=exact_max_points, preprocessing=preprocessing
+        )
 
     def close(self) -> None:
         """Flush and close every shard, then release the directory for another process."""
-        with self._lock:
+        with self._guard:
             shards, self._shards = self._shards, {}
             for shard in shards.values():
                 shard.close()
@@ -191,7 +189,7 @@ class EdgeStore:
                     self._drop(name)
 
     def _names(self, alias: str) -> list[str]:
-        pattern = re.compile(re.escape(alias) + r"_g(\d+)$")
+        pattern = generation_pattern(alias)
         return [name for name in self._metas if pattern.match(name)]
 
     def _shard(self, name: str) -> Any:
@@ -252,12 +250,8 @@ class EdgeStore:
 
     # -- collections and generations -------------------------------------------------------
 
-    def alias(self, project: int | str) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(project))
-        return f"{self._prefix}_p{safe}"
-
-    def collection(self, project: int | str) -> CollectionInfo | None:
-        with self._lock:
+    def _live(self, project: int | str) -> CollectionInfo | None:
+        with self._guard:
             target = self._pointers.get(self.alias(project))
             if target is None:
                 return None
@@ -271,75 +265,71 @@ class EdgeStore:
 
     def generations(self, project: int | str) -> list[CollectionInfo]:
         """Every generation collection of the project, live or being built."""
-        with self._lock:
+        with self._guard:
             return sorted(
                 (self._info(project, name) for name in self._names(self.alias(project))),
                 key=lambda info: info.generation,
             )
 
-    def _info(self, project: int | str, name: str) -> CollectionInfo:
-        meta = self._metas[name]
-        try:
-            return CollectionInfo(
-                project=project,
-                encoder=str(meta["encoder"]),
-                dim=int(meta["dim"]),
-                weights_id=str(meta.get("weights_id", "")),
-                generation=int(meta["generation"]),
-                name=name,
-                published_version=meta.get("published_version") or None,
-                label_state=int(meta.get("label_state") or 0),
-                label_changes=tuple(meta.get("label_changes") or ()),
-                vote_radius_min=float(meta.get("vote_radius_min", -1.0)),
-            )
-        except KeyError as exc:
-            raise StoreError(
-                f"collection {name} has no echolabel metadata ({exc.args[0]} missing): it was not "
-                "created by echolabel; remove it or use another ECHOLABEL collection prefix"
-            ) from None
-
     def create_generation(
         self, project: int | str, encoder: str, dim: int, weights_id: str
     ) -> CollectionInfo:
         """A new, empty, not-yet-live generation collection for the project."""
-        with self._lock:
-            existing = self.generations(project)
-            generation = (existing[-1].generation + 1) if existing else 1
-            name = f"{self.alias(project)}_g{generation}"
-            where = self._collections / name
-            if where.exists():  # a creation that died before its metadata: never a generation
-                shutil.rmtree(where)
-            where.mkdir()
-            if self._lock_handle is None:
-                raise StoreError(f"the store at {self.path} was closed; open it again to use it")
-            shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(dim))
-            try:
-                for field_name, schema in _INDEXED_FIELDS.items():
-                    shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
-            except BaseException:
-                shard.close()  # the directory stays metadata-less: removed at the next try
-                raise
-            self._shards[name] = shard
-            self._labelled[name] = 0
-            # Written last: from here on the directory is a generation.
-            self._write_meta(
-                name,
-                {
-                    "format": _FORMAT,
-                    "encoder": encoder,
-                    "dim": dim,
-                    "weights_id": weights_id,
-                    "generation": generation,
-                    "project": str(project),
-                },
+        with self._guard:
+            generation, name = self._next_generation(project)
+            meta = new_meta(project, encoder, dim, weights_id, generation, self._preprocessing)
+            return self._create(project, name, meta)
+
+    def restore_generation(self, project: int | str, meta: dict[str, Any]) -> CollectionInfo:
+        """A new, empty, not-yet-live generation with exactly this metadata, its number kept
+        (the migration: Label Studio's predictions name the generation)."""
+        with self._guard:
+            name = f"{self.alias(project)}_g{int(meta['generation'])}"
+            if name in self._metas:
+                raise StoreError(f"collection {name} exists already in {self.path}")
+            return self._create(project, name, dict(meta))
+
+    def restore_points(self, target: CollectionInfo, records: Sequence[pl.Record]) -> None:
+        """Write stored records as they are (ids, vectors, payloads; no merge rules), `labelled`
+        turned into this engine's flag (the migration)."""
+        rows = [
+            (
+                str(r.id),
+                np.asarray(r.vector, dtype=np.float32),
+                {**(r.payload or {}), "labelled": self._flag(pl.is_labelled(r.payload))},
             )
-            _fsync_dir(self._collections)
-            return self._info(project, name)
+            for r in records
+        ]
+        with self._guard:
+            if rows:
+                self._write(target.name, rows)
+            self._labelled.pop(target.name, None)  # counted again when next needed
+
+    def _create(self, project: int | str, name: str, meta: dict[str, Any]) -> CollectionInfo:
+        where = self._collections / name
+        if where.exists():  # a creation that died before its metadata: never a generation
+            shutil.rmtree(where)
+        where.mkdir()
+        if self._lock_handle is None:
+            raise StoreError(f"the store at {self.path} was closed; open it again to use it")
+        shard = edge.EdgeShard.create(str(where / _SHARD), self._edge_config(int(meta["dim"])))
+        try:
+            for field_name, schema in _INDEXED_FIELDS.items():
+                shard.update(edge.UpdateOperation.create_field_index(field_name, schema))
+        except BaseException:
+            shard.close()  # the directory stays metadata-less: removed at the next try
+            raise
+        self._shards[name] = shard
+        self._labelled[name] = 0
+        # Written last: from here on the directory is a generation.
+        self._write_meta(name, {"format": _FORMAT, **meta})
+        _fsync_dir(self._collections)
+        return self._info(project, name)
 
     def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
         """Point the project's alias at `target` atomically, then drop older generations."""
         alias = self.alias(project)
-        with self._lock:
+        with self._guard:
             if target.name not in self._metas:
                 raise StoreError(f"collection {target.name} does not exist; it cannot go live")
             self._build_index(target.name)  # goes live with its graph, not before it
@@ -351,31 +341,14 @@ class EdgeStore:
 
     def drop_generation(self, target: CollectionInfo) -> None:
         """Delete a generation that is not live (an abandoned or superseded build)."""
-        with self._lock:
-            live = self.collection(target.project)
+        with self._guard:
+            live = self._live(target.project)
             if live is not None and live.name == target.name:
                 raise StoreError(f"{target.name} is the live generation; it cannot be dropped")
             self._drop(target.name)
 
-    def ensure_collection(
-        self, project: int | str, encoder: str, dim: int, weights_id: str
-    ) -> CollectionInfo:
-        with self._lock:
-            info = self.collection(project)
-            if info is None:
-                info = self.create_generation(project, encoder, dim, weights_id)
-                self.switch_generation(project, info)
-            elif info.encoder != encoder or info.dim != dim:
-                raise DimensionMismatchError(
-                    f"project {project}'s collection {info.name} holds {info.encoder} vectors "
-                    f"({info.dim}-d), not {encoder} ({dim}-d): re-embed the project with "
-                    f"`echolabel reembed --project {project} --encoder {encoder}` or configure "
-                    f"ECHOLABEL_ENCODER={info.encoder}"
-                )
-            return info
-
     def drop_project(self, project: int | str) -> None:
-        with self._lock:
+        with self._guard:
             alias = self.alias(project)
             if self._pointers.pop(alias, None) is not None:
                 (self._aliases / f"{alias}.json").unlink(missing_ok=True)
@@ -383,226 +356,37 @@ class EdgeStore:
             for name in self._names(alias):
                 self._drop(name)
 
-    # -- pre-annotation state -----------------------------------------------------------------
+    def _update_meta(self, name: str, values: dict[str, Any]) -> None:
+        self._write_meta(name, {**self._metas[name], **values})
 
-    def set_prediction_state(
-        self,
-        project: int | str,
-        *,
-        published_version: str | None = None,
-        vote_radius_min: float | None = None,
-    ) -> None:
-        """Record what Label Studio holds: the model_version of the predictions last pushed,
-        and a lower bound of their vote radii (the k-th labelled neighbour's similarity)."""
-        with self._lock:
-            info = self.collection(project)
-            if info is None:
-                raise StoreError(f"project {project} has no collection")
-            meta = dict(self._metas[info.name])
-            if published_version is not None:
-                meta["published_version"] = published_version
-            if vote_radius_min is not None:
-                meta["vote_radius_min"] = vote_radius_min
-            self._write_meta(info.name, meta)
+    def _info(self, project: int | str, name: str) -> CollectionInfo:
+        return info_from_meta(project, name, self._metas[name])
 
-    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
-        """Count label changes of these tasks (kept until `take_label_changes`); the new count."""
-        with self._lock:
-            info = self.collection(project)
-            if info is None or not tasks:
-                return 0
-            changes = list(dict.fromkeys([*info.label_changes, *tasks]))[-_MAX_CHANGES:]
-            meta = dict(self._metas[info.name])
-            meta["label_state"] = info.label_state + len(tasks)
-            meta["label_changes"] = changes
-            self._write_meta(info.name, meta)
-            return len(changes)
+    # -- the engine's primitives (see EngineStore) --------------------------------------------
 
-    def take_label_changes(self, project: int | str) -> list[TaskId]:
-        """The tasks whose labels changed since the last call, forgetting them."""
-        with self._lock:
-            info = self.collection(project)
-            if info is None or not info.label_changes:
-                return []
-            self._write_meta(info.name, {**self._metas[info.name], "label_changes": []})
-            return list(info.label_changes)
+    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
+        return list(self._shard(name).retrieve(ids, True, with_vectors))
 
-    # -- writes ------------------------------------------------------------------------------
+    def _write(self, name: str, rows: list[tuple[str, np.ndarray, dict[str, Any]]]) -> None:
+        """Upsert rows; returns once they are in the shard's WAL."""
+        self._shard(name).update(
+            edge.UpdateOperation.upsert_points([edge.Point(*row) for row in rows])
+        )
 
-    def upsert(
-        self,
-        project: int | str,
-        encoder: str,
-        points: Sequence[Point],
-        collection: CollectionInfo | None = None,
-    ) -> None:
-        """Write points into the live collection (or into `collection`, a generation being built).
+    def _set_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
+        self._shard(name).update(edge.UpdateOperation.set_payload(ids, values))
 
-        Labels stored from a newer annotation survive a re-upsert of the same task. Returns once
-        the points are in the shard's WAL.
-        """
-        if not points:
-            return
-        with self._lock:
-            info = collection or self.collection(project)
-            if info is None:
-                raise StoreError(f"project {project} has no collection: call ensure_collection")
-            if info.encoder != encoder:
-                raise DimensionMismatchError(
-                    f"collection {info.name} holds {info.encoder} vectors; refusing {encoder} ones"
-                )
-            shard = self._shard(info.name)
-            latest = {point_id(project, p.task): p for p in points}  # a repeated task: last wins
-            stored = {str(r.id): r.payload or {} for r in shard.retrieve(list(latest), True, False)}
-            structs = []
-            delta = 0
-            for pid, point in latest.items():
-                vector = np.asarray(point.vector, dtype=np.float32).reshape(-1)
-                if vector.shape[0] != info.dim:
-                    raise DimensionMismatchError(
-                        f"task {point.task}: vector has {vector.shape[0]} dimensions, collection "
-                        f"{info.name} ({info.encoder}) expects {info.dim}"
-                    )
-                payload = _payload(project, encoder, point)
-                previous = stored.get(pid)
-                if previous and previous.get("labelled") and not _replaces(point, previous):
-                    for key in _LABEL_KEYS:
-                        payload[key] = previous.get(key)
-                delta += _flag(payload) - _flag(previous)
-                structs.append(edge.Point(pid, vector, payload))
-            shard.update(edge.UpdateOperation.upsert_points(structs))
-            self._count_labelled(info.name, delta)
-            self._build_index(info.name)
-
-    def set_labels(
-        self,
-        project: int | str,
-        task: TaskId,
-        labels: Labels,
-        annotation: Annotation,
-        collection: CollectionInfo | None = None,
-    ) -> bool:
-        """Set labels in `collection`, or in the live one *and* every generation being built
-        (so nothing annotated during a re-embedding is lost). True if the live point exists."""
-        with self._lock:
-            targets = [collection] if collection else self._label_targets(project)
-            found_live = False
-            for index, info in enumerate(targets):
-                found = self._set_labels_in(info, project, task, labels, annotation)
-                found_live = found_live or (found and index == 0)
-            return found_live
-
-    def _label_targets(self, project: int | str) -> list[CollectionInfo]:
-        """The live collection first, then any newer generation under construction."""
-        live = self.collection(project)
-        if live is None:
-            return []
-        return [live] + [g for g in self.generations(project) if g.generation > live.generation]
-
-    def _set_labels_in(
-        self,
-        info: CollectionInfo,
-        project: int | str,
-        task: TaskId,
-        labels: Labels,
-        annotation: Annotation,
-    ) -> bool:
-        shard = self._shard(info.name)
-        pid = point_id(project, task)
-        found = shard.retrieve([pid], True, False)
-        if not found:
-            return False
-        previous = found[0].payload or {}
-        if _is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
-            return True  # a newer annotation is already stored: it wins
-        payload = {
-            "labels": dict(labels),
-            "labelled": int(bool(labels)),
-            "annotation_id": _key(annotation.id),
-            "annotation_updated_at": annotation.updated_at,
-        }
-        shard.update(edge.UpdateOperation.set_payload([pid], payload))
-        self._count_labelled(info.name, _flag(payload) - _flag(previous))
-        return True
-
-    def clear_labels(
-        self,
-        project: int | str,
-        annotation_id: int | str,
-        collection: CollectionInfo | None = None,
-    ) -> list[TaskId]:
-        """Clear labels that came from this annotation, in every generation (live first)."""
-        with self._lock:
-            cleared: list[TaskId] = []
-            targets = [collection] if collection else self._label_targets(project)
-            for index, info in enumerate(targets):
-                tasks = self._clear_labels_in(info, annotation_id)
-                if index == 0:
-                    cleared = tasks
-            return cleared
-
-    def _clear_labels_in(self, info: CollectionInfo, annotation_id: int | str) -> list[TaskId]:
-        shard = self._shard(info.name)
+    def _with_annotation(self, name: str, annotation: str) -> list[Any]:
         condition = edge.Filter(
-            must=[
-                edge.FieldCondition(key="annotation_id", match=edge.MatchValue(_key(annotation_id)))
-            ]
+            must=[edge.FieldCondition(key="annotation_id", match=edge.MatchValue(annotation))]
         )
-        records = list(_scroll(shard, condition, with_vectors=False))
-        if not records:
-            return []
-        shard.update(
-            edge.UpdateOperation.set_payload(
-                [r.id for r in records],
-                {"labels": {}, "labelled": 0, "annotation_id": None, "annotation_updated_at": None},
-            )
-        )
-        self._count_labelled(info.name, -sum(_flag(r.payload) for r in records))
-        return [(r.payload or {})["task"] for r in records]
+        return list(self._scroll(name, condition, with_vectors=False))
 
-    # -- reads -------------------------------------------------------------------------------
+    def _labelled_changed(self, name: str, delta: int) -> None:
+        if name in self._labelled:
+            self._labelled[name] += delta
 
-    def has_vectors(
-        self,
-        project: int | str,
-        tasks: Sequence[TaskId],
-        collection: CollectionInfo | None = None,
-    ) -> set[TaskId]:
-        return set(self._retrieve(project, tasks, with_vectors=False, collection=collection))
-
-    def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
-        return {
-            task: np.asarray(record.vector, dtype=np.float32)
-            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
-        }
-
-    def points(
-        self,
-        project: int | str,
-        tasks: Sequence[TaskId],
-        with_vectors: bool = True,
-        collection: CollectionInfo | None = None,
-    ) -> dict[TaskId, Point]:
-        """Stored points (vector and payload) of these tasks."""
-        found = self._retrieve(project, tasks, with_vectors, collection=collection)
-        return {task: _to_point(record) for task, record in found.items()}
-
-    def _retrieve(
-        self,
-        project: int | str,
-        tasks: Sequence[TaskId],
-        with_vectors: bool,
-        collection: CollectionInfo | None = None,
-    ) -> dict[TaskId, Any]:
-        if not tasks:
-            return {}
-        with self._lock:
-            info = collection or self.collection(project)
-            if info is None:
-                return {}
-            by_id = {point_id(project, t): t for t in tasks}
-            records = self._shard(info.name).retrieve(list(by_id), True, with_vectors)
-            return {by_id[str(r.id)]: r for r in records}
+    # -- searches ----------------------------------------------------------------------------
 
     def nearest(
         self,
@@ -616,8 +400,8 @@ class EdgeStore:
         most `exact_max_points` labelled points (or when `exact`), HNSW above."""
         if k <= 0:
             return []
-        with self._lock:
-            info = self.collection(project)
+        with self._guard:
+            info = self._live(project)
             if info is None:
                 return []
             must_not = (
@@ -632,15 +416,7 @@ class EdgeStore:
                     with_payload=True,
                 )
             )
-        return [
-            Neighbour(
-                task=(p.payload or {})["task"],
-                similarity=float(p.score),
-                labels=(p.payload or {}).get("labels") or {},
-                image=(p.payload or {}).get("image", ""),
-            )
-            for p in found
-        ]
+        return [pl.to_neighbour(p) for p in found]
 
     def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
         """Each query's k-th best labelled similarity (-1 with fewer than k labelled points).
@@ -648,8 +424,8 @@ class EdgeStore:
         Searched as `nearest` searches (same exact/HNSW choice), so a radius compared against
         it is the one a fresh vote would see. Queries are assumed not to be labelled points.
         """
-        with self._lock:
-            info = self.collection(project)
+        with self._guard:
+            info = self._live(project)
             if info is None:
                 return np.full(len(queries), -1.0, dtype=np.float32)
             rows = np.asarray(queries, dtype=np.float32).reshape(-1, info.dim)
@@ -684,8 +460,8 @@ class EdgeStore:
     ) -> list[tuple[TaskId, float, np.ndarray]]:
         """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
         similar first. Exact while the generation holds at most `exact_max_points` points."""
-        with self._lock:
-            info = self.collection(project)
+        with self._guard:
+            info = self._live(project)
             if info is None or limit <= 0:
                 return []
             shard = self._shard(info.name)
@@ -703,19 +479,19 @@ class EdgeStore:
                     with_vector=True,
                 )
             )
-        return [
-            ((p.payload or {})["task"], float(p.score), np.asarray(p.vector, dtype=np.float32))
-            for p in found
-        ]
+        return [pl.to_unlabelled_hit(p) for p in found]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
-        with self._lock:
-            info = self.collection(project)
-            if info is None:
-                return 0
-            condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+        with self._guard:
+            info = self._live(project)
+            return 0 if info is None else self.count_in(info, labelled)
+
+    def count_in(self, target: CollectionInfo, labelled: bool | None = None) -> int:
+        """`count` in any generation, live or not (the migration verifies each one)."""
+        condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+        with self._guard:
             return int(
-                self._shard(info.name).count(edge.CountRequest(exact=True, filter=condition))
+                self._shard(target.name).count(edge.CountRequest(exact=True, filter=condition))
             )
 
     def iter_points(
@@ -725,15 +501,20 @@ class EdgeStore:
         with_vectors: bool = True,
         collection: CollectionInfo | None = None,
     ) -> Iterator[Point]:
-        with self._lock:
-            info = collection or self.collection(project)
+        with self._guard:
+            info = collection or self._live(project)
         if info is None:
             return
         condition = None if labelled is None else edge.Filter(must=[_labelled(labelled)])
+        for record in self._scroll(info.name, condition, with_vectors):
+            yield pl.to_point(record)
+
+    def _scroll(self, name: str, condition: Any, with_vectors: bool) -> Iterator[Any]:
+        """Every matching record, a page at a time (the lock is held per page)."""
         offset = None
         while True:
-            with self._lock:
-                records, offset = self._shard(info.name).scroll(
+            with self._guard:
+                records, offset = self._shard(name).scroll(
                     edge.ScrollRequest(
                         offset=offset,
                         limit=_SCROLL_PAGE,
@@ -742,8 +523,7 @@ class EdgeStore:
                         with_vector=with_vectors,
                     )
                 )
-            for record in records:
-                yield _to_point(record)
+            yield from records
             if offset is None:
                 return
 
@@ -765,17 +545,23 @@ class EdgeStore:
             )
         return self._labelled[name]
 
-    def _count_labelled(self, name: str, delta: int) -> None:
-        if name in self._labelled:
-            self._labelled[name] += delta
+    def build_index(self, project: int | str) -> bool:
+        """Build the HNSW graph of the project's live generation and of any being built, where
+        `exact_max_points` vectors wait unindexed; True if anything was built.
 
-    def _build_index(self, name: str) -> None:
-        """Build HNSW graphs once `exact_max_points` vectors wait unindexed (Edge has no
-        background optimizer). Blocks, holding the GIL, for the length of the build."""
+        Blocks, holding the GIL, for the whole build: call it from a job or the CLI, never
+        while a request or a webhook waits.
+        """
+        with self._guard:
+            return any([self._build_index(info.name) for info in self.generations(project)])
+
+    def _build_index(self, name: str) -> bool:
         shard = self._shard(name)
         info = shard.info()
-        if info.points_count - info.indexed_vectors_count >= max(self.exact_max_points, 1):
-            shard.optimize()
+        if info.points_count - info.indexed_vectors_count < max(self.exact_max_points, 1):
+            return False
+        shard.optimize()
+        return True
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -831,83 +617,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-# -- payloads and merge rules (QdrantStore's, with `labelled` as 0/1) ----------------------------
+# -- queries -----------------------------------------------------------------------------------
 
 
 def _labelled(value: bool) -> Any:
     return edge.FieldCondition(key="labelled", match=edge.MatchValue(int(value)))
 
 
-def _flag(payload: dict[str, Any] | None) -> int:
-    return int(bool(payload and payload.get("labelled")))
-
-
 def _query_vector(vector: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
-
-
-def _key(value: int | str | None) -> str | None:
-    """Annotation ids are stored as text so one keyword index serves int and str ids."""
-    return None if value is None else str(value)
-
-
-def _is_newer(stored: str | None, incoming: str | None) -> bool:
-    """True when the stored annotation time is strictly newer than the incoming one."""
-    return bool(stored and incoming and stored > incoming)
-
-
-def _replaces(point: Point, previous: dict[str, Any]) -> bool:
-    """Whether a freshly written point's labels should replace the stored ones."""
-    if not point.labelled:
-        return False
-    stored_time = previous.get("annotation_updated_at")
-    return not _is_newer(
-        stored_time if isinstance(stored_time, str) else None, point.annotation.updated_at
-    )
-
-
-def _payload(project: int | str, encoder: str, point: Point) -> dict[str, Any]:
-    payload: dict[str, Any] = dict(point.extra)
-    payload.update(
-        {
-            "project": str(project),
-            "task": point.task,
-            "image": point.image,
-            "encoder": encoder,
-            "labels": dict(point.labels),
-            "labelled": int(point.labelled),
-            "annotation_id": _key(point.annotation.id),
-            "annotation_updated_at": point.annotation.updated_at,
-        }
-    )
-    return payload
-
-
-def _to_point(record: Any) -> Point:
-    payload = dict(record.payload or {})
-    vector = record.vector if isinstance(record.vector, list) else []
-    return Point(
-        task=payload["task"],
-        vector=np.asarray(vector, dtype=np.float32),
-        image=str(payload.get("image", "")),
-        labels=dict(payload.get("labels") or {}),
-        annotation=Annotation(payload.get("annotation_id"), payload.get("annotation_updated_at")),
-        extra={k: v for k, v in payload.items() if k not in _RESERVED},
-    )
-
-
-def _scroll(shard: Any, condition: Any, with_vectors: bool) -> Iterator[Any]:
-    offset = None
-    while True:
-        records, offset = shard.scroll(
-            edge.ScrollRequest(
-                offset=offset,
-                limit=_SCROLL_PAGE,
-                filter=condition,
-                with_payload=True,
-                with_vector=with_vectors,
-            )
-        )
-        yield from records
-        if offset is None:
-            return

@@ -1,0 +1,265 @@
+"""What a store over a Qdrant engine does the same on every engine, written once.
+
+`QdrantStore` (qdrant-client: a server, or its in-process stand-in) and `EdgeStore` (Qdrant
+Edge) differ in how they call their engine, not in their rules: the newest annotation wins,
+labels reach the live generation and every one being built, point ids are deterministic, the
+live generation refuses another encoder. `EngineStore` holds those rules and the reads by
+task; an engine supplies the few primitives declared at the top of the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import payload as pl
+from .base import (
+    Annotation,
+    CollectionInfo,
+    DimensionMismatchError,
+    Labels,
+    Point,
+    StoreError,
+    TaskId,
+    point_id,
+)
+from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
+from .push_state import PushState
+
+
+class EngineStore(PushState):
+    """The shared half of a VectorStore; subclasses implement the engine's primitives."""
+
+    _prefix: str
+    # What this process embeds with, recorded in new generations and checked on every write
+    # (None: not told, nothing checked).
+    _preprocessing: Preprocessing | None = None
+    # How the engine stores the `labelled` flag (see payload.Flag).
+    _flag: pl.Flag = staticmethod(bool)
+
+    # -- the engine's primitives ------------------------------------------------------------
+
+    def generations(self, project: int | str) -> list[CollectionInfo]:
+        raise NotImplementedError
+
+    def create_generation(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        raise NotImplementedError
+
+    def switch_generation(self, project: int | str, target: CollectionInfo) -> None:
+        raise NotImplementedError
+
+    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[pl.Record]:
+        """The stored records (with payload) of these point ids; missing ones are absent."""
+        raise NotImplementedError
+
+    def _write(self, name: str, rows: list[tuple[str, np.ndarray, dict[str, Any]]]) -> None:
+        """Upsert (id, vector, payload) rows; returns once they are durable."""
+        raise NotImplementedError
+
+    def _set_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
+        """Overwrite these payload keys of these points."""
+        raise NotImplementedError
+
+    def _with_annotation(self, name: str, annotation: str) -> list[pl.Record]:
+        """Every record (payload, no vector) whose labels came from this annotation."""
+        raise NotImplementedError
+
+    def _labelled_changed(self, name: str, delta: int) -> None:
+        """The generation now holds `delta` more labelled points (an engine may keep count)."""
+
+    # -- collections --------------------------------------------------------------------------
+
+    def collection(self, project: int | str) -> CollectionInfo | None:
+        """The project's live collection, or None if nothing was stored yet.
+
+        The store's own operations call `_live` instead: this method is what callers read."""
+        return self._live(project)
+
+    def alias(self, project: int | str) -> str:
+        return alias_name(self._prefix, project)
+
+    def _next_generation(self, project: int | str) -> tuple[int, str]:
+        """The number and name of the project's next generation."""
+        existing = self.generations(project)
+        generation = (existing[-1].generation + 1) if existing else 1
+        return generation, f"{self.alias(project)}_g{generation}"
+
+    def ensure_collection(
+        self, project: int | str, encoder: str, dim: int, weights_id: str
+    ) -> CollectionInfo:
+        """Create the project's first generation if missing; refuse a different encoder/dim."""
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                info = self.create_generation(project, encoder, dim, weights_id)
+                self.switch_generation(project, info)
+            else:
+                check_encoder(info, encoder, dim)
+                check_preprocessing(info, self._preprocessing)
+            return info
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        project: int | str,
+        encoder: str,
+        points: Sequence[Point],
+        collection: CollectionInfo | None = None,
+    ) -> None:
+        """Write points into the live collection (or into `collection`, a generation being built).
+
+        Labels stored from a newer annotation survive a re-upsert of the same task; of one task
+        written twice in `points`, the last wins.
+        """
+        if not points:
+            return
+        with self._guard:
+            info = collection or self._live(project)
+            if info is None:
+                raise StoreError(f"project {project} has no collection: call ensure_collection")
+            if info.encoder != encoder:
+                raise DimensionMismatchError(
+                    f"collection {info.name} holds {info.encoder} vectors; refusing {encoder} ones"
+                )
+            check_preprocessing(info, self._preprocessing)
+            latest = {point_id(project, p.task): p for p in points}
+            stored = {
+                str(r.id): r.payload or {} for r in self._fetch(info.name, list(latest), False)
+            }
+            rows = []
+            delta = 0
+            for pid, point in latest.items():
+                vector = np.asarray(point.vector, dtype=np.float32).reshape(-1)
+                if vector.shape[0] != info.dim:
+                    raise DimensionMismatchError(
+                        f"task {point.task}: vector has {vector.shape[0]} dimensions, collection "
+                        f"{info.name} ({info.encoder}) expects {info.dim}"
+                    )
+                previous = stored.get(pid)
+                payload = pl.point_payload(project, encoder, point, previous, self._flag)
+                delta += pl.is_labelled(payload) - pl.is_labelled(previous)
+                rows.append((pid, vector, payload))
+            self._write(info.name, rows)
+            self._labelled_changed(info.name, delta)
+
+    def set_labels(
+        self,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+        collection: CollectionInfo | None = None,
+    ) -> bool:
+        """Set labels in `collection`, or in the live one *and* every generation being built
+        (so nothing annotated during a re-embedding is lost). True if the live point exists."""
+        with self._guard:
+            targets = [collection] if collection else self._label_targets(project)
+            found_live = False
+            for index, info in enumerate(targets):
+                found = self._set_labels_in(info, project, task, labels, annotation)
+                found_live = found_live or (found and index == 0)
+            return found_live
+
+    def _label_targets(self, project: int | str) -> list[CollectionInfo]:
+        """The live collection first, then any newer generation under construction."""
+        live = self._live(project)
+        if live is None:
+            return []
+        return [live] + [g for g in self.generations(project) if g.generation > live.generation]
+
+    def _set_labels_in(
+        self,
+        info: CollectionInfo,
+        project: int | str,
+        task: TaskId,
+        labels: Labels,
+        annotation: Annotation,
+    ) -> bool:
+        pid = point_id(project, task)
+        found = self._fetch(info.name, [pid], False)
+        if not found:
+            return False
+        previous = found[0].payload or {}
+        if pl.is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
+            return True  # a newer annotation is already stored: it wins
+        values = pl.label_payload(labels, annotation, self._flag)
+        self._set_payload(info.name, [pid], values)
+        self._labelled_changed(info.name, pl.is_labelled(values) - pl.is_labelled(previous))
+        return True
+
+    def clear_labels(
+        self,
+        project: int | str,
+        annotation_id: int | str,
+        collection: CollectionInfo | None = None,
+    ) -> list[TaskId]:
+        """Clear labels that came from this annotation, in every generation (live first)."""
+        with self._guard:
+            cleared: list[TaskId] = []
+            targets = [collection] if collection else self._label_targets(project)
+            for index, info in enumerate(targets):
+                tasks = self._clear_labels_in(info, annotation_id)
+                if index == 0:
+                    cleared = tasks
+            return cleared
+
+    def _clear_labels_in(self, info: CollectionInfo, annotation_id: int | str) -> list[TaskId]:
+        records = self._with_annotation(info.name, str(annotation_id))
+        if not records:
+            return []
+        self._set_payload(
+            info.name, [r.id for r in records], pl.label_payload({}, Annotation(), self._flag)
+        )
+        self._labelled_changed(info.name, -sum(pl.is_labelled(r.payload) for r in records))
+        return [(r.payload or {})["task"] for r in records]
+
+    # -- reads by task -----------------------------------------------------------------------
+
+    def has_vectors(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        collection: CollectionInfo | None = None,
+    ) -> set[TaskId]:
+        """Which of these tasks already have a vector."""
+        return set(self._retrieve(project, tasks, with_vectors=False, collection=collection))
+
+    def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
+        """Stored vectors of these tasks (missing ones are absent from the result)."""
+        return {
+            task: np.asarray(record.vector, dtype=np.float32)
+            for task, record in self._retrieve(project, tasks, with_vectors=True).items()
+        }
+
+    def points(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool = True,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, Point]:
+        """Stored points (vector and payload) of these tasks."""
+        found = self._retrieve(project, tasks, with_vectors, collection=collection)
+        return {task: pl.to_point(record) for task, record in found.items()}
+
+    def _retrieve(
+        self,
+        project: int | str,
+        tasks: Sequence[TaskId],
+        with_vectors: bool,
+        collection: CollectionInfo | None = None,
+    ) -> dict[TaskId, pl.Record]:
+        if not tasks:
+            return {}
+        with self._guard:
+            info = collection or self._live(project)
+            if info is None:
+                return {}
+            by_id = {point_id(project, t): t for t in tasks}
+            records = self._fetch(info.name, list(by_id), with_vectors)
+            return {by_id[str(r.id)]: r for r in records}
