@@ -30,11 +30,7 @@ from torch import nn
 
 from echolabel.images import ImageError, ImageFetcher
 from workers.encoders.base import EncoderError, file_id, resolve_device
-from workers.encoders.timm_encoders import (
-    TIMM_MODELS,
-    efficientnet_lite0_weights_path,
-    load_efficientnet_lite0,
-)
+from workers.encoders.timm_encoders import TIMM_MODELS, load_packaged, packaged_weights_path
 from workers.encoders.trained import (
     BACKBONE_PREFIX,
     CONFIG_FILE,
@@ -58,8 +54,9 @@ from workers.training.samples import (
 
 log = logging.getLogger(__name__)
 
-# Backbones training can start from: EfficientNets (stem, stages in `blocks`, head conv).
-START_ENCODERS = ("efficientnet_lite0",)
+# Backbones training can start from: the EfficientNets (stem, stages in `blocks`, head conv)
+# whose weights ship with a package, so training works offline.
+START_ENCODERS = tuple(name for name, spec in TIMM_MODELS.items() if spec.packaged)
 
 
 @dataclass(frozen=True)
@@ -152,8 +149,8 @@ def pretrained_backbone(start: str) -> tuple[nn.Module, str, str]:
         raise EncoderError(
             f"training starts from one of {', '.join(START_ENCODERS)}, got {start!r}"
         )
-    path = efficientnet_lite0_weights_path()
-    model = load_efficientnet_lite0(path)
+    path = packaged_weights_path(start)
+    model = load_packaged(start, path)
     model.reset_classifier(0)
     return model, TIMM_MODELS[start].model_id, file_id(path)
 
