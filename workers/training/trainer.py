@@ -76,6 +76,9 @@ class TrainOptions:
     metric_weight: float = 0.5
     val_fraction: float = 0.15
     hflip: bool = True
+    # Embed (and validate) each image as the mean of its features and its mirror's: the
+    # encoder then sees one geometry whichever way the probe was held.
+    tta_hflip: bool = False
     seed: int = 0
     device: str = "cpu"
     min_per_class: int = 20
@@ -254,10 +257,14 @@ class FitResult:
 
 
 def check_options(options: TrainOptions) -> None:
-    """Reject counts below 1 before any image is read."""
+    """Reject counts below 1 and an unknown starting backbone before any image is read."""
     for option in ("epochs", "views", "batch_size", "input_size", "patience"):
         if getattr(options, option) < 1:
             raise ValueError(f"{option} must be at least 1, got {getattr(options, option)}")
+    if options.start not in START_ENCODERS:
+        raise ValueError(
+            f"training starts from one of {', '.join(START_ENCODERS)}, got {options.start!r}"
+        )
 
 
 def prepare_data(
@@ -334,8 +341,9 @@ def cache_trunk_features(
     device: str,
     on_batch: Callable[[int], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(views, validation features): the frozen trunk's output for `options.views` augmented
-    copies of every training image, and for every validation image as it is.
+    """(views, validation views): the frozen trunk's output for `options.views` augmented
+    copies of every training image, and for every validation image as it is (and mirrored,
+    with `tta_hflip`: the encoder averages both).
 
     The frozen trunk costs most of the compute (it runs at the highest resolutions), so it
     runs once per augmented view instead of once per epoch."""
@@ -353,15 +361,22 @@ def cache_trunk_features(
             for _ in range(options.views)
         ]
     )
-    val_features = _trunk_features(
-        model,
-        data.pixels[data.val_idx],
-        lambda batch: normalise(batch, mean, std),
-        device,
-        options.batch_size,
-        on_batch,
+    val_views = torch.stack(
+        [
+            _trunk_features(
+                model,
+                data.pixels[data.val_idx],
+                lambda batch, mirror=mirror: normalise(
+                    batch.flip(-1) if mirror else batch, mean, std
+                ),
+                device,
+                options.batch_size,
+                on_batch,
+            )
+            for mirror in ((False, True) if options.tta_hflip else (False,))
+        ]
     )
-    return views, val_features
+    return views, val_views
 
 
 def make_optimizer(
@@ -423,7 +438,7 @@ def fit(
     model: _Model,
     data: TrainingData,
     views: torch.Tensor,
-    val_features: torch.Tensor,
+    val_views: torch.Tensor,
     options: TrainOptions,
     generator: torch.Generator,
     device: str,
@@ -444,7 +459,7 @@ def fit(
         epoch_started = time.monotonic()
         losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
         scheduler.step()
-        scores = _validate(model, val_features, data.val_y, data.classes, data.fields, device)
+        scores = _validate(model, val_views, data.val_y, data.classes, data.fields, device)
         seconds = time.monotonic() - epoch_started
         curves.append(
             {
@@ -501,6 +516,7 @@ def build_config(
         },
         "dim": dim,
         "input_size": options.input_size,
+        "tta_hflip": options.tta_hflip,
         "mean": model_info["mean"],
         "std": model_info["std"],
         "fields": {f: data.classes[j] for j, f in enumerate(data.fields)},
@@ -591,20 +607,20 @@ def train_encoder(
     generator = torch.Generator().manual_seed(options.seed)
 
     progress.stage = "computing frozen features"
-    progress.total, progress.done = options.views * len(data.train_idx) + len(data.val_idx), 0
+    val_passes = 2 if options.tta_hflip else 1
+    progress.total = options.views * len(data.train_idx) + val_passes * len(data.val_idx)
+    progress.done = 0
 
     def computed(count: int) -> None:
         progress.done += count
         on_progress(progress)
 
     cache_started = time.monotonic()
-    views, val_features = cache_trunk_features(
+    views, val_views = cache_trunk_features(
         model, data, options, model_info["mean"], model_info["std"], generator, device, computed
     )
     cache_s = time.monotonic() - cache_started
-    result = fit(
-        model, data, views, val_features, options, generator, device, progress, on_progress
-    )
+    result = fit(model, data, views, val_views, options, generator, device, progress, on_progress)
 
     progress.stage, progress.eta_s = "saving", 0.0
     on_progress(progress)
@@ -633,23 +649,27 @@ def train_encoder(
 @torch.inference_mode()
 def _validate(
     model: _Model,
-    trunk_features: torch.Tensor,
+    trunk_views: torch.Tensor,
     y: torch.Tensor,
     classes: Sequence[Sequence[str]],
     fields: Sequence[str],
     device: str,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Head accuracy and loss per field on the validation images, and their mean."""
+    """Head accuracy and loss per field on the validation images, and their mean.
+
+    `trunk_views` is (views, images, ...): an image's features are the mean over its views
+    (itself, and its mirror with test-time mirror averaging), as the saved encoder embeds."""
     model.eval()
     outputs: list[list[torch.Tensor]] = [[] for _ in fields]
     embeddings = []
-    for start in range(0, len(trunk_features), batch_size):
-        z = trunk_features[start : start + batch_size].float().to(device)
-        features, logits = model(z)
+    for start in range(0, trunk_views.shape[1], batch_size):
+        features = torch.stack(
+            [model.rest(v[start : start + batch_size].float().to(device)) for v in trunk_views]
+        ).mean(dim=0)
         embeddings.append(F.normalize(features.float(), dim=1).cpu())
-        for j, out in enumerate(logits):
-            outputs[j].append(out.float().cpu())
+        for j, head in enumerate(model.heads):
+            outputs[j].append(head(features).float().cpu())
     knn = knn_vote_accuracy(torch.cat(embeddings), y)
     per_field: dict[str, Any] = {}
     losses, accuracies = [], []
