@@ -270,9 +270,10 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--labels", type=Path, required=True)
-    parser.add_argument("--field", required=True)
+    parser.add_argument("--table", type=Path, help="print the Markdown table of an --out file")
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--labels", type=Path)
+    parser.add_argument("--field")
     parser.add_argument("--folds", type=int, default=4, help="outer folds of the train rows")
     parser.add_argument("--fold", type=int, default=0, help="the fold held out for validation")
     parser.add_argument("--split-seed", type=int, default=0)
@@ -282,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoders-dir", type=Path, help="keep the trained encoders here")
     parser.add_argument("--out", type=Path, help="append one JSON line per scoring")
     args = parser.parse_args(argv)
+    if args.table:
+        print(summarise([json.loads(line) for line in args.table.read_text().splitlines()]))
+        return 0
+    if not (args.images and args.labels and args.field):
+        parser.error("--images, --labels and --field are required (or --table)")
     options = parse_options(args.set)
     tag = args.tag or "-".join(p.replace("=", "_") for p in args.set) or "default"
     settings = Settings()

@@ -236,3 +236,25 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
     assert len(trained_on) == 36 and not trained_on & {s.id for s in validation}
     assert trained_on | {s.id for s in validation} == {s.id for s in samples}  # no test row
     assert json.dumps(results)  # one JSON line each
+
+
+def test_the_table_pools_folds_by_image_counts():
+    from bench.recipe_validation import summarise
+
+    row = {"tag": "v", "tta_hflip": True, "vote": "neighbours", "train_s_per_1000": 100}
+    rows = [
+        {**row, "images": 10, "accuracy": 0.9, "coverage": 1.0, "recall": {"a": "4/5", "b": "5/5"}}
+        | {"load_avg_before": [1.0], "load_avg_after": [2.0]},
+        {
+            **row,
+            "images": 30,
+            "accuracy": 0.5,
+            "coverage": 0.5,
+            "recall": {"a": "5/15", "b": "10/15"},
+        }
+        | {"load_avg_before": [3.0], "load_avg_after": [4.0]},
+    ]
+    line = summarise(rows).splitlines()[-1]
+    assert line == (
+        "| v | on | neighbours | 2 | 0.600 | 0.62 | a 9/20, b 15/20 | 0.45 | 100 | 2.0–3.0 |"
+    )
