@@ -1,6 +1,6 @@
 """A labelled folder's fixed split through the product: Label Studio's calls replayed against
-the real app (/setup, an ANNOTATION_CREATED webhook for every `train` row, then /predict for
-the `test` rows), abstentions counted as misses.
+the real app (/setup, the TASKS_CREATED webhook of the import, an ANNOTATION_CREATED webhook
+for every `train` row, then /predict for the `test` rows), abstentions counted as misses.
 
     python -m bench.busi_product --images ../shared/data/busi \\
         --labels ../shared/data/busi/labels.csv --field finding --encoder trained:busi-v5
@@ -92,6 +92,14 @@ def evaluate(
     with TestClient(create_app(settings)) as client:
         project = f"{PROJECT}.1764000000"
         client.post("/setup", json={"project": project, "schema": config}).raise_for_status()
+        # The import: Label Studio announces every task, and the backend embeds them in
+        # batches ahead of the annotations (which then only set labels).
+        imported = {
+            "action": "TASKS_CREATED",
+            "project": {"id": PROJECT},
+            "tasks": [task(i, r) for i, r in [*train, *test]],
+        }
+        client.post("/webhook", json=imported).raise_for_status()
         for i, row in train:
             body = webhook(task(i, row), field, row[field], 10_000 + i)
             client.post("/webhook", json=body).raise_for_status()
