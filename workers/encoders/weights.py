@@ -2,7 +2,8 @@
 
 timm encoders: `<weights_dir>/<name>.safetensors` (the full timm state dict).
 dreamsim: `<weights_dir>/dreamsim/` (dreamsim's own cache layout).
-efficientnet_lite0: nothing to download, its weights ship with a pip package.
+packaged encoders (efficientnet_lite0/1/2): nothing to download, their weights ship with a pip
+package; "downloading" returns the packaged file.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from workers.encoders.dreamsim_encoder import (
     dreamsim_files,
     missing_dreamsim_files,
 )
-from workers.encoders.timm_encoders import TIMM_MODELS, efficientnet_lite0_weights_path, hf_hub_id
+from workers.encoders.timm_encoders import TIMM_MODELS, hf_hub_id, packaged_weights_path
 
 
-def _packaged_efficientnet_lite0(weights_dir: Path) -> list[Path]:
-    return [efficientnet_lite0_weights_path()]
+def _packaged(name: str, weights_dir: Path) -> list[Path]:
+    return [packaged_weights_path(name)]
 
 
 def _download_timm(name: str, weights_dir: Path) -> list[Path]:
@@ -68,11 +69,12 @@ def _download_dreamsim(weights_dir: Path) -> list[Path]:
     return dreamsim_files(cache_dir)
 
 
+# Derived from the one table of timm encoders, plus DreamSim (not a timm model).
 _DOWNLOADERS: dict[str, Callable[[Path], list[Path]]] = {
-    "efficientnet_lite0": _packaged_efficientnet_lite0,
-    "dino_vits8": partial(_download_timm, "dino_vits8"),
-    "dinov2_vits14": partial(_download_timm, "dinov2_vits14"),
-    "resnet50": partial(_download_timm, "resnet50"),
+    **{
+        name: partial(_packaged if spec.packaged else _download_timm, name)
+        for name, spec in TIMM_MODELS.items()
+    },
     "dreamsim": _download_dreamsim,
 }
 

@@ -30,11 +30,7 @@ from torch import nn
 
 from echolabel.images import ImageError, ImageFetcher
 from workers.encoders.base import EncoderError, file_id, resolve_device
-from workers.encoders.timm_encoders import (
-    TIMM_MODELS,
-    efficientnet_lite0_weights_path,
-    load_efficientnet_lite0,
-)
+from workers.encoders.timm_encoders import TIMM_MODELS, load_packaged, packaged_weights_path
 from workers.encoders.trained import (
     BACKBONE_PREFIX,
     CONFIG_FILE,
@@ -58,8 +54,9 @@ from workers.training.samples import (
 
 log = logging.getLogger(__name__)
 
-# Backbones training can start from: EfficientNets (stem, stages in `blocks`, head conv).
-START_ENCODERS = ("efficientnet_lite0",)
+# Backbones training can start from: the EfficientNets (stem, stages in `blocks`, head conv)
+# whose weights ship with a package, so training works offline.
+START_ENCODERS = tuple(name for name, spec in TIMM_MODELS.items() if spec.packaged)
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,10 @@ class TrainOptions:
     patience: int = 3  # epochs without a better validation score before stopping
     batch_size: int = 32
     input_size: int = 160
-    freeze_blocks: int = 5  # the stem and this many first stages stay frozen
+    # The stem and this many first stages stay frozen. 4 (of 7) beat 5 on BUSI's validation
+    # fold: product vote 0.802 vs 0.777, malignant recall 32/42 vs 29/42, no abstention
+    # (docs/training.md, bench/recipe_validation.py).
+    freeze_blocks: int = 4
     views: int = 4  # augmented views per image whose frozen features are computed once
     lr: float = 3e-4  # backbone; heads learn 10x faster (they start from scratch)
     weight_decay: float = 1e-4
@@ -79,6 +79,9 @@ class TrainOptions:
     metric_weight: float = 0.5
     val_fraction: float = 0.15
     hflip: bool = True
+    # Embed (and validate) each image as the mean of its features and its mirror's: the
+    # encoder then sees one geometry whichever way the probe was held.
+    tta_hflip: bool = False
     seed: int = 0
     device: str = "cpu"
     min_per_class: int = 20
@@ -152,8 +155,8 @@ def pretrained_backbone(start: str) -> tuple[nn.Module, str, str]:
         raise EncoderError(
             f"training starts from one of {', '.join(START_ENCODERS)}, got {start!r}"
         )
-    path = efficientnet_lite0_weights_path()
-    model = load_efficientnet_lite0(path)
+    path = packaged_weights_path(start)
+    model = load_packaged(start, path)
     model.reset_classifier(0)
     return model, TIMM_MODELS[start].model_id, file_id(path)
 
@@ -221,41 +224,65 @@ def load_images(
     return loaded
 
 
-def train_encoder(
-    samples: Sequence[Sample],
-    fields: Sequence[str],
-    *,
-    fetcher: ImageFetcher,
-    encoders_dir: Path,
-    name: str,
-    options: TrainOptions = TrainOptions(),
-    source: Mapping[str, Any] | None = None,
-    on_progress: Callable[[TrainingProgress], None] = lambda progress: None,
-) -> dict[str, Any]:
-    """Train, save under `encoders_dir/<name>-v<N>/`, and return a summary (its registry
-    name, path, validation scores, class counts, timings).
+@dataclass
+class TrainingData:
+    """The data step's result: decoded images, the split, the classes and the targets."""
 
-    Raises TrainingRefused when a class has fewer than `options.min_per_class` images."""
-    check_base_name(name)
+    loaded: _Loaded
+    fields: list[str]
+    train_set: list[Sample]
+    val_set: list[Sample]
+    classes: list[list[str]]  # per field, sorted
+    pixels: torch.Tensor  # (n, 3, size, size) uint8, in the order of loaded.samples
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    train_y: torch.Tensor  # (train, fields); -100 where an image has no label for a field
+    val_y: torch.Tensor
+
+    def training_images(self) -> list[dict[str, str]]:
+        """id, sha256 and role of every image trained or validated on."""
+        index_of = {s.id: i for i, s in enumerate(self.loaded.samples)}
+        return [
+            {"id": s.id, "sha256": self.loaded.hashes[index_of[s.id]], "role": role}
+            for role, chosen in (("train", self.train_set), ("validation", self.val_set))
+            for s in chosen
+        ]
+
+
+@dataclass
+class FitResult:
+    """The epoch loop's result: per-epoch curves and the best epoch (whose weights the model
+    holds after `fit`)."""
+
+    curves: list[dict[str, Any]]
+    best: dict[str, Any]
+    seconds: float
+
+
+def check_options(options: TrainOptions) -> None:
+    """Reject counts below 1 and an unknown starting backbone before any image is read."""
     for option in ("epochs", "views", "batch_size", "input_size", "patience"):
         if getattr(options, option) < 1:
             raise ValueError(f"{option} must be at least 1, got {getattr(options, option)}")
+    if options.start not in START_ENCODERS:
+        raise ValueError(
+            f"training starts from one of {', '.join(START_ENCODERS)}, got {options.start!r}"
+        )
+
+
+def prepare_data(
+    samples: Sequence[Sample],
+    fields: Sequence[str],
+    fetcher: ImageFetcher,
+    options: TrainOptions,
+    on_loaded: Callable[[int], None] = lambda done: None,
+) -> TrainingData:
+    """Load every image, check the guard-rail again on what was read, split off validation,
+    and build the per-field targets."""
     fields = list(fields)
-    check_trainable(samples, fields, options.min_per_class)
-    device = resolve_device(options.device)
-    torch.manual_seed(options.seed)
-    started = time.monotonic()
-
-    progress = TrainingProgress("loading images", len(samples), 0, epochs=options.epochs)
-
-    def loaded_so_far(done: int) -> None:
-        progress.done = done
-        on_progress(progress)
-
-    loaded = load_images(samples, fetcher, size=options.input_size, on_loaded=loaded_so_far)
+    loaded = load_images(samples, fetcher, size=options.input_size, on_loaded=on_loaded)
     # Images that failed to load may leave a class short: check again on what was read.
     check_trainable(loaded.samples, fields, options.min_per_class)
-    load_s = time.monotonic() - started
     train_set, val_set = validation_split(
         loaded.samples, fields, options.val_fraction, options.seed
     )
@@ -263,7 +290,6 @@ def train_encoder(
         raise TrainingRefused("no validation images: give a validation split or --val-fraction")
     classes = [sorted(class_counts(loaded.samples, fields)[f]) for f in fields]
     index_of = {s.id: i for i, s in enumerate(loaded.samples)}
-    pixels = torch.stack(loaded.pixels)
 
     def targets(chosen: Sequence[Sample]) -> torch.Tensor:
         # (n, fields); -100 where an image has no label for a field (ignored by the loss).
@@ -278,49 +304,88 @@ def train_encoder(
             dtype=torch.long,
         )
 
-    train_idx = torch.tensor([index_of[s.id] for s in train_set])
-    val_idx = torch.tensor([index_of[s.id] for s in val_set])
-    train_y, val_y = targets(train_set), targets(val_set)
+    return TrainingData(
+        loaded=loaded,
+        fields=fields,
+        train_set=train_set,
+        val_set=val_set,
+        classes=classes,
+        pixels=torch.stack(loaded.pixels),
+        train_idx=torch.tensor([index_of[s.id] for s in train_set]),
+        val_idx=torch.tensor([index_of[s.id] for s in val_set]),
+        train_y=targets(train_set),
+        val_y=targets(val_set),
+    )
 
+
+def build_model(
+    options: TrainOptions, classes: Sequence[Sequence[str]], device: str
+) -> tuple[_Model, dict[str, Any]]:
+    """The pretrained backbone split at `freeze_blocks` with one head per field, and what the
+    saved config records of it (timm model, start weights, mean/std)."""
     backbone, timm_model, start_weights = pretrained_backbone(options.start)
     data_config = timm.data.resolve_data_config({}, model=backbone)
-    mean, std = list(data_config["mean"]), list(data_config["std"])
     model = _Model(backbone, classes, options.freeze_blocks).to(device)
+    return model, {
+        "timm_model": timm_model,
+        "start_weights_id": start_weights,
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+    }
+
+
+def cache_trunk_features(
+    model: _Model,
+    data: TrainingData,
+    options: TrainOptions,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    device: str,
+    on_batch: Callable[[int], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(views, validation views): the frozen trunk's output for `options.views` augmented
+    copies of every training image, and for every validation image as it is (and mirrored,
+    with `tta_hflip`: the encoder averages both).
+
+    The frozen trunk costs most of the compute (it runs at the highest resolutions), so it
+    runs once per augmented view instead of once per epoch."""
     augment = UltrasoundAugment(hflip=options.hflip)
-    generator = torch.Generator().manual_seed(options.seed)
-
-    # The frozen trunk costs most of the compute (it runs at the highest resolutions), so it
-    # runs once per augmented view instead of once per epoch.
-    progress.stage = "computing frozen features"
-    progress.total, progress.done = options.views * len(train_idx) + len(val_idx), 0
-
-    def computed(count: int) -> None:
-        progress.done += count
-        on_progress(progress)
-
-    cache_started = time.monotonic()
     views = torch.stack(
         [
             _trunk_features(
                 model,
-                pixels[train_idx],
+                data.pixels[data.train_idx],
                 lambda batch: normalise(augment(batch, generator), mean, std),
                 device,
                 options.batch_size,
-                computed,
+                on_batch,
             )
             for _ in range(options.views)
         ]
     )
-    val_features = _trunk_features(
-        model,
-        pixels[val_idx],
-        lambda batch: normalise(batch, mean, std),
-        device,
-        options.batch_size,
-        computed,
+    val_views = torch.stack(
+        [
+            _trunk_features(
+                model,
+                data.pixels[data.val_idx],
+                lambda batch, mirror=mirror: normalise(
+                    batch.flip(-1) if mirror else batch, mean, std
+                ),
+                device,
+                options.batch_size,
+                on_batch,
+            )
+            for mirror in ((False, True) if options.tta_hflip else (False,))
+        ]
     )
-    cache_s = time.monotonic() - cache_started
+    return views, val_views
+
+
+def make_optimizer(
+    model: _Model, options: TrainOptions
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (heads learn 10x faster: they start from scratch) with a cosine schedule."""
     optimizer = torch.optim.AdamW(
         [
             {"params": model.trainable(), "lr": options.lr},
@@ -328,45 +393,76 @@ def train_encoder(
         ],
         weight_decay=options.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs)
 
+
+def train_epoch(
+    model: _Model,
+    optimizer: torch.optim.Optimizer,
+    views: torch.Tensor,
+    train_y: torch.Tensor,
+    options: TrainOptions,
+    generator: torch.Generator,
+    device: str,
+) -> list[float]:
+    """One pass over the training images in a random order, each from a random cached view;
+    the loss of every batch."""
+    model.train()
+    model.trunk.eval()
+    count = views.shape[1]
+    permutation = torch.randperm(count, generator=generator)
+    view_of = torch.randint(options.views, (count,), generator=generator)
+    losses = []
+    for start in range(0, len(permutation), options.batch_size):
+        chosen = permutation[start : start + options.batch_size]
+        if len(chosen) < 2:
+            continue  # batch norm needs two images
+        z = views[view_of[chosen], chosen].float().to(device)
+        y = train_y[chosen].to(device)
+        features, logits = model(z)
+        loss = sum(
+            F.cross_entropy(
+                out, y[:, j], ignore_index=-100, label_smoothing=options.label_smoothing
+            )
+            for j, out in enumerate(logits)
+        )
+        if options.metric_weight > 0:
+            loss = loss + options.metric_weight * sum(
+                supervised_contrastive(features, y[:, j]) for j in range(y.shape[1])
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def fit(
+    model: _Model,
+    data: TrainingData,
+    views: torch.Tensor,
+    val_views: torch.Tensor,
+    options: TrainOptions,
+    generator: torch.Generator,
+    device: str,
+    progress: TrainingProgress,
+    on_progress: Callable[[TrainingProgress], None],
+) -> FitResult:
+    """Train epoch after epoch, validate after each, stop after `patience` epochs without a
+    better validation accuracy (ties: lower loss), and leave the best epoch's weights loaded."""
+    optimizer, scheduler = make_optimizer(model, options)
     curves: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_gain = 0
-    train_started = time.monotonic()
+    started = time.monotonic()
     progress.stage, progress.total, progress.done = "training", options.epochs, 0
     on_progress(progress)
     for epoch in range(1, options.epochs + 1):
         epoch_started = time.monotonic()
-        model.train()
-        model.trunk.eval()
-        permutation = torch.randperm(len(train_idx), generator=generator)
-        view_of = torch.randint(options.views, (len(train_idx),), generator=generator)
-        losses = []
-        for start in range(0, len(permutation), options.batch_size):
-            chosen = permutation[start : start + options.batch_size]
-            if len(chosen) < 2:
-                continue  # batch norm needs two images
-            z = views[view_of[chosen], chosen].float().to(device)
-            y = train_y[chosen].to(device)
-            features, logits = model(z)
-            loss = sum(
-                F.cross_entropy(
-                    out, y[:, j], ignore_index=-100, label_smoothing=options.label_smoothing
-                )
-                for j, out in enumerate(logits)
-            )
-            if options.metric_weight > 0:
-                loss = loss + options.metric_weight * sum(
-                    supervised_contrastive(features, y[:, j]) for j in range(len(fields))
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
         scheduler.step()
-        scores = _validate(model, val_features, val_y, classes, fields, device)
+        scores = _validate(model, val_views, data.val_y, data.classes, data.fields, device)
         seconds = time.monotonic() - epoch_started
         curves.append(
             {
@@ -399,73 +495,153 @@ def train_encoder(
         if epochs_without_gain >= options.patience:
             break
     assert best is not None and best_state is not None
-    train_s = time.monotonic() - train_started
     model.load_state_dict(best_state)
+    return FitResult(curves, best, time.monotonic() - started)
 
-    progress.stage, progress.eta_s = "saving", 0.0
-    on_progress(progress)
-    training_images = [
-        {"id": s.id, "sha256": loaded.hashes[index_of[s.id]], "role": role}
-        for role, chosen in (("train", train_set), ("validation", val_set))
-        for s in chosen
-    ]
-    config = {
+
+def build_config(
+    data: TrainingData,
+    options: TrainOptions,
+    model_info: Mapping[str, Any],
+    dim: int,
+    source: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """config.json: what the registry needs to load the encoder, and the training data's
+    identity (source, fingerprint, every image's id and hash)."""
+    training_images = data.training_images()
+    return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "backbone": {
-            "timm_model": timm_model,
+            "timm_model": model_info["timm_model"],
             "start": options.start,
-            "start_weights_id": start_weights,
+            "start_weights_id": model_info["start_weights_id"],
         },
-        "dim": backbone.num_features,
+        "dim": dim,
         "input_size": options.input_size,
-        "mean": mean,
-        "std": std,
-        "fields": {f: classes[j] for j, f in enumerate(fields)},
+        "tta_hflip": options.tta_hflip,
+        "mean": model_info["mean"],
+        "std": model_info["std"],
+        "fields": {f: data.classes[j] for j, f in enumerate(data.fields)},
         "training": {
             "source": dict(source or {}),
-            "fingerprint": _fingerprint(training_images, loaded.samples, fields),
+            "fingerprint": _fingerprint(training_images, data.loaded.samples, data.fields),
             "images": training_images,
         },
     }
-    report = {
+
+
+def build_report(
+    data: TrainingData,
+    options: TrainOptions,
+    result: FitResult,
+    device: str,
+    timing: Mapping[str, float],
+) -> dict[str, Any]:
+    """report.json: class counts of both splits, curves, the best epoch's validation scores,
+    failed images, options and timings."""
+    samples = data.loaded.samples
+    return {
         "class_counts": {
-            "train": class_counts(train_set, fields),
-            "validation": class_counts(val_set, fields),
+            "train": class_counts(data.train_set, data.fields),
+            "validation": class_counts(data.val_set, data.fields),
         },
         "validation_split": (
             "given"
-            if any(s.role == "validation" for s in loaded.samples)
+            if any(s.role == "validation" for s in samples)
             else "patient-disjoint"
-            if any(s.group for s in loaded.samples)
+            if any(s.group for s in samples)
             else "stratified random"
         ),
-        "curves": curves,
-        "best_epoch": best["epoch"],
-        "stopped_early": len(curves) < options.epochs,
-        "validation": best,
-        "failed_images": loaded.failed,
+        "curves": result.curves,
+        "best_epoch": result.best["epoch"],
+        "stopped_early": len(result.curves) < options.epochs,
+        "validation": result.best,
+        "failed_images": data.loaded.failed,
         "options": asdict(options),
         "device": device,
         "timing_s": {
-            "loading": round(load_s, 1),
-            "frozen_features": round(cache_s, 1),
-            "training": round(train_s, 1),
-            "per_epoch": round(train_s / len(curves), 1),
-            "train_images_per_s": round(len(train_set) * len(curves) / train_s, 1),
+            "loading": round(timing["loading"], 1),
+            "frozen_features": round(timing["frozen_features"], 1),
+            "training": round(result.seconds, 1),
+            "per_epoch": round(result.seconds / len(result.curves), 1),
+            "train_images_per_s": round(
+                len(data.train_set) * len(result.curves) / result.seconds, 1
+            ),
         },
     }
+
+
+def train_encoder(
+    samples: Sequence[Sample],
+    fields: Sequence[str],
+    *,
+    fetcher: ImageFetcher,
+    encoders_dir: Path,
+    name: str,
+    options: TrainOptions = TrainOptions(),
+    source: Mapping[str, Any] | None = None,
+    on_progress: Callable[[TrainingProgress], None] = lambda progress: None,
+) -> dict[str, Any]:
+    """Train, save under `encoders_dir/<name>-v<N>/`, and return a summary (its registry
+    name, path, validation scores, class counts, timings).
+
+    The steps: prepare the data (load, split, targets), build the model (pretrained backbone,
+    frozen trunk, heads), cache the frozen trunk's features, fit (the epoch loop with
+    validation and early stopping), save. Raises TrainingRefused when a class has fewer than
+    `options.min_per_class` images."""
+    check_base_name(name)
+    check_options(options)
+    fields = list(fields)
+    check_trainable(samples, fields, options.min_per_class)
+    device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+    started = time.monotonic()
+
+    progress = TrainingProgress("loading images", len(samples), 0, epochs=options.epochs)
+
+    def loaded_so_far(done: int) -> None:
+        progress.done = done
+        on_progress(progress)
+
+    data = prepare_data(samples, fields, fetcher, options, loaded_so_far)
+    load_s = time.monotonic() - started
+    model, model_info = build_model(options, data.classes, device)
+    generator = torch.Generator().manual_seed(options.seed)
+
+    progress.stage = "computing frozen features"
+    val_passes = 2 if options.tta_hflip else 1
+    progress.total = options.views * len(data.train_idx) + val_passes * len(data.val_idx)
+    progress.done = 0
+
+    def computed(count: int) -> None:
+        progress.done += count
+        on_progress(progress)
+
+    cache_started = time.monotonic()
+    views, val_views = cache_trunk_features(
+        model, data, options, model_info["mean"], model_info["std"], generator, device, computed
+    )
+    cache_s = time.monotonic() - cache_started
+    result = fit(model, data, views, val_views, options, generator, device, progress, on_progress)
+
+    progress.stage, progress.eta_s = "saving", 0.0
+    on_progress(progress)
+    config = build_config(data, options, model_info, model.backbone.num_features, source)
+    report = build_report(
+        data, options, result, device, {"loading": load_s, "frozen_features": cache_s}
+    )
     path = _save(encoders_dir, name, model, config, report)
     summary = {
         "encoder": encoder_name(path.name),
         "path": str(path),
-        "best_epoch": best["epoch"],
-        "epochs_run": len(curves),
-        "val_accuracy": best["val_accuracy"],
-        "val_fields": best["val_fields"],
+        "best_epoch": result.best["epoch"],
+        "epochs_run": len(result.curves),
+        "val_accuracy": result.best["val_accuracy"],
+        "val_fields": result.best["val_fields"],
         "class_counts": report["class_counts"],
         "validation_split": report["validation_split"],
-        "failed_images": len(loaded.failed),
+        "failed_images": len(data.loaded.failed),
         "timing_s": report["timing_s"],
     }
     progress.stage = "saved"
@@ -476,23 +652,27 @@ def train_encoder(
 @torch.inference_mode()
 def _validate(
     model: _Model,
-    trunk_features: torch.Tensor,
+    trunk_views: torch.Tensor,
     y: torch.Tensor,
     classes: Sequence[Sequence[str]],
     fields: Sequence[str],
     device: str,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Head accuracy and loss per field on the validation images, and their mean."""
+    """Head accuracy and loss per field on the validation images, and their mean.
+
+    `trunk_views` is (views, images, ...): an image's features are the mean over its views
+    (itself, and its mirror with test-time mirror averaging), as the saved encoder embeds."""
     model.eval()
     outputs: list[list[torch.Tensor]] = [[] for _ in fields]
     embeddings = []
-    for start in range(0, len(trunk_features), batch_size):
-        z = trunk_features[start : start + batch_size].float().to(device)
-        features, logits = model(z)
+    for start in range(0, trunk_views.shape[1], batch_size):
+        features = torch.stack(
+            [model.rest(v[start : start + batch_size].float().to(device)) for v in trunk_views]
+        ).mean(dim=0)
         embeddings.append(F.normalize(features.float(), dim=1).cpu())
-        for j, out in enumerate(logits):
-            outputs[j].append(out.float().cpu())
+        for j, head in enumerate(model.heads):
+            outputs[j].append(head(features).float().cpu())
     knn = knn_vote_accuracy(torch.cat(embeddings), y)
     per_field: dict[str, Any] = {}
     losses, accuracies = [], []

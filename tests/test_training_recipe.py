@@ -1,0 +1,260 @@
+"""The training recipe's options (larger backbones, test-time mirror averaging, options the CLI
+leaves to the recipe) and the validation bench that chooses among them, on tiny synthetic
+images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image, ImageOps
+
+from bench.recipe_validation import outer_split, parse_options, score_votes
+from bench.recipe_validation import run as run_recipe
+from echolabel import cli
+from echolabel.images import ImageFetcher
+from echolabel.settings import Settings
+from tests.test_train_encoder import TINY, folder
+from workers.encoders import load_encoder
+from workers.encoders.trained import TrainedEncoder, read_config
+from workers.training import Sample, TrainOptions, train_encoder
+from workers.training.sources import folder_samples
+
+
+def asymmetric(seed: int) -> Image.Image:
+    """A left/right-asymmetric RGB image (a bright band on the left, noise elsewhere)."""
+    pixels = np.random.default_rng(seed).integers(0, 120, (48, 48, 3), dtype=np.uint8)
+    pixels[:, :12] = 250
+    return Image.fromarray(pixels)
+
+
+def encoder(tta_hflip: bool) -> TrainedEncoder:
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    config = {"input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "tta_hflip": tta_hflip}
+    return TrainedEncoder("trained:t-v1", model, config, weights_id="x", device="cpu", batch_size=4)
+
+
+def test_mirror_averaging_embeds_an_image_and_its_mirror_alike():
+    images = [asymmetric(0), asymmetric(1)]
+    mirrors = [ImageOps.mirror(i) for i in images]
+    averaged, plain = encoder(True), encoder(False)
+    np.testing.assert_allclose(averaged.embed(images), averaged.embed(mirrors), atol=1e-5)
+    # Without it the mirror is another image; with it, the mean of both views' features.
+    assert float((plain.embed(images) * plain.embed(mirrors)).sum(1).min()) < 0.999
+    with torch.inference_mode():
+        batch = torch.stack([plain.preprocess(i) for i in images])
+        both = plain.model(batch) + plain.model(batch.flip(-1))
+    expected = torch.nn.functional.normalize(both, dim=1).numpy()
+    np.testing.assert_allclose(averaged.embed(images), expected, atol=1e-5)
+    # Encoders saved before the option existed embed the image alone.
+    config = {"input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    old = TrainedEncoder("t", plain.model, config, weights_id="x", device="cpu", batch_size=4)
+    assert old.tta_hflip is False
+
+
+def test_trains_from_a_larger_lite_with_mirror_averaging(tmp_path, settings):
+    root = folder(tmp_path / "data")
+    samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
+    options = dataclasses.replace(
+        TINY, start="efficientnet_lite1", freeze_blocks=4, tta_hflip=True, epochs=1
+    )
+    seen = []
+    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
+        summary = train_encoder(
+            samples,
+            ["organ"],
+            fetcher=fetcher,
+            encoders_dir=settings.encoders_dir,
+            name="lite1",
+            options=options,
+            on_progress=lambda p: seen.append(p.as_meta()),
+        )
+    config = read_config(Path(summary["path"]))
+    assert config["backbone"]["timm_model"] == "tf_efficientnet_lite1"
+    assert config["backbone"]["start"] == "efficientnet_lite1" and config["tta_hflip"] is True
+    # The validation images pass the frozen trunk twice: as they are and mirrored.
+    cached = [m for m in seen if m["stage"] == "computing frozen features"]
+    validation = summary["class_counts"]["validation"]["organ"]
+    assert cached[-1]["total"] == sum(summary["class_counts"]["train"]["organ"].values()) + 2 * sum(
+        validation.values()
+    )
+    loaded = load_encoder(summary["encoder"], encoders_dir=settings.encoders_dir)
+    assert loaded.tta_hflip and loaded.input_size == 64
+    image = asymmetric(3)
+    np.testing.assert_allclose(
+        loaded.embed([image]), loaded.embed([ImageOps.mirror(image)]), atol=1e-5
+    )
+
+
+def test_unknown_start_names_the_backbones_training_can_start_from(settings):
+    samples = [Sample(f"a{i}", "", {"organ": "dark" if i % 2 else "bright"}) for i in range(40)]
+    with pytest.raises(
+        ValueError, match="one of efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
+    ):
+        train_encoder(
+            samples,
+            ["organ"],
+            fetcher=ImageFetcher(settings),
+            encoders_dir=settings.encoders_dir,
+            name="x",
+            options=dataclasses.replace(TINY, start="resnet50", min_per_class=1),
+        )
+
+
+def test_cli_passes_only_the_options_given_and_the_recipe_fills_the_rest(tmp_path, monkeypatch):
+    import workers.training
+
+    captured = {}
+
+    def fake_train(samples, fields, *, options, **kwargs):
+        captured["options"] = options
+        return {"encoder": "trained:x-v1"}
+
+    monkeypatch.setattr(workers.training, "train_encoder", fake_train)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    root = folder(tmp_path / "data")
+    argv = ["train-encoder", "--images", str(root), "--labels", str(root / "labels.csv")]
+    argv += ["--field", "organ", "--split-column", "split"]
+    assert cli.main([*argv, "--start", "efficientnet_lite2", "--tta-hflip"]) == 0
+    given = captured["options"]
+    assert (given.start, given.tta_hflip) == ("efficientnet_lite2", True)
+    recipe = TrainOptions()
+    assert (given.input_size, given.freeze_blocks, given.hflip) == (
+        recipe.input_size,
+        recipe.freeze_blocks,
+        recipe.hflip,
+    )
+    assert cli.main([*argv, "--no-tta-hflip", "--no-hflip", "--input-size", "96"]) == 0
+    given = captured["options"]
+    assert (given.tta_hflip, given.hflip, given.input_size) == (False, False, 96)
+
+
+# The validation bench.
+
+
+def test_outer_split_is_stratified_disjoint_and_its_folds_cover_every_image():
+    samples = [Sample(f"{c}{i}", "", {"f": c}) for c, n in (("a", 40), ("b", 21)) for i in range(n)]
+    held = []
+    for fold in range(4):
+        train, validation = outer_split(samples, "f", 4, fold, seed=0)
+        assert not {s.id for s in train} & {s.id for s in validation}
+        assert len(train) + len(validation) == len(samples)
+        assert sum(s.labels["f"] == "a" for s in validation) == 10
+        assert sum(s.labels["f"] == "b" for s in validation) in (5, 6)
+        held += [s.id for s in validation]
+    assert sorted(held) == sorted(s.id for s in samples)
+    assert outer_split(samples, "f", 4, 1, seed=0) == outer_split(samples, "f", 4, 1, seed=0)
+    assert outer_split(samples, "f", 4, 1, seed=0) != outer_split(samples, "f", 4, 1, seed=1)
+    with pytest.raises(ValueError, match=r"fold must be 0\.\.3"):
+        outer_split(samples, "f", 4, 4, seed=0)
+
+
+def test_parse_options_converts_to_the_fields_types():
+    options = parse_options(["start=efficientnet_lite2", "input_size=260", "tta_hflip=true"])
+    assert (options.start, options.input_size, options.tta_hflip) == (
+        "efficientnet_lite2",
+        260,
+        True,
+    )
+    assert parse_options(["lr=0.001", "hflip=no"]).lr == 0.001
+    with pytest.raises(ValueError, match="key=value"):
+        parse_options(["size=3"])
+
+
+def unit(*rows: tuple[float, float]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_score_votes_counts_abstentions_as_misses_and_mixes_in_the_head():
+    settings = Settings(top_k=3, min_neighbours=3, min_score=0.7)
+    labelled = unit((1, 0), (1, 0.1), (0, 1), (0.1, 1))
+    labelled_y = ["a", "a", "b", "b"]
+    # Query 1 sits on the a's: its neighbours a, a, b give a a share of 0.93.
+    # Query 2 sits between: neighbours b (0.780), a (0.768), b (0.714): b's share is 0.66,
+    # under 0.7, so it abstains, and the abstention is a miss.
+    queries = unit((1, 0.05), (1, 1.02))
+    scored = score_votes(labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings)
+    assert scored["accuracy"] == 0.5 and scored["coverage"] == 0.5
+    assert scored["voted_accuracy"] == 1.0
+    assert scored["recall"] == {"a": "1/1", "b": "0/1"} and scored["min_recall"] == 0.0
+    # The head's probabilities, mixed half and half: b on query 2 reaches 0.5 × 0.66 + 0.5 ×
+    # 1.0 = 0.83; a on query 1 stays above the threshold (0.5 × 0.93 + 0.5 × 0.6 = 0.77).
+    head = torch.tensor([[0.6, 0.4], [0.0, 1.0]])
+    mixed = score_votes(
+        labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings, head=head
+    )
+    assert mixed["accuracy"] == 1.0 and mixed["coverage"] == 1.0
+    # A head that disagrees pulls query 1 under the threshold: abstained, a miss.
+    doubting = torch.tensor([[0.3, 0.7], [0.0, 1.0]])
+    assert score_votes(
+        labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings, head=doubting
+    )["recall"] == {"a": "0/1", "b": "1/1"}
+    # The minimum support still applies to the mixed vote.
+    strict = dataclasses.replace(settings, min_neighbours=4)
+    assert (
+        score_votes(labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", strict, head=head)[
+            "coverage"
+        ]
+        == 0.0
+    )
+
+
+def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
+    root = folder(tmp_path / "data", train=24, test=4)
+    options = dataclasses.replace(TINY, epochs=1, min_per_class=5)
+    results = run_recipe(
+        root,
+        root / "labels.csv",
+        "organ",
+        options,
+        folds=4,
+        fold=0,
+        split_seed=0,
+        encoders_dir=tmp_path / "encoders",
+        head_weight=0.5,
+        settings=Settings(local_files_root=root),
+        tag="tiny",
+    )
+    assert [(r["tta_hflip"], r["vote"]) for r in results] == [
+        (False, "neighbours"),
+        (False, "neighbours+head"),
+        (True, "neighbours"),
+        (True, "neighbours+head"),
+    ]
+    assert all(r["images"] == 12 and r["train_images"] == 36 for r in results)
+    # The validation part was never trained on, not even for early stopping; no test row read.
+    config = read_config(Path(results[0]["encoder"]))
+    trained_on = {i["id"] for i in config["training"]["images"]}
+    samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
+    _, validation = outer_split(samples, "organ", 4, 0, seed=0)
+    assert len(trained_on) == 36 and not trained_on & {s.id for s in validation}
+    assert trained_on | {s.id for s in validation} == {s.id for s in samples}  # no test row
+    assert json.dumps(results)  # one JSON line each
+
+
+def test_the_table_pools_folds_by_image_counts():
+    from bench.recipe_validation import summarise
+
+    row = {"tag": "v", "tta_hflip": True, "vote": "neighbours", "train_s_per_1000": 100}
+    rows = [
+        {**row, "images": 10, "accuracy": 0.9, "coverage": 1.0, "recall": {"a": "4/5", "b": "5/5"}}
+        | {"load_avg_before": [1.0], "load_avg_after": [2.0]},
+        {
+            **row,
+            "images": 30,
+            "accuracy": 0.5,
+            "coverage": 0.5,
+            "recall": {"a": "5/15", "b": "10/15"},
+        }
+        | {"load_avg_before": [3.0], "load_avg_after": [4.0]},
+    ]
+    line = summarise(rows).splitlines()[-1]
+    assert line == (
+        "| v | on | neighbours | 2 | 0.600 | 0.62 | a 9/20, b 15/20 | 0.45 | 100 | 2.0–3.0 |"
+    )
