@@ -175,7 +175,7 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(
         edge.upsert(1, info.encoder, list(store.iter_points(1)))
         assert edge.build_index(1) == (edge_exact_max < n)  # a graph to walk, where above it
         store.close()
-        services = dataclasses.replace(services, store=edge)
+        services = open_runtime(services.settings, store=edge)
         store = edge
     annotator = PreAnnotator(services, api, 1)
     version = annotator.push()["model_version"]
