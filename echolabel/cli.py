@@ -205,7 +205,30 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SEEDS",
         help="replay an annotation session (random, uncertain-first and diverse-first "
-        "order, SEEDS seeds)",
+        "order, SEEDS seeds), and the same session with automatic retraining",
+    )
+    evaluate.add_argument(
+        "--retraining-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --learning-curve: seeds of the replay with automatic retraining at the "
+        "policy's points (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS; 0: skip it)",
+    )
+    evaluate.add_argument(
+        "--retrain-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a training option of the replayed rounds (a TrainOptions field, as train-encoder "
+        "names it with _ for -: epochs=5, input_size=224; repeatable)",
+    )
+    evaluate.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="only the CSV rows whose COLUMN holds VALUE (e.g. split=train; repeatable)",
     )
     evaluate.set_defaults(run=_evaluate)
 
@@ -647,8 +670,11 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     from echolabel.folders import read_folder
     from workers.evaluation.report import headline, write_report
-    from workers.evaluation.runner import evaluate_folder
+    from workers.evaluation.retraining_curve import retraining_table
+    from workers.evaluation.runner import RetrainingReplay, evaluate_folder
     from workers.review.duplicates import DEFAULT_THRESHOLD
+    from workers.training import TrainOptions
+    from workers.training.selection import RetrainPolicy
 
     if args.exclude_near_duplicates == "default":
         args.exclude_near_duplicates = DEFAULT_THRESHOLD
@@ -663,6 +689,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             image_column=args.image_column,
             fields=tuple(args.field),
             group_column=args.patient_column,
+            where=_column_values(args.where),
         ),
         args.group_map,
     )
@@ -685,11 +712,28 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             k_candidates=[int(k) for k in (args.choose_k or "").split(",") if k.strip()],
             near_duplicate_threshold=args.exclude_near_duplicates,
             learning_curve_seeds=range(args.learning_curve),
+            retraining=RetrainingReplay(
+                policy=RetrainPolicy.from_settings(settings),
+                options=TrainOptions(
+                    **{
+                        "min_per_class": settings.min_per_class,
+                        "device": settings.device,
+                        **_train_options(args.retrain_option),
+                    }
+                ),
+                seeds=range(args.retraining_seeds),
+            )
+            if args.learning_curve and args.retraining_seeds
+            else None,
             command="echolabel " + shlex.join(args.argv),
             on_progress=show,
         )
     json_path, html_path = write_report(report, args.out)
     print(headline(report))
+    for name, block in report["encoders"].items():
+        if "learning_curve_retraining" in block:
+            print(f"\n{name}, replayed with automatic retraining:")
+            print(retraining_table(block["learning_curve_retraining"]))
     print(f"\n{json_path}\n{html_path}", file=sys.stderr)
     return 0
 
@@ -731,6 +775,33 @@ def _evaluate_volumes(args: argparse.Namespace, settings: Settings) -> int:
     print("\nslices (leave-one-volume-out):\n" + headline(report))
     print(f"\n{json_path}\n{html_path}", file=sys.stderr)
     return 0
+
+
+def _train_options(specs: Sequence[str]) -> dict[str, Any]:
+    """`epochs=5` → {"epochs": 5}: names are TrainOptions fields, values JSON or text."""
+    from workers.training import TrainOptions
+
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    out: dict[str, Any] = {}
+    for name, value in _column_values(specs, flag="--retrain-option").items():
+        if name not in names:
+            raise ValueError(
+                f"--retrain-option {name}: not a training option; one of {sorted(names)}"
+            )
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value  # a word, e.g. start=efficientnet_lite2
+    return out
+
+
+def _column_values(specs: Sequence[str], flag: str = "--where") -> dict[str, str]:
+    """`--where split=train` → {"split": "train"}."""
+    pairs = [spec.partition("=") for spec in specs]
+    bad = [spec for spec, (_, sep, _) in zip(specs, pairs, strict=True) if not sep]
+    if bad:
+        raise ValueError(f"{flag} {bad[0]!r}: expected NAME=VALUE")
+    return {column: value for column, _, value in pairs}
 
 
 def _with_groups(items: list[Any], specs: Sequence[str]) -> list[Any]:

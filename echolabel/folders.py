@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +26,23 @@ def read_folder(
     image_column: str = "image",
     fields: tuple[str, ...] = (),
     group_column: str | None = None,
+    where: Mapping[str, str] | None = None,
 ) -> list[Item]:
-    """Every image of the folder (no CSV), or the CSV's rows with their labels."""
+    """Every image of the folder (no CSV), or the CSV's rows with their labels; with `where`,
+    only the rows whose columns hold those values (e.g. {"split": "train"})."""
     root = root.resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder of images")
+    where = dict(where or {})
+    if where and labels_csv is None:
+        raise ValueError("selecting rows (where) needs a labels CSV")
     if labels_csv is None:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         return [Item(p.relative_to(root).as_posix(), p) for p in files]
     with open(labels_csv, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        for needed in [image_column, *fields, *([group_column] if group_column else [])]:
+        for needed in [image_column, *fields, *([group_column] if group_column else []), *where]:
             if needed not in columns:
                 raise ValueError(f"{labels_csv} has no column {needed!r}; columns: {columns}")
         return [
@@ -47,6 +53,7 @@ def read_folder(
                 group=(row.get(group_column) or None) if group_column else None,
             )
             for row in reader
+            if all(row[column] == value for column, value in where.items())
         ]
 
 

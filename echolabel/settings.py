@@ -59,6 +59,11 @@ class Settings:
     thumbnail_cache_bytes: int = 256 * 1024 * 1024
     # Training an encoder is refused while any class has fewer labelled images than this.
     min_per_class: int = 20
+    # The self-improving loop: a challenger is trained once labels grew by this share since
+    # the last decision; `patient_key` (a task data key) keeps patients on one side of its split.
+    auto_retrain: bool = True
+    retrain_growth: float = 0.25
+    patient_key: str | None = None
     log_level: str = "WARNING"
     log_json: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -142,6 +147,9 @@ class Settings:
             )
             << 20,
             min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
+            auto_retrain=reader.flag("ECHOLABEL_AUTO_RETRAIN", cls.auto_retrain),
+            retrain_growth=reader.fraction("ECHOLABEL_RETRAIN_GROWTH", cls.retrain_growth),
+            patient_key=reader.text("ECHOLABEL_PATIENT_KEY"),
             log_level=reader.choice(
                 "ECHOLABEL_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),

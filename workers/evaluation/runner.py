@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +14,30 @@ from PIL import Image
 
 from echolabel.core.runtime import Runtime
 from echolabel.folders import Item, fingerprint
+from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.embedding import Embedder, ImageLoader, TaskImage
+from workers.training.samples import Sample
+from workers.training.selection import RetrainPolicy
+from workers.training.trainer import TrainOptions, train_encoder
 
 from .held_out import held_out, note, trained_on
+from .learning_curve import batch_sizes
 from .pixels import thumbnail
 from .report import evaluate_vectors, new_report
+from .retraining_curve import RETRAINING_ORDERS, Retrain, replay_retraining
 
 Progress = Callable[[str, int], None]  # (encoder, images just embedded)
+
+
+@dataclass(frozen=True)
+class RetrainingReplay:
+    """Replay the self-improving loop too: rounds at `policy`'s points, trained with `options`."""
+
+    policy: RetrainPolicy
+    options: TrainOptions
+    seeds: Sequence[int] = (0,)
+    orders: Sequence[str] = RETRAINING_ORDERS
 
 
 def evaluate_folder(
@@ -34,13 +52,16 @@ def evaluate_folder(
     k_candidates: Sequence[int] = (),
     near_duplicate_threshold: float | None = None,
     learning_curve_seeds: Sequence[int] = (),
+    retraining: RetrainingReplay | None = None,
     command: str = "",
     on_progress: Progress = lambda encoder, n: None,
 ) -> dict[str, Any]:
     """The report for these items: one block per encoder under `encoders`.
 
     With a trained encoder among `encoders`, the images it was trained on are left out for
-    every encoder (held-out images only; see held_out.py)."""
+    every encoder (held-out images only; see held_out.py). With `retraining`, each pretrained
+    encoder's block also gets `learning_curve_retraining`: the session replayed with the
+    self-improving loop starting from that encoder (`retraining_curve.py`)."""
     # The folder is the only place images are read from.
     settings = dataclasses.replace(settings, local_files_root=root)
     runtime = Runtime.build(settings)  # no store: the folder is the data
@@ -95,6 +116,26 @@ def evaluate_folder(
                 near_duplicate_threshold=near_duplicate_threshold,
                 learning_curve_seeds=learning_curve_seeds,
             )
+            if retraining is not None and name not in trained:
+                retrain = _retrain_from(kept, fields, settings, fetcher, load, retraining.options)
+                result["learning_curve_retraining"] = {
+                    "policy": dataclasses.asdict(retraining.policy),
+                    "options": dataclasses.asdict(retraining.options),
+                    "sessions": [
+                        replay_retraining(
+                            vectors,
+                            labels,
+                            retrain,
+                            order=order,
+                            seed=seed,
+                            sizes=batch_sizes(len(kept)),
+                            policy=retraining.policy,
+                            groups=groups,
+                        )
+                        for order in retraining.orders
+                        for seed in retraining.seeds
+                    ],
+                }
             report["encoders"][name] = {
                 "encoder": name,
                 "weights_id": model.weights_id,
@@ -134,3 +175,47 @@ def embed_all(
     if not rows:
         raise ValueError(f"no image could be read with {encoder}: {list(failed.values())[:3]}")
     return np.stack(rows), kept, failed
+
+
+def _retrain_from(
+    items: Sequence[Item],
+    fields: Sequence[str],
+    settings: Settings,
+    fetcher: ImageFetcher,
+    load: ImageLoader,
+    options: TrainOptions,
+) -> Retrain:
+    """Train a challenger on the given rows of `items` (in a scratch encoders folder), and
+    embed every item with it."""
+
+    def retrain(rows: Sequence[int]) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="echolabel-replay-") as scratch:
+            local = dataclasses.replace(settings, artefacts_dir=Path(scratch))
+            summary = train_encoder(
+                [
+                    Sample(
+                        id=items[r].task,
+                        ref=str(items[r].path),
+                        labels=dict(items[r].labels),
+                        group=items[r].group,
+                    )
+                    for r in rows
+                ],
+                fields,
+                fetcher=fetcher,
+                encoders_dir=local.encoders_dir,
+                name="replay",
+                options=options,
+            )
+            scratch_runtime = Runtime.build(local)  # its embedder finds the scratch encoders
+            try:
+                vectors, kept, failed = embed_all(
+                    scratch_runtime.embedder, load, summary["encoder"], items, lambda e, n: None
+                )
+            finally:
+                scratch_runtime.close()
+        if len(kept) != len(items):
+            raise ValueError(f"the challenger could not read {len(failed)} image(s): {failed}")
+        return vectors
+
+    return retrain

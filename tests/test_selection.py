@@ -1,0 +1,156 @@
+"""Champion/challenger selection: the held-out split, the product's vote, the bootstrap, the log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.training.samples import Sample, TrainingRefused
+from workers.training.selection import (
+    Candidate,
+    RetrainPolicy,
+    SelectionLog,
+    challenge_split,
+    compare,
+    held_out,
+    product_vote_correct,
+    retraining_due,
+)
+
+FIELDS = ["finding"]
+
+
+def samples(n: int, classes: tuple[str, ...] = ("a", "b"), patients: int = 0) -> list[Sample]:
+    return [
+        Sample(
+            id=str(i),
+            ref=f"img/{i}.png",
+            labels={"finding": classes[i % len(classes)]},
+            group=f"p{i % patients}" if patients else None,
+        )
+        for i in range(n)
+    ]
+
+
+def test_held_out_is_stable_and_draws_the_share() -> None:
+    keys = [f"task:{i}" for i in range(4000)]
+    first = [held_out(k, 0.2) for k in keys]
+    assert first == [held_out(k, 0.2) for k in keys]
+    assert 0.18 < np.mean(first) < 0.22
+    # A larger share only adds images: nothing held out before is trained on later.
+    larger = [held_out(k, 0.3) for k in keys]
+    assert all(b for a, b in zip(first, larger, strict=True) if a)
+
+
+def test_split_keeps_patients_whole_and_is_the_same_as_labels_grow() -> None:
+    policy = RetrainPolicy(min_holdout_per_class=1)
+    small = samples(300, patients=60)
+    train, validation = challenge_split(small, FIELDS, policy)
+    assert {s.group for s in train}.isdisjoint({s.group for s in validation})
+    assert len(train) + len(validation) == 300
+    grown_train, grown_validation = challenge_split(samples(600, patients=60), FIELDS, policy)
+    assert {s.id for s in validation} <= {s.id for s in grown_validation}
+    assert not {s.id for s in validation} & {s.id for s in grown_train}
+
+
+def test_split_never_validates_what_the_champion_trained_on() -> None:
+    pool = samples(400)
+    seen = frozenset(str(i) for i in range(0, 400, 4))
+    train, validation = challenge_split(pool, FIELDS, RetrainPolicy(), never_validate=seen)
+    assert not {s.id for s in validation} & seen
+    assert seen <= {s.id for s in train}
+
+
+def test_split_refuses_a_class_with_too_few_held_out_images() -> None:
+    pool = samples(40, classes=("a", "a", "a", "a", "a", "a", "a", "b"))
+    with pytest.raises(TrainingRefused, match=r"'finding'.*b \(\d\).*need 5 per class"):
+        challenge_split(pool, FIELDS, RetrainPolicy(min_holdout_per_class=5))
+
+
+def test_product_vote_counts_abstentions_as_misses() -> None:
+    # Two tight clusters, by hand: rows 0-3 near e1 ("a"), rows 4-7 near e2 ("b").
+    vectors = np.array(
+        [[1, 0.01 * i, 0] for i in range(4)] + [[0, 1, 0.01 * i] for i in range(4)], dtype=float
+    )
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pool = [Sample(id=str(i), ref="", labels={"finding": "a" if i < 4 else "b"}) for i in range(8)]
+    policy = RetrainPolicy(k=3, min_neighbours=3, min_score=0.7)
+    assert product_vote_correct(vectors, pool, FIELDS, [0, 5], policy).tolist() == [1.0, 1.0]
+    # One of row 0's three neighbours relabelled: the winner's share, 2/3, is under 0.7 → a miss.
+    mixed = list(pool)
+    mixed[1] = Sample(id="1", ref="", labels={"finding": "b"})
+    assert product_vote_correct(vectors, mixed, FIELDS, [0], policy).tolist() == [0.0]
+    # Too few neighbours (k=2 < min_neighbours=3) → abstain → a miss.
+    few = RetrainPolicy(k=2, min_neighbours=3, min_score=0.5)
+    assert product_vote_correct(vectors, pool, FIELDS, [0], few).tolist() == [0.0]
+
+
+def test_compare_promotes_only_a_clear_winner() -> None:
+    rng = np.random.default_rng(0)
+    champion = (rng.random(300) < 0.7).astype(float)
+    groups = [None] * 300
+    same = compare(champion, champion.copy(), groups, RetrainPolicy())
+    assert same.margin == 0 and not same.challenger_wins
+    better = champion.copy()
+    better[np.flatnonzero(champion == 0)[:45]] = 1  # +15 points
+    won = compare(champion, better, groups, RetrainPolicy())
+    assert won.challenger_wins and won.interval[0] > 0 and won.margin == pytest.approx(0.15)
+    # As good, right on other images: no promotion.
+    shuffled = compare(champion, rng.permutation(champion), groups, RetrainPolicy())
+    assert shuffled.margin == 0 and shuffled.interval[0] < 0 < shuffled.interval[1]
+    assert not shuffled.challenger_wins
+
+
+def test_compare_resamples_patients_not_images() -> None:
+    # 10 patients of 30 images each: the margin lives in 2 patients only, so resampling
+    # patients must give a wider interval than pretending the 300 images are independent.
+    champion = np.zeros(300)
+    challenger = np.zeros(300)
+    challenger[:60] = 1
+    by_image = compare(champion, challenger, [None] * 300, RetrainPolicy())
+    by_patient = compare(champion, challenger, [f"p{i // 30}" for i in range(300)], RetrainPolicy())
+    assert by_patient.patients == 10 and by_image.patients == 300
+    width = lambda c: c.interval[1] - c.interval[0]  # noqa: E731
+    assert width(by_patient) > 2 * width(by_image)
+
+
+def test_retraining_due_on_growth_and_guard_rail() -> None:
+    policy = RetrainPolicy(growth=0.25, min_per_class=20)
+    assert retraining_due(samples(100), FIELDS, 0, policy).due
+    waiting = retraining_due(samples(120), FIELDS, 100, policy)
+    assert not waiting.due and "starts at 125" in waiting.reason
+    assert retraining_due(samples(125), FIELDS, 100, policy).due
+    short = retraining_due(samples(30), FIELDS, 0, policy)
+    assert not short.due and "below 20" in short.reason
+    off = retraining_due(samples(500), FIELDS, 0, RetrainPolicy(enabled=False))
+    assert not off.due and "ECHOLABEL_AUTO_RETRAIN" in off.reason
+
+
+def test_selection_log_tracks_live_encoder_and_rollback_target(tmp_path) -> None:
+    log = SelectionLog(tmp_path / "selection")
+    assert log.labelled_at_last_decision(3) == 0 and log.previous_encoder(3) is None
+
+    def round_(challenger: str, decision: str, labelled: int) -> Candidate:
+        return Candidate(
+            challenger=challenger,
+            champion="x",
+            labelled=labelled,
+            started_at="2026-12-06T00:00:00Z",
+            decision=decision,
+            reason="test",
+        )
+
+    log.record(3, round_("trained:p-v1", "promoted", 100))
+    log.record(3, round_("trained:p-v2", "kept", 130))
+    assert log.read(3)["live"]["encoder"] == "trained:p-v1"
+    assert log.labelled_at_last_decision(3) == 130
+    log.record(3, round_("trained:p-v3", "failed", 170))
+    assert log.labelled_at_last_decision(3) == 130  # a failed round does not reset the clock
+    log.record(3, round_("trained:p-v3", "promoted", 170))
+    assert log.previous_encoder(3) == "trained:p-v1"
+    assert [c["decision"] for c in log.read(3)["candidates"]] == [
+        "promoted",
+        "kept",
+        "failed",
+        "promoted",
+    ]
