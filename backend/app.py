@@ -201,6 +201,7 @@ def create_app(
             settings,
             store=lambda: built.store,
             load_weights=lambda: built.embedder.encoder(settings.encoder),
+            fetcher=built.fetcher,
         )
         checks = await run_in_threadpool(checker.run, project, backend_url)
         return {"healthy": checker.healthy, "checks": [c.as_dict() for c in checks]}

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from echolabel.core.runtime import Runtime
 from echolabel.images import ImageError, ImageFetcher
 from echolabel.labelstudio import LabelStudioClient, LabelStudioError
 from echolabel.labelstudio_auth import LabelStudioAuthError
@@ -185,16 +186,19 @@ def troubleshooting_markdown() -> str:
 
 class Doctor:
     """Runs the checks for one configuration; `store` opens the vector store on demand (the
-    CLI cannot open the embedded one while the backend holds it: then /doctor can)."""
+    CLI cannot open the embedded one while the backend holds it: then /doctor can).
+    `fetcher`: the runtime's (else the sample image is read through a runtime of its own)."""
 
     def __init__(
         self,
         settings: Settings,
         store: Callable[[], VectorStore] | None = None,
         load_weights: Callable[[], object] | None = None,
+        fetcher: ImageFetcher | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
+        self._fetcher = fetcher
         self._load_weights = load_weights or (
             lambda: load_encoder(
                 settings.encoder,
@@ -409,8 +413,11 @@ class Doctor:
             self.add("sample image", None, "the project has no tasks yet")
             return
         try:
-            with ImageFetcher(self.settings) as fetcher:
-                image = fetcher.load(schema.image_ref(task))
+            if self._fetcher is not None:
+                image = self._fetcher.load(schema.image_ref(task))
+            else:
+                with Runtime.build(self.settings) as runtime:
+                    image = runtime.fetcher.load(schema.image_ref(task))
         except (ImageError, TaskError) as exc:
             self.fail(IMAGE_UNREADABLE, f"task {task.get('id')}: {exc}")
             return

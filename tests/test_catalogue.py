@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,6 +113,21 @@ def test_no_job_id_or_ttl_is_written_outside_the_catalogue():
                 for m in re.finditer(r"(result|failure)_ttl\s*=", text)
             ]
     assert found == []
+
+
+def test_the_core_runtime_knows_nothing_of_rq_redis_or_the_jobs():
+    """The jobs layer attaches the Redis dispatcher through the core's EmbedQueue protocol."""
+    code = (
+        "import sys, echolabel.core.runtime; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rq', 'redis', 'fastapi') "
+        "or m.startswith(('workers.jobs', 'workers.runtime', 'workers.dispatch', "
+        "'backend.model', 'backend.app'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "qdrant")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 # -- run here -----------------------------------------------------------------------------------
