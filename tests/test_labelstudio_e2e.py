@@ -67,6 +67,10 @@ def test_suggestions_reach_annotators_through_a_real_label_studio(
         label_studio_api_key=label_studio_pat,
         basic_auth_user=BASIC_AUTH[0],
         basic_auth_pass=BASIC_AUTH[1],
+        # The first click must find every task embedded: 156 BUSI images can take more than
+        # the default 20 s on two busy cores, and a task embedded after the reply is predicted
+        # on the second click instead (Label Studio allows 100 s).
+        embed_wait_s=80.0,
     )
     app = create_app(settings)
     with serving(app) as backend_url:

@@ -16,7 +16,7 @@ from echolabel import cli
 from echolabel.settings import Settings
 from tests.helpers import annotation_webhook, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from vectorstore import Annotation, Point, open_store
+from vectorstore import Annotation, Point, StoreError, open_store
 from vectorstore.edge_store import EdgeStore
 from vectorstore.migrate import MigrationError, holds_local_store, migrate_local_store
 
@@ -156,6 +156,13 @@ def old_store_dir(tmp_path, n=40):
     store.set_labels(1, 0, {"f": "z"}, Annotation(5, "2027-01-01T00:00:00Z"))
     store.close()
     return path
+
+
+def test_edge_refuses_a_local_mode_directory_it_was_not_asked_to_migrate(tmp_path):
+    path = old_store_dir(tmp_path)
+    with pytest.raises(StoreError, match="echolabel migrate-store"):
+        EdgeStore(path)
+    assert holds_local_store(path) and not (path / "collections").exists()
 
 
 def test_a_copy_that_does_not_verify_changes_nothing(tmp_path, monkeypatch):

@@ -105,6 +105,12 @@ class EdgeStore(EngineStore):
         preprocessing: Preprocessing | None = None,
     ) -> None:
         self.path = Path(path)
+        if holds_local_store(self.path):  # checked before anything is written into it
+            raise StoreError(
+                f"{self.path} holds a store written by qdrant-client's local mode (echolabel "
+                "before Qdrant Edge): migrate it with `echolabel migrate-store`, which keeps "
+                "the old one aside"
+            )
         self._preprocessing = dict(preprocessing) if preprocessing is not None else None
         self.exact_max_points = exact_max_points
         self.hnsw_ef = hnsw_ef
@@ -565,6 +571,11 @@ class EdgeStore(EngineStore):
 
 
 # -- files -----------------------------------------------------------------------------------
+
+
+def holds_local_store(path: Path) -> bool:
+    """Whether `path` holds a qdrant-client local-mode store (and not an Edge one)."""
+    return (path / "meta.json").is_file() and not (path / "collections").is_dir()
 
 
 def _hold_lock(root: Path) -> IO[str]:

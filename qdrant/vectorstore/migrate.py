@@ -38,7 +38,7 @@ from qdrant_client import models
 
 from . import payload as pl
 from .base import StoreError
-from .edge_store import EdgeStore, _fsync_dir, _write_json
+from .edge_store import EdgeStore, _fsync_dir, _write_json, holds_local_store
 from .generations import generation_pattern, info_from_meta
 from .qdrant_store import QdrantStore
 
@@ -83,11 +83,6 @@ class MigrationReport:
             f"{self.backup}"
             + (f"; not copied (older than live): {', '.join(self.skipped)}" if self.skipped else "")
         )
-
-
-def holds_local_store(path: Path) -> bool:
-    """Whether `path` holds a qdrant-client local-mode store (and not an Edge one)."""
-    return (path / "meta.json").is_file() and not (path / "collections").is_dir()
 
 
 def needs_migration(path: Path) -> bool:
