@@ -130,15 +130,7 @@ def reembed(
     except StoreError as exc:
         _no_retry()
         raise PermanentJobError(str(exc)) from None
-    job = get_current_job()
-
-    def report(progress: Progress) -> None:
-        if on_progress is not None:
-            on_progress(progress)
-        if job is not None:
-            job.meta["progress"] = progress.as_meta()
-            job.save_meta()
-
+    report = _meta_reporter(on_progress)
     done = reembed_project(
         store,
         runtime.embedder,
@@ -173,15 +165,7 @@ def train_encoder(
 
     runtime = current()
     settings = runtime.settings
-    job = get_current_job()
-
-    def report(progress: Any) -> None:
-        if on_progress is not None:
-            on_progress(progress)
-        if job is not None:
-            job.meta["progress"] = progress.as_meta()
-            job.save_meta()
-
+    report = _meta_reporter(on_progress)
     chosen = {"min_per_class": settings.min_per_class, "device": settings.device, **(options or {})}
     info = runtime.store.collection(project)
     try:
