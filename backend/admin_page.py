@@ -18,9 +18,9 @@ from typing import Any
 from urllib.parse import quote
 
 from echolabel.core.runtime import Runtime
+from echolabel.encoders import available_encoders
+from echolabel.encoders.trained import encoder_name, list_trained
 from echolabel.settings import Settings
-from workers.encoders import available_encoders
-from workers.encoders.trained import encoder_name, list_trained
 from workers.training.selection import SelectionLog
 
 from .admin import Admin

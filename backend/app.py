@@ -21,20 +21,20 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.concurrency import run_in_threadpool
 
+from echolabel.core.model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, SimilarityModel
+from echolabel.core.projects import project_id
 from echolabel.core.runtime import Runtime
+from echolabel.encoders import EncoderError
 from echolabel.images import ImageError
+from echolabel.label_config import LabelConfigError, TaskError
 from echolabel.settings import Settings
 from vectorstore import DimensionMismatchError, StoreError, StoreUnavailableError
-from workers.encoders import EncoderError
 from workers.runtime import install, open_runtime, redis_dispatcher
 
 from .admin import Admin
 from .doctor import Doctor
 from .inbox import WebhookInbox
-from .label_config import LabelConfigError, TaskError
-from .model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, SimilarityModel
 from .pages import PageRefused, refused, review_router
-from .projects import project_id
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from echolabel.core.runtime import Runtime
+from echolabel.encoders import EncoderError, load_encoder
 from echolabel.images import ImageError, ImageFetcher
+from echolabel.label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
 from echolabel.labelstudio import LabelStudioClient, LabelStudioError
 from echolabel.labelstudio_auth import LabelStudioAuthError
 from echolabel.settings import Settings
 from vectorstore import StoreError, VectorStore
-from workers.encoders import EncoderError, load_encoder
-
-from .label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .gallery import labels_html, task_link_html, task_path
+from echolabel.core.model import task_path
+
+from .gallery import labels_html, task_link_html
 
 
 def render_duplicates(result: dict[str, Any]) -> str:

@@ -8,23 +8,15 @@ label escaped: labels are arbitrary unicode) or as JSON.
 from __future__ import annotations
 
 from html import escape
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
 
+from echolabel.core.model import SimilarityModel, task_path
 from vectorstore import TaskId
 from workers.review import browser_label_studio_url, task_link
-
-if TYPE_CHECKING:  # the model links to the gallery (task_path): import it for types only
-    from .model import SimilarityModel
 
 
 class TaskNotFound(LookupError):
     """The task has no point in the project's live collection."""
-
-
-def task_path(project: int | str, task: TaskId) -> str:
-    """The backend path of a task's pages (task ids may be folder paths: slashes stay)."""
-    return f"/projects/{quote(str(project), safe='')}/tasks/{quote(str(task), safe='/')}"
 
 
 def image_ref(model: SimilarityModel, task: TaskId) -> str:

@@ -17,17 +17,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from echolabel.core.errors import PermanentJobError
+from echolabel.core.model import SimilarityModel
+from echolabel.core.projects import project_id
 from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
-from workers.jobs import PermanentJobError, find_project_duplicates
+from workers.jobs import find_project_duplicates
 
 from . import admin_page
 from .admin import Admin
 from .csrf import CsrfError, CsrfTokens
 from .duplicates_page import render_duplicates
 from .gallery import TaskNotFound, build_gallery, image_ref, render_gallery
-from .model import SimilarityModel
-from .projects import project_id
 from .thumbnails import ThumbnailCache
 
 MAX_FORM_BYTES = 16 * 1024

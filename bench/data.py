@@ -84,7 +84,7 @@ def real_embeddings(images_dir: Path, encoder_name: str, limit: int | None) -> n
     """Embeddings of the images under `images_dir` by a registered encoder (cached per run)."""
     from PIL import Image
 
-    from workers.encoders import load_encoder
+    from echolabel.encoders import load_encoder
 
     paths = image_paths(images_dir, limit)
     if len(paths) < 2:

@@ -20,15 +20,15 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from echolabel.images import decode_image
-from workers.encoders import (
+from echolabel.encoders import (
     Encoder,
     EncoderError,
     WeightsMissingError,
     available_encoders,
     load_encoder,
 )
-from workers.encoders.base import resolve_device
+from echolabel.encoders.base import resolve_device
+from echolabel.images import decode_image
 
 from . import decode
 from .data import image_paths

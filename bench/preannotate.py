@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.preannotate import PreAnnotator
 from bench.server import in_memory_runtime
+from echolabel.core.preannotate import PreAnnotator
 from echolabel.core.runtime import Runtime
 from echolabel.labelstudio_memory import InMemoryLabelStudio
 from echolabel.settings import Settings

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from echolabel.encoders.trained import WEIGHTS_FILE, TrainedEncoder, load_trained
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from echolabel.vote import vote
 from vectorstore import Neighbour
-from workers.encoders.trained import WEIGHTS_FILE, TrainedEncoder, load_trained
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
 

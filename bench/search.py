@@ -112,7 +112,7 @@ def _datasets(profile: Profile, table: Table, log: Callable[[str], None]) -> lis
     for reason in settings.omitted:
         table.notes.append(f"left out by the {profile.name} profile: {reason}")
     if settings.real_sizes:
-        from workers.encoders import DEFAULT_ENCODER, EncoderError
+        from echolabel.encoders import DEFAULT_ENCODER, EncoderError
 
         try:
             started = time.perf_counter()

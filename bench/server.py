@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def profile(runtime: Any, calls: int, queries: int) -> dict[str, Any]:
     """Where one /predict's time goes, in process: wall time per call, then cProfile's view."""
-    from backend.model import SimilarityModel
+    from echolabel.core.model import SimilarityModel
 
     def predict_request(i: int) -> None:
         # What the /predict handler does with the parsed body.

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from workers.encoders import load_encoder
-from workers.encoders.trained import read_config
+from echolabel.encoders import load_encoder
+from echolabel.encoders.trained import read_config
 from workers.training.trainer import knn_vote_accuracy
 
 

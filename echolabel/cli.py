@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI prints the reason, never a traceback, for known errors
-        from backend.label_config import LabelConfigError, TaskError
+        from echolabel.core.errors import PermanentJobError
+        from echolabel.encoders import EncoderError
         from echolabel.images import ImageError
+        from echolabel.label_config import LabelConfigError, TaskError
         from echolabel.labelstudio import LabelStudioError
         from vectorstore import StoreError
         from workers.catalogue import JobFailedError
-        from workers.encoders import EncoderError
-        from workers.jobs import PermanentJobError
 
         if isinstance(
             exc,
@@ -411,11 +412,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = weights_sub.add_parser("list", help="list the registered encoders")
     listing.set_defaults(run=_list_encoders)
 
-    bench = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
-    bench.add_argument("--smoke", action="store_true", help="small sizes: under a minute")
-    bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory")
-    bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
-    bench.set_defaults(run=_bench)
+    _add_plugin_commands(sub)
     return parser
 
 
@@ -560,11 +557,11 @@ def _index(args: argparse.Namespace, settings: Settings) -> int:
 
 def _index_label_studio_project(args: argparse.Namespace, settings: Settings) -> int:
     """Pre-embed a Label Studio project's tasks so that its predictions are instant."""
-    from backend.label_config import TaskError, parse_label_config
-    from backend.model import SimilarityModel
-    from backend.projects import project_id
+    from echolabel.core.model import SimilarityModel
+    from echolabel.core.projects import project_id
+    from echolabel.embedding import TaskImage
+    from echolabel.label_config import TaskError, parse_label_config
     from echolabel.labelstudio import LabelStudioClient
-    from workers.embedding import TaskImage
     from workers.runtime import open_runtime, redis_dispatcher
 
     project = project_id(args.project)
@@ -625,10 +622,10 @@ def _index_label_studio_project(args: argparse.Namespace, settings: Settings) ->
 
 
 def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.label_config import ChoicesField, LabelSchema
-    from backend.model import SimilarityModel
+    from echolabel.core.model import SimilarityModel
+    from echolabel.embedding import TaskImage
     from echolabel.folders import read_folder
-    from workers.embedding import TaskImage
+    from echolabel.label_config import ChoicesField, LabelSchema
     from workers.runtime import open_runtime
 
     items = read_folder(
@@ -676,7 +673,7 @@ def _index_folder(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _predict(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.model import SimilarityModel
+    from echolabel.core.model import SimilarityModel
     from workers.runtime import open_runtime
 
     path = args.image.resolve()
@@ -873,7 +870,7 @@ def _with_groups(items: list[Any], specs: Sequence[str]) -> list[Any]:
 
 def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
     """The report of a project in the store: queued to the `evaluate` workers with Redis."""
-    from backend.projects import project_id
+    from echolabel.core.projects import project_id
     from echolabel.follow import run_job
 
     result = run_job(
@@ -916,7 +913,7 @@ def _migrate_store(args: argparse.Namespace, settings: Settings) -> int:
 
 def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
-    from backend.projects import project_id
+    from echolabel.core.projects import project_id
 
     return _print_job(
         settings,
@@ -950,7 +947,7 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "min_per_class": args.min_per_class or settings.min_per_class,
     }
     if args.project:
-        from backend.projects import project_id
+        from echolabel.core.projects import project_id
 
         return _print_job(
             settings,
@@ -1044,14 +1041,14 @@ def _print_job(settings: Settings, job: str, /, *, no_wait: bool, **arguments: A
 
 def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     """Run one retraining round (even with ECHOLABEL_AUTO_RETRAIN=0: asked for by hand)."""
-    from backend.projects import project_id
+    from echolabel.core.projects import project_id
 
     settings = dataclasses.replace(settings, auto_retrain=True)
     return _print_job(settings, "retrain", no_wait=args.no_wait, project=project_id(args.project))
 
 
 def _rollback_encoder(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.projects import project_id
+    from echolabel.core.projects import project_id
 
     return _print_job(
         settings,
@@ -1095,8 +1092,8 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _download_weights(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.encoders import default_weights_dir
-    from workers.encoders.weights import download_weights
+    from echolabel.encoders import default_weights_dir
+    from echolabel.encoders.weights import download_weights
 
     target = args.dir or settings.weights_dir or default_weights_dir()
     for path in download_weights(args.encoder, target):
@@ -1105,29 +1102,18 @@ def _download_weights(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list_encoders(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.encoders import available_encoders
+    from echolabel.encoders import available_encoders
 
     for name in available_encoders():
         print(name + ("  (default)" if name == settings.encoder else ""))
     return 0
 
 
-def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from bench import missing_extra, require_extra
-
-    # The suite needs the `bench` extra (hnswlib, scikit-learn, psutil): without it, say which
-    # extra to install instead of a traceback, before any section starts.
-    try:
-        require_extra()
-        from bench.suite import run_from_cli
-
-        return run_from_cli(args.smoke, args.only, args.out, args.argv)
-    except ModuleNotFoundError as exc:
-        reason = missing_extra(exc)
-        if reason is None:
-            raise
-        print(f"echolabel: {reason}", file=sys.stderr)
-        return 1
+def _add_plugin_commands(sub: Any) -> None:
+    """Subcommands that other packages add through the `echolabel.commands` entry points
+    (pyproject.toml): `bench` comes from bench/, which imports the product, never the reverse."""
+    for entry in sorted(entry_points(group="echolabel.commands"), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 if __name__ == "__main__":

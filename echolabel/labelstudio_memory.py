@@ -1,5 +1,6 @@
 """Label Studio held in memory: the API calls the push and the diverse-first order make
-(`backend.preannotate`, `backend.diverse_first`), with `LabelStudioClient`'s signatures.
+(`echolabel.core.preannotate`, `echolabel.core.diverse_first`), with `LabelStudioClient`'s
+signatures.
 
 It lets `bench/preannotate.py` time our side of the push alone (a real Label Studio adds its HTTP
 and database time per call), and it is the state behind the tests' fake Label Studio

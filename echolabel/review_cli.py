@@ -56,7 +56,7 @@ def _review(args: argparse.Namespace, settings: Settings) -> int:
     from workers.review.label_issues import review, summary, write_review
 
     if args.project:
-        from backend.projects import project_id
+        from echolabel.core.projects import project_id
         from echolabel.follow import run_job
 
         result = run_job(settings, "review", project=project_id(args.project), k=args.k)
@@ -83,7 +83,7 @@ def _duplicates(args: argparse.Namespace, settings: Settings) -> int:
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.project:
-        from backend.projects import project_id
+        from echolabel.core.projects import project_id
         from echolabel.follow import run_job
 
         result = run_job(

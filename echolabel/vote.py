@@ -9,14 +9,24 @@ threshold is suggested.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-from vectorstore import Neighbour
+from typing import Any, Protocol
 
 # Cosine similarity can be ≤ 0 for unrelated images; such neighbours still count a little so
 # that a field with support never has zero total weight.
 _MIN_WEIGHT = 1e-6
+
+
+class Neighbour(Protocol):
+    """What the vote reads of a labelled neighbour (the store's `vectorstore.Neighbour` is one);
+    the vote sits below the store and knows nothing of it."""
+
+    @property
+    def similarity(self) -> float: ...
+
+    @property
+    def labels(self) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from echolabel.encoders import available_encoders, register_encoder
 from echolabel.settings import Settings
 from tests.label_configs import ORGAN_FINDING_CONFIG
-from workers.encoders import available_encoders, register_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

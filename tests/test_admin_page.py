@@ -15,13 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import SimilarityModel
 from backend.pages import is_loopback
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import REDIS_URL, ROOT, TINY_ENCODER_B, dark_and_bright, serving
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers import jobs
-from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 
 DOCS = ROOT / "docs" / "screenshots"  # with ECHOLABEL_UPDATE_SCREENSHOTS=1

@@ -337,7 +337,7 @@ def test_a_prediction_reads_the_collection_once_and_parses_a_known_config_once(
 ):
     """Per-request costs found by the profile (docs/performance.md §2): the collection's info
     is read once per /predict, and the config Label Studio resends is not parsed again."""
-    import backend.projects
+    import echolabel.core.projects
 
     setup_project(client)
     label_half(client, images)
@@ -348,9 +348,9 @@ def test_a_prediction_reads_the_collection_once_and_parses_a_known_config_once(
     monkeypatch.setattr(
         live, "collection", lambda project, real=live.collection: reads.append(1) or real(project)
     )
-    parse = backend.projects.parse_label_config
+    parse = echolabel.core.projects.parse_label_config
     monkeypatch.setattr(
-        backend.projects, "parse_label_config", lambda text: parses.append(1) or parse(text)
+        echolabel.core.projects, "parse_label_config", lambda text: parses.append(1) or parse(text)
     )
     answer = client.post("/predict", json=body)
     assert answer.status_code == 200 and answer.json()["results"][0]["result"]

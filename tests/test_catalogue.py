@@ -19,8 +19,9 @@ from rq.job import Job
 
 from backend.admin import Admin
 from backend.app import create_app
-from backend.model import SimilarityModel
 from echolabel.cli import main
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.helpers import REDIS_URL, ROOT, TINY_ENCODER, TINY_ENCODER_B, dark_and_bright
 from tests.label_configs import SHADE_CONFIG
 from workers.catalogue import (
@@ -30,7 +31,6 @@ from workers.catalogue import (
     job_spec,
     wait,
 )
-from workers.embedding import TaskImage
 from workers.queues import QUEUES, queue
 from workers.runtime import current, install, open_runtime, redis_dispatcher, run_or_enqueue
 
@@ -121,7 +121,7 @@ def test_the_core_runtime_knows_nothing_of_rq_redis_or_the_jobs():
         "import sys, echolabel.core.runtime; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rq', 'redis', 'fastapi') "
         "or m.startswith(('workers.jobs', 'workers.runtime', 'workers.dispatch', "
-        "'backend.model', 'backend.app'))))"
+        "'echolabel.core.model', 'backend.app'))))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "qdrant")])}
     out = subprocess.run(

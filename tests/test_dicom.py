@@ -232,8 +232,8 @@ def test_no_crop_when_no_sector_is_found():
 
 
 def test_payloads_and_logs_hold_no_dicom_header_values(settings, caplog, capsys):
-    from backend.model import SimilarityModel
-    from workers.embedding import TaskImage
+    from echolabel.core.model import SimilarityModel
+    from echolabel.embedding import TaskImage
 
     root = settings.local_files_root
     for name in (CINE, US_J2K):

@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 
-import backend.preannotate as preannotate
-from backend.diverse_first import FIELD, clear_tasks, order_tasks, rank_value
-from backend.preannotate import PreAnnotator
+import workers.jobs as jobs
+from echolabel.core.diverse_first import FIELD, clear_tasks, order_tasks, rank_value
+from echolabel.core.errors import PermanentJobError
+from echolabel.core.preannotate import PreAnnotator
 from echolabel.diversity import k_center_order
 from tests.fakes import FakeLabelStudio
 from tests.helpers import TINY_ENCODER, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG as CONFIG
-from workers.jobs import PermanentJobError
 from workers.runtime import install, open_runtime
 
 
@@ -133,7 +133,7 @@ def test_the_admin_runs_the_job_like_the_push(services, project_tasks, monkeypat
     from backend.admin import Admin
 
     api = FakeLabelStudio(project_tasks, CONFIG)
-    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda _settings: api)
     install(services)
     admin = Admin(services)
     try:
@@ -155,7 +155,7 @@ def test_the_cli_runs_it_here_without_redis(settings, project_tasks, monkeypatch
     from echolabel.cli import main
 
     api = FakeLabelStudio(project_tasks, CONFIG)
-    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda _settings: api)
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setenv("MODEL_DIR", str(settings.model_dir))
     monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import SimilarityModel
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import SHARED_DATA, TINY_ENCODER, serving
-from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 
 BUSI = SHARED_DATA / "busi"

@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 
 from backend.app import create_app
+from echolabel.encoders import available_encoders, register_encoder
 from tests.helpers import TinyEncoder, annotation_webhook, dark_and_bright, serving
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from workers.encoders import available_encoders, register_encoder
 
 SLOW = "slow-test"
 
@@ -132,7 +132,7 @@ def test_images_are_loaded_towards_the_encoders_resize_side(settings):
     """The embedder tells the loader the side the encoder resizes to (draft JPEG decoding)."""
     from PIL import Image
 
-    from workers.embedding import Embedder, TaskImage
+    from echolabel.embedding import Embedder, TaskImage
 
     class SidedEncoder(TinyEncoder):
         input_side = 96

@@ -1,4 +1,4 @@
-"""Tests for workers.encoders: the offline default, weight lookup, preprocessing and errors.
+"""Tests for echolabel.encoders: the offline default, weight lookup, preprocessing and errors.
 
 Nothing here downloads: timm models are built with random weights and saved where the loaders
 look, and the Hugging Face cache is pointed at an empty temporary directory.
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from workers.encoders import (
+from echolabel.encoders import (
     DEFAULT_ENCODER,
     Encoder,
     EncoderError,
@@ -34,9 +34,9 @@ from workers.encoders import (
     load_encoder,
     to_rgb,
 )
-from workers.encoders import weights as weights_module
-from workers.encoders.dreamsim_encoder import DreamSimEncoder, dreamsim_files
-from workers.encoders.timm_encoders import (
+from echolabel.encoders import weights as weights_module
+from echolabel.encoders.dreamsim_encoder import DreamSimEncoder, dreamsim_files
+from echolabel.encoders.timm_encoders import (
     TIMM_MODELS,
     TimmEncoder,
     load_packaged,

@@ -132,8 +132,8 @@ def test_admin_evaluates_a_project_from_the_store(settings):
     from fastapi.testclient import TestClient
 
     from backend.app import create_app
-    from backend.model import SimilarityModel
-    from workers.embedding import TaskImage
+    from echolabel.core.model import SimilarityModel
+    from echolabel.embedding import TaskImage
 
     paths = dark_and_bright(settings.local_files_root, 8)
     services = open_runtime(settings)

@@ -14,13 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.model import SimilarityModel
 from backend.thumbnails import ThumbnailCache
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from echolabel.images import ImageFetcher
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import SHARED_DATA, TINY_ENCODER, png_bytes, serving
 from vectorstore import Point
-from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 
 BUSI = SHARED_DATA / "busi"
@@ -263,8 +263,8 @@ def test_the_gallery_link_needs_the_tag_a_public_url_and_a_suggestion(settings):
     """Only a config with <TextArea name="neighbours"> and ECHOLABEL_PUBLIC_URL get the link,
     and only with a suggestion: Label Studio stores nothing for an empty result and asks again
     later, which an abstained task needs."""
-    from backend.label_config import LabelSchema, parse_label_config
-    from backend.model import Suggestion
+    from echolabel.core.model import Suggestion
+    from echolabel.label_config import LabelSchema, parse_label_config
     from echolabel.vote import vote
     from vectorstore import Neighbour
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
+from echolabel.label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
 
 ORGAN_PLANE = """
 <View>

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
-from backend.model import SimilarityModel
-from backend.preannotate import PreAnnotator
 from echolabel.cli import main
+from echolabel.core.model import SimilarityModel
+from echolabel.core.preannotate import PreAnnotator
 from echolabel.settings import Settings
 from tests.helpers import (
     BASIC_AUTH,

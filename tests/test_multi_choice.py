@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from backend.gallery import build_gallery, render_gallery
-from backend.model import SimilarityModel
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.helpers import TINY_ENCODER, dark_and_bright
 from workers import jobs
-from workers.embedding import TaskImage
 from workers.evaluation.report import headline, render_html
 from workers.runtime import install, open_runtime
 from workers.training import TrainingRefused, check_trainable

@@ -12,9 +12,10 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
-import backend.preannotate as preannotate
-from backend.model import SimilarityModel
-from backend.preannotate import PreAnnotator
+import echolabel.core.preannotate as preannotate
+import workers.jobs as jobs
+from echolabel.core.model import SimilarityModel
+from echolabel.core.preannotate import PreAnnotator
 from tests.fakes import FakeLabelStudio
 from tests.helpers import REDIS_URL, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
@@ -72,7 +73,7 @@ def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_noth
     settings, project_tasks, redis_db, monkeypatch
 ):
     api = FakeLabelStudio(project_tasks, CONFIG, fail_imports_after=1)
-    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda _settings: api)
     monkeypatch.setattr(preannotate, "PUSH_BATCH", 4)
     monkeypatch.setattr(preannotate, "WRITE_RETRY_DELAYS_S", (0.0, 0.0))
     settings = dataclasses.replace(settings, redis_url=REDIS_URL, job_retry_intervals=(0,))
@@ -82,7 +83,7 @@ def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_noth
     install(job_context)
     try:
         job = queue(connection, PREANNOTATE).enqueue(
-            preannotate.preannotate_project, 1, retry=preannotate_retry(), job_id="push-1"
+            jobs.preannotate_project, 1, retry=preannotate_retry(), job_id="push-1"
         )
         SimpleWorker([queue(connection, PREANNOTATE)], connection=connection).work(burst=True)
         failed = FailedJobRegistry(PREANNOTATE, connection=connection)
@@ -116,7 +117,7 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
     from vectorstore import Annotation
 
     api = FakeLabelStudio(project_tasks, CONFIG)
-    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda _settings: api)
     PreAnnotator(services, api, 1).push()
     unlabelled = next(t["id"] for t in project_tasks if not t["annotations"])
     services.store.set_labels(1, unlabelled, {"organ": "dark"}, Annotation(999, "2027"))

@@ -20,7 +20,8 @@ from rq.registry import StartedJobRegistry
 from safetensors.torch import save_file
 
 from backend.app import create_app
-from backend.model import SimilarityModel
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.helpers import (
     REDIS_URL,
     TINY_ENCODER_B,
@@ -31,7 +32,6 @@ from tests.helpers import (
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import StoreError
 from workers import jobs
-from workers.embedding import TaskImage
 from workers.queues import REEMBED, connect, enqueue_unique, queue
 from workers.runtime import install, open_runtime
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.model import SimilarityModel
+from echolabel.core.model import SimilarityModel
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import TaskImage
+from echolabel.encoders import available_encoders, register_encoder
 from tests.helpers import TINY_ENCODER, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from workers.embedding import TaskImage
-from workers.encoders import available_encoders, register_encoder
 from workers.runtime import open_runtime
 from workers.training import TrainOptions
 from workers.training.retraining import run_round
@@ -151,10 +151,10 @@ def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
 
     import httpx
 
-    from backend import preannotate
     from backend.app import create_app
     from tests.fakes import FakeLabelStudio
     from tests.helpers import REDIS_URL, annotation_webhook, choices_result, serving
+    from workers import jobs
     from workers.training.selection import SelectionLog
 
     paths = dark_and_bright(settings.local_files_root, 60, size=(48, 48))
@@ -169,7 +169,7 @@ def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
         )
         tasks.append({"id": n, "data": {"image": paths[name]}, "annotations": annotations})
     api = FakeLabelStudio(tasks, CONFIG)
-    monkeypatch.setattr(preannotate, "LabelStudioClient", lambda _settings: api)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda _settings: api)
     looped = dataclasses.replace(
         settings,
         encoder=NOISE_ENCODER,

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from backend.admin import Admin
-from backend.model import SimilarityModel
 from echolabel.cli import main
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from tests.helpers import TINY_ENCODER, dark_and_bright, overlapping_classes
 from tests.label_configs import SHADE_CONFIG
-from workers.embedding import TaskImage
 from workers.evaluation.metrics import leave_one_out_neighbours
 from workers.review.flip_bench import flip_labels, precision_recall_at
 from workers.review.label_issues import CSV_COLUMNS, rank_label_issues

@@ -20,7 +20,7 @@ import re
 import httpx
 import pytest
 
-from backend.diverse_first import FIELD
+from echolabel.core.diverse_first import FIELD
 from echolabel.demo import USER, _job_done, _learned
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings

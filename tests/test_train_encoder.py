@@ -15,17 +15,17 @@ import pytest
 from PIL import Image
 
 from backend.admin import Admin
-from backend.model import SimilarityModel
 from echolabel import cli
+from echolabel.core.model import SimilarityModel
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import TaskImage
+from echolabel.encoders import load_encoder
+from echolabel.encoders.trained import read_config
 from echolabel.images import ImageFetcher
 from tests.helpers import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import Annotation
 from workers import jobs
-from workers.embedding import TaskImage
-from workers.encoders import load_encoder
-from workers.encoders.trained import read_config
 from workers.evaluation.report import headline
 from workers.evaluation.runner import evaluate_folder
 from workers.queues import REEMBED, enqueue_unique, queue
@@ -342,7 +342,7 @@ def test_training_reads_images_as_embedding_does(tmp_path, settings):
 
     from pydicom.data import get_testdata_file
 
-    from workers.encoders.trained import resize_crop
+    from echolabel.encoders.trained import resize_crop
     from workers.training.trainer import load_images
 
     cine = tmp_path / "cine.dcm"  # a 30-frame ultrasound loop with burned-in text

@@ -17,11 +17,11 @@ from PIL import Image, ImageOps
 from bench.recipe_validation import outer_split, parse_options, score_votes
 from bench.recipe_validation import run as run_recipe
 from echolabel import cli
+from echolabel.encoders import load_encoder
+from echolabel.encoders.trained import TrainedEncoder, read_config
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from tests.test_train_encoder import TINY, folder
-from workers.encoders import load_encoder
-from workers.encoders.trained import TrainedEncoder, read_config
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
 

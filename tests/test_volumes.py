@@ -263,7 +263,7 @@ def test_each_sampling_embeds_the_chosen_slices_and_still_votes_right(
 
 
 def test_several_samplings_are_compared_in_one_report(tmp_path, settings, monkeypatch):
-    from workers.embedding import Embedder
+    from echolabel.embedding import Embedder
 
     embedded = []
     real = Embedder.embed_images

@@ -14,6 +14,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from backend.app import create_app
+from echolabel.embedding import TaskImage
 from tests.fakes import FakeImageHost, image_reply
 from tests.helpers import (
     annotation_webhook,
@@ -22,7 +23,6 @@ from tests.helpers import (
     run_worker,
 )
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from workers.embedding import TaskImage
 from workers.queues import EMBED, RedisGate
 
 ROOT = Path(__file__).resolve().parents[1]

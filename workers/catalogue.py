@@ -1,11 +1,11 @@
 """Every job echolabel runs, named once: function, queue, id, TTLs, timeout, retries, progress.
 
-A job is a plain function with plain arguments (workers/jobs.py, backend/preannotate.py,
-backend/diverse_first.py); this table says how it travels. Functions are named by dotted path,
+A job is a plain function with plain arguments (workers/jobs.py) over the core's work; this
+table says how it travels. Functions are named by dotted path,
 as RQ stores them, so the table imports none of them. Every job has the settings' timeout
 (ECHOLABEL_JOB_TIMEOUT_S); a job with `retry` retries transient failures at the settings'
 intervals (ECHOLABEL_JOB_RETRY_INTERVALS), and a permanent failure cancels its retries itself
-(workers.jobs.PermanentJobError).
+(echolabel.core.errors.PermanentJobError).
 
 Ids are deterministic: one per project (per batch of tasks for embedding), so a job asked for
 again while it is queued or running is that job, not a second one (`queues.enqueue_unique`).
@@ -26,8 +26,8 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.utils import import_attribute
 
+from echolabel.embedding import TaskImage
 from echolabel.settings import Settings
-from workers.embedding import TaskImage
 from workers.queues import (
     EMBED,
     EVALUATE,
@@ -177,7 +177,7 @@ CATALOGUE: dict[str, JobSpec] = {
         ),
         JobSpec(
             "preannotate",
-            "backend.preannotate.preannotate_project",
+            "workers.jobs.preannotate_project",
             PREANNOTATE,
             "preannotate-{project}",
             _project("pre-annotate"),
@@ -185,7 +185,7 @@ CATALOGUE: dict[str, JobSpec] = {
         ),
         JobSpec(
             "refresh",
-            "backend.preannotate.refresh_project",
+            "workers.jobs.refresh_project",
             PREANNOTATE,
             "refresh-{project}",
             _project("refresh predictions of"),
@@ -193,7 +193,7 @@ CATALOGUE: dict[str, JobSpec] = {
         ),
         JobSpec(
             "diverse-first",
-            "backend.diverse_first.diverse_first_project",
+            "workers.jobs.diverse_first_project",
             PREANNOTATE,
             "diverse-first-{project}",
             lambda a: (

@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from redis import Redis
 from rq.job import Job, JobStatus
 
+from echolabel.embedding import EmbedReport, TaskImage
 from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point, StoreUnavailableError, VectorStore
 from workers.catalogue import enqueue_embed
-from workers.embedding import EmbedReport, TaskImage
 from workers.queues import REDIS_ERRORS, RedisGate, connect, fetch_job
 from workers.results import EmbedMessage, ResultList, store_key
 

@@ -10,16 +10,21 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rq import get_current_job
 
+from echolabel.core.diverse_first import DEFAULT_LIMIT, clear_tasks, order_tasks
+from echolabel.core.errors import PermanentJobError, TransientJobError
+from echolabel.core.preannotate import PreAnnotator, PushProgress
+from echolabel.embedding import TaskImage
+from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point, StoreError
-from workers.embedding import TaskImage
 from workers.reembed import Progress, reembed_project
 from workers.results import EmbedMessage, ResultList
 from workers.runtime import current
@@ -28,14 +33,6 @@ log = logging.getLogger(__name__)
 
 # Image failures worth retrying: the source may come back. Anything else is the image itself.
 TRANSIENT_IMAGE_REASONS = {"unreachable"}
-
-
-class TransientJobError(RuntimeError):
-    """Worth retrying later (RQ's Retry policy does)."""
-
-
-class PermanentJobError(RuntimeError):
-    """Retrying cannot help; the job goes straight to the failed registry with this reason."""
 
 
 def _no_retry() -> None:
@@ -475,3 +472,50 @@ def _meta_reporter(on_progress: Callable[[Any], None] | None) -> Callable[[Any],
             job.save_meta()
 
     return report
+
+
+# -- pre-annotation jobs (RQ queue `preannotate`, or a thread of the backend without Redis) --
+
+
+@contextmanager
+def _pre_annotator(
+    project: int | str, on_progress: Callable[[Any], None] | None
+) -> Iterator[PreAnnotator]:
+    runtime = current()
+    client = LabelStudioClient(runtime.settings)
+    try:
+        # A job embeds what it needs itself: it runs where the work is meant to happen.
+        yield PreAnnotator(runtime.inline(), client, int(project), _meta_reporter(on_progress))
+    except LabelStudioUnavailable as exc:
+        raise TransientJobError(str(exc)) from None
+    finally:
+        client.close()
+
+
+def preannotate_project(
+    project: int | str, on_progress: Callable[[PushProgress], None] | None = None
+) -> dict[str, Any]:
+    """Push predictions for every unlabelled task of a Label Studio project."""
+    with _pre_annotator(project, on_progress) as annotator:
+        return annotator.push()
+
+
+def refresh_project(
+    project: int | str, on_progress: Callable[[PushProgress], None] | None = None
+) -> dict[str, Any]:
+    """Update the pushed predictions that the label changes since the last refresh affect."""
+    with _pre_annotator(project, on_progress) as annotator:
+        return annotator.refresh()
+
+
+def diverse_first_project(
+    project: int | str,
+    limit: int | None = None,
+    clear: bool = False,
+    on_progress: Callable[[PushProgress], None] | None = None,
+) -> dict[str, Any]:
+    """Write (or, with `clear`, remove) the diverse-first order of a Label Studio project."""
+    with _pre_annotator(project, on_progress) as annotator:
+        if clear:
+            return clear_tasks(annotator)
+        return order_tasks(annotator, DEFAULT_LIMIT if limit is None else int(limit))

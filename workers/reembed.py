@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from echolabel.embedding import Embedder, ImageLoader, TaskImage
 from vectorstore import CollectionInfo, Point, StoreError, VectorStore
-from workers.embedding import Embedder, ImageLoader, TaskImage
 
 log = logging.getLogger(__name__)
 

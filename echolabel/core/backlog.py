@@ -12,8 +12,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
+from echolabel.embedding import TaskImage
 from vectorstore import TaskId
-from workers.embedding import TaskImage
 
 log = logging.getLogger(__name__)
 

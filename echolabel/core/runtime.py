@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from backend.projects import ProjectRegistry
+from echolabel.core.projects import ProjectRegistry
+from echolabel.embedding import Embedder, EmbedReport, TaskImage
 from echolabel.images import ImageError, ImageFetcher
 from echolabel.settings import Settings
 from vectorstore import TaskId, VectorStore, open_store
-from workers.embedding import Embedder, EmbedReport, TaskImage
 
 from .backlog import Backlog
 

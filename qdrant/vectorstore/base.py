@@ -47,7 +47,7 @@ class CollectionInfo:
     weights_id: str
     generation: int
     name: str
-    # Pre-annotation state (see backend/preannotate.py): the model_version of the predictions
+    # Pre-annotation state (see echolabel/core/preannotate.py): the model_version of the predictions
     # last pushed to Label Studio, and a counter of label changes.
     published_version: str | None = None
     label_state: int = 0

@@ -1,4 +1,4 @@
-"""The push's bookkeeping, kept in the live generation's metadata (backend/preannotate.py).
+"""The push's bookkeeping, kept in the live generation's metadata (echolabel/core/preannotate.py).
 
 What Label Studio holds from us: the model_version of the predictions last pushed, a lower
 bound of their vote radii, and the tasks whose labels changed since the last refresh. It lives

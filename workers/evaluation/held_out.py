@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from echolabel.encoders.trained import encoder_dir, is_trained, read_config
 from echolabel.images import ImageError
-from workers.encoders.trained import encoder_dir, is_trained, read_config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import Embedder, ImageLoader, TaskImage
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from workers.embedding import Embedder, ImageLoader, TaskImage
 from workers.training.samples import Sample
 from workers.training.selection import RetrainPolicy
 from workers.training.trainer import TrainOptions, train_encoder

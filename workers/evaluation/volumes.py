@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import Embedder
 from echolabel.folders import Item, fingerprint
 from echolabel.settings import Settings
 from echolabel.volumes import Sampling, VolumeError, read_volume, volume_vote
-from workers.embedding import Embedder
 
 from .metrics import leave_one_out_neighbours, neighbour_votes
 from .report import evaluate_vectors, new_report

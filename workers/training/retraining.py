@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from echolabel.embedding import Embedder, TaskImage
 from echolabel.images import ImageFetcher
 from echolabel.vote import is_multi_choice
 from vectorstore import Point, VectorStore
-from workers.embedding import Embedder, TaskImage
 from workers.evaluation.held_out import trained_on
 from workers.training.samples import Sample, TrainingRefused
 from workers.training.selection import (

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from echolabel.images import ImageError, ImageFetcher
-from workers.encoders.base import EncoderError, file_id, resolve_device
-from workers.encoders.timm_encoders import TIMM_MODELS, load_packaged, packaged_weights_path
-from workers.encoders.trained import (
+from echolabel.encoders.base import EncoderError, file_id, resolve_device
+from echolabel.encoders.timm_encoders import TIMM_MODELS, load_packaged, packaged_weights_path
+from echolabel.encoders.trained import (
     BACKBONE_PREFIX,
     CONFIG_FILE,
     FORMAT,
@@ -43,6 +42,7 @@ from workers.encoders.trained import (
     normalise,
     resize_crop,
 )
+from echolabel.images import ImageError, ImageFetcher
 from workers.training.augment import UltrasoundAugment
 from workers.training.samples import (
     Sample,

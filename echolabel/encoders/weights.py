@@ -15,14 +15,14 @@ from pathlib import Path
 import timm
 from safetensors.torch import save_file
 
-from workers.encoders.base import EncoderError, available_encoders
-from workers.encoders.dreamsim_encoder import (
+from echolabel.encoders.base import EncoderError, available_encoders
+from echolabel.encoders.dreamsim_encoder import (
     build_dreamsim,
     dreamsim_cache_dir,
     dreamsim_files,
     missing_dreamsim_files,
 )
-from workers.encoders.timm_encoders import TIMM_MODELS, hf_hub_id, packaged_weights_path
+from echolabel.encoders.timm_encoders import TIMM_MODELS, hf_hub_id, packaged_weights_path
 
 
 def _packaged(name: str, weights_dir: Path) -> list[Path]:

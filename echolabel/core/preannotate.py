@@ -27,22 +27,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from rq import get_current_job
 
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import TaskImage
+from echolabel.label_config import LabelSchema, TaskError
 from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
 from vectorstore import Annotation, CollectionInfo, TaskId
-from workers.embedding import TaskImage
-from workers.jobs import TransientJobError
-from workers.runtime import current
 
-from .label_config import LabelSchema, TaskError
 from .model import SimilarityModel, Suggestion, suggests_labels
 
 log = logging.getLogger(__name__)
@@ -409,46 +405,3 @@ def _has_version(task: Mapping[str, Any], version: str) -> bool:
         isinstance(p, Mapping) and p.get("model_version") == version
         for p in task.get("predictions") or []
     )
-
-
-# -- job functions (RQ queue `preannotate`, or a thread of the backend without Redis) --------
-
-
-def preannotate_project(
-    project: int, on_progress: Callable[[PushProgress], None] | None = None
-) -> dict[str, Any]:
-    """Push predictions for every unlabelled task of a Label Studio project."""
-    with pre_annotator(project, on_progress) as annotator:
-        return annotator.push()
-
-
-def refresh_project(
-    project: int, on_progress: Callable[[PushProgress], None] | None = None
-) -> dict[str, Any]:
-    """Update the pushed predictions that the label changes since the last refresh affect."""
-    with pre_annotator(project, on_progress) as annotator:
-        return annotator.refresh()
-
-
-@contextmanager
-def pre_annotator(
-    project: int, on_progress: Callable[[PushProgress], None] | None
-) -> Iterator[PreAnnotator]:
-    runtime = current()
-    job = get_current_job()
-
-    def report(progress: PushProgress) -> None:
-        if on_progress is not None:
-            on_progress(progress)
-        if job is not None:
-            job.meta["progress"] = progress.as_meta()
-            job.save_meta()
-
-    client = LabelStudioClient(runtime.settings)
-    try:
-        # A job embeds what it needs itself: it runs where the work is meant to happen.
-        yield PreAnnotator(runtime.inline(), client, int(project), report)
-    except LabelStudioUnavailable as exc:
-        raise TransientJobError(str(exc)) from None
-    finally:
-        client.close()

@@ -30,16 +30,16 @@ task's relative place, only the numbers. After labelling out of order, run it ag
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from echolabel.diversity import k_center_order
-from workers.jobs import PermanentJobError
 
+from .errors import PermanentJobError
 from .model import SimilarityModel
-from .preannotate import PreAnnotator, PushProgress, latest_annotation, pre_annotator
+from .preannotate import PreAnnotator, PushProgress, latest_annotation
 
 FIELD = "echolabel_diverse_first"
 DEFAULT_LIMIT = 1000
@@ -164,19 +164,3 @@ def _refuse_foreign(tasks: Sequence[Mapping[str, Any]]) -> None:
             f"{len(foreign)} task(s) (e.g. {foreign[:5]}) hold data.{FIELD} that echolabel did "
             "not write (not a number like 0001); rename that key in your data, and run again"
         )
-
-
-# -- job function (RQ queue `preannotate`, or a thread of the backend without Redis) ---------
-
-
-def diverse_first_project(
-    project: int,
-    limit: int | None = None,
-    clear: bool = False,
-    on_progress: Callable[[PushProgress], None] | None = None,
-) -> dict[str, Any]:
-    """Write (or, with `clear`, remove) the diverse-first order of a Label Studio project."""
-    with pre_annotator(project, on_progress) as annotator:
-        if clear:
-            return clear_tasks(annotator)
-        return order_tasks(annotator, DEFAULT_LIMIT if limit is None else int(limit))

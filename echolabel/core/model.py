@@ -12,17 +12,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import EmbedReport, TaskImage
 from echolabel.images import ImageError
+from echolabel.label_config import GALLERY_TAG, LabelSchema, TaskError
 from echolabel.vote import FieldVote, task_score, vote
 from vectorstore import Annotation, CollectionInfo, Neighbour, TaskId
-from workers.embedding import EmbedReport, TaskImage
 
-from .gallery import task_path
-from .label_config import GALLERY_TAG, LabelSchema, TaskError
 from .projects import project_id
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 LABEL_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"}
 DELETE_EVENTS = {"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
 PREEMBED_EVENTS = {"TASKS_CREATED"}
+
+
+def task_path(project: int | str, task: TaskId) -> str:
+    """The backend path of a task's pages (task ids may be folder paths: slashes stay).
+
+    The core writes it into predictions (the neighbour-gallery link); backend/ serves it.
+    """
+    return f"/projects/{quote(str(project), safe='')}/tasks/{quote(str(task), safe='/')}"
 
 
 @dataclass
@@ -90,7 +98,7 @@ class SimilarityModel:
     @property
     def model_version(self) -> str:
         """Encoder + collection generation, plus the label state of the last push (see
-        backend/preannotate.py): Label Studio skips tasks holding a prediction of it."""
+        echolabel/core/preannotate.py): Label Studio skips tasks holding a prediction of it."""
         info = self.live_collection()
         if info is None:
             return f"echolabel-{self.settings.encoder}-g1"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.encoders.base import (
+from echolabel.encoders.base import (
     EncoderError,
     WeightsMissingError,
     embed_in_batches,

@@ -11,7 +11,7 @@ import re
 import threading
 from pathlib import Path
 
-from .label_config import LabelConfigError, LabelSchema, parse_label_config
+from echolabel.label_config import LabelConfigError, LabelSchema, parse_label_config
 
 
 def project_id(raw: object) -> int | str:

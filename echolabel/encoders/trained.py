@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
-from workers.encoders.base import (
+from echolabel.encoders.base import (
     EncoderError,
     embed_in_batches,
     encoder_family,

@@ -17,10 +17,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from echolabel.encoders import Encoder, load_encoder
 from echolabel.images import ImageError
 from echolabel.settings import Settings
 from vectorstore import Annotation, Point, TaskId
-from workers.encoders import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from torch import nn
 
-from workers.encoders.base import (
+from echolabel.encoders.base import (
     EncoderError,
     WeightsMissingError,
     embed_in_batches,

@@ -3,8 +3,8 @@
 Importing this package registers every encoder; `load_encoder(name)` builds one.
 """
 
-from workers.encoders import dreamsim_encoder, timm_encoders, trained
-from workers.encoders.base import (
+from echolabel.encoders import dreamsim_encoder, timm_encoders, trained
+from echolabel.encoders.base import (
     DEFAULT_ENCODER,
     Encoder,
     EncoderError,
@@ -15,8 +15,8 @@ from workers.encoders.base import (
     register_encoder,
     to_rgb,
 )
-from workers.encoders.timm_encoders import build_transform, create_timm_model
-from workers.encoders.weights import download_weights
+from echolabel.encoders.timm_encoders import build_transform, create_timm_model
+from echolabel.encoders.weights import download_weights
 
 __all__ = [
     "DEFAULT_ENCODER",
