@@ -67,8 +67,14 @@ def deployment(request, tmp_path):
     try:
         yield settings
     finally:
+        # SIGTERM is RQ's warm shutdown: the worker finishes the embedding job it holds (a batch
+        # of BUSI images, up to a minute on busy cores) before it exits; then it must be gone.
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(180)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise
 
 
 def test_votes_on_real_ultrasound_beat_the_majority_class(deployment):
