@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,18 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
+from bench.processes import (
+    ROOT,
+    free_port,
+    opened_store,
+    process_env,
+    start_backend,
+    stop_backend,
+    write_images,
+)
+from bench.processes import webhook as annotation_webhook
 from vectorstore import Point
 from workers.queues import EMBED
 from workers.results import ResultList, store_key
 
-ROOT = Path(__file__).resolve().parents[1]
 PROJECT = 7
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="organ" toName="image"><Choice value="dark"/><Choice value="bright"/>
@@ -103,26 +108,6 @@ class BurstResult:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_images(folder: Path, count: int) -> list[str]:
-    """Distinct small PNGs (seeded noise), so every task has its own vector."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        path = folder / f"task_{i}.png"
-        if not path.exists():
-            pixels = rng.integers(0, 255, size=(48, 48), dtype=np.uint8)
-            Image.fromarray(pixels, "L").save(path)
-        paths.append(str(path))
-    return paths
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -134,25 +119,6 @@ def idle_cpu(pid: int, window_s: float) -> float:
     start, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(window_s)
     return (cpu_seconds(pid) - start) / (time.monotonic() - t0)
-
-
-def process_env(
-    model_dir: Path, images: Path, redis_url: str | None, encoder: str
-) -> dict[str, str]:
-    skip = ("ECHOLABEL_", "QDRANT_", "REDIS_URL")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    env.update(
-        MODEL_DIR=str(model_dir),
-        ECHOLABEL_ENCODER=encoder,
-        ECHOLABEL_LOCAL_FILES_ROOT=str(images),
-        ECHOLABEL_JOB_RETRY_INTERVALS="1,2",
-        ECHOLABEL_REFRESH_INTERVAL_S="0",
-        # A retraining round would train in the backend mid-measurement (idle CPU, SIGTERM).
-        ECHOLABEL_AUTO_RETRAIN="0",
-    )
-    return env
 
 
 @contextlib.contextmanager
@@ -176,53 +142,9 @@ def worker_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]
             proc.wait()
 
 
-def start_backend(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "echolabel.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the backend exited with {proc.returncode}; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the backend did not answer /health within 120 s; see {log}")
-
-
 def webhook(action: str, task: int, image: str, organ: str | None, updated_at: str) -> dict:
-    annotation: dict = {"id": 10_000 + task, "task": task, "updated_at": updated_at}
-    if organ is not None:
-        annotation["result"] = [
-            {
-                "from_name": "organ",
-                "to_name": "image",
-                "type": "choices",
-                "value": {"choices": [organ]},
-            }
-        ]
-    return {
-        "action": action,
-        "project": {"id": PROJECT},
-        "task": {"id": task, "data": {"image": image}},
-        "annotation": annotation,
-    }
+    labels = None if organ is None else {"organ": organ}
+    return annotation_webhook(PROJECT, action, task, image, labels, updated_at)
 
 
 def send_burst(base: str, plan: BurstPlan, images: Sequence[str]) -> None:
@@ -269,30 +191,11 @@ def wait_settled(base: str, redis: Redis, results: ResultList, timeout_s: float)
     return (rows[0].get("points", 0), rows[0].get("labelled", 0)) if rows else (0, 0)
 
 
-def stop_backend(proc: subprocess.Popen, limit_s: float) -> float:
-    """SIGTERM; seconds until it exited (SIGKILL after `limit_s` + 30, reported as such)."""
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(limit_s + 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return float("inf")
-    return time.monotonic() - start
-
-
 def check_store(model_dir: Path, plan: BurstPlan, result: BurstResult) -> dict[int, Point]:
     """Read the embedded store the backend left behind and compare with the plan; returns
     its points by task."""
-    from echolabel.core.runtime import open_configured_store
-    from echolabel.settings import Settings
-
-    store = open_configured_store(Settings(model_dir=model_dir))
-    try:
+    with opened_store(model_dir) as store:
         points = {p.task: p for p in store.iter_points(PROJECT, with_vectors=False)}
-    finally:
-        store.close()
     result.points = len(points)
     result.labelled = sum(p.labelled for p in points.values())
     missing = sorted(set(range(plan.tasks)) - set(points))
@@ -451,14 +354,8 @@ def inline_kill_run(
             time.sleep(0.2)
     finally:
         stop_backend(restarted, 5.0)
-    from echolabel.core.runtime import open_configured_store
-    from echolabel.settings import Settings
-
-    store = open_configured_store(Settings(model_dir=model_dir))
-    try:
+    with opened_store(model_dir) as store:
         points = list(store.iter_points(PROJECT, with_vectors=False))
-    finally:
-        store.close()
     by_task = {p.task: p for p in points}
     if len(by_task) != len(points):
         problems.append(f"{len(points) - len(by_task)} duplicate point(s)")

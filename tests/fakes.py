@@ -2,13 +2,15 @@
 
 `FakeImageHost` serves a table of routes on loopback (`with FakeImageHost(...) as host:`, then
 `host.url`), records every request in `seen`, and can be told to fail the next requests to a
-path (`fail`). `fetch_edge_cases` are the routes the image fetcher must survive: redirects,
-oversize, mislabelled, HTML, 500 and slow answers.
+path (`fail`) or to hold them unanswered (`hold`: where a crash test kills its client).
+`fetch_edge_cases` are the routes the image fetcher must survive: redirects, oversize,
+mislabelled, HTML, 500 and slow answers.
 
 `FakeLabelStudio` is the in-memory Label Studio (`echolabel.labelstudio_memory`: the API the push
 makes, usable without HTTP) that is also an image host: served, it answers Label Studio's API
-(projects, paged tasks, token refresh) and its uploads, behind its two auth modes, a legacy
-token and a personal access token exchanged for short-lived JWTs on a clock the test moves.
+(projects, paged tasks, token refresh, and the predictions the push writes) and its uploads,
+behind its two auth modes, a legacy token and a personal access token exchanged for short-lived
+JWTs on a clock the test moves.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class FakeImageHost:
         self.seen: list[Request] = []
         self.lock = threading.Lock()
         self._failures: dict[str, list[int]] = {}
+        self._hold: tuple[str, int] | None = None  # (route prefix, answers left before holding)
+        self._released = threading.Event()
+        self.held = 0  # requests held so far
         self._server: ThreadingHTTPServer | None = None
 
     # -- configuration --------------------------------------------------------------------
@@ -105,6 +110,32 @@ class FakeImageHost:
         """Answer the next requests to `route` with these statuses, in order, then as usual."""
         with self.lock:
             self._failures.setdefault(route, []).extend(statuses)
+
+    def hold(self, prefix: str, after: int) -> None:
+        """Answer `after` more requests whose path starts with `prefix`, then hold each later
+        one until `release()`: its reply is computed (a write is applied) but not sent. A crash
+        test kills the client while `held` > 0, so the kill lands at a known point."""
+        with self.lock:
+            self._hold = (prefix, after)
+            self.held = 0
+            self._released.clear()
+
+    def release(self) -> None:
+        """Send what was held (to a client that may be gone) and hold nothing more."""
+        with self.lock:
+            self._hold = None
+        self._released.set()
+
+    def _wait_if_held(self, request: Request) -> None:
+        with self.lock:
+            if self._hold is None or not request.path.startswith(self._hold[0]):
+                return
+            prefix, left = self._hold
+            if left > 0:
+                self._hold = (prefix, left - 1)
+                return
+            self.held += 1
+        self._released.wait(120)
 
     def fetch_edge_cases(self, max_bytes: int = MAX_BYTES) -> Self:
         """Add the routes an image fetcher must survive; `/away` leaves for `localhost`, this
@@ -179,6 +210,7 @@ def _handler(fake: FakeImageHost) -> type[BaseHTTPRequestHandler]:
                 body=self.rfile.read(length) if length else b"",
             )
             reply = fake._handle(request)
+            fake._wait_if_held(request)
             time.sleep(reply.delay_s)
             self.send_response(reply.status)
             for name, value in reply.headers.items():
@@ -243,6 +275,8 @@ class FakeLabelStudio(InMemoryLabelStudio, FakeImageHost):
         self.refreshes = 0
         self.unauthorized = 0
         self._jti = 0
+        # Served, the state is read and written from the server's threads and the test's.
+        self.state = threading.RLock()
 
     @property
     def headers_seen(self) -> list[str]:
@@ -298,7 +332,8 @@ class FakeLabelStudio(InMemoryLabelStudio, FakeImageHost):
             return image_reply()
         if request.method == "GET":
             return self._api_get(route, request.query)
-        return NOT_FOUND
+        with self.state:
+            return self._api_write(request.method, route, json.loads(request.body or b"null"))
 
     def _api_get(self, route: str, query: dict[str, list[str]]) -> Reply:
         project = {"id": self.project_id, "label_config": self.config}
@@ -306,9 +341,44 @@ class FakeLabelStudio(InMemoryLabelStudio, FakeImageHost):
             return json_reply(200, {"results": [project] if self.has_project else []})
         if route == f"/api/projects/{self.project_id}/" and self.has_project:
             return json_reply(200, project | {"model_version": self.model_version})
-        if route == "/api/tasks/":
-            page, size = int(query["page"][0]), int(query["page_size"][0])
-            tasks = list(self.tasks_by_id.values())
-            chunk = tasks[(page - 1) * size : page * size]
-            return json_reply(200 if chunk else 404, {"tasks": chunk, "total": len(tasks)})
+        with self.state:
+            if route == "/api/tasks/":
+                page, size = int(query["page"][0]), int(query["page_size"][0])
+                # `fields=all` (the push reads it) adds the predictions, as Label Studio does.
+                full = query.get("fields") == ["all"]
+                tasks = (
+                    list(self.tasks(self.project_id)) if full else list(self.tasks_by_id.values())
+                )
+                chunk = tasks[(page - 1) * size : page * size]
+                return json_reply(200 if chunk else 404, {"tasks": chunk, "total": len(tasks)})
+            if route == "/api/predictions/":
+                return json_reply(200, self.predictions(int(query["task"][0])))
+            if route == f"/api/projects/{self.project_id}/model-versions/":
+                return json_reply(200, self.model_versions(self.project_id))
+            if route == "/api/ml":
+                return json_reply(200, self.backends(self.project_id))
+        return NOT_FOUND
+
+    def _api_write(self, method: str, route: str, body: Any) -> Reply:
+        """The writes of the push (backend/preannotate.py), as Label Studio 1.23 answers them."""
+        project = f"/api/projects/{self.project_id}/"
+        if method == "POST" and route == f"{project}import/predictions":
+            try:
+                return json_reply(201, {"created": self.import_predictions(self.project_id, body)})
+            except LabelStudioUnavailable as exc:
+                return json_reply(500, {"detail": str(exc)})
+        if method == "DELETE" and route == f"{project}model-versions/":
+            deleted = self.delete_model_version(self.project_id, body["model_version"])
+            return json_reply(200, {"deleted_predictions": deleted})
+        if method == "PATCH" and route == project:
+            self.set_model_version(self.project_id, body["model_version"])
+            return json_reply(200, self.project(self.project_id))
+        prediction = route.removeprefix("/api/predictions/").strip("/")
+        if route.startswith("/api/predictions/") and int(prediction) in self.predictions_by_id:
+            if method == "PATCH":
+                self.update_prediction(int(prediction), body["result"], body["score"])
+                return json_reply(200, self.predictions_by_id[int(prediction)])
+            if method == "DELETE":
+                self.delete_prediction(int(prediction))
+                return Reply(204)
         return NOT_FOUND

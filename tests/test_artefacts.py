@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.webhook_burst import free_port, start_backend, stop_backend
+from bench.processes import free_port, start_backend, stop_backend
 from tests.helpers import ROOT, annotation_webhook, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
 
