@@ -3,11 +3,13 @@
 With Redis, a job goes to its RQ queue (workers/catalogue.py; one that touches the store runs
 on a worker that may write it: any worker with a Qdrant server, the backend's own in-process
 worker with the embedded store). Without Redis, or while it is unreachable, the backend runs
-the same job function in a thread.
+the same job function in a thread, recorded in its job journal (backend/job_journal.py) so
+that a restart resumes what a crash or a stop interrupted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,6 +31,8 @@ from workers.queues import EMBED, QUEUES, STORE_QUEUES, queue
 from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
 from workers.training.selection import RetrainPolicy, SelectionLog
 from workers.worker import ThreadWorker
+
+from .job_journal import JobJournal
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,26 @@ class Admin:
         self._worker_thread: threading.Thread | None = None
         self._timer_thread: threading.Thread | None = None
         self._retrain_thread: threading.Thread | None = None
+        self.journal = JobJournal(runtime.settings.model_dir / "jobs")
+        # As many launches as RQ would try a job: its first, and one per retry interval.
+        self._max_attempts = 1 + len(runtime.settings.job_retry_intervals)
+
+    def resume_interrupted(self) -> list[str]:
+        """Start again the jobs this process's predecessor ran in threads and never ended (a
+        crash, or a stop that did not wait for them); their ids."""
+        resumed = []
+        for entry in self.journal.interrupted():
+            self.journal.ended(entry.id)  # written again if it runs here once more
+            if entry.attempts >= self._max_attempts:
+                log.warning(
+                    "job interrupted too often: not resumed",
+                    extra={"job": entry.id, "attempts": entry.attempts},
+                )
+                continue
+            log.warning("resuming an interrupted job", extra={"job": entry.id})
+            self._start(entry.job, attempt=entry.attempts + 1, **entry.arguments)
+            resumed.append(entry.id)
+        return resumed
 
     def start_store_worker(self, every_s: float = 1.0) -> None:
         """With Redis and the embedded store, this process runs the store-writing jobs.
@@ -143,7 +167,8 @@ class Admin:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the store worker and the timers. A job still running after `timeout_s`
         (a long re-embedding) is left to die with the process: its generation never became
-        live, and RQ retries it as abandoned, resuming where it stopped."""
+        live, and RQ retries it as abandoned (or, run in a thread here, the next start
+        resumes it), continuing where it stopped."""
         self._stop.set()
         for thread in (self._worker_thread, self._timer_thread, self._retrain_thread):
             if thread is not None:
@@ -214,11 +239,11 @@ class Admin:
         review.csv / review.json."""
         return self._start("review", project=project)
 
-    def _start(self, job: str, /, **arguments: Any) -> dict[str, Any]:
+    def _start(self, job: str, /, *, attempt: int = 1, **arguments: Any) -> dict[str, Any]:
         launched = run_or_enqueue(
             self.runtime,
             job,
-            in_thread=self._start_local,
+            in_thread=functools.partial(self._start_local, attempt=attempt),
             redis_down_runs_here=True,
             **arguments,
         )
@@ -227,13 +252,18 @@ class Admin:
             return {"job": launched.id, "status": status, "queue": launched.queue}
         return {"job": launched.id, "status": "started", "queue": launched.queue}
 
-    def _start_local(self, launched: Launched, run: RunHere) -> None:
-        """Without Redis: the job function in a thread of this process (once at a time)."""
+    def _start_local(self, launched: Launched, run: RunHere, attempt: int = 1) -> None:
+        """Without Redis: the job function in a thread of this process (once at a time),
+        recorded in the journal until it ends."""
         with self._lock:
             running = self.local_jobs.get(launched.id)
             if running is not None and running.status == "started":
                 return
-            local = self.local_jobs[launched.id] = LocalJob(launched.id, launched.description)
+            description = launched.description
+            if attempt > 1:
+                description += " (resumed after a restart)"
+            local = self.local_jobs[launched.id] = LocalJob(launched.id, description)
+            self.journal.started(launched.id, launched.spec.name, launched.arguments, attempt)
 
         def report(progress: Mapping[str, Any]) -> None:
             local.progress = dict(progress)
@@ -243,8 +273,12 @@ class Admin:
                 local.result = run(report)
                 local.status = "finished"
             except Exception as exc:
+                if self._stop.is_set():  # the store closed under it: the next start resumes
+                    local.status = "interrupted"
+                    return
                 local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.warning("job failed", extra={"job": launched.id, "error": str(exc)})
+            self.journal.ended(launched.id)
 
         threading.Thread(target=work, name=launched.id, daemon=True).start()
 

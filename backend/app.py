@@ -91,6 +91,8 @@ def create_app(
             dispatcher.start_collector()
             admin.start_store_worker()
         admin.start_refresh_timer(settings.refresh_interval_s)
+        # What a crash (or a stop that did not wait) interrupted in this process's threads.
+        admin.resume_interrupted()
         admin.start_retraining_timer(settings.retrain_check_s)
         inbox = WebhookInbox(
             settings.model_dir / "webhooks",

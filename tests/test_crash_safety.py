@@ -300,11 +300,15 @@ def test_kill_during_a_reembedding_never_makes_the_half_built_generation_live(tm
         assert len(half) == before_kill
         assert organs(half) == {t: expected[t] for t in half}
 
+        host.hold("/img/", after=0)  # the resumed re-embedding waits for its first image
         client = server.start()
+        resumed = wait_for(lambda: job(client, f"reembed-{PROJECT}"), 30, "a resumed job")
+        assert "resumed after a restart" in resumed["description"], resumed
+        wait_for(lambda: host.held, 60, "the resumed re-embedding waiting for an image")
         # Until the new generation is complete, predictions come from the old one.
         answer = predict(client, [{"id": 0, "data": {"image": image(0)}}])
         assert answer["model_version"] == f"echolabel-{TINY_ENCODER}-g1"
-        start_reembed(client, TINY_ENCODER_B)
+        host.release()
         done = wait_for(lambda: finished(client, f"reembed-{PROJECT}"), 60, "the re-embedding")
         assert done["result"]["skipped"] == before_kill  # resumed: written batches not redone
         assert (done["result"]["done"], done["result"]["stage"]) == (tasks, "switched")
@@ -323,10 +327,17 @@ def test_kill_during_a_reembedding_never_makes_the_half_built_generation_live(tm
         np.testing.assert_allclose(point.vector, want[t], atol=1e-5, err_msg=f"task {t}")
 
 
+def choices(organ: str) -> list[dict[str, Any]]:
+    return [
+        {"from_name": "organ", "to_name": "image", "type": "choices", "value": {"choices": [organ]}}
+    ]
+
+
 def test_kill_during_a_push_leaves_every_prediction_equal_to_a_fresh_vote(tmp_path, backend):
-    """The push writes 200 predictions a request: Label Studio applies the second request,
-    and the backend dies before it hears the answer."""
-    labelled, unlabelled = 30, 450
+    """Predictions are pushed once; labels change; the second push writes 200 predictions a
+    request, Label Studio applies its second request and the backend dies before it hears
+    the answer. The restart resumes the push by itself."""
+    labelled, unlabelled, relabelled = 30, 450, range(31, 37)
     images = tmp_path / "images"
     images.mkdir()
     ls_tasks = []
@@ -336,21 +347,9 @@ def test_kill_during_a_push_leaves_every_prediction_equal_to_a_fresh_vote(tmp_pa
         task: dict[str, Any] = {"id": t, "data": {"image": str(path)}, "project": PROJECT}
         if t <= labelled:
             task["annotations"] = [
-                {
-                    "id": 5000 + t,
-                    "updated_at": CREATED_AT,
-                    "result": [
-                        {
-                            "from_name": "organ",
-                            "to_name": "image",
-                            "type": "choices",
-                            "value": {"choices": [kind(t)]},
-                        }
-                    ],
-                }
+                {"id": 5000 + t, "updated_at": CREATED_AT, "result": choices(kind(t))}
             ]
         ls_tasks.append(task)
-    imports = f"/api/projects/{PROJECT}/import/predictions"
     with FakeLabelStudio(ls_tasks, CONFIG, project=PROJECT) as label_studio:
         server = backend(
             LABEL_STUDIO_URL=label_studio.url,
@@ -359,46 +358,56 @@ def test_kill_during_a_push_leaves_every_prediction_equal_to_a_fresh_vote(tmp_pa
             ECHOLABEL_FETCH_TIMEOUT_S="120",
         )
         client = server.start()
-        label_studio.hold(imports, after=1)
         client.post(f"/projects/{PROJECT}/preannotate").raise_for_status()
-        wait_for(lambda: label_studio.held, 60, "the push's second write")
+        first = wait_for(lambda: finished(client, f"preannotate-{PROJECT}"), 60, "the push")
+        published = first["result"]["model_version"]
+        # Annotators label a few tasks (Label Studio holds the annotation, we get the webhook),
+        # against their kind, so that the votes around them change.
+        for t in relabelled:
+            with label_studio.state:
+                label_studio.tasks_by_id[t]["annotations"] = [
+                    {"id": 5000 + t, "updated_at": UPDATED_AT, "result": choices(kind(t + 1))}
+                ]
+            annotate(client, "ANNOTATION_CREATED", t, str(images / f"{t}.png"), kind(t + 1))
+        wait_for(lambda: inbox_done(client), 60, "the annotations applied")
+
+        label_studio.hold(f"/api/projects/{PROJECT}/import/predictions", after=1)
+        client.post(f"/projects/{PROJECT}/preannotate").raise_for_status()
+        wait_for(lambda: label_studio.held, 60, "the second push's second write")
         with label_studio.state:
             written = label_studio.model_versions(PROJECT)
         server.kill()
         label_studio.release()
-        (version,) = written  # the new version only: nothing was published before
+        (version,) = set(written) - {published}
         assert 0 < written[version] < unlabelled
 
         left = read_store(server.model_dir, PROJECT)
         assert left.duplicates() == {}
-        assert left.live is not None and left.live.published_version is None
+        assert left.live is not None and left.live.published_version == published
         assert len(left.by_task()) == labelled + unlabelled
-        assert sum(p.labelled for p in left.by_task().values()) == labelled
+        assert sum(p.labelled for p in left.by_task().values()) == labelled + len(relabelled)
 
         client = server.start()
-        client.post(f"/projects/{PROJECT}/preannotate").raise_for_status()
-        done = wait_for(lambda: finished(client, f"preannotate-{PROJECT}"), 60, "the push")
+        done = wait_for(lambda: finished(client, f"preannotate-{PROJECT}"), 60, "the resumed push")
+        assert "resumed after a restart" in done["description"]
         result = done["result"]
-        assert result["model_version"] == version  # the same labels: the same version
-        assert result["already_current"] == written[version]  # resumed, nothing written twice
-        assert result["failed"] == 0
+        assert result["model_version"] == version
+        assert result["already_current"] == written[version]  # nothing written twice
+        assert (result["failed"], result["deleted_stale_predictions"]) == (0, written[published])
 
-        fresh = predict(
-            client,
-            [{"id": t["id"], "data": t["data"]} for t in ls_tasks if "annotations" not in t],
-        )
+        open_tasks = [t for t in ls_tasks if not t.get("annotations")]
+        fresh = predict(client, [{"id": t["id"], "data": t["data"]} for t in open_tasks])
         server.stop()
         with label_studio.state:
             held = {t["id"]: label_studio.predictions(t["id"]) for t in ls_tasks}
 
     assert read_store(server.model_dir, PROJECT).live.published_version == version
     mismatched = []
-    unlabelled_tasks = [t["id"] for t in ls_tasks if "annotations" not in t]
-    for task, vote in zip(unlabelled_tasks, fresh["results"], strict=True):
+    for task, vote in zip([t["id"] for t in open_tasks], fresh["results"], strict=True):
         pushed = [(p["model_version"], p["result"], p["score"]) for p in held[task]]
         want = [(version, vote["result"], vote["score"])] if vote["result"] else []
         if pushed != want:
             mismatched.append((task, pushed, want))
     assert mismatched == []
-    assert all(held[t] == [] for t in range(1, labelled + 1))
-    assert sum(len(held[t]) for t in unlabelled_tasks) > unlabelled // 2  # votes, not abstains
+    assert all(held[t["id"]] == [] for t in ls_tasks if t.get("annotations"))
+    assert sum(len(held[t["id"]]) for t in open_tasks) > len(open_tasks) // 2  # votes, mostly

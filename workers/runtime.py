@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rq.job import Job
@@ -96,6 +96,7 @@ class Launched:
     description: str
     job: Job | None = None
     result: Any = None  # run here to its end (None while a thread runs it)
+    arguments: Mapping[str, Any] = field(default_factory=dict)  # the job function's
 
     @property
     def queue(self) -> str:
@@ -123,7 +124,9 @@ def run_or_enqueue(
     unreachable Redis runs the job here instead of raising (the backend keeps working).
     """
     spec = job_spec(job)
-    launched = Launched(spec, spec.job_id(**arguments), spec.describe(arguments))
+    launched = Launched(
+        spec, spec.job_id(**arguments), spec.describe(arguments), arguments=dict(arguments)
+    )
     dispatcher = redis_dispatcher(runtime)
     if dispatcher is not None:
 
