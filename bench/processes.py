@@ -25,26 +25,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from echolabel.labelstudio_server import free_port
+from echolabel.labelstudio_server import free_port as free_port  # the harness offers it
 from vectorstore import CollectionInfo, Point
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI: tuple[str, ...] = (sys.executable, "-m", "echolabel.cli")
-
-__all__ = [
-    "CLI",
-    "ROOT",
-    "StoreContents",
-    "free_port",
-    "kill",
-    "process_env",
-    "read_store",
-    "start_backend",
-    "stop_backend",
-    "wait_for",
-    "webhook",
-    "write_images",
-]
 
 
 def write_images(folder: Path, count: int, side: int = 48) -> list[str]:
