@@ -110,10 +110,6 @@ class Backend:
             self.client.close()
             self.client = None
 
-    def failure(self) -> str:
-        """The backend's log, for an assertion message."""
-        return self.log.read_text(errors="replace")[-3000:]
-
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[Any]:
@@ -182,7 +178,7 @@ def organs(points: dict[Any, Any]) -> dict[Any, str | None]:
     return {task: point.labels.get("organ") for task, point in points.items()}
 
 
-def test_kill_during_a_bulk_upsert_keeps_every_acknowledged_label(tmp_path, backend):
+def test_kill_during_a_bulk_upsert_keeps_every_acknowledged_label(backend):
     """Label Studio's "Retrieve Predictions" on 80 new tasks: the backend embeds and upserts
     them batch by batch while annotation webhooks arrive; killed after some batches."""
     tasks, first = 96, 16
@@ -254,7 +250,7 @@ def test_kill_during_a_bulk_upsert_keeps_every_acknowledged_label(tmp_path, back
         np.testing.assert_allclose(point.vector, want[t], atol=1e-5, err_msg=f"task {t}")
 
 
-def test_kill_during_a_reembedding_never_makes_the_half_built_generation_live(tmp_path, backend):
+def test_kill_during_a_reembedding_never_makes_the_half_built_generation_live(backend):
     tasks, before_kill = 48, 2 * BATCH
     routes = {f"/img/{t}.png": image_reply(png(t)) for t in range(tasks)}
     with FakeImageHost(routes) as host:
