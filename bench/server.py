@@ -1,11 +1,13 @@
 """A real backend process whose store already holds N labelled vectors, serving on loopback.
 
 `python -m bench.server --points N ...` builds the app from the same public pieces as
-`echolabel serve` (Settings, the runtime, create_app) with an in-memory embedded store, fills it,
+`echolabel serve` (Settings, the runtime, create_app) with a store (`--store`: the embedded
+default, Qdrant Edge under a MODEL_DIR, or qdrant-client's local mode in memory behind the matmul
+cache, the embedded store before Edge), fills it (`--reuse`: opens a MODEL_DIR filled before),
 serves it with uvicorn on 127.0.0.1 and prints one `BENCH-SERVER {json}` line with its port and
-its RSS after each phase. It then answers commands on stdin (`profile N`, `stats`) and stops at
-end of input. Running it as its own process keeps the load generator off its cores' GIL and
-lets the RSS be its own.
+its RSS after each phase. It then answers commands on stdin (`profile N`, `stats`, `recall K`)
+and stops at end of input. Running it as its own process keeps the load generator off its
+cores' GIL and lets the RSS be its own.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ LABEL_CONFIG = (
 QUERY_TASK_BASE = 1_000_000_000  # stored, unlabelled tasks that /predict is asked about
 EMBED_TASK_BASE = 2_000_000_000  # tasks whose image is embedded on request
 QUERY_TASKS = 64  # how many stored query tasks a server holds by default
+STORES = ("local-memory", "edge")
 _FILL_CHUNK = 1_000
 
 
@@ -107,20 +110,29 @@ class BackendProcess:
         images: Path | None = None,
         load_encoder: bool = False,
         seed: int = 0,
+        store: str = "local-memory",
+        model_dir: Path | None = None,
+        reuse: bool = False,
         timeout_s: float = 900.0,
     ) -> None:
         command = [sys.executable, "-m", "bench.server", "--points", str(points)]
         command += ["--dim", str(dim), "--encoder", encoder, "--queries", str(queries)]
-        command += ["--seed", str(seed)]
+        command += ["--seed", str(seed), "--store", store]
+        if model_dir is not None:
+            command += ["--model-dir", str(model_dir)]
+        if reuse:
+            command.append("--reuse")
         if images is not None:
             command += ["--images", str(images)]
         if load_encoder:
             command.append("--load-encoder")
+        self.started = time.perf_counter()
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         self.timeout_s = timeout_s
         self.ready = self._answer()
+        self.ready_s = time.perf_counter() - self.started  # process start to serving
         self.url = f"http://127.0.0.1:{self.ready['port']}"
 
     def ask(self, command: str) -> dict[str, Any]:
@@ -170,19 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, help="local-files root for embedded requests")
     parser.add_argument("--load-encoder", action="store_true", help="load it before serving")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="local-memory",
+        help="edge: the embedded default (Qdrant Edge); local-memory: local mode + matmul cache",
+    )
+    parser.add_argument("--model-dir", type=Path, help="MODEL_DIR to fill (default: a temp dir)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="serve --model-dir as it is: no fill (a restart)"
+    )
     args = parser.parse_args(argv)
+    if args.reuse and (args.model_dir is None or args.store != "edge"):
+        parser.error("--reuse needs --model-dir and --store edge")
 
-    import numpy as np
     import uvicorn
 
     from backend.app import create_app
     from echolabel.settings import Settings
-    from vectorstore import Point
+    from vectorstore.edge_store import EdgeStore
+    from workers.runtime import open_runtime
 
     from .data import latent_clusters
 
     phases = {"imported": rss()}
-    model_dir = Path(tempfile.mkdtemp(prefix="echolabel-bench-server-"))
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="echolabel-bench-server-"))
     # The environment's settings (e.g. ECHOLABEL_EXACT_SEARCH_MAX_POINTS) apply, so other
     # thresholds can be measured; storage, encoder and image root are the bench's.
     settings = dataclasses.replace(
@@ -193,31 +217,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_url=None,
         qdrant_url=None,
     )
-    runtime = in_memory_runtime(settings)
+    runtime = open_runtime(settings) if args.store == "edge" else in_memory_runtime(settings)
     store = runtime.store
     started = time.perf_counter()
-    store.ensure_collection(PROJECT_ID, args.encoder, args.dim, "bench")
-    rng = np.random.default_rng(args.seed)
-    for start in range(0, args.points, _FILL_CHUNK):
-        count = min(_FILL_CHUNK, args.points - start)
-        vectors = latent_clusters(count, args.dim, seed=args.seed + 1 + start)
-        labels = rng.integers(0, len(CLASSES), count)
-        store.upsert(
-            PROJECT_ID,
-            args.encoder,
-            [
-                Point(task=start + i, vector=vectors[i], labels={FIELD: CLASSES[labels[i]]})
-                for i in range(count)
-            ],
-        )
     queries = latent_clusters(args.queries, args.dim, seed=args.seed + 10**9)
-    store.upsert(
-        PROJECT_ID,
-        args.encoder,
-        [Point(task=QUERY_TASK_BASE + i, vector=queries[i]) for i in range(args.queries)],
-    )
+    if not args.reuse:
+        _fill(store, args, queries)
     fill_s = time.perf_counter() - started
     phases["filled"] = rss()
+    started = time.perf_counter()
+    # Edge builds its HNSW graph when a generation goes live (switch_generation); a store
+    # filled in place builds it here, as `echolabel migrate-store` does.
+    built = isinstance(store, EdgeStore) and not args.reuse and store.build_index(PROJECT_ID)
+    index_s = time.perf_counter() - started
+    phases["indexed"] = rss()
     started = time.perf_counter()
     store.nearest(PROJECT_ID, queries[0], settings.top_k)  # loads the exact cache, if any
     warm_s = time.perf_counter() - started
@@ -246,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exact_max_points": settings.exact_search_max_points,
             "store": type(store).__name__,
             "fill_s": fill_s,
+            "index_built": bool(built),
+            "index_s": index_s,
             "search_warm_s": warm_s,
             "rss": phases,
         }
@@ -256,11 +271,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(profile(runtime, int(command[1]), args.queries))
         elif command[:1] == ["stats"]:
             _say({"rss": rss(), "peak_rss": peak_rss()})
+        elif command[:1] == ["recall"]:
+            _say(recall(store, queries, int(command[1])))
     server.should_exit = True
     thread.join(timeout=10)
     runtime.close()
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if args.model_dir is None:
+        shutil.rmtree(model_dir, ignore_errors=True)
     return 0
+
+
+def _fill(store: Any, args: argparse.Namespace, queries: Any) -> None:
+    """N labelled points in clusters, then the unlabelled query tasks /predict is asked about."""
+    import numpy as np
+
+    from vectorstore import Point
+
+    from .data import latent_clusters
+
+    store.ensure_collection(PROJECT_ID, args.encoder, args.dim, "bench")
+    rng = np.random.default_rng(args.seed)
+    for start in range(0, args.points, _FILL_CHUNK):
+        count = min(_FILL_CHUNK, args.points - start)
+        vectors = latent_clusters(count, args.dim, seed=args.seed + 1 + start)
+        labels = rng.integers(0, len(CLASSES), count)
+        store.upsert(
+            PROJECT_ID,
+            args.encoder,
+            [
+                Point(task=start + i, vector=vectors[i], labels={FIELD: CLASSES[labels[i]]})
+                for i in range(count)
+            ],
+        )
+    store.upsert(
+        PROJECT_ID,
+        args.encoder,
+        [Point(task=QUERY_TASK_BASE + i, vector=queries[i]) for i in range(len(queries))],
+    )
+
+
+def recall(store: Any, queries: Any, k: int) -> dict[str, Any]:
+    """recall@k of the store's own search (HNSW above its exact threshold) against its exact
+    search, over the query tasks, and the mean time of each."""
+    found = exact_found = 0
+    searched_s = exact_s = 0.0
+    for query in queries:
+        started = time.perf_counter()
+        answer = {n.task for n in store.nearest(PROJECT_ID, query, k)}
+        searched_s += time.perf_counter() - started
+        started = time.perf_counter()
+        truth = {n.task for n in store.nearest(PROJECT_ID, query, k, exact=True)}
+        exact_s += time.perf_counter() - started
+        found += len(answer & truth)
+        exact_found += len(truth)
+    return {
+        "k": k,
+        "queries": len(queries),
+        "recall": found / max(exact_found, 1),
+        "search_ms": 1000 * searched_s / len(queries),
+        "exact_ms": 1000 * exact_s / len(queries),
+    }
 
 
 def profile(runtime: Any, calls: int, queries: int) -> dict[str, Any]:

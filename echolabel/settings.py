@@ -45,6 +45,9 @@ class Settings:
     # The in-process store without QDRANT_URL: Qdrant Edge. "local" (qdrant-client's local
     # mode) is kept only as a stand-in for the server's API in tests, never for production.
     embedded_engine: str = "edge"
+    # How Edge keeps vectors (vectorstore.edge_store.VECTOR_STORAGES): an int8 copy in RAM with
+    # the originals on disk, or the float32 originals in RAM. New generations only.
+    edge_vectors: str = "int8"
     encoder: str = "efficientnet_lite0"
     device: str = "cpu"
     batch_size: int = 16
@@ -137,6 +140,9 @@ class Settings:
             ),
             embedded_engine=reader.choice(
                 "ECHOLABEL_EMBEDDED_ENGINE", ("edge", "local"), cls.embedded_engine
+            ),
+            edge_vectors=reader.choice(
+                "ECHOLABEL_EDGE_VECTORS", ("int8", "float32"), cls.edge_vectors
             ),
             encoder=reader.text("ECHOLABEL_ENCODER") or cls.encoder,
             device=reader.choice("ECHOLABEL_DEVICE", ("auto", "cpu", "cuda"), cls.device),

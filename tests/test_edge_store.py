@@ -575,3 +575,49 @@ def test_writes_never_build_the_graph_but_a_switch_does(tmp_path):
     store.switch_generation(1, building)
     assert store._shard(building.name).info().indexed_vectors_count > 0, "live with its graph"
     store.close()
+
+
+def _recorded_storage(root: Path) -> dict[str, str | None]:
+    return {
+        meta.parent.name: json.loads(meta.read_text()).get("vector_storage")
+        for meta in sorted((root / "collections").glob("*/meta.json"))
+    }
+
+
+def test_vector_storage_is_recorded_per_generation_and_exact_answers_do_not_depend_on_it(
+    tmp_path,
+):
+    rows = unit_rows(np.random.default_rng(11), 60)
+    query = unit_rows(np.random.default_rng(12), 1)[0]
+    truth = sorted(((float(rows[i] @ query), i) for i in range(60)), reverse=True)[:5]
+    answers = {}
+    for storage in ("int8", "float32"):
+        root = tmp_path / storage
+        store = EdgeStore(root, exact_max_points=1000, vector_storage=storage)
+        store.ensure_collection(1, "enc", DIM, "w")
+        store.upsert(
+            1, "enc", [Point(task=i, vector=rows[i], labels={"f": "a"}) for i in range(60)]
+        )
+        answers[storage] = [(n.task, n.similarity) for n in store.nearest(1, query, 5)]
+        store.close()
+        assert _recorded_storage(root) == {"echolabel_p1_g1": storage}
+    for storage, found in answers.items():
+        assert [task for task, _ in found] == [i for _, i in truth], storage
+        np.testing.assert_allclose([s for _, s in found], [s for s, _ in truth], atol=1e-5)
+    # Reopened with the other setting: the generation keeps how it was made, a new one follows
+    # the setting.
+    store = EdgeStore(tmp_path / "int8", exact_max_points=1000, vector_storage="float32")
+    try:
+        assert [(n.task, n.similarity) for n in store.nearest(1, query, 5)] == answers["int8"]
+        store.create_generation(1, "enc", DIM, "w")
+        assert _recorded_storage(tmp_path / "int8") == {
+            "echolabel_p1_g1": "int8",
+            "echolabel_p1_g2": "float32",
+        }
+    finally:
+        store.close()
+
+
+def test_an_unknown_vector_storage_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="vector storage 'int4'"):
+        EdgeStore(tmp_path / "edge", vector_storage="int4")

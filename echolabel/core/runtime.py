@@ -64,6 +64,7 @@ def open_configured_store(settings: Settings) -> VectorStore:
         replication_factor=settings.qdrant_replication_factor,
         engine="local" if settings.embedded_engine == "local" else "edge",
         preprocessing=settings.preprocessing,
+        edge_vectors=settings.edge_vectors,
     )
 
 

@@ -55,6 +55,7 @@ def open_store(
     replication_factor: int = 1,
     engine: Literal["local", "edge"] = "edge",
     preprocessing: Mapping[str, str] | None = None,
+    edge_vectors: str = "int8",
 ) -> VectorStore:
     """The store for this deployment: a server when `url` is set, else in-process under `path`.
 
@@ -76,7 +77,10 @@ def open_store(
             migrate_local_store(path, exact_max_points=exact_max_points)
 
         return EdgeStore.open(
-            path=path, exact_max_points=exact_max_points, preprocessing=preprocessing
+            path=path,
+            exact_max_points=exact_max_points,
+            preprocessing=preprocessing,
+            vector_storage=edge_vectors,
         )
     store = QdrantStore.open(
         path=path,
