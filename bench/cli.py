@@ -16,7 +16,7 @@ from . import missing_extra, require_extra
 def add_command(sub: Any) -> None:
     bench = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
     bench.add_argument("--smoke", action="store_true", help="small sizes: under a minute")
-    bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory")
+    bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory,embedded")
     bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     bench.set_defaults(run=run_bench)
 

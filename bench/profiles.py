@@ -66,12 +66,27 @@ class MemoryProfile:
 
 
 @dataclass(frozen=True)
+class EmbeddedProfile:
+    """The embedded default (Qdrant Edge) against the store before it, through the app."""
+
+    sizes: tuple[int, ...]  # both stores
+    large: int  # Edge only: fill, index, serve, restart
+    baseline_upserts: int  # points the store before Edge upserts on disk (~4 ms each)
+    clients: tuple[int, ...] = (1, 8)
+    requests: int = 200  # /predict (and /health) requests per store, size and client count
+    encoder: str = "efficientnet_lite0"
+    dim: int = 1280
+    k: int = 10
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     search: SearchProfile
     latency: LatencyProfile
     embedding: EmbeddingProfile
     memory: MemoryProfile
+    embedded: EmbeddedProfile
     images_dir: Path = field(default=BUSI_DIR)
     seed: int = 0
 
@@ -95,6 +110,7 @@ def full() -> Profile:
         latency=LatencyProfile(sizes=(1_000, 15_000, 100_000)),
         embedding=EmbeddingProfile(),
         memory=MemoryProfile(),
+        embedded=EmbeddedProfile(sizes=(15_000,), large=1_000_000, baseline_upserts=2_000),
     )
 
 
@@ -125,4 +141,5 @@ def smoke() -> Profile:
             matmul_size=1024,
         ),
         memory=MemoryProfile(points=2_000, requests=2),
+        embedded=EmbeddedProfile(sizes=(1_000,), large=3_000, baseline_upserts=200, requests=30),
     )

@@ -12,7 +12,7 @@ from typing import Protocol
 from . import profiles, report
 from .report import SectionResult
 
-SECTIONS = ("search", "latency", "embedding", "memory")
+SECTIONS = ("search", "latency", "embedding", "memory", "embedded")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 Log = Callable[[str], None]
