@@ -17,7 +17,7 @@ from bench.report import Table, format_value
 from echolabel.cli import main
 from tests.helpers import ROOT, TINY_ENCODER, png_bytes
 
-SECTIONS = ("search", "latency", "embedding", "memory")
+SECTIONS = ("search", "latency", "embedding", "memory", "embedded")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
             matmul_size=64,
         ),
         memory=profiles.MemoryProfile(points=200, dim=1280, requests=1),
+        embedded=profiles.EmbeddedProfile(
+            sizes=(200,), large=400, baseline_upserts=50, requests=8, dim=16
+        ),
         images_dir=images,
     )
     written = suite.run(tiny, SECTIONS, root / "out", command="pytest", log=lambda _: None)
@@ -176,3 +179,26 @@ def test_bench_extra_names_the_packages_of_pyprojects_bench_extra():
     ]
     packages = {re.split(r"[<>=!~ \[]", spec)[0] for spec in extras["bench"]}
     assert set(EXTRA_MODULES.values()) == packages
+
+
+def test_embedded_compares_edge_with_the_store_before_it_and_restarts_edge(results):
+    document = results["embedded"]
+    served = rows(document, "The embedded store through the app")
+    assert [(r["store"], r["n"]) for r in served] == [
+        ("before: local mode + matmul cache", 200),
+        ("Qdrant Edge (default threshold)", 200),
+        ("Qdrant Edge, HNSW (threshold 0)", 200),
+        ("Qdrant Edge (default threshold)", 400),
+    ]
+    for row in served:
+        assert row["predict_vs_health_x"] > 0 and row["clients_8_vs_1_x"] > 0
+        assert (row["recall_at_k"] is None) == row["store"].startswith("before")
+        assert row["recall_at_k"] is None or 0.0 <= row["recall_at_k"] <= 1.0
+    before, edge = rows(document, "Sustained upserts")
+    assert before["points"] == 50 and before["vs_before_x"] is None
+    assert edge["points"] == 400 and edge["vs_before_x"] > 0
+    (restarted,) = rows(document, "Qdrant Edge at the large size")
+    # The restart loads the graph and the points it wrote: nothing to build, nothing to fill.
+    assert restarted["index_rebuilt"] is False
+    assert 0 < restarted["store_ready_s"] <= restarted["restart_to_first_answer_s"]
+    assert restarted["rss_vs_raw_x"] is not None
