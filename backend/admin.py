@@ -17,17 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rq import Queue
-from rq.job import Job
-from rq.registry import (
-    FailedJobRegistry,
-    FinishedJobRegistry,
-    ScheduledJobRegistry,
-    StartedJobRegistry,
-)
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from echolabel.core.runtime import Runtime
-from workers.queues import EMBED, QUEUES, STORE_QUEUES, queue
+from workers.queues import STORE_QUEUES, list_rq_jobs, queue
 from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
 from workers.training.selection import RetrainPolicy, SelectionLog
 from workers.worker import ThreadWorker
@@ -302,44 +295,3 @@ class Admin:
             if ok and listed:
                 out += listed
         return out
-
-
-def list_rq_jobs(connection: Any, finished_limit: int = 20) -> list[dict[str, Any]]:
-    """Every echolabel queue's jobs by state, newest finished ones last."""
-    out: list[dict[str, Any]] = []
-    for name in QUEUES:
-        rq_queue = Queue(name, connection=connection)
-        groups = [
-            ("queued", rq_queue.get_job_ids()),
-            ("started", StartedJobRegistry(name, connection=connection).get_job_ids()),
-            ("failed", FailedJobRegistry(name, connection=connection).get_job_ids()),
-            (
-                "finished",
-                FinishedJobRegistry(name, connection=connection).get_job_ids()[-finished_limit:],
-            ),
-        ]
-        for state, ids in groups:
-            for job in Job.fetch_many(ids, connection=connection):
-                if job is not None:
-                    out.append(describe_job(job, name, state))
-    return out
-
-
-def describe_job(job: Job, queue_name: str, state: str) -> dict[str, Any]:
-    error = None
-    if state == "failed":
-        result = job.latest_result()
-        lines = [ln for ln in ((result.exc_string if result else "") or "").splitlines() if ln]
-        error = lines[-1] if lines else "failed"
-    # Embedding results carry vectors; the others are small summaries worth showing.
-    result = job.return_value() if state == "finished" and queue_name != EMBED else None
-    return {
-        "id": job.id,
-        "queue": queue_name,
-        "status": state,
-        "description": job.description,
-        "progress": job.meta.get("progress", {}),
-        "error": error,
-        "result": result,
-        "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
-    }

@@ -1060,8 +1060,7 @@ def _rollback_encoder(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.admin import list_rq_jobs
-    from workers.queues import connect
+    from workers.queues import connect, list_rq_jobs
     from workers.training.selection import SelectionLog
 
     rounds = SelectionLog(settings.selection_dir).all_projects()

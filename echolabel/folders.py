@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".gif", ".webp"}
@@ -66,3 +66,18 @@ def fingerprint(items: list[Item]) -> str:
             f"{item.task}\t{size}\t{sorted(item.labels.items())}\t{item.group}\n".encode()
         )
     return digest.hexdigest()[:16]
+
+
+def with_groups(items: Sequence[Item], field_name: str, mapping_csv: Path) -> list[Item]:
+    """The items with a `<field>_group` label from a two-column CSV (label, group): e.g. an
+    organ's organ group, so that a report measures the coarser field too."""
+    with open(mapping_csv, newline="") as handle:
+        mapping = {row[0]: row[1] for row in csv.reader(handle) if len(row) >= 2}
+    return [
+        replace(
+            item, labels={**item.labels, f"{field_name}_group": mapping[item.labels[field_name]]}
+        )
+        if item.labels.get(field_name) in mapping
+        else item
+        for item in items
+    ]

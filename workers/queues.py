@@ -6,13 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from echolabel.settings import Settings
 
@@ -103,3 +104,47 @@ class RedisGate:
                     "redis unreachable: embedding inline until it is back",
                     extra={"error": f"{type(exc).__name__}: {exc}"},
                 )
+
+
+# -- what is on the queues ----------------------------------------------------------------------
+
+
+def list_rq_jobs(connection: Redis, finished_limit: int = 20) -> list[dict[str, Any]]:
+    """Every echolabel queue's jobs by state, newest finished ones last."""
+    out: list[dict[str, Any]] = []
+    for name in QUEUES:
+        rq_queue = queue(connection, name)
+        groups = [
+            ("queued", rq_queue.get_job_ids()),
+            ("started", StartedJobRegistry(name, connection=connection).get_job_ids()),
+            ("failed", FailedJobRegistry(name, connection=connection).get_job_ids()),
+            (
+                "finished",
+                FinishedJobRegistry(name, connection=connection).get_job_ids()[-finished_limit:],
+            ),
+        ]
+        for state, ids in groups:
+            for job in Job.fetch_many(ids, connection=connection):
+                if job is not None:
+                    out.append(describe_job(job, name, state))
+    return out
+
+
+def describe_job(job: Job, queue_name: str, state: str) -> dict[str, Any]:
+    error = None
+    if state == "failed":
+        result = job.latest_result()
+        lines = [ln for ln in ((result.exc_string if result else "") or "").splitlines() if ln]
+        error = lines[-1] if lines else "failed"
+    # Embedding results carry vectors; the others are small summaries worth showing.
+    result = job.return_value() if state == "finished" and queue_name != EMBED else None
+    return {
+        "id": job.id,
+        "queue": queue_name,
+        "status": state,
+        "description": job.description,
+        "progress": job.meta.get("progress", {}),
+        "error": error,
+        "result": result,
+        "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
+    }

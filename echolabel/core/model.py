@@ -161,6 +161,13 @@ class SimilarityModel:
         )
         return Suggestion(votes=votes, neighbours=neighbours)
 
+    def suggest_image(self, ref: str) -> Suggestion:
+        """The vote for an image that need not be a task (`echolabel predict`): embedded with
+        the project's encoder, never counting itself should it be stored."""
+        image = self.runtime.fetcher.load(ref)
+        vector = self.runtime.embedder.embed_images(self.encoder_name, [image])[0]
+        return self.suggest(vector, exclude_images=[ref])
+
     def prediction(
         self, suggestion: Suggestion, version: str, task: TaskId | None = None
     ) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,20 @@ class RetrainingReplay:
     options: TrainOptions
     seeds: Sequence[int] = (0,)
     orders: Sequence[str] = RETRAINING_ORDERS
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, seeds: Sequence[int], options: Mapping[str, Any] | None = None
+    ) -> RetrainingReplay:
+        """The product's policy (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS) and training
+        options: the settings' minimum per class and device, `options` (TrainOptions fields)
+        over them."""
+        chosen = {"min_per_class": settings.min_per_class, "device": settings.device}
+        return cls(
+            policy=RetrainPolicy.from_settings(settings),
+            options=TrainOptions(**{**chosen, **(options or {})}),
+            seeds=seeds,
+        )
 
 
 def evaluate_folder(
