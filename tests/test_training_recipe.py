@@ -108,7 +108,7 @@ def test_unknown_start_names_the_backbones_training_can_start_from(settings):
 
 
 def test_cli_passes_only_the_options_given_and_the_recipe_fills_the_rest(tmp_path, monkeypatch):
-    import workers.training
+    import workers.training.folder
 
     captured = {}
 
@@ -116,7 +116,7 @@ def test_cli_passes_only_the_options_given_and_the_recipe_fills_the_rest(tmp_pat
         captured["options"] = options
         return {"encoder": "trained:x-v1"}
 
-    monkeypatch.setattr(workers.training, "train_encoder", fake_train)
+    monkeypatch.setattr(workers.training.folder, "train_encoder", fake_train)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     root = folder(tmp_path / "data")
     argv = ["train-encoder", "--images", str(root), "--labels", str(root / "labels.csv")]

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from echolabel.settings import Settings
 
+from .jobs import run_job
+from .progress import per_encoder
 
-def add_parsers(sub: Any) -> None:
+
+def add_commands(sub: Any) -> None:
     review = sub.add_parser(
         "review", help="label QA: rank labelled tasks by how likely their label is wrong"
     )
@@ -57,7 +58,6 @@ def _review(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.project:
         from echolabel.core.projects import project_id
-        from echolabel.follow import run_job
 
         result = run_job(settings, "review", project=project_id(args.project), k=args.k)
         print(result["headline"])
@@ -84,7 +84,6 @@ def _duplicates(args: argparse.Namespace, settings: Settings) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.project:
         from echolabel.core.projects import project_id
-        from echolabel.follow import run_job
 
         result = run_job(
             settings, "duplicates", project=project_id(args.project), threshold=threshold
@@ -125,14 +124,9 @@ def _folder(args: argparse.Namespace, settings: Settings) -> tuple[Any, list[Any
         fields=tuple(args.field),
     )
     encoder = args.encoder or settings.encoder
-    with tqdm(total=len(items), unit="img", desc=f"embed with {encoder}") as bar:
+    with per_encoder(len(items), "img", f"embed with {encoder}") as show:
         vectors, kept, failed = folder_vectors(
-            items,
-            encoder,
-            settings,
-            root=args.images,
-            cache_dir=args.cache,
-            on_progress=lambda name, n: bar.update(n),
+            items, encoder, settings, root=args.images, cache_dir=args.cache, on_progress=show
         )
     if failed:
         print(f"echolabel: {len(failed)} image(s) unreadable, left out", file=sys.stderr)
