@@ -107,14 +107,8 @@ def _add_train_encoder(sub: Any) -> None:
 
 def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
-    from echolabel.core.projects import project_id
-
     return print_job(
-        settings,
-        "reembed",
-        no_wait=args.no_wait,
-        project=project_id(args.project),
-        encoder=args.encoder,
+        settings, "reembed", no_wait=args.no_wait, project=args.project, encoder=args.encoder
     )
 
 
@@ -141,13 +135,11 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "min_per_class": args.min_per_class or settings.min_per_class,
     }
     if args.project:
-        from echolabel.core.projects import project_id
-
         return print_job(
             settings,
             "train-encoder",
             no_wait=args.no_wait,
-            project=project_id(args.project),
+            project=args.project,
             fields=args.field,
             name=args.name,
             options=options,

@@ -169,12 +169,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _evaluate_project(args: argparse.Namespace, settings: Settings) -> int:
     """The report of a project in the store: queued to the `evaluate` workers with Redis."""
-    from echolabel.core.projects import project_id
-
     result = run_job(
         settings,
         "evaluate",
-        project=project_id(args.project),
+        project=args.project,
         k=args.k,
         min_class_size=args.min_class_size,
         near_duplicate_threshold=args.exclude_near_duplicates,

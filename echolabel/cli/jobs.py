@@ -28,10 +28,14 @@ def add_commands(sub: Any) -> None:
 def run_job(settings: Settings, job: str, /, *, no_wait: bool = False, **arguments: Any) -> Any:
     """Run catalogue job `job` here (no REDIS_URL: the embedded store must not be held by a
     running server) or queue it and follow it to its end; its result (None with `no_wait`).
-    A queued job that fails raises workers.catalogue.JobFailedError."""
+    A `project` is taken as --project gives it (an id or a name). A queued job that fails
+    raises workers.catalogue.JobFailedError."""
+    from echolabel.core.projects import project_id
     from workers.catalogue import job_spec, wait
     from workers.runtime import open_runtime, run_or_enqueue
 
+    if "project" in arguments:
+        arguments["project"] = project_id(arguments["project"])
     spec = job_spec(job)
     bar = JobBar(spec.progress_unit or "it", spec.describe(arguments))
     follow = bar if spec.progress_unit else None

@@ -35,19 +35,13 @@ def add_commands(sub: Any) -> None:
 
 def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     """Run one retraining round (even with ECHOLABEL_AUTO_RETRAIN=0: asked for by hand)."""
-    from echolabel.core.projects import project_id
-
     settings = dataclasses.replace(settings, auto_retrain=True)
-    return print_job(settings, "retrain", no_wait=args.no_wait, project=project_id(args.project))
+    return print_job(settings, "retrain", no_wait=args.no_wait, project=args.project)
 
 
 def _rollback_encoder(args: argparse.Namespace, settings: Settings) -> int:
-    from echolabel.core.projects import project_id
-
+    """Go back to the previous live encoder (or --encoder): a re-embedding and a fresh push."""
+    project, encoder = args.project, args.encoder
     return print_job(
-        settings,
-        "rollback-encoder",
-        no_wait=args.no_wait,
-        project=project_id(args.project),
-        encoder=args.encoder,
+        settings, "rollback-encoder", no_wait=args.no_wait, project=project, encoder=encoder
     )

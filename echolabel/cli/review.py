@@ -57,9 +57,7 @@ def _review(args: argparse.Namespace, settings: Settings) -> int:
     from workers.review.label_issues import review, summary, write_review
 
     if args.project:
-        from echolabel.core.projects import project_id
-
-        result = run_job(settings, "review", project=project_id(args.project), k=args.k)
+        result = run_job(settings, "review", project=args.project, k=args.k)
         print(result["headline"])
         print(f"\n{result['review_csv']}\n{result['review_json']}", file=sys.stderr)
         return 0
@@ -83,11 +81,7 @@ def _duplicates(args: argparse.Namespace, settings: Settings) -> int:
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.project:
-        from echolabel.core.projects import project_id
-
-        result = run_job(
-            settings, "duplicates", project=project_id(args.project), threshold=threshold
-        )
+        result = run_job(settings, "duplicates", project=args.project, threshold=threshold)
     else:
         if not args.images:
             raise ValueError("duplicates needs --project or --images (with --labels, --field)")
