@@ -3,13 +3,18 @@ judges them, and the session continues on the promoted encoder's vectors only.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
 import numpy as np
 import pytest
 
-from workers.evaluation.retraining_curve import replay_retraining
+from workers.evaluation.retraining_curve import (
+    replay_retraining,
+    replay_sessions,
+    retraining_table,
+)
 from workers.training.selection import RetrainPolicy
 
 N = 300
@@ -82,6 +87,71 @@ def test_turned_off_there_are_no_rounds():
         NOISE, LABELS, retrain, order="random", seed=0, sizes=SIZES, policy=off
     )
     assert curve["rounds"] == [] and [p["labelled"] for p in curve["points"]] == SIZES
+
+
+def test_the_first_round_comes_where_the_backend_starts_one_not_at_the_first_point():
+    """The backend's timer starts the first round at twice the guard-rail (next_round_at(0)),
+    whatever the curve's points; the replay did at its first point (10 labels) before."""
+    policy = dataclasses.replace(POLICY, min_per_class=20)
+    curve = replay_retraining(
+        NOISE,
+        LABELS,
+        lambda rows: CLUSTERED,
+        order="random",
+        seed=0,
+        sizes=[10, 20, 100],
+        policy=policy,
+    )
+    labelled = [r["labelled"] for r in curve["rounds"]]
+    assert labelled[0] == policy.next_round_at(0) == 40
+    assert labelled == [40, 50, 63, 79, 99]
+    assert [p["labelled"] for p in curve["points"]] == [10, 20, 100]
+
+
+def test_each_point_carries_the_frozen_session_on_the_same_labels():
+    curve = replay_retraining(
+        NOISE, LABELS, lambda rows: CLUSTERED, order="random", seed=0, sizes=SIZES, policy=POLICY
+    )
+    off = replay_retraining(
+        NOISE,
+        LABELS,
+        lambda rows: CLUSTERED,
+        order="random",
+        seed=0,
+        sizes=SIZES,
+        policy=dataclasses.replace(POLICY, enabled=False),
+    )
+    assert [p["frozen"] for p in curve["points"]] == [p["fields"] for p in off["points"]]
+    last = curve["points"][-1]
+    assert last["promotions"] >= 1
+    assert last["fields"]["finding"]["accuracy"] == 1.0
+    assert last["frozen"]["finding"]["accuracy"] < 0.8
+    table = retraining_table({"sessions": [curve]})
+    assert "| random | 200 | finding | 1.000 | 1.000 | 1.000 |" in table
+
+
+def test_the_seedless_diverse_first_order_is_replayed_once():
+    assert replay_sessions(["random", "diverse_first"], range(3)) == [
+        ("random", 0),
+        ("random", 1),
+        ("random", 2),
+        ("diverse_first", 0),
+    ]
+    assert replay_sessions(["random"], []) == []
+    # Its sequence indeed ignores the seed.
+    sessions = [
+        replay_retraining(
+            NOISE,
+            LABELS,
+            lambda rows: CLUSTERED,
+            order="diverse_first",
+            seed=seed,
+            sizes=SIZES,
+            policy=POLICY,
+        )
+        for seed in (0, 1)
+    ]
+    assert sessions[0]["points"] == sessions[1]["points"]
 
 
 def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, settings):

@@ -68,7 +68,8 @@ def add_commands(sub: Any) -> None:
         default=1,
         metavar="N",
         help="with --learning-curve: seeds of the replay with automatic retraining at the "
-        "policy's points (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS; 0: skip it)",
+        "policy's points (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS; 0: skip it); "
+        "random order only, the diverse-first order has no seed and runs once",
     )
     evaluate.add_argument(
         "--retrain-option",

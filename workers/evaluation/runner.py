@@ -25,7 +25,7 @@ from .held_out import held_out, note, trained_on
 from .learning_curve import batch_sizes
 from .pixels import thumbnail
 from .report import evaluate_vectors, new_report
-from .retraining_curve import RETRAINING_ORDERS, Retrain, replay_retraining
+from .retraining_curve import RETRAINING_ORDERS, Retrain, replay_retraining, replay_sessions
 
 Progress = Callable[[str, int], None]  # (encoder, images just embedded)
 
@@ -146,8 +146,7 @@ def evaluate_folder(
                             policy=retraining.policy,
                             groups=groups,
                         )
-                        for order in retraining.orders
-                        for seed in retraining.seeds
+                        for order, seed in replay_sessions(retraining.orders, retraining.seeds)
                     ],
                 }
             report["encoders"][name] = {
