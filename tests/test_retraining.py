@@ -73,7 +73,7 @@ def round_on(services: Runtime, selection: SelectionLog, **kwargs):
         selection=selection,
         project=5,
         policy=kwargs.pop("policy", POLICY),
-        options=TINY,
+        options=kwargs.pop("options", TINY),
         **kwargs,
     )
 
@@ -136,6 +136,23 @@ def test_a_round_waits_for_labels_to_grow_or_when_turned_off(settings, tmp_path,
         assert "next round starts at 50" in second.reason
     else:
         assert "ECHOLABEL_AUTO_RETRAIN" in first.reason
+    assert not list((settings.encoders_dir).glob("project-5-v*"))
+
+
+def test_a_class_short_once_its_images_are_held_out_is_a_refusal_not_a_failure(settings, tmp_path):
+    """20 labels per class pass the guard-rail, but the training part, after the hold-out,
+    has fewer: the trainer refuses, and the round records a refusal (it used to raise)."""
+    services = labelled_project(settings, TINY_ENCODER, count=20)
+    selection = SelectionLog(tmp_path / "selection")
+    policy = dataclasses.replace(POLICY, min_per_class=20, min_holdout_per_class=1)
+    try:
+        candidate = round_on(services, selection, policy=policy)
+    finally:
+        services.close()
+    assert candidate.decision == "refused", candidate.reason
+    assert "every class needs at least 20" in candidate.reason
+    recorded = selection.read(5)["candidates"]
+    assert [c["decision"] for c in recorded] == ["refused"] and recorded[0]["labelled"] == 40
     assert not list((settings.encoders_dir).glob("project-5-v*"))
 
 

@@ -154,6 +154,22 @@ def test_the_seedless_diverse_first_order_is_replayed_once():
     assert sessions[0]["points"] == sessions[1]["points"]
 
 
+def test_a_round_the_trainer_refuses_is_recorded_as_refused_and_the_session_goes_on():
+    from workers.training.samples import TrainingRefused
+
+    def retrain(rows):
+        raise TrainingRefused("refusing to train: every class needs at least 10\nmore text")
+
+    curve = replay_retraining(
+        NOISE, LABELS, retrain, order="random", seed=0, sizes=SIZES, policy=POLICY
+    )
+    assert curve["rounds"] and {r["decision"] for r in curve["rounds"]} == {"refused"}
+    assert any(
+        r["reason"] == "refusing to train: every class needs at least 10" for r in curve["rounds"]
+    )
+    assert [p["labelled"] for p in curve["points"]] == SIZES
+
+
 def test_evaluate_folder_replays_retraining_with_the_real_trainer(tmp_path, settings):
     """A small set in the suite; the full BUSI curve runs by script (docs/evaluation.md)."""
     from echolabel.folders import read_folder

@@ -161,7 +161,12 @@ def _round(
     except TrainingRefused as exc:
         return {"record": {"decision": "refused", "reason": str(exc).splitlines()[0]}}
     started = time.monotonic()
-    challenger = retrain([int(s.id) for s in train])
+    try:
+        challenger = retrain([int(s.id) for s in train])
+    except TrainingRefused as exc:
+        # The trainer's own guard-rail counts the training part only, after the hold-out: a
+        # class with just over `min_per_class` labels passes above and fails here.
+        return {"record": {"decision": "refused", "reason": str(exc).splitlines()[0]}}
     seconds = time.monotonic() - started
     held = {s.id for s in validation}
     queries = [i for i, s in enumerate(samples) if s.id in held]

@@ -119,22 +119,28 @@ def run_round(
         return record("refused", str(exc))
 
     clock = time.monotonic()
-    summary = train_encoder(
-        relabel(train) if relabel else train,
-        inputs.fields,
-        fetcher=fetcher,
-        encoders_dir=encoders_dir,
-        name=f"project-{project}",
-        options=options,
-        source={
-            "kind": "project",
-            "project": str(project),
-            "encoder": inputs.champion,
-            "held_out": len(validation),
-            "retraining_round": True,
-        },
-        on_progress=on_progress or (lambda progress: None),
-    )
+    try:
+        summary = train_encoder(
+            relabel(train) if relabel else train,
+            inputs.fields,
+            fetcher=fetcher,
+            encoders_dir=encoders_dir,
+            name=f"project-{project}",
+            options=options,
+            source={
+                "kind": "project",
+                "project": str(project),
+                "encoder": inputs.champion,
+                "held_out": len(validation),
+                "retraining_round": True,
+            },
+            on_progress=on_progress or (lambda progress: None),
+        )
+    except TrainingRefused as exc:
+        # The trainer's guard-rail counts the training part only, after the hold-out: a class
+        # just past `min_per_class` passes `retraining_due` and fails here. A refusal, not a
+        # failure: the next round waits for more labels.
+        return record("refused", str(exc).splitlines()[0])
     train_seconds = time.monotonic() - clock
     challenger = summary["encoder"]
 
