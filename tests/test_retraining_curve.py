@@ -226,5 +226,15 @@ def test_evaluate_cli_learning_curve_replays_retraining_on_the_rows_named(
     block = report["encoders"][TINY_ENCODER]["learning_curve_retraining"]
     assert block["options"]["epochs"] == 1 and block["policy"]["min_per_class"] == 15
     assert [s["order"] for s in block["sessions"]] == ["random", "diverse_first"]
+    # Seeds can be added to an earlier run, in the orders asked for.
+    added = [a.replace(str(tmp_path / "out"), str(tmp_path / "added")) for a in argv]
+    added += ["--retraining-orders", "random"]
+    assert main([*added, "--retraining-first-seed", "3", "--retraining-seeds", "2"]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "added" / "report.json").read_text())
+    sessions = report["encoders"][TINY_ENCODER]["learning_curve_retraining"]["sessions"]
+    assert [(s["order"], s["seed"]) for s in sessions] == [("random", 3), ("random", 4)]
+    assert main([*argv, "--retraining-orders", "uncertain"]) != 0
+    assert "--retraining-orders 'uncertain'" in capsys.readouterr().err
     assert main([*argv, "--retrain-option", "epoch=2"]) != 0
     assert "--retrain-option epoch: not a training option" in capsys.readouterr().err

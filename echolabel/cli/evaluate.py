@@ -72,6 +72,19 @@ def add_commands(sub: Any) -> None:
         "random order only, the diverse-first order has no seed and runs once",
     )
     evaluate.add_argument(
+        "--retraining-first-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="with --retraining-seeds N: seeds S..S+N-1 (to add seeds to an earlier run)",
+    )
+    evaluate.add_argument(
+        "--retraining-orders",
+        default="random,diverse_first",
+        help="with --learning-curve: orders of the replay with automatic retraining "
+        "(comma-separated: random, diverse_first)",
+    )
+    evaluate.add_argument(
         "--retrain-option",
         action="append",
         default=[],
@@ -150,8 +163,16 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             k_candidates=[int(k) for k in (args.choose_k or "").split(",") if k.strip()],
             near_duplicate_threshold=args.exclude_near_duplicates,
             learning_curve_seeds=range(args.learning_curve),
-            retraining=RetrainingReplay.from_settings(
-                settings, range(args.retraining_seeds), _train_options(args.retrain_option)
+            retraining=dataclasses.replace(
+                RetrainingReplay.from_settings(
+                    settings,
+                    range(
+                        args.retraining_first_seed,
+                        args.retraining_first_seed + args.retraining_seeds,
+                    ),
+                    _train_options(args.retrain_option),
+                ),
+                orders=_retraining_orders(args.retraining_orders),
             )
             if args.learning_curve and args.retraining_seeds
             else None,
@@ -219,6 +240,19 @@ def _evaluate_volumes(args: argparse.Namespace, settings: Settings) -> int:
 def _encoders(given: str | None, settings: Settings) -> list[str]:
     """`--encoders a,b`, else the configured encoder."""
     return [e.strip() for e in (given or settings.encoder).split(",") if e.strip()]
+
+
+def _retraining_orders(spec: str) -> list[str]:
+    """`random,diverse_first` → ["random", "diverse_first"], each checked."""
+    from workers.evaluation.retraining_curve import RETRAINING_ORDERS
+
+    orders = [o.strip() for o in spec.split(",") if o.strip()]
+    unknown = [o for o in orders if o not in RETRAINING_ORDERS]
+    if unknown or not orders:
+        raise ValueError(
+            f"--retraining-orders {spec!r}: choose among {', '.join(RETRAINING_ORDERS)}"
+        )
+    return orders
 
 
 def _train_options(specs: Sequence[str]) -> dict[str, Any]:
