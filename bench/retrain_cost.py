@@ -11,9 +11,10 @@ it (embedding the labelled images with it and voting the held-out ones). The pro
 zero-downtime re-embedding of the whole project is a job of its own and is not counted: the
 issue's target is "one round, re-embedding excluded". The indexing beforehand is not timed.
 
-Prints one JSON object: the round's seconds (train, score, total), seconds per 1,000 labelled
-images, the decision, the machine, the load average before and after, and the date. Times on
-the shared 2-core machine move 2x with other people's work: read the load averages with them.
+Prints one JSON object: the round's seconds (train, score, total), minutes per 1,000
+labelled images, the process's CPU seconds in the round, the decision, the machine, the load
+average before and after, and the date. Times on the shared 2-core machine move 2x with other
+people's work: read the load averages with them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +40,11 @@ from workers.training.retraining import run_round
 from workers.training.selection import RetrainPolicy, SelectionLog
 
 PROJECT = 1
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def label_config(fields: dict[str, list[str]]) -> str:
@@ -92,6 +99,7 @@ def measure(
                 }
             )
             load_before = os.getloadavg()
+            cpu_before = _cpu_seconds()
             clock = time.monotonic()
             candidate = run_round(
                 store=runtime.store,
@@ -105,6 +113,7 @@ def measure(
                 patient_key=settings.patient_key,
             )
             round_s = time.monotonic() - clock
+            cpu_s = _cpu_seconds() - cpu_before
             load_after = os.getloadavg()
         finally:
             runtime.close()
@@ -124,6 +133,10 @@ def measure(
         "score_s": candidate.score_seconds,
         "round_s": round(round_s, 1),
         "round_min_per_1000_labelled": round(round_s / 60 / labelled * 1000, 2),
+        # This process's CPU time (user + system) in the round: on a shared machine it moves
+        # far less with other people's work than the wall time does.
+        "round_cpu_s": round(cpu_s, 1),
+        "round_cpu_min_per_1000_labelled": round(cpu_s / 60 / labelled * 1000, 2),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "machine": machine(),
