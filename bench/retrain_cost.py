@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend.model import SimilarityModel
 from bench.report import machine
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
 from echolabel.folders import read_folder
 from echolabel.settings import Settings
-from workers.embedding import TaskImage
 from workers.runtime import open_runtime
 from workers.training import TrainOptions
 from workers.training.retraining import run_round
