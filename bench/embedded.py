@@ -59,6 +59,7 @@ RESTART_COLUMNS = [
 BEFORE = "before: local mode + matmul cache"
 EDGE = "Qdrant Edge (default threshold)"
 EDGE_HNSW = "Qdrant Edge, HNSW (threshold 0)"
+EDGE_UNMERGED = "Qdrant Edge (default threshold), concurrent searches not merged"
 
 Log = Callable[[str], None]
 
@@ -71,13 +72,14 @@ def run(profile: Profile, log: Log) -> SectionResult:
     restart = result.table("Qdrant Edge at the large size: restart and memory", RESTART_COLUMNS)
     findings: dict[str, Any] = {}
     for n in settings.sizes:
-        for store, label, env in (
-            ("local-memory", BEFORE, {}),
-            ("edge", EDGE, {}),
-            ("edge", EDGE_HNSW, {"ECHOLABEL_EXACT_SEARCH_MAX_POINTS": "0"}),
+        for store, label, env, max_batch in (
+            ("local-memory", BEFORE, {}, None),
+            ("edge", EDGE, {}, None),
+            ("edge", EDGE_UNMERGED, {}, 1),
+            ("edge", EDGE_HNSW, {"ECHOLABEL_EXACT_SEARCH_MAX_POINTS": "0"}, None),
         ):
             log(f"embedded: {label}, {n:,} points")
-            with _server(settings, profile, n, store, env=env) as backend:
+            with _server(settings, profile, n, store, env=env, max_batch=max_batch) as backend:
                 serve.add(_serve_row(backend, settings, label, n))
     before_rate = _local_disk_upserts(settings, profile.seed)
     upserts.add(_upsert_row(BEFORE + " (on disk)", settings.baseline_upserts, before_rate, None))
@@ -96,6 +98,7 @@ def _server(
     env: dict[str, str] | None = None,
     model_dir: Path | None = None,
     reuse: bool = False,
+    max_batch: int | None = None,
 ) -> BackendProcess:
     return BackendProcess(
         n,
@@ -107,6 +110,7 @@ def _server(
         reuse=reuse,
         env=env,
         timeout_s=7200.0,
+        max_batch=max_batch,
     )
 
 

@@ -2,12 +2,16 @@
 
 What is timed is our side of the push (docs/preannotation.md): voting every
 unlabelled task, finding the tasks new labels can affect, re-voting them. Vectors are synthetic
-(clustered, L2-normalised; embedding speed is bench/embedding.py's), the store is the embedded
-default's search path (qdrant-client local mode, in memory, and the exact in-memory index), and
-Label Studio is echolabel.labelstudio_memory's in-memory one (a real one adds its HTTP and
+(clustered, L2-normalised; embedding speed is bench/embedding.py's), the store is `--store`'s
+(bench.server.STORES: "edge", the embedded default on Qdrant Edge, or "local-memory", the
+embedded store before Edge: qdrant-client local mode in memory and the exact in-memory index),
+and Label Studio is echolabel.labelstudio_memory's in-memory one (a real one adds its HTTP and
 database time per call: see the end-to-end test's printout).
 
-Usage (from the repository root): python -m bench.preannotate [--sizes 1000,15000,100000]
+Usage (from the repository root):
+    python -m bench.preannotate [--sizes 1000,15000,100000] [--store edge,local-memory]
+Several stores run one after the other on the same synthetic projects, in one run, so their
+ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.server import in_memory_runtime
+from bench.server import STORES, store_runtime
 from echolabel.core.preannotate import PreAnnotator
 from echolabel.core.runtime import Runtime
 from echolabel.labelstudio_memory import InMemoryLabelStudio
@@ -70,11 +74,13 @@ class SyntheticProject:
     labelled: np.ndarray
 
 
-def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> SyntheticProject:
+def synthetic_project(
+    n: int, rng: np.random.Generator, model_dir: Path, store: str = "local-memory"
+) -> SyntheticProject:
     """Project 1: n clustered vectors, LABELLED_SHARE of them annotated with their class."""
     vectors, classes = clustered(n, rng)
     labelled = rng.random(n) < LABELLED_SHARE
-    runtime = in_memory_runtime(Settings(model_dir=model_dir, encoder="synthetic"))
+    runtime = store_runtime(store, Settings(model_dir=model_dir, encoder="synthetic"))
     store = runtime.store
     store.ensure_collection(1, "synthetic", DIM, "none")
     points = [
@@ -102,11 +108,11 @@ def synthetic_project(n: int, rng: np.random.Generator, model_dir: Path) -> Synt
     return SyntheticProject(runtime, InMemoryLabelStudio(tasks, CONFIG), classes, labelled)
 
 
-def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
+def run_size(n: int, refreshes: int, seed: int = 0, store_kind: str = "local-memory") -> dict:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        project = synthetic_project(n, rng, Path(tmp))
+        project = synthetic_project(n, rng, Path(tmp), store_kind)
         load_s = time.perf_counter() - start
         store, labelled, classes = project.runtime.store, project.labelled, project.classes
         try:
@@ -135,6 +141,7 @@ def run_size(n: int, refreshes: int, seed: int = 0) -> dict:
     times = [t for t, _ in refresh_rows]
     affected = [r["affected"] for _, r in refresh_rows]
     return {
+        "store": store_kind,
         "tasks": n,
         "labelled": int(labelled.sum()),
         "load_s": round(load_s, 2),
@@ -155,21 +162,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,15000,100000")
     parser.add_argument("--refreshes", type=int, default=3)
+    parser.add_argument(
+        "--store", default="edge,local-memory", help=f"comma-separated, of {', '.join(STORES)}"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/preannotate.json"))
     args = parser.parse_args()
+    stores = args.store.split(",")
+    if unknown := set(stores) - set(STORES):
+        parser.error(f"--store {', '.join(sorted(unknown))}: use {', '.join(STORES)}")
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        row = run_size(size, args.refreshes)
-        rows.append(row)
-        print(
-            f"{row['tasks']:>7} tasks: push {row['push_s']:>7.2f} s "
-            f"({row['push_tasks_per_s']:>7.1f} tasks/s), refresh after {NEW_LABELS} labels "
-            f"{row['refresh_s_median']:.3f} s median ({row['refresh_ms_per_annotation']} ms per "
-            f"annotation, {row['affected_per_refresh_median']} tasks re-voted) vs re-voting "
-            f"everything {row['push_s']:.2f} s: "
-            f"{row['push_s'] / max(row['refresh_s_median'], 1e-9):.1f}x",
-            flush=True,
-        )
+        by_store = {}
+        for store in stores:
+            row = by_store[store] = run_size(size, args.refreshes, store_kind=store)
+            rows.append(row)
+            print(
+                f"{store:>12} {row['tasks']:>7} tasks: push {row['push_s']:>7.2f} s "
+                f"({row['push_tasks_per_s']:>7.1f} tasks/s), refresh after {NEW_LABELS} labels "
+                f"{row['refresh_s_median']:.3f} s median ({row['refresh_ms_per_annotation']} ms "
+                f"per annotation, {row['affected_per_refresh_median']} tasks re-voted) vs "
+                f"re-voting everything {row['push_s']:.2f} s: "
+                f"{row['push_s'] / max(row['refresh_s_median'], 1e-9):.1f}x",
+                flush=True,
+            )
+        if {"edge", "local-memory"} <= set(by_store):
+            edge, before = by_store["edge"], by_store["local-memory"]
+            print(
+                f"{size:>20} tasks: edge / local-memory: refresh per annotation "
+                f"{edge['refresh_s_median'] / max(before['refresh_s_median'], 1e-9):.4f}, "
+                f"push {edge['push_s'] / max(before['push_s'], 1e-9):.3f}",
+                flush=True,
+            )
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
         "cpus": __import__("os").cpu_count(),

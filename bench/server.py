@@ -76,6 +76,14 @@ def in_memory_runtime(settings: Any) -> Any:
     )
 
 
+def store_runtime(store: str, settings: Any) -> Any:
+    """The backend's runtime on one of STORES: "edge", the embedded default under
+    settings.model_dir, or "local-memory", the embedded store before Edge."""
+    from workers.runtime import open_runtime
+
+    return open_runtime(settings) if store == "edge" else in_memory_runtime(settings)
+
+
 def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
@@ -116,8 +124,11 @@ class BackendProcess:
         reuse: bool = False,
         env: dict[str, str] | None = None,
         timeout_s: float = 900.0,
+        max_batch: int | None = None,
     ) -> None:
         command = [sys.executable, "-m", "bench.server", "--points", str(points)]
+        if max_batch is not None:
+            command += ["--max-batch", str(max_batch)]
         command += ["--dim", str(dim), "--encoder", encoder, "--queries", str(queries)]
         command += ["--seed", str(seed), "--store", store]
         if model_dir is not None:
@@ -197,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", type=Path, help="MODEL_DIR to fill (default: a temp dir)")
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        help="most concurrent searches merged into one (1: none merged, the baseline)",
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="serve --model-dir as it is: no fill (a restart)"
     )
     args = parser.parse_args(argv)
@@ -208,7 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backend.app import create_app
     from echolabel.settings import Settings
     from vectorstore.edge_store import EdgeStore
-    from workers.runtime import open_runtime
 
     from .data import latent_clusters
 
@@ -225,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         qdrant_url=None,
     )
     started = time.perf_counter()
-    runtime = open_runtime(settings) if args.store == "edge" else in_memory_runtime(settings)
+    runtime = store_runtime(args.store, settings)
+    if args.max_batch is not None:
+        runtime.searches.max_batch = args.max_batch
     store = runtime.store
     open_s = time.perf_counter() - started
     started = time.perf_counter()

@@ -22,6 +22,9 @@ class InMemoryLabelStudio:
         self.tasks_by_id = {t["id"]: t for t in tasks}
         self.config = label_config
         self.predictions_by_id: dict[int, dict[str, Any]] = {}
+        # Label Studio finds a task's predictions through an index; a scan here would make the
+        # bench time this stand-in instead of the refresh.
+        self._task_predictions: dict[Any, list[int]] = {}
         self.ids = itertools.count(1)
         self.imports = 0
         self.model_version = "echolabel"
@@ -45,10 +48,12 @@ class InMemoryLabelStudio:
         for prediction in predictions:
             pid = next(self.ids)
             self.predictions_by_id[pid] = {"id": pid, **prediction}
+            self._task_predictions.setdefault(prediction["task"], []).append(pid)
         return len(predictions)
 
     def predictions(self, task: int) -> list[dict[str, Any]]:
-        return [p for p in self.predictions_by_id.values() if p["task"] == task]
+        ids = self._task_predictions.get(task, [])
+        return [self.predictions_by_id[i] for i in ids if i in self.predictions_by_id]
 
     def update_prediction(self, prediction: int, result: list[Any], score: float) -> None:
         self.predictions_by_id[prediction] |= {"result": result, "score": score}

@@ -187,6 +187,7 @@ def test_embedded_compares_edge_with_the_store_before_it_and_restarts_edge(resul
     assert [(r["store"], r["n"]) for r in served] == [
         ("before: local mode + matmul cache", 200),
         ("Qdrant Edge (default threshold)", 200),
+        ("Qdrant Edge (default threshold), concurrent searches not merged", 200),
         ("Qdrant Edge, HNSW (threshold 0)", 200),
         ("Qdrant Edge (default threshold)", 400),
     ]
@@ -202,3 +203,15 @@ def test_embedded_compares_edge_with_the_store_before_it_and_restarts_edge(resul
     assert restarted["index_rebuilt"] is False
     assert 0 < restarted["store_ready_s"] <= restarted["restart_to_first_answer_s"]
     assert restarted["rss_vs_raw_x"] is not None
+
+
+def test_preannotate_bench_times_push_and_refresh_on_both_stores():
+    from bench.preannotate import NEW_LABELS, run_size
+    from bench.server import STORES
+
+    for store in STORES:
+        row = run_size(300, refreshes=1, store_kind=store)
+        assert row["store"] == store
+        assert row["pushed"] + row["abstained"] == row["tasks"] - row["labelled"]
+        assert row["refresh_new_labels"] == NEW_LABELS and row["refresh_s_median"] > 0
+        assert row["affected_per_refresh_median"] > 0

@@ -395,12 +395,12 @@ def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
     small.close()
 
 
-def test_kth_similarities_and_unlabelled_near(store):
+def test_nearest_batch_and_unlabelled_near(store):
     rng = np.random.default_rng(7)
     data = unit_rows(rng, 200)
     labelled = np.arange(200) % 2 == 0
     queries = unit_rows(rng, 5)
-    assert (store.kth_similarities(1, queries, 3) == -1).all()  # no collection yet
+    assert store.nearest_batch(1, queries, 3) == [[]] * 5  # no collection yet
     store.ensure_collection(1, "enc", DIM, "w")
     store.upsert(
         1,
@@ -410,18 +410,18 @@ def test_kth_similarities_and_unlabelled_near(store):
             for i in range(200)
         ],
     )
-    expected = ExactIndex(data[labelled]).kth_similarities(queries, 10)
-    np.testing.assert_allclose(store.kth_similarities(1, queries, 10), expected, atol=1e-5)
-    assert (store.kth_similarities(1, queries, 101) == -1).all()  # only 100 labelled
+    rows, sims = ExactIndex(data[labelled]).search_batch(queries, 10)
+    found = store.nearest_batch(1, queries, 10)
+    assert [[n.task for n in row] for row in found] == (2 * rows).tolist()  # labelled: even
+    np.testing.assert_allclose([[n.similarity for n in r] for r in found], sims, atol=1e-5)
+    assert [len(row) for row in store.nearest_batch(1, queries, 101)] == [100] * 5
 
     sims = data @ queries[0]
     near = store.unlabelled_near(1, queries[0], 0.3, limit=1000)
     wanted = {i for i in range(200) if not labelled[i] and sims[i] >= 0.3}
-    assert {task for task, _, _ in near} == wanted
-    assert [s for _, s, _ in near] == sorted((s for _, s, _ in near), reverse=True)
-    task, similarity, vector = near[0]
-    np.testing.assert_allclose(vector, data[task], rtol=1e-5)
-    assert similarity == pytest.approx(sims[task], abs=1e-5)
+    assert {n.task for n in near} == wanted
+    assert [n.similarity for n in near] == sorted((n.similarity for n in near), reverse=True)
+    assert near[0].similarity == pytest.approx(sims[near[0].task], abs=1e-5)
 
 
 def test_same_answers_as_qdrant_local_mode(tmp_path):
@@ -463,7 +463,10 @@ def test_same_answers_as_qdrant_local_mode(tmp_path):
             "points": {p.task: (p.labels, p.annotation) for p in store.iter_points(1)},
             "info": store.collection(1),
             "near": [
-                {t: round(s, 5) for t, s, _ in store.unlabelled_near(1, data[row], 0.2, 50)}
+                {
+                    n.task: round(n.similarity, 5)
+                    for n in store.unlabelled_near(1, data[row], 0.2, 50)
+                }
                 for row in range(0, 300, 37)
             ],
         }

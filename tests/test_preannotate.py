@@ -157,8 +157,8 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(
 ):
     """Labels added and removed in rounds; after each refresh, every unlabelled task's stored
     prediction is exactly what voting it now gives (nothing missed, nothing stale). Also with
-    the refresh on the Qdrant store alone (as with a server), whose kth_similarities are its
-    own searches, and on Qdrant Edge (the embedded default), exact and by its HNSW graph."""
+    the refresh on the Qdrant store alone (as with a server), whose batched searches are its
+    own, and on Qdrant Edge (the embedded default), exact and by its HNSW graph."""
     from bench.preannotate import synthetic_project
     from vectorstore import Annotation, ExactSearchStore
     from vectorstore.edge_store import EdgeStore

@@ -28,6 +28,7 @@ from vectorstore import (
     TaskId,
     VectorStore,
 )
+from vectorstore.base import VOTE_RADIUS_STEP
 from vectorstore.edge_store import EdgeStore
 
 DIM = 16
@@ -190,23 +191,49 @@ def test_nearest_equals_the_reference(filled):
     assert store.nearest(2, reference.vectors[1], 5) == []  # a project never stored
 
 
-def test_kth_similarities_equal_the_reference(filled):
+def assert_same_batch(store: VectorStore, reference: Reference, queries, k, excludes=None):
+    """Each row of `nearest_batch` is the reference's `nearest` of that row (order, similarity,
+    payload), the k-th similarity included."""
+    found = store.nearest_batch(1, queries, k, excludes)
+    assert len(found) == len(queries)
+    for row, neighbours in enumerate(found):
+        expected = reference.nearest(queries[row], k, excludes[row] if excludes else ())
+        assert [n.task for n in neighbours] == [t for t, _ in expected]
+        np.testing.assert_allclose(
+            [n.similarity for n in neighbours], [s for _, s in expected], atol=TOLERANCE
+        )
+        for neighbour in neighbours:
+            assert dict(neighbour.labels) == reference.labels[neighbour.task]
+            assert neighbour.image == reference.images[neighbour.task]
+    return found
+
+
+def test_nearest_batch_equals_the_reference(filled):
     store, reference = filled
+    unlabelled = list(range(0, N, 3))
     queries = np.concatenate(
         [
-            np.stack([reference.vectors[t] for t in range(0, N, 3)]),  # the unlabelled points
+            np.stack([reference.vectors[t] for t in unlabelled]),  # the unlabelled points
             unit_rows(np.random.default_rng(7), 10),
         ]
     )
     for k in (1, 5, 10):
-        np.testing.assert_allclose(
-            store.kth_similarities(1, queries, k),
+        found = assert_same_batch(store, reference, queries, k)
+        np.testing.assert_allclose(  # the k-th similarity, which the push records as a radius
+            [row[k - 1].similarity for row in found],
             reference.kth_similarities(queries, k),
             atol=TOLERANCE,
         )
+    labelled_rows = np.stack([reference.vectors[t] for t in range(1, 40, 3)])
+    excludes = [[t] for t in range(1, 40, 3)]  # each row a labelled point, itself excluded
+    for row, neighbours in enumerate(
+        assert_same_batch(store, reference, labelled_rows, 5, excludes)
+    ):
+        assert excludes[row][0] not in {n.task for n in neighbours}
     too_many = len(reference.tasks(labelled=True)) + 1
-    assert store.kth_similarities(1, queries[:3], too_many).tolist() == [-1.0] * 3
-    assert store.kth_similarities(2, queries[:3], 5).tolist() == [-1.0] * 3
+    assert [len(r) for r in store.nearest_batch(1, queries[:3], too_many)] == [too_many - 1] * 3
+    assert store.nearest_batch(2, queries[:3], 5) == [[], [], []]
+    assert store.nearest_batch(1, queries[:0], 5) == []
 
 
 def test_unlabelled_near_equals_the_reference(filled):
@@ -216,13 +243,28 @@ def test_unlabelled_near_equals_the_reference(filled):
         for min_similarity, limit in ((0.3, 1000), (-1.0, 7), (0.99, 10)):
             found = store.unlabelled_near(1, query, min_similarity, limit)
             expected = reference.unlabelled_near(query, min_similarity, limit)
-            assert [t for t, _, _ in found] == [t for t, _ in expected]
+            assert [n.task for n in found] == [t for t, _ in expected]
             np.testing.assert_allclose(
-                [s for _, s, _ in found], [s for _, s in expected], atol=TOLERANCE
+                [n.similarity for n in found], [s for _, s in expected], atol=TOLERANCE
             )
-            for task, _, vector in found:
-                np.testing.assert_allclose(vector, reference.vectors[task], atol=1e-6)
     assert store.unlabelled_near(2, reference.vectors[1], -1.0, 10) == []
+
+
+def test_vote_radii_are_recorded_rounded_down(store):
+    rng = np.random.default_rng(9)
+    points = project_points(rng, 12)
+    store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(1, "enc", points)
+    query = unit_rows(rng, 1)[0]
+    assert {n.vote_radius for n in store.unlabelled_near(1, query, -1.0, 50)} == {None}
+    radii = {0: 0.5, 3: 0.123456, 6: -1.0, 999: 0.7}  # 999: no such point, skipped
+    store.set_vote_radii(1, radii)
+    recorded = {n.task: n.vote_radius for n in store.unlabelled_near(1, query, -1.0, 50)}
+    assert set(recorded) == {0, 3, 6, 9}
+    assert recorded[0] == 0.5 and recorded[6] == -1.0 and recorded[9] is None
+    assert recorded[3] <= 0.123456 < recorded[3] + VOTE_RADIUS_STEP
+    assert store.points(1, [3])[3].extra == {}  # the push's record, not the task's data
+    store.set_vote_radii(2, radii)  # a project never stored: nothing to record
 
 
 def test_points_vectors_counts_and_iteration_equal_the_reference(filled):
@@ -347,11 +389,7 @@ def test_searches_follow_every_label_change(store):
         for query in queries:
             assert_same_neighbours(store, reference, query, 5)
             assert_same_neighbours(store, reference, query, 40)
-        np.testing.assert_allclose(
-            store.kth_similarities(1, queries, 3),
-            reference.kth_similarities(queries, 3),
-            atol=TOLERANCE,
-        )
+        assert_same_batch(store, reference, queries, 3)
         assert store.count(1, labelled=True) == len(reference.tasks(labelled=True))
 
     same()  # searched once: a cache is loaded now

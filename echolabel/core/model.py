@@ -125,15 +125,23 @@ class SimilarityModel:
             raise next(iter(report.failures.values()))
         version = self.model_version
         outcome = PredictOutcome(predictions=[], errors=report.failures, pending=report.pending)
+        ready = [item.task for item in items if item.task in vectors]
+        if len(ready) == 1:  # one task (an annotator opening it): merged with concurrent ones
+            suggestions = {ready[0]: self.suggest(vectors[ready[0]], exclude=ready)}
+        else:  # "Retrieve Predictions" on many tasks: one batched search of its own
+            found = self.suggest_batch(
+                np.stack([vectors[t] for t in ready]) if ready else np.empty((0, 0)),
+                [[t] for t in ready],
+            )
+            suggestions = dict(zip(ready, found, strict=True))
         for item in items:
-            vector = vectors.get(item.task)
-            if vector is None:
+            suggestion = suggestions.get(item.task)
+            if suggestion is None:
                 # Failed or still embedding. An empty list stores nothing for this task in
                 # Label Studio 1.23 (it iterates a list of predictions per task), so it asks
                 # again later instead of keeping a blank prediction.
                 outcome.predictions.append([])
                 continue
-            suggestion = self.suggest(vector, exclude=[item.task])
             abstained = {
                 name: v.abstain_reason or "" for name, v in suggestion.votes.items() if v.abstained
             }
@@ -148,10 +156,23 @@ class SimilarityModel:
         exclude: Sequence[TaskId] = (),
         exclude_images: Sequence[str] = (),
     ) -> Suggestion:
-        """Vote of the top-k labelled neighbours, never counting the query itself."""
+        """Vote of the top-k labelled neighbours, never counting the query itself; the search
+        goes out together with concurrent requests' (Runtime.searches)."""
         k = self.settings.top_k
-        neighbours = self.store.nearest(self.project, vector, k + len(exclude_images), exclude)
-        neighbours = [n for n in neighbours if n.image not in exclude_images][:k]
+        neighbours = self.runtime.searches.nearest(
+            self.project, vector, k + len(exclude_images), exclude
+        )
+        return self._suggestion([n for n in neighbours if n.image not in exclude_images][:k])
+
+    def suggest_batch(
+        self, vectors: np.ndarray, excludes: Sequence[Sequence[TaskId]]
+    ) -> list[Suggestion]:
+        """`suggest` for every row of `vectors` (each never counting `excludes[row]`), in one
+        batched search."""
+        found = self.store.nearest_batch(self.project, vectors, self.settings.top_k, excludes)
+        return [self._suggestion(neighbours) for neighbours in found]
+
+    def _suggestion(self, neighbours: list[Neighbour]) -> Suggestion:
         votes = vote(
             neighbours,
             self.schema.field_names,

@@ -14,10 +14,14 @@ place, keeping the version, so the project keeps one current prediction per task
 
 Affected tasks. A label added, changed or removed at x changes the vote of an unlabelled task u
 only if x is (or was) among u's top k, i.e. sim(u, x) >= r(u), the similarity of u's k-th
-labelled neighbour now. The collection keeps a lower bound of every pushed task's r: the store's
-unlabelled points at least that similar to x are the candidates, and one exact top-k search per
-candidate (the same search that re-votes it) decides. Nothing is written per task but the
-predictions that change.
+labelled neighbour now. Every vote taken here records its task's r in the store
+(`set_vote_radii`, rounded down), and it stays a lower bound: a new label only raises r, and a
+removed one lowers it only for the tasks it was a neighbour of, which are re-voted. So the
+candidates are found through the index: one `score_threshold` search around x for the
+unlabelled points at least the smallest recorded r near (the collection's `vote_radius_min`),
+of which only those at least their own r near are re-voted, all in one batched search: the
+same search `/predict` makes, so every pushed prediction stays what a fresh vote gives. Nothing
+is written per task but the predictions that change.
 
 Resuming. The push reads which tasks already hold a prediction of the target version from Label
 Studio itself before writing, so a killed push continues where it stopped without duplicates.
@@ -37,7 +41,7 @@ from echolabel.core.runtime import Runtime
 from echolabel.embedding import TaskImage
 from echolabel.label_config import LabelSchema, TaskError
 from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
-from vectorstore import Annotation, CollectionInfo, TaskId
+from vectorstore import Annotation, CollectionInfo, NearbyTask, TaskId
 
 from .model import SimilarityModel, Suggestion, suggests_labels
 
@@ -148,7 +152,10 @@ class PreAnnotator:
         )
         self.on_progress(progress)
         # A killed push wrote these already: their radii still bound the refresh search.
-        radii = self._radii(model, [t["id"] for t in current])
+        radii: list[float] = []
+        for start in range(0, len(current), self.batch_size):
+            chunk = [t["id"] for t in current[start : start + self.batch_size]]
+            radii += self._record_radii(self._vote(model, chunk))
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             radii += self._push_batch(model, batch, target, progress)
@@ -214,31 +221,34 @@ class PreAnnotator:
         target: str,
         progress: PushProgress,
     ) -> list[float]:
-        """Vote and write one batch; the vote radii of its tasks."""
-        vectors = self.store.vectors(self.project, [t["id"] for t in batch])
+        """Vote (one batched search) and write one batch; the vote radii of its tasks."""
         predictions: list[dict[str, Any]] = []
-        radii: list[float] = []
-        for task in batch:
-            vector = vectors.get(task["id"])
-            if vector is None:
-                continue  # its image failed: listed in `failed`
-            suggestion = model.suggest(vector, exclude=[task["id"]])
-            radii.append(vote_radius(suggestion, self.top_k))
-            prediction = model.prediction(suggestion, target, task["id"])
+        # A task missing here failed to embed: it is listed in `failed`.
+        suggestions = self._vote(model, [t["id"] for t in batch])
+        for task, suggestion in suggestions.items():
+            prediction = model.prediction(suggestion, target, task)
             if not suggests_labels(prediction):
                 progress.abstained += 1
                 continue
-            predictions.append({"task": task["id"], **prediction})
+            predictions.append({"task": task, **prediction})
         self._write(predictions, target)
         progress.pushed += len(predictions)
-        return radii
+        return self._record_radii(suggestions)
 
-    def _radii(self, model: SimilarityModel, tasks: Sequence[TaskId]) -> list[float]:
+    def _vote(self, model: SimilarityModel, tasks: Sequence[TaskId]) -> dict[TaskId, Suggestion]:
+        """Fresh votes of these tasks (those with a vector), in one batched search."""
         vectors = self.store.vectors(self.project, list(tasks))
-        return [
-            vote_radius(model.suggest(vector, exclude=[task]), self.top_k)
-            for task, vector in vectors.items()
-        ]
+        voted = [t for t in tasks if t in vectors]
+        if not voted:
+            return {}
+        found = model.suggest_batch(np.stack([vectors[t] for t in voted]), [[t] for t in voted])
+        return dict(zip(voted, found, strict=True))
+
+    def _record_radii(self, suggestions: Mapping[TaskId, Suggestion]) -> list[float]:
+        """Record each voted task's radius in the store (the refresh's candidate test)."""
+        radii = {task: vote_radius(s, self.top_k) for task, s in suggestions.items()}
+        self.store.set_vote_radii(self.project, radii)
+        return list(radii.values())
 
     def _write(self, predictions: list[dict[str, Any]], target: str) -> None:
         """Import predictions, retrying with backoff; after a failed attempt, re-read which
@@ -315,9 +325,6 @@ class PreAnnotator:
                     ours[0]["id"], prediction["result"], prediction["score"]
                 )
                 updated += 1
-        radii = [vote_radius(s, self.top_k) for s in revotes.values()]
-        if radii and min(radii) < info.vote_radius_min:
-            self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
         return {
             "project": self.project,
             "label_changes": len(changed),
@@ -332,53 +339,48 @@ class PreAnnotator:
         self, model: SimilarityModel, changed: Iterable[TaskId], radius_min: float
     ) -> dict[TaskId, Suggestion]:
         """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, and the
-        changed tasks that are unlabelled now, with their new votes."""
-        candidates: dict[TaskId, float] = {}  # task -> its highest similarity to a change
-        candidate_vectors: dict[TaskId, np.ndarray] = {}
-        for task, vector in self.store.vectors(self.project, list(changed)).items():
-            limit = 4096
-            while True:
-                near = self.store.unlabelled_near(
-                    self.project, vector, radius_min - SIMILARITY_EPS, limit
-                )
-                for other, similarity, other_vector in near:
-                    if other != task:
-                        candidates[other] = max(similarity, candidates.get(other, -1.0))
-                        candidate_vectors[other] = other_vector
-                if len(near) < limit:
-                    break
-                limit *= 4
+        changed tasks that are unlabelled now, with their new votes.
+
+        Every vote taken here records its radius, so the candidates of the next refresh are
+        judged against what is true now."""
         changed_set = set(changed)
+        reach: dict[TaskId, float] = {}  # candidate -> its highest similarity to a change
+        for task, vector in self.store.vectors(self.project, list(changed_set)).items():
+            for near in self._unlabelled_near(vector, radius_min):
+                radius = radius_min if near.vote_radius is None else near.vote_radius
+                # The recorded radius is a lower bound of the task's k-th similarity now; the
+                # tolerance covers the engine's float order against the vote's.
+                if near.task != task and near.similarity >= radius - SIMILARITY_EPS:
+                    reach[near.task] = max(near.similarity, reach.get(near.task, -1.0))
         # A task whose labels were removed is unlabelled now: it needs a prediction itself.
-        now_unlabelled = [
+        now_unlabelled = {
             task
-            for task, point in self.store.points(self.project, list(changed_set)).items()
+            for task, point in self.store.points(self.project, list(changed_set), False).items()
             if not point.labelled
-        ]
-        tasks = list(candidate_vectors)
-        kth = (
-            self.store.kth_similarities(
-                self.project, np.stack([candidate_vectors[t] for t in tasks]), self.top_k
-            )
-            if tasks
-            else np.empty(0, dtype=np.float32)
-        )
+        }
+        votes = self._vote(model, list(dict.fromkeys([*reach, *now_unlabelled])))
         revotes: dict[TaskId, Suggestion] = {}
-        vectors = {**candidate_vectors, **self.store.vectors(self.project, now_unlabelled)}
-        for row, task in enumerate(tasks):
-            # The store and the exact index compute similarities in different float orders:
-            # the tolerance keeps a task sitting exactly at the k-th place from being missed.
-            if candidates[task] < kth[row] - SIMILARITY_EPS:
-                continue  # no change reaches its top k: its vote stands
-            suggestion = model.suggest(vectors[task], exclude=[task])
+        for task, suggestion in votes.items():
             entered = any(n.task in changed_set for n in suggestion.neighbours)
             radius = vote_radius(suggestion, self.top_k)
-            if entered or candidates[task] >= radius - SIMILARITY_EPS:
+            if task in now_unlabelled or entered or reach[task] >= radius - SIMILARITY_EPS:
                 revotes[task] = suggestion
-        for task in now_unlabelled:
-            if task in vectors:
-                revotes[task] = model.suggest(vectors[task], exclude=[task])
+        radii = self._record_radii(votes)
+        if radii and min(radii) < radius_min:
+            self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
         return revotes
+
+    def _unlabelled_near(self, vector: np.ndarray, min_similarity: float) -> list[NearbyTask]:
+        """Every unlabelled point at least `min_similarity` near (the limit grows until it is
+        not reached)."""
+        limit = 4096
+        while True:
+            near = self.store.unlabelled_near(
+                self.project, vector, min_similarity - SIMILARITY_EPS, limit
+            )
+            if len(near) < limit:
+                return near
+            limit *= 4
 
 
 def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -1,7 +1,8 @@
 """One runtime per process: what the app, the CLI, jobs, evaluation, review and bench work with.
 
 It holds the settings, the store (opened on first use, once), the embedder with its loaded
-encoders, the image fetcher, the projects' label schemas, and how embedding that a request had
+encoders, the image fetcher, the projects' label schemas, the merged searches of concurrent
+requests (merged_search.py), and how embedding that a request had
 no time for is done in the background: by workers through an `EmbedQueue` (the jobs layer's
 Redis dispatcher, attached by `workers.runtime.open_runtime` when REDIS_URL is set), or else by
 this process's `Backlog` thread.
@@ -26,6 +27,7 @@ from echolabel.settings import Settings
 from vectorstore import TaskId, VectorStore, open_store
 
 from .backlog import Backlog
+from .merged_search import MergedSearches
 
 
 class EmbedQueue(Protocol):
@@ -105,6 +107,8 @@ class Runtime:
         self.fetcher = fetcher
         self.projects = projects
         self._slot = _StoreSlot(settings, store)
+        # Concurrent requests' neighbour searches, sent to the store together.
+        self.searches = MergedSearches(lambda: self.store)
         # Background embedding: workers when a queue is attached, else the backlog thread.
         self.dispatcher: EmbedQueue | None = None
         self.backlog: Backlog | None = None

@@ -92,6 +92,24 @@ class Neighbour:
     image: str = ""
 
 
+@dataclass(frozen=True)
+class NearbyTask:
+    """An unlabelled point near a query: a refresh candidate (echolabel/core/preannotate.py).
+
+    `vote_radius` is what `set_vote_radii` recorded for it (a lower bound of its k-th labelled
+    neighbour's similarity), None if nothing was recorded.
+    """
+
+    task: TaskId
+    similarity: float
+    vote_radius: float | None = None
+
+
+# A recorded vote radius is rounded down to this step: a lower bound still, and points that
+# share a value are written in one payload operation.
+VOTE_RADIUS_STEP = 1 / 1024
+
+
 @runtime_checkable
 class VectorStore(Protocol):
     """What the backend, the jobs, the CLI and the bench may ask of a store; nothing else.
@@ -219,10 +237,22 @@ class VectorStore(Protocol):
     ) -> list[Neighbour]:
         """The k most similar *labelled* points, best first, never one of `exclude`."""
 
-    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
-        """Each query row's k-th best labelled similarity, as `nearest` ranks; -1 if fewer."""
+    def nearest_batch(
+        self,
+        project: int | str,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]] | None = None,
+    ) -> list[list[Neighbour]]:
+        """`nearest` for each row of `vectors` (with `excludes[row]`) in one batched search;
+        each row's answer is the one `nearest` gives it alone."""
 
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[tuple[TaskId, float, np.ndarray]]:
-        """Unlabelled (task, similarity, vector) at least `min_similarity` near, best first."""
+    ) -> list[NearbyTask]:
+        """Unlabelled points at least `min_similarity` near, best first, with their recorded
+        vote radii."""
+
+    def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
+        """Record these tasks' vote radii in the live generation, rounded down to
+        VOTE_RADIUS_STEP; tasks without a point are skipped."""

@@ -53,7 +53,7 @@ import numpy as np
 import qdrant_edge as edge
 
 from . import payload as pl
-from .base import CollectionInfo, Neighbour, Point, StoreError, TaskId, point_id
+from .base import CollectionInfo, NearbyTask, Neighbour, Point, StoreError, TaskId, point_id
 from .engine import EngineStore
 from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
@@ -432,68 +432,52 @@ class EdgeStore(EngineStore):
     ) -> list[Neighbour]:
         """The k most similar labelled points, best first: exact while the generation holds at
         most `exact_max_points` labelled points (or when `exact`), HNSW above."""
-        if k <= 0:
-            return []
+        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude], exact)[0]
+
+    def nearest_batch(
+        self,
+        project: int | str,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]] | None = None,
+        exact: bool = False,
+    ) -> list[list[Neighbour]]:
+        """`nearest` for every row, in batched engine queries: the same request per row."""
+        rows = np.asarray(vectors, dtype=np.float32)
+        rows = rows.reshape(len(rows), -1) if rows.size else rows.reshape(0, 0)
+        if k <= 0 or not len(rows):
+            return [[] for _ in range(len(rows))]
         with self._guard:
             info = self._live(project)
             if info is None:
-                return []
-            must_not = (
-                [edge.HasIdCondition({point_id(project, t) for t in exclude})] if exclude else None
-            )
-            found = self._shard(info.name).query(
+                return [[] for _ in range(len(rows))]
+            shard = self._shard(info.name)
+            params = self._search_params(info.name, k, exact)
+            requests = [
                 edge.QueryRequest(
                     limit=k,
-                    query=edge.Query.Nearest(_query_vector(vector)),
-                    filter=edge.Filter(must=[_labelled(True)], must_not=must_not),
-                    params=self._search_params(info.name, k, exact),
+                    query=edge.Query.Nearest(_query_vector(row)),
+                    filter=_labelled_except(project, excludes[i] if excludes else ()),
+                    params=params,
                     with_payload=True,
                 )
-            )
-        return [pl.to_neighbour(p) for p in found]
-
-    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
-        """Each query's k-th best labelled similarity (-1 with fewer than k labelled points).
-
-        Searched as `nearest` searches (same exact/HNSW choice), so a radius compared against
-        it is the one a fresh vote would see. Queries are assumed not to be labelled points.
-        """
-        with self._guard:
-            info = self._live(project)
-            if info is None:
-                return np.full(len(queries), -1.0, dtype=np.float32)
-            rows = np.asarray(queries, dtype=np.float32).reshape(-1, info.dim)
-            out = np.full(len(rows), -1.0, dtype=np.float32)
-            if k <= 0 or len(rows) == 0:
-                return out
-            shard = self._shard(info.name)
-            params = self._search_params(info.name, k, exact=False)
-            labelled = edge.Filter(must=[_labelled(True)])
-            for start in range(0, len(rows), _QUERY_BATCH):
-                batch = rows[start : start + _QUERY_BATCH]
-                results = shard.query_batch(
-                    edge.QueryBatchRequest(
-                        [
-                            edge.QueryRequest(
-                                limit=k,
-                                query=edge.Query.Nearest(_query_vector(row)),
-                                filter=labelled,
-                                params=params,
-                            )
-                            for row in batch
-                        ]
-                    )
-                )
-                for offset, found in enumerate(results):
-                    if len(found) >= k:
-                        out[start + offset] = found[k - 1].score
-            return out
+                for i, row in enumerate(rows)
+            ]
+            found: list[Any] = []
+            for start in range(0, len(requests), _QUERY_BATCH):
+                batch = requests[start : start + _QUERY_BATCH]
+                if len(batch) == 1:
+                    found.append(shard.query(batch[0]))
+                else:
+                    found += shard.query_batch(edge.QueryBatchRequest(batch))
+        return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[tuple[TaskId, float, np.ndarray]]:
-        """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
-        similar first. Exact while the generation holds at most `exact_max_points` points."""
+    ) -> list[NearbyTask]:
+        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first, with
+        their recorded vote radii. Exact while the generation holds at most
+        `exact_max_points` points."""
         with self._guard:
             info = self._live(project)
             if info is None or limit <= 0:
@@ -507,11 +491,10 @@ class EdgeStore(EngineStore):
                     filter=edge.Filter(must=[_labelled(False)]),
                     score_threshold=min_similarity,
                     params=self._params(info.name, exact, limit),
-                    with_payload=["task"],
-                    with_vector=True,
+                    with_payload=["task", pl.VOTE_RADIUS],
                 )
             )
-        return [pl.to_unlabelled_hit(p) for p in found]
+        return [pl.to_nearby_task(p) for p in found]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
@@ -675,6 +658,11 @@ def _fsync_dir(path: Path) -> None:
 
 def _labelled(value: bool) -> Any:
     return edge.FieldCondition(key="labelled", match=edge.MatchValue(int(value)))
+
+
+def _labelled_except(project: int | str, exclude: Sequence[TaskId]) -> Any:
+    must_not = [edge.HasIdCondition({point_id(project, t) for t in exclude})] if exclude else None
+    return edge.Filter(must=[_labelled(True)], must_not=must_not)
 
 
 def _query_vector(vector: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ task; an engine supplies the few primitives declared at the top of the class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,11 @@ class EngineStore(PushState):
     def _set_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
         """Overwrite these payload keys of these points."""
         raise NotImplementedError
+
+    def _set_payloads(self, name: str, writes: list[tuple[list[Any], dict[str, Any]]]) -> None:
+        """Several `_set_payload`s; an engine may send them as one request."""
+        for ids, values in writes:
+            self._set_payload(name, ids, values)
 
     def _with_annotation(self, name: str, annotation: str) -> list[pl.Record]:
         """Every record (payload, no vector) whose labels came from this annotation."""
@@ -217,6 +222,18 @@ class EngineStore(PushState):
         )
         self._labelled_changed(info.name, -sum(pl.is_labelled(r.payload) for r in records))
         return [(r.payload or {})["task"] for r in records]
+
+    def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
+        """Record these tasks' vote radii (rounded down) in the live generation."""
+        if not radii:
+            return
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                return
+            ids = {point_id(project, t): t for t in radii}
+            stored = {ids[str(r.id)]: r.id for r in self._fetch(info.name, list(ids), False)}
+            self._set_payloads(info.name, pl.vote_radius_groups(stored, radii))
 
     # -- reads by task -----------------------------------------------------------------------
 

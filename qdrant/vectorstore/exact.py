@@ -9,7 +9,7 @@ embedded deployment (the in-process Qdrant holds a file lock). With a Qdrant ser
 processes write too, so `open_store` does not wrap a server store in this class.
 
 `ExactSearchStore` is a cache in front of another `VectorStore`, not a subclass of
-`QdrantStore`: it answers `nearest` and `kth_similarities` itself and spells out every other
+`QdrantStore`: it answers `nearest` and `nearest_batch` itself and spells out every other
 operation as an explicit call to the store behind it. It needs nothing from that store but the
 protocol, so it can sit in front of any single-writer store (qdrant-client's local mode today,
 an embedded engine tomorrow), and a method added to the protocol has to be written here, where
@@ -19,14 +19,23 @@ one decides whether the cache must follow it, instead of slipping past it unseen
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .base import Annotation, CollectionInfo, Labels, Neighbour, Point, TaskId, VectorStore
+from .base import (
+    Annotation,
+    CollectionInfo,
+    Labels,
+    NearbyTask,
+    Neighbour,
+    Point,
+    TaskId,
+    VectorStore,
+)
 
 Method = Literal["matmul", "kdtree"]
 
@@ -46,29 +55,32 @@ class ExactIndex:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def kth_similarities(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """The k-th best cosine similarity of each query (one matmul); -1 with fewer rows."""
-        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.vectors.shape[1])
-        if len(self.vectors) < k or k <= 0:
-            return np.full(len(queries), -1.0, dtype=np.float32)
-        sims = queries @ self.vectors.T
-        return np.partition(sims, len(self.vectors) - k, axis=1)[:, len(self.vectors) - k]
-
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, cosine similarities) of the k nearest rows, best first."""
+        rows, sims = self.search_batch(np.reshape(query, (1, -1)), k)
+        return rows[0], sims[0]
+
+    def search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for every query row at once (one matmul): arrays of shape (queries, k)."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
         k = min(k, len(self.vectors))
         if k <= 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        query = np.asarray(query, dtype=np.float32).reshape(-1)
+            empty = (len(queries), 0)
+            return np.empty(empty, dtype=np.int64), np.empty(empty, dtype=np.float32)
         if self._tree is not None:
-            distances, rows = self._tree.query(query, k=k)
-            rows = np.atleast_1d(rows).astype(np.int64)
-            sims = 1.0 - np.square(np.atleast_1d(distances)) / 2.0
+            distances, rows = self._tree.query(queries, k=k)
+            rows = np.asarray(rows, dtype=np.int64).reshape(len(queries), k)
+            sims = 1.0 - np.square(np.asarray(distances).reshape(len(queries), k)) / 2.0
             return rows, sims.astype(np.float32)
-        sims = self.vectors @ query
-        rows = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
-        rows = rows[np.argsort(-sims[rows], kind="stable")]
-        return rows.astype(np.int64), sims[rows]
+        sims = queries @ self.vectors.T
+        if k < sims.shape[1]:
+            rows = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            rows = np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
+        top = np.take_along_axis(sims, rows, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        best = np.take_along_axis(rows, order, axis=1).astype(np.int64)
+        return best, np.take_along_axis(top, order, axis=1)
 
 
 @dataclass
@@ -253,9 +265,13 @@ class ExactSearchStore:
 
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[tuple[TaskId, float, np.ndarray]]:
+    ) -> list[NearbyTask]:
         """Unlabelled points near `vector`: not cached (the cache holds labelled ones only)."""
         return self.inner.unlabelled_near(project, vector, min_similarity, limit)
+
+    def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
+        """Recorded on unlabelled points, which the cache does not hold."""
+        self.inner.set_vote_radii(project, radii)
 
     def nearest(
         self,
@@ -265,37 +281,45 @@ class ExactSearchStore:
         exclude: Sequence[TaskId] = (),
     ) -> list[Neighbour]:
         """The k most similar labelled points: exact from the cache, or the store's above it."""
-        with self._lock:
-            labelled = self._labelled_set(project)
-            if labelled is None:
-                return self.inner.nearest(project, vector, k, exclude)
-            index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
-        excluded = set(exclude)
-        rows, sims = index.search(vector, k + len(excluded))
-        out = []
-        for row, sim in zip(rows, sims, strict=True):
-            task = tasks[row]
-            if task in excluded:
-                continue
-            point = points[task]
-            out.append(
-                Neighbour(task=task, similarity=float(sim), labels=point.labels, image=point.image)
-            )
-            if len(out) == k:
-                break
-        return out
+        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude])[0]
 
-    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
-        """Each query's k-th labelled similarity, all in one matmul while the labelled set is
-        cached; the store's own (batched) search above it."""
+    def nearest_batch(
+        self,
+        project: int | str,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]] | None = None,
+    ) -> list[list[Neighbour]]:
+        """`nearest` for every row: one matmul over the cache, or the store's batched search
+        above it."""
+        queries = np.asarray(vectors, dtype=np.float32)
+        queries = queries.reshape(len(queries), -1) if queries.size else queries.reshape(0, 0)
+        if k <= 0 or not len(queries):
+            return [[] for _ in range(len(queries))]
         with self._lock:
             labelled = self._labelled_set(project)
             if labelled is None:
-                return self.inner.kth_similarities(project, queries, k)
-            index = self._index(labelled)
-        if len(index) == 0:
-            return np.full(len(queries), -1.0, dtype=np.float32)
-        return index.kth_similarities(queries, k)
+                return self.inner.nearest_batch(project, queries, k, excludes)
+            index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
+        excluded = [set(excludes[i]) if excludes else set() for i in range(len(queries))]
+        rows, sims = index.search_batch(queries, k + max(map(len, excluded)))
+        found = []
+        for row_ids, row_sims, skip in zip(rows, sims, excluded, strict=True):
+            out = []
+            for row, sim in zip(row_ids, row_sims, strict=True):
+                task = tasks[row]
+                if task in skip:
+                    continue
+                point = points[task]
+                out.append(
+                    Neighbour(
+                        task=task, similarity=float(sim), labels=point.labels, image=point.image
+                    )
+                )
+                if len(out) == k:
+                    break
+            found.append(out)
+        return found
 
     def _index(self, labelled: _LabelledSet) -> ExactIndex:
         """The labelled set's index, built on first use after a change."""

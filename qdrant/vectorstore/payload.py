@@ -6,16 +6,19 @@ differs in type (see `EdgeStore`), so the builders here take how the engine writ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
-from .base import Annotation, Labels, Neighbour, Point, TaskId
+from .base import VOTE_RADIUS_STEP, Annotation, Labels, NearbyTask, Neighbour, Point, TaskId
 
 # The label part of a payload: replaced together, never key by key.
 LABEL_KEYS = ("labels", "labelled", "annotation_id", "annotation_updated_at")
-RESERVED = frozenset({"project", "task", "image", "encoder", *LABEL_KEYS})
+# The push's record of an unlabelled point's vote radius: valid only in its generation.
+VOTE_RADIUS = "vote_radius"
+RESERVED = frozenset({"project", "task", "image", "encoder", VOTE_RADIUS, *LABEL_KEYS})
 
 # How an engine stores the `labelled` flag: qdrant-client a bool, Edge the integer 0/1.
 Flag = Callable[[bool], object]
@@ -119,10 +122,25 @@ def to_neighbour(hit: Scored) -> Neighbour:
     )
 
 
-def to_unlabelled_hit(hit: Scored) -> tuple[TaskId, float, np.ndarray]:
-    """A search hit as `unlabelled_near` answers it: (task, similarity, vector)."""
-    return (
-        (hit.payload or {})["task"],
-        float(hit.score),
-        np.asarray(hit.vector, dtype=np.float32),
+def to_nearby_task(hit: Scored) -> NearbyTask:
+    """A search hit as `unlabelled_near` answers it."""
+    payload = hit.payload or {}
+    radius = payload.get(VOTE_RADIUS)
+    return NearbyTask(
+        task=payload["task"],
+        similarity=float(hit.score),
+        vote_radius=None if radius is None else float(radius),
     )
+
+
+def vote_radius_groups(
+    ids: Mapping[TaskId, Any], radii: Mapping[TaskId, float]
+) -> list[tuple[list[Any], dict[str, float]]]:
+    """(point ids, payload) per recorded value: each radius rounded down to VOTE_RADIUS_STEP,
+    so one payload write covers every point that shares it. `ids`: task -> point id."""
+    groups: dict[float, list[Any]] = {}
+    for task, radius in radii.items():
+        if task in ids:
+            value = math.floor(float(radius) / VOTE_RADIUS_STEP) * VOTE_RADIUS_STEP
+            groups.setdefault(value, []).append(ids[task])
+    return [(points, {VOTE_RADIUS: value}) for value, points in groups.items()]

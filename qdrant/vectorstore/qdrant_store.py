@@ -23,6 +23,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from . import payload as pl
 from .base import (
     CollectionInfo,
+    NearbyTask,
     Neighbour,
     Point,
     StoreError,
@@ -34,7 +35,7 @@ from .generations import Preprocessing
 from .qdrant_generations import QdrantGenerations
 
 _SCROLL_PAGE = 512
-# Queries per batched search request (kth_similarities): bounds one request's size.
+# Queries per batched search request (nearest_batch): bounds one request's size.
 _QUERY_BATCH = 256
 
 
@@ -134,6 +135,19 @@ class QdrantStore(QdrantGenerations):
     def _set_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
         self._client.set_payload(name, payload=values, points=ids, wait=True)
 
+    def _set_payloads(self, name: str, writes: list[tuple[list[Any], dict[str, Any]]]) -> None:
+        if writes:
+            self._client.batch_update_points(
+                name,
+                [
+                    models.SetPayloadOperation(
+                        set_payload=models.SetPayload(payload=values, points=ids)
+                    )
+                    for ids, values in writes
+                ],
+                wait=True,
+            )
+
     def _with_annotation(self, name: str, annotation: str) -> list[pl.Record]:
         condition = models.Filter(
             must=[
@@ -154,57 +168,48 @@ class QdrantStore(QdrantGenerations):
         exclude: Sequence[TaskId] = (),
         exact: bool = False,
     ) -> list[Neighbour]:
-        with self._guard:
-            info = self._live(project)
-            if info is None:
-                return []
-            must_not: list[models.Condition] = []
-            if exclude:
-                must_not.append(
-                    models.HasIdCondition(has_id=[point_id(project, t) for t in exclude])
-                )
-            result = self._client.query_points(
-                info.name,
-                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
-                query_filter=models.Filter(must=[_labelled(True)], must_not=must_not),
+        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude], exact)[0]
+
+    def nearest_batch(
+        self,
+        project: int | str,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]] | None = None,
+        exact: bool = False,
+    ) -> list[list[Neighbour]]:
+        """`nearest` for every row: one request per row, sent together (query_batch_points)."""
+        rows = np.asarray(vectors, dtype=np.float32)
+        rows = rows.reshape(len(rows), -1) if rows.size else rows.reshape(0, 0)
+        if k <= 0 or not len(rows):
+            return [[] for _ in range(len(rows))]
+        requests = [
+            models.QueryRequest(
+                query=row.tolist(),
+                filter=_labelled_except(project, excludes[i] if excludes else ()),
                 limit=k,
                 with_payload=True,
-                search_params=models.SearchParams(exact=exact),
+                params=models.SearchParams(exact=exact),
             )
-        return [pl.to_neighbour(p) for p in result.points]
-
-    def kth_similarities(self, project: int | str, queries: np.ndarray, k: int) -> np.ndarray:
-        """Each query row's k-th best labelled similarity, from the same search as `nearest`
-        (batched, nothing excluded); -1 where fewer than k points are labelled."""
-        rows = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
-        out = np.full(len(rows), -1.0, dtype=np.float32)
-        if k <= 0 or not len(rows):
-            return out
-        labelled = models.Filter(must=[_labelled(True)])
+            for i, row in enumerate(rows)
+        ]
+        found: list[list[Neighbour]] = []
         with self._guard:
             info = self._live(project)
             if info is None:
-                return out
-            for start in range(0, len(rows), _QUERY_BATCH):
+                return [[] for _ in range(len(rows))]
+            for start in range(0, len(requests), _QUERY_BATCH):
                 answers = self._client.query_batch_points(
-                    info.name,
-                    requests=[
-                        models.QueryRequest(
-                            query=row.tolist(), filter=labelled, limit=k, with_payload=False
-                        )
-                        for row in rows[start : start + _QUERY_BATCH]
-                    ],
+                    info.name, requests=requests[start : start + _QUERY_BATCH]
                 )
-                for row, answer in enumerate(answers, start=start):
-                    if len(answer.points) >= k:
-                        out[row] = answer.points[k - 1].score
-        return out
+                found += [[pl.to_neighbour(p) for p in answer.points] for answer in answers]
+        return found
 
     def unlabelled_near(
         self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[tuple[TaskId, float, np.ndarray]]:
-        """Unlabelled tasks at least `min_similarity` from `vector` with their vectors, most
-        similar first."""
+    ) -> list[NearbyTask]:
+        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first, with
+        their recorded vote radii."""
         with self._guard:
             info = self._live(project)
             if info is None:
@@ -215,10 +220,9 @@ class QdrantStore(QdrantGenerations):
                 query_filter=models.Filter(must=[_labelled(False)]),
                 limit=limit,
                 score_threshold=min_similarity,
-                with_payload=["task"],
-                with_vectors=True,
+                with_payload=["task", pl.VOTE_RADIUS],
             )
-        return [pl.to_unlabelled_hit(p) for p in result.points]
+        return [pl.to_nearby_task(p) for p in result.points]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
@@ -293,6 +297,13 @@ class _ServerErrors(AbstractContextManager[object]):
                 raise StoreUnavailableError(
                     f"{self._server} failed ({error.status_code}): {error.reason_phrase}"
                 ) from None
+
+
+def _labelled_except(project: int | str, exclude: Sequence[TaskId]) -> models.Filter:
+    must_not: list[models.Condition] = (
+        [models.HasIdCondition(has_id=[point_id(project, t) for t in exclude])] if exclude else []
+    )
+    return models.Filter(must=[_labelled(True)], must_not=must_not)
 
 
 def _labelled(value: bool) -> models.FieldCondition:
