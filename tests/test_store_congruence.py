@@ -103,8 +103,8 @@ class Reference:
         return [(t, s) for t, s in ranked if s >= min_similarity][:limit]
 
 
-def assert_same_neighbours(store: VectorStore, reference: Reference, query, k, exclude=()):
-    found = store.nearest(1, query, k, exclude)
+def assert_answer(found, reference: Reference, query, k, exclude=()):
+    """`found` is the reference's answer: order, similarities and payload."""
     expected = reference.nearest(query, k, exclude)
     assert [n.task for n in found] == [t for t, _ in expected]
     np.testing.assert_allclose(
@@ -113,6 +113,11 @@ def assert_same_neighbours(store: VectorStore, reference: Reference, query, k, e
     for neighbour in found:
         assert dict(neighbour.labels) == reference.labels[neighbour.task]
         assert neighbour.image == reference.images[neighbour.task]
+
+
+def assert_same_neighbours(store: VectorStore, reference: Reference, query, k, exclude=()):
+    found = store.nearest(1, query, k, exclude)
+    assert_answer(found, reference, query, k, exclude)
     return found
 
 
@@ -197,14 +202,7 @@ def assert_same_batch(store: VectorStore, reference: Reference, queries, k, excl
     found = store.nearest_batch(1, queries, k, excludes)
     assert len(found) == len(queries)
     for row, neighbours in enumerate(found):
-        expected = reference.nearest(queries[row], k, excludes[row] if excludes else ())
-        assert [n.task for n in neighbours] == [t for t, _ in expected]
-        np.testing.assert_allclose(
-            [n.similarity for n in neighbours], [s for _, s in expected], atol=TOLERANCE
-        )
-        for neighbour in neighbours:
-            assert dict(neighbour.labels) == reference.labels[neighbour.task]
-            assert neighbour.image == reference.images[neighbour.task]
+        assert_answer(neighbours, reference, queries[row], k, excludes[row] if excludes else ())
     return found
 
 

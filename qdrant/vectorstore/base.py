@@ -37,6 +37,12 @@ def point_id(project: int | str, task: TaskId) -> str:
     return str(uuid.uuid5(_POINT_NAMESPACE, f"{project}/{task}"))
 
 
+def query_rows(vectors: np.ndarray) -> np.ndarray:
+    """Search queries as float32 rows (one per query; none: shape (0, 0))."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    return rows.reshape(len(rows), -1) if rows.size else rows.reshape(0, 0)
+
+
 @dataclass(frozen=True)
 class CollectionInfo:
     """What a project's live collection was built with."""

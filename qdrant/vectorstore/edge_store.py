@@ -422,54 +422,35 @@ class EdgeStore(EngineStore):
 
     # -- searches ----------------------------------------------------------------------------
 
-    def nearest(
+    def _search_batch(
         self,
-        project: int | str,
-        vector: np.ndarray,
+        info: CollectionInfo,
+        rows: np.ndarray,
         k: int,
-        exclude: Sequence[TaskId] = (),
-        exact: bool = False,
-    ) -> list[Neighbour]:
-        """The k most similar labelled points, best first: exact while the generation holds at
-        most `exact_max_points` labelled points (or when `exact`), HNSW above."""
-        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude], exact)[0]
-
-    def nearest_batch(
-        self,
-        project: int | str,
-        vectors: np.ndarray,
-        k: int,
-        excludes: Sequence[Sequence[TaskId]] | None = None,
-        exact: bool = False,
+        excludes: Sequence[Sequence[TaskId]],
+        exact: bool,
     ) -> list[list[Neighbour]]:
-        """`nearest` for every row, in batched engine queries: the same request per row."""
-        rows = np.asarray(vectors, dtype=np.float32)
-        rows = rows.reshape(len(rows), -1) if rows.size else rows.reshape(0, 0)
-        if k <= 0 or not len(rows):
-            return [[] for _ in range(len(rows))]
-        with self._guard:
-            info = self._live(project)
-            if info is None:
-                return [[] for _ in range(len(rows))]
-            shard = self._shard(info.name)
-            params = self._search_params(info.name, k, exact)
-            requests = [
-                edge.QueryRequest(
-                    limit=k,
-                    query=edge.Query.Nearest(_query_vector(row)),
-                    filter=_labelled_except(project, excludes[i] if excludes else ()),
-                    params=params,
-                    with_payload=True,
-                )
-                for i, row in enumerate(rows)
-            ]
-            found: list[Any] = []
-            for start in range(0, len(requests), _QUERY_BATCH):
-                batch = requests[start : start + _QUERY_BATCH]
-                if len(batch) == 1:
-                    found.append(shard.query(batch[0]))
-                else:
-                    found += shard.query_batch(edge.QueryBatchRequest(batch))
+        """Exact while the generation holds at most `exact_max_points` labelled points (or
+        when `exact`), HNSW above."""
+        shard = self._shard(info.name)
+        params = self._search_params(info.name, k, exact)
+        requests = [
+            edge.QueryRequest(
+                limit=k,
+                query=edge.Query.Nearest(_query_vector(row)),
+                filter=_labelled_except(info.project, exclude),
+                params=params,
+                with_payload=True,
+            )
+            for row, exclude in zip(rows, excludes, strict=True)
+        ]
+        found: list[Any] = []
+        for start in range(0, len(requests), _QUERY_BATCH):
+            batch = requests[start : start + _QUERY_BATCH]
+            if len(batch) == 1:
+                found.append(shard.query(batch[0]))
+            else:
+                found += shard.query_batch(edge.QueryBatchRequest(batch))
         return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
     def unlabelled_near(

@@ -20,10 +20,12 @@ from .base import (
     CollectionInfo,
     DimensionMismatchError,
     Labels,
+    Neighbour,
     Point,
     StoreError,
     TaskId,
     point_id,
+    query_rows,
 )
 from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
 from .push_state import PushState
@@ -75,6 +77,18 @@ class EngineStore(PushState):
 
     def _labelled_changed(self, name: str, delta: int) -> None:
         """The generation now holds `delta` more labelled points (an engine may keep count)."""
+
+    def _search_batch(
+        self,
+        info: CollectionInfo,
+        rows: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]],
+        exact: bool,
+    ) -> list[list[Neighbour]]:
+        """One labelled-neighbour request per row (its `excludes` filtered out), sent together;
+        called with the store's guard held."""
+        raise NotImplementedError
 
     # -- collections --------------------------------------------------------------------------
 
@@ -234,6 +248,38 @@ class EngineStore(PushState):
             ids = {point_id(project, t): t for t in radii}
             stored = {ids[str(r.id)]: r.id for r in self._fetch(info.name, list(ids), False)}
             self._set_payloads(info.name, pl.vote_radius_groups(stored, radii))
+
+    # -- searches ----------------------------------------------------------------------------
+
+    def nearest(
+        self,
+        project: int | str,
+        vector: np.ndarray,
+        k: int,
+        exclude: Sequence[TaskId] = (),
+        exact: bool = False,
+    ) -> list[Neighbour]:
+        """The k most similar labelled points, best first, never one of `exclude` (`exact`:
+        scanned even where the engine would walk an index)."""
+        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude], exact)[0]
+
+    def nearest_batch(
+        self,
+        project: int | str,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[TaskId]] | None = None,
+        exact: bool = False,
+    ) -> list[list[Neighbour]]:
+        """`nearest` for every row, in batched engine requests: the same request per row."""
+        rows = query_rows(vectors)
+        if k <= 0 or not len(rows):
+            return [[] for _ in range(len(rows))]
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                return [[] for _ in range(len(rows))]
+            return self._search_batch(info, rows, k, excludes or [()] * len(rows), exact)
 
     # -- reads by task -----------------------------------------------------------------------
 

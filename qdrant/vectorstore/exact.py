@@ -35,6 +35,7 @@ from .base import (
     Point,
     TaskId,
     VectorStore,
+    query_rows,
 )
 
 Method = Literal["matmul", "kdtree"]
@@ -292,8 +293,7 @@ class ExactSearchStore:
     ) -> list[list[Neighbour]]:
         """`nearest` for every row: one matmul over the cache, or the store's batched search
         above it."""
-        queries = np.asarray(vectors, dtype=np.float32)
-        queries = queries.reshape(len(queries), -1) if queries.size else queries.reshape(0, 0)
+        queries = query_rows(vectors)
         if k <= 0 or not len(queries):
             return [[] for _ in range(len(queries))]
         with self._lock:

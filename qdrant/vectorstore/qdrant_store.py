@@ -160,49 +160,31 @@ class QdrantStore(QdrantGenerations):
 
     # -- reads -------------------------------------------------------------------------------
 
-    def nearest(
+    def _search_batch(
         self,
-        project: int | str,
-        vector: np.ndarray,
+        info: CollectionInfo,
+        rows: np.ndarray,
         k: int,
-        exclude: Sequence[TaskId] = (),
-        exact: bool = False,
-    ) -> list[Neighbour]:
-        return self.nearest_batch(project, np.reshape(vector, (1, -1)), k, [exclude], exact)[0]
-
-    def nearest_batch(
-        self,
-        project: int | str,
-        vectors: np.ndarray,
-        k: int,
-        excludes: Sequence[Sequence[TaskId]] | None = None,
-        exact: bool = False,
+        excludes: Sequence[Sequence[TaskId]],
+        exact: bool,
     ) -> list[list[Neighbour]]:
-        """`nearest` for every row: one request per row, sent together (query_batch_points)."""
-        rows = np.asarray(vectors, dtype=np.float32)
-        rows = rows.reshape(len(rows), -1) if rows.size else rows.reshape(0, 0)
-        if k <= 0 or not len(rows):
-            return [[] for _ in range(len(rows))]
+        """One request per row, sent together (query_batch_points)."""
         requests = [
             models.QueryRequest(
                 query=row.tolist(),
-                filter=_labelled_except(project, excludes[i] if excludes else ()),
+                filter=_labelled_except(info.project, exclude),
                 limit=k,
                 with_payload=True,
                 params=models.SearchParams(exact=exact),
             )
-            for i, row in enumerate(rows)
+            for row, exclude in zip(rows, excludes, strict=True)
         ]
         found: list[list[Neighbour]] = []
-        with self._guard:
-            info = self._live(project)
-            if info is None:
-                return [[] for _ in range(len(rows))]
-            for start in range(0, len(requests), _QUERY_BATCH):
-                answers = self._client.query_batch_points(
-                    info.name, requests=requests[start : start + _QUERY_BATCH]
-                )
-                found += [[pl.to_neighbour(p) for p in answer.points] for answer in answers]
+        for start in range(0, len(requests), _QUERY_BATCH):
+            answers = self._client.query_batch_points(
+                info.name, requests=requests[start : start + _QUERY_BATCH]
+            )
+            found += [[pl.to_neighbour(p) for p in answer.points] for answer in answers]
         return found
 
     def unlabelled_near(
