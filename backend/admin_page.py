@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from echolabel.core.runtime import Runtime
 from echolabel.encoders import available_encoders
-from echolabel.encoders.trained import encoder_name, list_trained
+from echolabel.encoders.trained_files import encoder_name, list_trained
 from echolabel.settings import Settings
 from workers.training.selection import SelectionLog
 

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from echolabel.encoders.trained import WEIGHTS_FILE, TrainedEncoder, load_trained
+from echolabel.encoders.trained import TrainedEncoder, load_trained
+from echolabel.encoders.trained_files import WEIGHTS_FILE
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from echolabel.vote import vote

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from echolabel.encoders import load_encoder
-from echolabel.encoders.trained import read_config
+from echolabel.encoders.trained_files import read_config
 from workers.training.trainer import knn_vote_accuracy
 
 

@@ -20,7 +20,7 @@ from echolabel.core.model import SimilarityModel
 from echolabel.core.runtime import Runtime
 from echolabel.embedding import TaskImage
 from echolabel.encoders import load_encoder
-from echolabel.encoders.trained import read_config
+from echolabel.encoders.trained_files import read_config
 from echolabel.images import ImageFetcher
 from tests.helpers import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
 from tests.label_configs import DARK_BRIGHT_CONFIG

@@ -18,7 +18,8 @@ from bench.recipe_validation import outer_split, parse_options, score_votes
 from bench.recipe_validation import run as run_recipe
 from echolabel import cli
 from echolabel.encoders import load_encoder
-from echolabel.encoders.trained import TrainedEncoder, read_config
+from echolabel.encoders.trained import TrainedEncoder
+from echolabel.encoders.trained_files import read_config
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from tests.test_train_encoder import TINY, folder

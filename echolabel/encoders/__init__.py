@@ -1,9 +1,11 @@
 """Encoder plug-ins: image → L2-normalised embedding, chosen by name from a registry.
 
-Importing this package registers every encoder; `load_encoder(name)` builds one.
+The built-in encoders register themselves on the registry's first use (`available_encoders`,
+`load_encoder`), which is when torch and timm are imported; `load_encoder(name)` builds one.
 """
 
-from echolabel.encoders import dreamsim_encoder, timm_encoders, trained
+from typing import Any
+
 from echolabel.encoders.base import (
     DEFAULT_ENCODER,
     Encoder,
@@ -15,8 +17,22 @@ from echolabel.encoders.base import (
     register_encoder,
     to_rgb,
 )
-from echolabel.encoders.timm_encoders import build_transform, create_timm_model
-from echolabel.encoders.weights import download_weights
+
+# Names that need torch, imported when first asked for.
+_LAZY = {
+    "build_transform": "echolabel.encoders.timm_encoders",
+    "create_timm_model": "echolabel.encoders.timm_encoders",
+    "download_weights": "echolabel.encoders.weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -28,10 +44,7 @@ __all__ = [
     "create_timm_model",
     "default_weights_dir",
     "download_weights",
-    "dreamsim_encoder",
     "load_encoder",
     "register_encoder",
-    "timm_encoders",
     "to_rgb",
-    "trained",
 ]

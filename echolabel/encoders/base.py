@@ -7,16 +7,20 @@ weights directory and calls it. Nothing is cached here: the caller keeps the enc
 from __future__ import annotations
 
 import hashlib
+import importlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from echolabel.images import to_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -69,6 +73,28 @@ EncoderFamily = Callable[[str, Path, str, int], Encoder]
 _FACTORIES: dict[str, EncoderFactory] = {}
 _FAMILIES: dict[str, EncoderFamily] = {}
 
+# The built-in plug-ins register themselves when imported, which imports torch and timm (~5 s
+# on these cores). They are imported on the registry's first use, not with this package: a
+# backend restarting on stored vectors answers before any encoder is needed.
+_BUILT_IN = (
+    "echolabel.encoders.timm_encoders",
+    "echolabel.encoders.dreamsim_encoder",
+    "echolabel.encoders.trained",
+)
+_built_in_lock = threading.Lock()
+_built_in_loaded = False
+
+
+def _load_built_in() -> None:
+    global _built_in_loaded
+    if _built_in_loaded:
+        return
+    with _built_in_lock:
+        if not _built_in_loaded:
+            for module in _BUILT_IN:
+                importlib.import_module(module)
+            _built_in_loaded = True
+
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     """Decorator that registers an encoder factory under `name`."""
@@ -97,12 +123,14 @@ def register_encoder_family(prefix: str) -> Callable[[EncoderFamily], EncoderFam
 
 def encoder_family(name: str) -> str | None:
     """The family prefix of `name` (`trained` for `trained:busi-v1`), or None."""
+    _load_built_in()
     prefix, sep, _ = name.partition(":")
     return prefix if sep and prefix in _FAMILIES else None
 
 
 def available_encoders() -> list[str]:
     """Names accepted by `load_encoder`, sorted."""
+    _load_built_in()
     return sorted(_FACTORIES)
 
 
@@ -113,6 +141,8 @@ def default_weights_dir() -> Path:
 
 def resolve_device(device: str) -> str:
     """Map "cpu", "cuda" or "auto" to the torch device to use."""
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -138,7 +168,7 @@ def load_encoder(
     Raises EncoderError for an unknown name or bad arguments, and WeightsMissingError when the
     weights are not on this machine (without trying the network).
     """
-    family = encoder_family(name)
+    family = encoder_family(name)  # loads the built-in plug-ins
     if name not in _FACTORIES and family is None:
         known = ", ".join(available_encoders() + [f"{prefix}:<name>" for prefix in _FAMILIES])
         raise EncoderError(f"unknown encoder {name!r}; known encoders: {known}")
@@ -169,6 +199,8 @@ def _autocast(device: str) -> Iterator[None]:
     # Half precision on CUDA is faster and halves activation memory; autocast keeps the ops
     # that are unsafe in fp16 (norms, reductions) in fp32, so every model can run under it.
     if device == "cuda":
+        import torch
+
         with torch.autocast(device_type="cuda", dtype=torch.float16):
             yield
     else:
@@ -188,6 +220,8 @@ def embed_in_batches(
 
     `preprocess` maps one RGB image to a (3, H, W) tensor; `forward` maps a batch to (n, dim).
     """
+    import torch
+
     if len(images) == 0:
         return np.zeros((0, dim), dtype=np.float32)
     chunks = []

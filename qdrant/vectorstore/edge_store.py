@@ -53,7 +53,7 @@ import numpy as np
 import qdrant_edge as edge
 
 from . import payload as pl
-from .base import CollectionInfo, NearbyTask, Neighbour, Point, StoreError, TaskId, point_id
+from .base import CollectionInfo, NearbyTask, Neighbour, Point, StoreError
 from .engine import EngineStore
 from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
@@ -423,26 +423,22 @@ class EdgeStore(EngineStore):
     # -- searches ----------------------------------------------------------------------------
 
     def _search_batch(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        k: int,
-        excludes: Sequence[Sequence[TaskId]],
-        exact: bool,
+        self, info: CollectionInfo, rows: np.ndarray, limits: Sequence[int], exact: bool
     ) -> list[list[Neighbour]]:
         """Exact while the generation holds at most `exact_max_points` labelled points (or
         when `exact`), HNSW above."""
         shard = self._shard(info.name)
-        params = self._search_params(info.name, k, exact)
+        params = self._search_params(info.name, max(limits), exact)
+        labelled = edge.Filter(must=[_labelled(True)])
         requests = [
             edge.QueryRequest(
-                limit=k,
+                limit=limit,
                 query=edge.Query.Nearest(_query_vector(row)),
-                filter=_labelled_except(info.project, exclude),
+                filter=labelled,
                 params=params,
                 with_payload=True,
             )
-            for row, exclude in zip(rows, excludes, strict=True)
+            for row, limit in zip(rows, limits, strict=True)
         ]
         found: list[Any] = []
         for start in range(0, len(requests), _QUERY_BATCH):
@@ -639,11 +635,6 @@ def _fsync_dir(path: Path) -> None:
 
 def _labelled(value: bool) -> Any:
     return edge.FieldCondition(key="labelled", match=edge.MatchValue(int(value)))
-
-
-def _labelled_except(project: int | str, exclude: Sequence[TaskId]) -> Any:
-    must_not = [edge.HasIdCondition({point_id(project, t) for t in exclude})] if exclude else None
-    return edge.Filter(must=[_labelled(True)], must_not=must_not)
 
 
 def _query_vector(vector: np.ndarray) -> list[float]:

@@ -79,15 +79,10 @@ class EngineStore(PushState):
         """The generation now holds `delta` more labelled points (an engine may keep count)."""
 
     def _search_batch(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        k: int,
-        excludes: Sequence[Sequence[TaskId]],
-        exact: bool,
+        self, info: CollectionInfo, rows: np.ndarray, limits: Sequence[int], exact: bool
     ) -> list[list[Neighbour]]:
-        """One labelled-neighbour request per row (its `excludes` filtered out), sent together;
-        called with the store's guard held."""
+        """The `limits[i]` nearest labelled points of each row, best first, in one request per
+        row sent together; called with the store's guard held."""
         raise NotImplementedError
 
     # -- collections --------------------------------------------------------------------------
@@ -275,11 +270,18 @@ class EngineStore(PushState):
         rows = query_rows(vectors)
         if k <= 0 or not len(rows):
             return [[] for _ in range(len(rows))]
+        # Excluded tasks are dropped from k + len(exclude) hits, not filtered out in the
+        # engine: a must-not-id filter slowed Edge's exact search 7x (20k of 100k x 384).
+        skips = [{str(t) for t in exclude} for exclude in excludes or [()] * len(rows)]
         with self._guard:
             info = self._live(project)
             if info is None:
                 return [[] for _ in range(len(rows))]
-            return self._search_batch(info, rows, k, excludes or [()] * len(rows), exact)
+            found = self._search_batch(info, rows, [k + len(skip) for skip in skips], exact)
+        return [
+            [n for n in hits if str(n.task) not in skip][:k]
+            for hits, skip in zip(found, skips, strict=True)
+        ]
 
     # -- reads by task -----------------------------------------------------------------------
 

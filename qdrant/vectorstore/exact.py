@@ -301,14 +301,14 @@ class ExactSearchStore:
             if labelled is None:
                 return self.inner.nearest_batch(project, queries, k, excludes)
             index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
-        excluded = [set(excludes[i]) if excludes else set() for i in range(len(queries))]
+        excluded = [{str(t) for t in exclude} for exclude in excludes or [()] * len(queries)]
         rows, sims = index.search_batch(queries, k + max(map(len, excluded)))
         found = []
         for row_ids, row_sims, skip in zip(rows, sims, excluded, strict=True):
             out = []
             for row, sim in zip(row_ids, row_sims, strict=True):
                 task = tasks[row]
-                if task in skip:
+                if str(task) in skip:
                     continue
                 point = points[task]
                 out.append(

@@ -28,8 +28,6 @@ from .base import (
     Point,
     StoreError,
     StoreUnavailableError,
-    TaskId,
-    point_id,
 )
 from .generations import Preprocessing
 from .qdrant_generations import QdrantGenerations
@@ -161,23 +159,19 @@ class QdrantStore(QdrantGenerations):
     # -- reads -------------------------------------------------------------------------------
 
     def _search_batch(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        k: int,
-        excludes: Sequence[Sequence[TaskId]],
-        exact: bool,
+        self, info: CollectionInfo, rows: np.ndarray, limits: Sequence[int], exact: bool
     ) -> list[list[Neighbour]]:
         """One request per row, sent together (query_batch_points)."""
+        labelled = models.Filter(must=[_labelled(True)])
         requests = [
             models.QueryRequest(
                 query=row.tolist(),
-                filter=_labelled_except(info.project, exclude),
-                limit=k,
+                filter=labelled,
+                limit=limit,
                 with_payload=True,
                 params=models.SearchParams(exact=exact),
             )
-            for row, exclude in zip(rows, excludes, strict=True)
+            for row, limit in zip(rows, limits, strict=True)
         ]
         found: list[list[Neighbour]] = []
         for start in range(0, len(requests), _QUERY_BATCH):
@@ -279,13 +273,6 @@ class _ServerErrors(AbstractContextManager[object]):
                 raise StoreUnavailableError(
                     f"{self._server} failed ({error.status_code}): {error.reason_phrase}"
                 ) from None
-
-
-def _labelled_except(project: int | str, exclude: Sequence[TaskId]) -> models.Filter:
-    must_not: list[models.Condition] = (
-        [models.HasIdCondition(has_id=[point_id(project, t) for t in exclude])] if exclude else []
-    )
-    return models.Filter(must=[_labelled(True)], must_not=must_not)
 
 
 def _labelled(value: bool) -> models.FieldCondition:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from echolabel.encoders.trained import encoder_dir, is_trained, read_config
+from echolabel.encoders.trained_files import encoder_dir, is_trained, read_config
 from echolabel.images import ImageError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from torch import nn
 
 from echolabel.encoders.base import EncoderError, file_id, resolve_device
 from echolabel.encoders.timm_encoders import TIMM_MODELS, load_packaged, packaged_weights_path
-from echolabel.encoders.trained import (
+from echolabel.encoders.trained import normalise, resize_crop
+from echolabel.encoders.trained_files import (
     BACKBONE_PREFIX,
     CONFIG_FILE,
     FORMAT,
@@ -39,8 +40,6 @@ from echolabel.encoders.trained import (
     check_base_name,
     encoder_name,
     next_version_dir,
-    normalise,
-    resize_crop,
 )
 from echolabel.images import ImageError, ImageFetcher
 from workers.training.augment import UltrasoundAugment
