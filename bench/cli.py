@@ -18,6 +18,11 @@ def add_command(sub: Any) -> None:
     bench.add_argument("--smoke", action="store_true", help="small sizes: under a minute")
     bench.add_argument("--only", help="comma-separated: search,latency,embedding,memory,embedded")
     bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+    bench.add_argument(
+        "--embedded-large",
+        type=int,
+        help="the embedded section's large size (default: the profile's, 1M in the full one)",
+    )
     bench.set_defaults(run=run_bench)
 
 
@@ -28,7 +33,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         require_extra()
         from bench.suite import run_from_cli
 
-        return run_from_cli(args.smoke, args.only, args.out, args.argv)
+        return run_from_cli(args.smoke, args.only, args.out, args.argv, args.embedded_large)
     except ModuleNotFoundError as exc:
         reason = missing_extra(exc)
         if reason is None:

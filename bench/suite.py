@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import time
@@ -61,9 +62,19 @@ def run(
     return written
 
 
-def run_from_cli(smoke: bool, only: str | None, out: Path | None, argv: Sequence[str]) -> int:
-    """`echolabel bench [--smoke] [--only a,b] [--out DIR]`."""
+def run_from_cli(
+    smoke: bool,
+    only: str | None,
+    out: Path | None,
+    argv: Sequence[str],
+    embedded_large: int | None = None,
+) -> int:
+    """`echolabel bench [--smoke] [--only a,b] [--out DIR] [--embedded-large N]`."""
     profile = profiles.smoke() if smoke else profiles.full()
+    if embedded_large is not None:
+        profile = dataclasses.replace(
+            profile, embedded=dataclasses.replace(profile.embedded, large=embedded_large)
+        )
     sections = [s.strip() for s in only.split(",") if s.strip()] if only else list(SECTIONS)
     run(profile, sections, out or DEFAULT_OUT, command="echolabel " + " ".join(argv))
     return 0

@@ -158,6 +158,22 @@ def test_cli_refuses_an_unknown_section(capsys):
     assert "unknown bench section(s) nope" in capsys.readouterr().err
 
 
+def test_cli_sets_the_embedded_sections_large_size(monkeypatch):
+    from bench import suite
+
+    seen = {}
+    monkeypatch.setattr(
+        suite,
+        "run",
+        lambda profile, sections, out, command: seen.update(profile=profile, sections=sections),
+    )
+    assert main(["bench", "--only", "embedded", "--embedded-large", "5000"]) == 0
+    assert seen["sections"] == ["embedded"] and seen["profile"].embedded.large == 5000
+    assert seen["profile"].embedded.sizes == profiles.full().embedded.sizes
+    assert main(["bench", "--only", "embedded"]) == 0
+    assert seen["profile"].embedded.large == profiles.full().embedded.large
+
+
 @pytest.mark.parametrize("module", ["hnswlib", "sklearn", "psutil"])
 def test_bench_without_its_extra_says_which_extra_to_install(module, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if absent
