@@ -624,3 +624,36 @@ def test_vector_storage_is_recorded_per_generation_and_exact_answers_do_not_depe
 def test_an_unknown_vector_storage_is_refused(tmp_path):
     with pytest.raises(StoreError, match="vector storage 'int4'"):
         EdgeStore(tmp_path / "edge", vector_storage="int4")
+
+
+def test_build_index_command_builds_what_grew_past_the_threshold(tmp_path, monkeypatch, capsys):
+    from echolabel import cli
+    from echolabel.settings import Settings
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_EXACT_SEARCH_MAX_POINTS", "50")
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    store = EdgeStore(Settings.from_env().qdrant_path, exact_max_points=50)
+    rng = np.random.default_rng(11)
+    for project, n in ((1, 120), (2, 20)):  # grown by writes: no graph yet
+        store.ensure_collection(project, "enc", DIM, "w")
+        vectors = unit_rows(rng, n)
+        store.upsert(project, "enc", [Point(i, vectors[i], labels={"f": "a"}) for i in range(n)])
+    before = {s.project: s for s in store.index_status()}
+    assert (before["1"].unindexed, before["1"].builds) == (120, True)
+    assert (before["2"].unindexed, before["2"].builds) == (20, False)
+    assert cli.main(["build-index"]) != 0  # the backend (here: this store) holds it
+    assert "locked by another process" in capsys.readouterr().err
+    store.close()
+
+    assert cli.main(["build-index", "--project", "1", "--project", "9"]) == 1
+    out = capsys.readouterr().out
+    assert "project 1 (echolabel_p1_g1): 120 points: graph built for 120 points" in out
+    assert "project 9: no collection" in out and "project 2" not in out
+    assert cli.main(["build-index"]) == 0
+    out = capsys.readouterr().out
+    assert "project 1 (echolabel_p1_g1): 120 points, 0 outside the graph" in out
+    assert "project 2 (echolabel_p2_g1): 20 points, 20 outside the graph: below" in out
+    reopened = EdgeStore(Settings.from_env().qdrant_path, exact_max_points=50)
+    assert {s.project: s.unindexed for s in reopened.index_status()} == {"1": 0, "2": 20}
+    reopened.close()

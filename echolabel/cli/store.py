@@ -1,4 +1,5 @@
-"""`echolabel migrate-store`: the embedded store moved onto Qdrant Edge (docs/store.md)."""
+"""The embedded store's upkeep (docs/store.md): `echolabel migrate-store` moves it onto Qdrant
+Edge; `echolabel build-index` builds the HNSW graph of what grew past the exact threshold."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def add_commands(sub: Any) -> None:
         "done on the first start); the old store is kept as MODEL_DIR/qdrant.local-mode",
     )
     migrate.set_defaults(run=_migrate_store)
+    build = sub.add_parser(
+        "build-index",
+        help="build the embedded store's HNSW graph where ECHOLABEL_EXACT_SEARCH_MAX_POINTS "
+        "points wait outside it (run with the backend stopped: the build holds the process)",
+    )
+    build.add_argument("--project", action="append", help="only this project (repeatable)")
+    build.set_defaults(run=_build_index)
 
 
 def _migrate_store(args: argparse.Namespace, settings: Settings) -> int:
@@ -32,3 +40,41 @@ def _migrate_store(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(report.summary())
     return 0
+
+
+def _build_index(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the graphs the embedded store lacks; prints each project's state and the time."""
+    import time
+
+    from echolabel.core.runtime import open_configured_store
+    from vectorstore.edge_store import EdgeStore
+
+    if settings.qdrant_url:
+        print("echolabel: QDRANT_URL is set: the Qdrant server builds its own index")
+        return 0
+    store = open_configured_store(settings)  # refuses while the backend holds the store
+    try:
+        if not isinstance(store, EdgeStore):
+            print("echolabel: the embedded store is not on Qdrant Edge: nothing to build")
+            return 1
+        wanted = set(args.project or [])
+        found = [s for s in store.index_status() if not wanted or s.project in wanted]
+        for missing in sorted(wanted - {s.project for s in found}):
+            print(f"project {missing}: no collection in {settings.qdrant_path}")
+        for status in found:
+            line = f"project {status.project} ({status.generation}): {status.points:,} points"
+            if not status.builds:
+                print(
+                    f"{line}, {status.unindexed:,} outside the graph: below the threshold "
+                    f"({settings.exact_search_max_points:,}), searched exactly"
+                )
+                continue
+            started = time.perf_counter()
+            store.build_index(status.project)
+            print(
+                f"{line}: graph built for {status.unindexed:,} points in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+        return 1 if wanted - {s.project for s in found} else 0
+    finally:
+        store.close()

@@ -46,6 +46,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,6 +91,17 @@ _INDEXED_FIELDS = {
     "labelled": edge.PayloadSchemaType.Integer,
     "annotation_id": edge.PayloadSchemaType.Keyword,
 }
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """A project's live generation and its HNSW graph (`echolabel build-index`)."""
+
+    project: str
+    generation: str
+    points: int
+    unindexed: int  # points outside the graph: scanned exactly, only slower
+    builds: bool  # enough of them for `build_index` to build (exact_max_points)
 
 
 class EdgeStore(EngineStore):
@@ -559,10 +571,31 @@ class EdgeStore(EngineStore):
         with self._guard:
             return any([self._build_index(info.name) for info in self.generations(project)])
 
+    def index_status(self) -> list[IndexStatus]:
+        """Every project's live generation: its points, and how many wait outside the graph."""
+        with self._guard:
+            status = []
+            for _, name in sorted(self._pointers.items()):
+                if name not in self._metas:
+                    continue
+                info = self._shard(name).info()
+                status.append(
+                    IndexStatus(
+                        project=str(self._metas[name]["project"]),
+                        generation=name,
+                        points=int(info.points_count),
+                        unindexed=int(info.points_count - info.indexed_vectors_count),
+                        builds=self._needs_build(info),
+                    )
+                )
+            return status
+
+    def _needs_build(self, info: Any) -> bool:
+        return info.points_count - info.indexed_vectors_count >= max(self.exact_max_points, 1)
+
     def _build_index(self, name: str) -> bool:
         shard = self._shard(name)
-        info = shard.info()
-        if info.points_count - info.indexed_vectors_count < max(self.exact_max_points, 1):
+        if not self._needs_build(shard.info()):
             return False
         shard.optimize()
         return True
