@@ -343,6 +343,7 @@ def test_wal_on_and_payload_indexes(store):
         "project": edge.PayloadSchemaType.Keyword,
         "labelled": edge.PayloadSchemaType.Integer,
         "annotation_id": edge.PayloadSchemaType.Keyword,
+        "vote_radius": edge.PayloadSchemaType.Float,
     }
     meta = json.loads((store.path / "collections" / info.name / "meta.json").read_text())
     assert (meta["encoder"], meta["dim"], meta["generation"], meta["project"]) == (
@@ -395,7 +396,7 @@ def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
     small.close()
 
 
-def test_nearest_batch_and_unlabelled_near(store):
+def test_nearest_batch_and_unlabelled_within(store):
     rng = np.random.default_rng(7)
     data = unit_rows(rng, 200)
     labelled = np.arange(200) % 2 == 0
@@ -417,7 +418,7 @@ def test_nearest_batch_and_unlabelled_near(store):
     assert [len(row) for row in store.nearest_batch(1, queries, 101)] == [100] * 5
 
     sims = data @ queries[0]
-    near = store.unlabelled_near(1, queries[0], 0.3, limit=1000)
+    near = store.unlabelled_within(1, queries[0], [0.3])
     wanted = {i for i in range(200) if not labelled[i] and sims[i] >= 0.3}
     assert {n.task for n in near} == wanted
     assert [n.similarity for n in near] == sorted((n.similarity for n in near), reverse=True)
@@ -465,7 +466,7 @@ def test_same_answers_as_qdrant_local_mode(tmp_path):
             "near": [
                 {
                     n.task: round(n.similarity, 5)
-                    for n in store.unlabelled_near(1, data[row], 0.2, 50)
+                    for n in store.unlabelled_within(1, data[row], [0.2])[:50]
                 }
                 for row in range(0, 300, 37)
             ],

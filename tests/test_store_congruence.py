@@ -234,34 +234,53 @@ def test_nearest_batch_equals_the_reference(filled):
     assert store.nearest_batch(1, queries[:0], 5) == []
 
 
-def test_unlabelled_near_equals_the_reference(filled):
+def test_unlabelled_within_one_edge_equals_the_reference(filled):
+    """No radius recorded: every unlabelled point at least the edge near, best first."""
     store, reference = filled
     for query_row in (1, 2, 50):
         query = reference.vectors[query_row]
-        for min_similarity, limit in ((0.3, 1000), (-1.0, 7), (0.99, 10)):
-            found = store.unlabelled_near(1, query, min_similarity, limit)
-            expected = reference.unlabelled_near(query, min_similarity, limit)
+        for min_similarity in (0.3, -1.0, 0.99):
+            found = store.unlabelled_within(1, query, [min_similarity])
+            expected = reference.unlabelled_near(query, min_similarity, N)
             assert [n.task for n in found] == [t for t, _ in expected]
             np.testing.assert_allclose(
                 [n.similarity for n in found], [s for _, s in expected], atol=TOLERANCE
             )
-    assert store.unlabelled_near(2, reference.vectors[1], -1.0, 10) == []
+            assert all(n.vote_radius is None for n in found)
+    assert store.unlabelled_within(2, reference.vectors[1], [-1.0]) == []
 
 
-def test_vote_radii_are_recorded_rounded_down(store):
+def test_vote_radii_are_recorded_rounded_down_and_searched_by_band(store):
     rng = np.random.default_rng(9)
-    points = project_points(rng, 12)
+    points = project_points(rng, 60)  # every third unlabelled: 20
     store.ensure_collection(1, "enc", DIM, "w")
     store.upsert(1, "enc", points)
+    reference = Reference()
+    reference.write(points)
     query = unit_rows(rng, 1)[0]
-    assert {n.vote_radius for n in store.unlabelled_near(1, query, -1.0, 50)} == {None}
-    radii = {0: 0.5, 3: 0.123456, 6: -1.0, 999: 0.7}  # 999: no such point, skipped
-    store.set_vote_radii(1, radii)
-    recorded = {n.task: n.vote_radius for n in store.unlabelled_near(1, query, -1.0, 50)}
-    assert set(recorded) == {0, 3, 6, 9}
-    assert recorded[0] == 0.5 and recorded[6] == -1.0 and recorded[9] is None
-    assert recorded[3] <= 0.123456 < recorded[3] + VOTE_RADIUS_STEP
-    assert store.points(1, [3])[3].extra == {}  # the push's record, not the task's data
+    assert {n.vote_radius for n in store.unlabelled_within(1, query, [-1.0])} == {None}
+    unlabelled = sorted(reference.tasks(labelled=False))
+    radii = {t: float(r) for t, r in zip(unlabelled[:-3], rng.uniform(-0.5, 0.6, 17), strict=True)}
+    radii[0] = 0.123456
+    store.set_vote_radii(1, {**radii, 999: 0.7})  # 999: no such point, skipped
+    recorded = {n.task: n.vote_radius for n in store.unlabelled_within(1, query, [-1.0])}
+    assert set(recorded) == set(unlabelled)
+    assert all(recorded[t] is None for t in unlabelled[-3:])  # never recorded
+    for task, radius in radii.items():
+        assert recorded[task] <= radius < recorded[task] + VOTE_RADIUS_STEP
+    assert store.points(1, [0])[0].extra == {}  # the push's record, not the task's data
+    # Bands: a point in [edges[i], edges[i+1]) counts from edges[i] near; unrecorded from edges[0].
+    sims = {t: s for t, s in reference.unlabelled_near(query, -1.0, N)}
+    for edges in ([-0.2], [-0.3, 0.0, 0.2], [0.0, 0.1, 0.3, 0.5]):
+
+        def threshold(task: TaskId, edges: list[float] = edges) -> float:
+            if recorded[task] is None:
+                return edges[0]
+            return max([edges[0], *[e for e in edges if e <= recorded[task]]])
+
+        wanted = [t for t in sorted(sims, key=lambda t: -sims[t]) if sims[t] >= threshold(t)]
+        found = store.unlabelled_within(1, query, edges)
+        assert [n.task for n in found] == wanted, edges
     store.set_vote_radii(2, radii)  # a project never stored: nothing to record
 
 

@@ -17,11 +17,11 @@ only if x is (or was) among u's top k, i.e. sim(u, x) >= r(u), the similarity of
 labelled neighbour now. Every vote taken here records its task's r in the store
 (`set_vote_radii`, rounded down), and it stays a lower bound: a new label only raises r, and a
 removed one lowers it only for the tasks it was a neighbour of, which are re-voted. So the
-candidates are found through the index: one `score_threshold` search around x for the
-unlabelled points at least the smallest recorded r near (the collection's `vote_radius_min`),
-of which only those at least their own r near are re-voted, all in one batched search: the
-same search `/predict` makes, so every pushed prediction stays what a fresh vote gives. Nothing
-is written per task but the predictions that change.
+candidates are found through the index: the push splits the recorded radii into bands, and
+around x one `score_threshold` search per band (sent together) returns the band's unlabelled
+points at least its lower edge near; those at least their own r near are re-voted, all in one
+batched search: the same search `/predict` makes, so every pushed prediction stays what a
+fresh vote gives. Nothing is written per task but the predictions that change.
 
 Resuming. The push reads which tasks already hold a prediction of the target version from Label
 Studio itself before writing, so a killed push continues where it stopped without duplicates.
@@ -41,7 +41,7 @@ from echolabel.core.runtime import Runtime
 from echolabel.embedding import TaskImage
 from echolabel.label_config import LabelSchema, TaskError
 from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
-from vectorstore import Annotation, CollectionInfo, NearbyTask, TaskId
+from vectorstore import Annotation, CollectionInfo, TaskId
 
 from .model import SimilarityModel, Suggestion, suggests_labels
 
@@ -53,6 +53,8 @@ WRITE_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
 # More label changes than this since the last refresh: a full push is cheaper than the search.
 MAX_REFRESH_CHANGES = 2000
 SIMILARITY_EPS = 1e-5
+# Bands of recorded vote radii the refresh searches apart (store.unlabelled_within).
+RADIUS_BANDS = 16
 
 
 def push_version(info: CollectionInfo) -> str:
@@ -245,8 +247,11 @@ class PreAnnotator:
         return dict(zip(voted, found, strict=True))
 
     def _record_radii(self, suggestions: Mapping[TaskId, Suggestion]) -> list[float]:
-        """Record each voted task's radius in the store (the refresh's candidate test)."""
-        radii = {task: vote_radius(s, self.top_k) for task, s in suggestions.items()}
+        """Record each voted task's radius in the store (the refresh's candidate test), less
+        the tolerance for the engine's float order against the vote's; the recorded values."""
+        radii = {
+            task: vote_radius(s, self.top_k) - SIMILARITY_EPS for task, s in suggestions.items()
+        }
         self.store.set_vote_radii(self.project, radii)
         return list(radii.values())
 
@@ -285,10 +290,12 @@ class PreAnnotator:
         for version in self.client.model_versions(self.project):
             if version.startswith(VERSION_PREFIX) and version != target:
                 deleted += self.client.delete_model_version(self.project, version)
+        edges = radius_edges(radii)
         self.store.set_prediction_state(
             self.project,
             published_version=target,
-            vote_radius_min=min(radii) if radii else 1.0,
+            vote_radius_min=edges[0],
+            vote_radius_edges=edges[1:],
         )
         shown = self.client.project(self.project).get("model_version") or ""
         titles = {b.get("title") for b in self.client.backends(self.project)}
@@ -308,7 +315,7 @@ class PreAnnotator:
         if len(changed) >= MAX_REFRESH_CHANGES:
             return {"project": self.project, "full_push": True, **self.push()}
         model = SimilarityModel(self.runtime, self.project)
-        revotes = self.affected_by(model, changed, info.vote_radius_min)
+        revotes = self.affected_by(model, changed, (info.vote_radius_min, *info.vote_radius_edges))
         updated = created = deleted = 0
         for task, suggestion in revotes.items():
             prediction = model.prediction(suggestion, info.published_version, task)
@@ -336,21 +343,21 @@ class PreAnnotator:
         }
 
     def affected_by(
-        self, model: SimilarityModel, changed: Iterable[TaskId], radius_min: float
+        self, model: SimilarityModel, changed: Iterable[TaskId], edges: Sequence[float]
     ) -> dict[TaskId, Suggestion]:
         """The unlabelled tasks one of these tasks is (or was) a top-k neighbour of, and the
-        changed tasks that are unlabelled now, with their new votes.
+        changed tasks that are unlabelled now, with their new votes. `edges`: the recorded
+        radii's bands (the first edge a lower bound of every one).
 
         Every vote taken here records its radius, so the candidates of the next refresh are
         judged against what is true now."""
         changed_set = set(changed)
         reach: dict[TaskId, float] = {}  # candidate -> its highest similarity to a change
         for task, vector in self.store.vectors(self.project, list(changed_set)).items():
-            for near in self._unlabelled_near(vector, radius_min):
-                radius = radius_min if near.vote_radius is None else near.vote_radius
-                # The recorded radius is a lower bound of the task's k-th similarity now; the
-                # tolerance covers the engine's float order against the vote's.
-                if near.task != task and near.similarity >= radius - SIMILARITY_EPS:
+            for near in self.store.unlabelled_within(self.project, vector, edges):
+                # The recorded radius is a lower bound of the task's k-th similarity now.
+                radius = edges[0] if near.vote_radius is None else near.vote_radius
+                if near.task != task and near.similarity >= radius:
                     reach[near.task] = max(near.similarity, reach.get(near.task, -1.0))
         # A task whose labels were removed is unlabelled now: it needs a prediction itself.
         now_unlabelled = {
@@ -366,21 +373,19 @@ class PreAnnotator:
             if task in now_unlabelled or entered or reach[task] >= radius - SIMILARITY_EPS:
                 revotes[task] = suggestion
         radii = self._record_radii(votes)
-        if radii and min(radii) < radius_min:
+        if radii and min(radii) < edges[0]:
             self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
         return revotes
 
-    def _unlabelled_near(self, vector: np.ndarray, min_similarity: float) -> list[NearbyTask]:
-        """Every unlabelled point at least `min_similarity` near (the limit grows until it is
-        not reached)."""
-        limit = 4096
-        while True:
-            near = self.store.unlabelled_near(
-                self.project, vector, min_similarity - SIMILARITY_EPS, limit
-            )
-            if len(near) < limit:
-                return near
-            limit *= 4
+
+def radius_edges(radii: Sequence[float]) -> list[float]:
+    """The refresh's bands of recorded radii: their minimum, then the edges that split them
+    into RADIUS_BANDS bands of about equal size (a band is searched with its own threshold)."""
+    if not radii:
+        return [1.0]
+    ordered = np.sort(np.asarray(radii, dtype=np.float64))
+    inner = np.quantile(ordered, np.arange(1, RADIUS_BANDS) / RADIUS_BANDS)
+    return [float(ordered[0]), *sorted({float(e) for e in inner if e > ordered[0]})]
 
 
 def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -59,6 +59,9 @@ class CollectionInfo:
     label_state: int = 0
     label_changes: tuple[TaskId, ...] = ()
     vote_radius_min: float = -1.0
+    # Band edges above vote_radius_min, ascending: the refresh searches each band of recorded
+    # radii with its own threshold (`VectorStore.unlabelled_within`).
+    vote_radius_edges: tuple[float, ...] = ()
     # The image preprocessing its vectors were made with, as (setting, value) pairs; None for
     # a generation created before it was recorded (see generations.check_preprocessing).
     preprocessing: tuple[tuple[str, str], ...] | None = None
@@ -109,6 +112,38 @@ class NearbyTask:
     task: TaskId
     similarity: float
     vote_radius: float | None = None
+
+
+@dataclass(frozen=True)
+class RadiusBand:
+    """Unlabelled points whose recorded vote radius lies in [low, high) (high None: open above;
+    both ignored when `unrecorded`: the points without one), searched at least
+    `min_similarity` near."""
+
+    low: float
+    high: float | None
+    min_similarity: float
+    unrecorded: bool = False
+
+
+# Below any recorded radius (a cosine similarity, less a tolerance): the first band's low edge.
+_RADIUS_FLOOR = -2.0
+
+
+def radius_bands(edges: Sequence[float]) -> list[RadiusBand]:
+    """The bands `VectorStore.unlabelled_within` searches for these edges."""
+    if not edges:
+        raise ValueError("radius bands need at least one edge")
+    bounds = list(edges)
+    bands = [
+        RadiusBand(
+            low=_RADIUS_FLOOR if i == 0 else bounds[i],
+            high=bounds[i + 1] if i + 1 < len(bounds) else None,
+            min_similarity=bounds[i],
+        )
+        for i in range(len(bounds))
+    ]
+    return [*bands, RadiusBand(_RADIUS_FLOOR, None, bounds[0], unrecorded=True)]
 
 
 # A recorded vote radius is rounded down to this step: a lower bound still, and points that
@@ -167,8 +202,10 @@ class VectorStore(Protocol):
         *,
         published_version: str | None = None,
         vote_radius_min: float | None = None,
+        vote_radius_edges: Sequence[float] | None = None,
     ) -> None:
-        """Record the pushed predictions' model_version and a lower bound of their vote radii."""
+        """Record the pushed predictions' model_version, a lower bound of their vote radii and
+        the band edges above it."""
 
     def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
         """Remember these tasks' label changes until taken; the number remembered now."""
@@ -253,11 +290,13 @@ class VectorStore(Protocol):
         """`nearest` for each row of `vectors` (with `excludes[row]`) in one batched search;
         each row's answer is the one `nearest` gives it alone."""
 
-    def unlabelled_near(
-        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    def unlabelled_within(
+        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
     ) -> list[NearbyTask]:
-        """Unlabelled points at least `min_similarity` near, best first, with their recorded
-        vote radii."""
+        """Every unlabelled point a label at `vector` may reach the top k of, best first, with
+        its recorded vote radius: one whose radius lies in band i, [edges[i], edges[i+1])
+        (the first band open below, the last above), at least edges[i] near; one without a
+        recorded radius at least edges[0] near. `edges` ascend; `(s,)`: all at least s near."""
 
     def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
         """Record these tasks' vote radii in the live generation, rounded down to

@@ -54,7 +54,14 @@ import numpy as np
 import qdrant_edge as edge
 
 from . import payload as pl
-from .base import CollectionInfo, NearbyTask, Neighbour, Point, StoreError
+from .base import (
+    CollectionInfo,
+    NearbyTask,
+    Neighbour,
+    Point,
+    RadiusBand,
+    StoreError,
+)
 from .engine import EngineStore
 from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
@@ -90,6 +97,7 @@ _INDEXED_FIELDS = {
     "project": edge.PayloadSchemaType.Keyword,
     "labelled": edge.PayloadSchemaType.Integer,
     "annotation_id": edge.PayloadSchemaType.Keyword,
+    "vote_radius": edge.PayloadSchemaType.Float,  # payload.VOTE_RADIUS: the refresh's bands
 }
 
 
@@ -247,6 +255,12 @@ class EdgeStore(EngineStore):
             if "WouldBlock" in str(exc):
                 raise StoreError(_locked_message(self.path, None)) from exc
             raise StoreError(f"cannot open the Edge shard {where}: {exc}") from exc
+        # A generation made before an index was added gets it now (the refresh's radius bands).
+        missing = set(_INDEXED_FIELDS) - set(shard.info().payload_schema)
+        for field_name in sorted(missing):
+            shard.update(
+                edge.UpdateOperation.create_field_index(field_name, _INDEXED_FIELDS[field_name])
+            )
         self._shards[name] = shard
         return shard
 
@@ -461,29 +475,27 @@ class EdgeStore(EngineStore):
                 found += shard.query_batch(edge.QueryBatchRequest(batch))
         return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
-    def unlabelled_near(
-        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[NearbyTask]:
-        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first, with
-        their recorded vote radii. Exact while the generation holds at most
-        `exact_max_points` points."""
-        with self._guard:
-            info = self._live(project)
-            if info is None or limit <= 0:
-                return []
-            shard = self._shard(info.name)
-            exact = shard.info().points_count <= self.exact_max_points
-            found = shard.query(
-                edge.QueryRequest(
-                    limit=limit,
-                    query=edge.Query.Nearest(_query_vector(vector)),
-                    filter=edge.Filter(must=[_labelled(False)]),
-                    score_threshold=min_similarity,
-                    params=self._params(info.name, exact, limit),
-                    with_payload=["task", pl.VOTE_RADIUS],
-                )
+    def _search_unlabelled(
+        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+    ) -> list[list[NearbyTask]]:
+        """Exact while the generation holds at most `exact_max_points` points, HNSW above."""
+        shard = self._shard(info.name)
+        exact = shard.info().points_count <= self.exact_max_points
+        params = self._params(info.name, exact, limit)
+        query = _query_vector(vector)
+        requests = [
+            edge.QueryRequest(
+                limit=limit,
+                query=edge.Query.Nearest(query),
+                filter=edge.Filter(must=[_labelled(False), *_band(band)]),
+                score_threshold=band.min_similarity,
+                params=params,
+                with_payload=["task", pl.VOTE_RADIUS],
             )
-        return [pl.to_nearby_task(p) for p in found]
+            for band in bands
+        ]
+        found = shard.query_batch(edge.QueryBatchRequest(requests))
+        return [[pl.to_nearby_task(p) for p in hits] for hits in found]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
@@ -668,6 +680,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _labelled(value: bool) -> Any:
     return edge.FieldCondition(key="labelled", match=edge.MatchValue(int(value)))
+
+
+def _band(band: RadiusBand) -> list[Any]:
+    """The conditions selecting a band's points by their recorded vote radius."""
+    if band.unrecorded:
+        return [edge.IsEmptyCondition(pl.VOTE_RADIUS)]
+    return [
+        edge.FieldCondition(key=pl.VOTE_RADIUS, range=edge.RangeFloat(gte=band.low, lt=band.high))
+    ]
 
 
 def _query_vector(vector: np.ndarray) -> list[float]:

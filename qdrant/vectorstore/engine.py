@@ -20,15 +20,21 @@ from .base import (
     CollectionInfo,
     DimensionMismatchError,
     Labels,
+    NearbyTask,
     Neighbour,
     Point,
+    RadiusBand,
     StoreError,
     TaskId,
     point_id,
     query_rows,
+    radius_bands,
 )
 from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
 from .push_state import PushState
+
+# Unlabelled points a band search returns at first; a band that fills it is asked for 4x more.
+_FIRST_LIMIT = 4096
 
 
 class EngineStore(PushState):
@@ -83,6 +89,13 @@ class EngineStore(PushState):
     ) -> list[list[Neighbour]]:
         """The `limits[i]` nearest labelled points of each row, best first, in one request per
         row sent together; called with the store's guard held."""
+        raise NotImplementedError
+
+    def _search_unlabelled(
+        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+    ) -> list[list[NearbyTask]]:
+        """Per band, at most `limit` of its unlabelled points at least its `min_similarity`
+        near, best first, in one request per band sent together; the guard is held."""
         raise NotImplementedError
 
     # -- collections --------------------------------------------------------------------------
@@ -282,6 +295,29 @@ class EngineStore(PushState):
             [n for n in hits if str(n.task) not in skip][:k]
             for hits, skip in zip(found, skips, strict=True)
         ]
+
+    def unlabelled_within(
+        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
+    ) -> list[NearbyTask]:
+        """Every unlabelled point a label at `vector` may reach the top k of (see the protocol),
+        best first: one search per band of recorded radii, each with its own threshold, so
+        far fewer points come back than within the smallest radius."""
+        bands = radius_bands(edges)
+        found: list[list[NearbyTask]] = [[] for _ in bands]
+        pending, limit = list(range(len(bands))), _FIRST_LIMIT
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                return []
+            while pending:  # a band that filled its limit is asked again for more
+                answers = self._search_unlabelled(info, vector, [bands[i] for i in pending], limit)
+                for band, hits in zip(pending, answers, strict=True):
+                    found[band] = hits
+                pending = [
+                    b for b, hits in zip(pending, answers, strict=True) if len(hits) >= limit
+                ]
+                limit *= 4
+        return sorted((hit for hits in found for hit in hits), key=lambda h: -h.similarity)
 
     # -- reads by task -----------------------------------------------------------------------
 

@@ -159,10 +159,15 @@ class ExactSearchStore:
         *,
         published_version: str | None = None,
         vote_radius_min: float | None = None,
+        vote_radius_edges: Sequence[float] | None = None,
     ) -> None:
-        """Record the pushed predictions' model_version and a lower bound of their radii."""
+        """Record the pushed predictions' model_version, a lower bound of their radii and the
+        band edges above it."""
         self.inner.set_prediction_state(
-            project, published_version=published_version, vote_radius_min=vote_radius_min
+            project,
+            published_version=published_version,
+            vote_radius_min=vote_radius_min,
+            vote_radius_edges=vote_radius_edges,
         )
 
     def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
@@ -264,11 +269,11 @@ class ExactSearchStore:
         """Number of points (optionally only labelled / unlabelled ones)."""
         return self.inner.count(project, labelled)
 
-    def unlabelled_near(
-        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
+    def unlabelled_within(
+        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
     ) -> list[NearbyTask]:
-        """Unlabelled points near `vector`: not cached (the cache holds labelled ones only)."""
-        return self.inner.unlabelled_near(project, vector, min_similarity, limit)
+        """Unlabelled points: not cached (the cache holds labelled ones only)."""
+        return self.inner.unlabelled_within(project, vector, edges)
 
     def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
         """Recorded on unlabelled points, which the cache does not hold."""

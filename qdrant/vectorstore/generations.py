@@ -66,6 +66,7 @@ def info_from_meta(project: int | str, name: str, meta: Mapping[str, Any]) -> Co
             label_state=int(meta.get("label_state") or 0),
             label_changes=tuple(meta.get("label_changes") or ()),
             vote_radius_min=float(meta.get("vote_radius_min", -1.0)),
+            vote_radius_edges=tuple(float(e) for e in meta.get("vote_radius_edges", ())),
             preprocessing=_pairs(meta.get("preprocessing")),
         )
     except KeyError as exc:

@@ -37,14 +37,18 @@ class PushState:
         *,
         published_version: str | None = None,
         vote_radius_min: float | None = None,
+        vote_radius_edges: Sequence[float] | None = None,
     ) -> None:
         """Record what Label Studio holds: the model_version of the predictions last pushed,
-        and a lower bound of their vote radii (the k-th labelled neighbour's similarity)."""
+        a lower bound of their vote radii (the k-th labelled neighbour's similarity) and the
+        band edges above it."""
         values: dict[str, Any] = {}
         if published_version is not None:
             values["published_version"] = published_version
         if vote_radius_min is not None:
             values["vote_radius_min"] = vote_radius_min
+        if vote_radius_edges is not None:
+            values["vote_radius_edges"] = [float(e) for e in vote_radius_edges]
         with self._guard:
             info = self._live(project)
             if info is None:

@@ -26,6 +26,7 @@ from .base import (
     NearbyTask,
     Neighbour,
     Point,
+    RadiusBand,
     StoreError,
     StoreUnavailableError,
 )
@@ -181,24 +182,22 @@ class QdrantStore(QdrantGenerations):
             found += [[pl.to_neighbour(p) for p in answer.points] for answer in answers]
         return found
 
-    def unlabelled_near(
-        self, project: int | str, vector: np.ndarray, min_similarity: float, limit: int
-    ) -> list[NearbyTask]:
-        """Unlabelled tasks at least `min_similarity` from `vector`, most similar first, with
-        their recorded vote radii."""
-        with self._guard:
-            info = self._live(project)
-            if info is None:
-                return []
-            result = self._client.query_points(
-                info.name,
-                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
-                query_filter=models.Filter(must=[_labelled(False)]),
+    def _search_unlabelled(
+        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+    ) -> list[list[NearbyTask]]:
+        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        requests = [
+            models.QueryRequest(
+                query=query,
+                filter=models.Filter(must=[_labelled(False), *_band(band)]),
                 limit=limit,
-                score_threshold=min_similarity,
+                score_threshold=band.min_similarity,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-        return [pl.to_nearby_task(p) for p in result.points]
+            for band in bands
+        ]
+        answers = self._client.query_batch_points(info.name, requests=requests)
+        return [[pl.to_nearby_task(p) for p in answer.points] for answer in answers]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
@@ -273,6 +272,15 @@ class _ServerErrors(AbstractContextManager[object]):
                 raise StoreUnavailableError(
                     f"{self._server} failed ({error.status_code}): {error.reason_phrase}"
                 ) from None
+
+
+def _band(band: RadiusBand) -> list[models.Condition]:
+    """The conditions selecting a band's points by their recorded vote radius."""
+    if band.unrecorded:
+        return [models.IsEmptyCondition(is_empty=models.PayloadField(key=pl.VOTE_RADIUS))]
+    return [
+        models.FieldCondition(key=pl.VOTE_RADIUS, range=models.Range(gte=band.low, lt=band.high))
+    ]
 
 
 def _labelled(value: bool) -> models.FieldCondition:
