@@ -54,7 +54,7 @@ WRITE_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
 MAX_REFRESH_CHANGES = 2000
 SIMILARITY_EPS = 1e-5
 # Bands of recorded vote radii the refresh searches apart (store.unlabelled_within).
-RADIUS_BANDS = 16
+RADIUS_BANDS = 8
 
 
 def push_version(info: CollectionInfo) -> str:

@@ -33,8 +33,9 @@ from .base import (
 from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
 from .push_state import PushState
 
-# Unlabelled points a band search returns at first; a band that fills it is asked for 4x more.
-_FIRST_LIMIT = 4096
+# Unlabelled points a band search returns at first (a larger limit costs the engine time even
+# when unfilled); a band that fills it is asked again for 4x more.
+_FIRST_LIMIT = 512
 
 
 class EngineStore(PushState):
