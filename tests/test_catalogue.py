@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from rq import SimpleWorker
 from rq.job import Job
 
 from backend.admin import Admin
@@ -33,6 +32,7 @@ from workers.catalogue import (
 )
 from workers.queues import QUEUES, queue
 from workers.runtime import current, install, open_runtime, redis_dispatcher, run_or_enqueue
+from workers.worker import EcholabelWorker
 
 CONFIG = SHADE_CONFIG
 PROJECT = 4
@@ -263,7 +263,7 @@ def test_waiting_ends_on_failure_and_cancellation_alike(redis_settings, redis_db
         failing = run_or_enqueue(runtime, "evaluate", project=PROJECT).job
         install(runtime)
         try:
-            SimpleWorker([queue(redis_db, "evaluate")], connection=redis_db).work(burst=True)
+            EcholabelWorker([queue(redis_db, "evaluate")], connection=redis_db).work(burst=True)
         finally:
             install(None)
         with pytest.raises(JobFailedError, match=r"(?s)evaluate project 4 failed: .*no collection"):

@@ -22,7 +22,7 @@ import contextlib
 import io
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,26 @@ def backend(tmp_path: Path) -> Iterator[Any]:
         started.stop()
 
 
+@contextlib.contextmanager
+def served_images(
+    backend: Callable[..., Backend], tasks: int, **env: str
+) -> Iterator[tuple[FakeImageHost, Callable[[int], str], Backend, httpx.Client]]:
+    """An image host with the tasks' images, and a backend that fetches them in batches of
+    BATCH, started with the project set up: the host, each task's image URL, the backend and
+    its client."""
+    routes = {f"/img/{t}.png": image_reply(png(t)) for t in range(tasks)}
+    with FakeImageHost(routes) as host:
+        server = backend(
+            ECHOLABEL_IMAGE_ALLOWED_HOSTS="127.0.0.1",
+            ECHOLABEL_BATCH_SIZE=str(BATCH),
+            ECHOLABEL_FETCH_TIMEOUT_S="120",
+            **env,
+        )
+        client = server.start()
+        client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+        yield host, lambda t: f"{host.url}/img/{t}.png", server, client
+
+
 def annotate(client: httpx.Client, action: str, task: int, image: str, organ: str | None) -> None:
     """Send one annotation webhook; the backend must acknowledge it (it is then ours to keep)."""
     labels = None if organ is None else {"organ": organ}
@@ -182,20 +202,8 @@ def test_kill_during_a_bulk_upsert_keeps_every_acknowledged_label(backend):
     """Label Studio's "Retrieve Predictions" on 80 new tasks: the backend embeds and upserts
     them batch by batch while annotation webhooks arrive; killed after some batches."""
     tasks, first = 96, 16
-    routes = {f"/img/{t}.png": image_reply(png(t)) for t in range(tasks)}
-    with FakeImageHost(routes) as host:
-
-        def image(t: int) -> str:
-            return f"{host.url}/img/{t}.png"
-
-        server = backend(
-            ECHOLABEL_IMAGE_ALLOWED_HOSTS="127.0.0.1",
-            ECHOLABEL_BATCH_SIZE=str(BATCH),
-            ECHOLABEL_EMBED_WAIT_S="100",
-            ECHOLABEL_FETCH_TIMEOUT_S="120",
-        )
-        client = server.start()
-        client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+    with served_images(backend, tasks, ECHOLABEL_EMBED_WAIT_S="100") as started:
+        host, image, server, client = started
         expected: dict[int, str | None] = {}  # every acknowledged webhook's outcome
         for t in range(first):
             annotate(client, "ANNOTATION_CREATED", t, image(t), kind(t))
@@ -252,19 +260,7 @@ def test_kill_during_a_bulk_upsert_keeps_every_acknowledged_label(backend):
 
 def test_kill_during_a_reembedding_never_makes_the_half_built_generation_live(backend):
     tasks, before_kill = 48, 2 * BATCH
-    routes = {f"/img/{t}.png": image_reply(png(t)) for t in range(tasks)}
-    with FakeImageHost(routes) as host:
-
-        def image(t: int) -> str:
-            return f"{host.url}/img/{t}.png"
-
-        server = backend(
-            ECHOLABEL_IMAGE_ALLOWED_HOSTS="127.0.0.1",
-            ECHOLABEL_BATCH_SIZE=str(BATCH),
-            ECHOLABEL_FETCH_TIMEOUT_S="120",
-        )
-        client = server.start()
-        client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+    with served_images(backend, tasks) as (host, image, server, client):
         expected = {t: kind(t) for t in range(tasks)}
         for t in range(tasks):
             annotate(client, "ANNOTATION_CREATED", t, image(t), kind(t))

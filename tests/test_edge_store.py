@@ -20,7 +20,6 @@ from echolabel.core.runtime import open_configured_store
 from echolabel.settings import ConfigError, Settings
 from vectorstore import (
     Annotation,
-    DimensionMismatchError,
     ExactIndex,
     ExactSearchStore,
     Point,
@@ -172,19 +171,6 @@ def test_clear_labels_by_annotation_id(store):
     assert [n.task for n in store.nearest(1, v[0], k=5)] == [2]
     point = store.points(1, [1])[1]
     assert point.labels == {} and point.annotation == Annotation()
-
-
-def test_mismatched_vectors_are_refused(store):
-    store.ensure_collection(1, "enc", DIM, "w")
-    with pytest.raises(DimensionMismatchError, match="expects 16"):
-        store.upsert(1, "enc", [Point(task=1, vector=np.ones(DIM + 1, dtype=np.float32))])
-    with pytest.raises(DimensionMismatchError, match="refusing other"):
-        store.upsert(1, "other", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
-    with pytest.raises(DimensionMismatchError, match="echolabel reembed"):
-        store.ensure_collection(1, "other", 8, "w")
-    with pytest.raises(StoreError, match="call ensure_collection"):
-        store.upsert(2, "enc", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
-    assert store.count(1) == 0
 
 
 def test_generations_labels_switch_and_drops(store):

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from rq import SimpleWorker
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
@@ -21,6 +20,7 @@ from tests.helpers import REDIS_URL, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.queues import PREANNOTATE, connect, queue
 from workers.runtime import install, open_runtime
+from workers.worker import EcholabelWorker
 
 CONFIG = DARK_BRIGHT_CONFIG
 
@@ -85,7 +85,7 @@ def test_label_studio_failing_mid_push_fails_the_job_readably_and_publishes_noth
         job = queue(connection, PREANNOTATE).enqueue(
             jobs.preannotate_project, 1, retry=preannotate_retry(), job_id="push-1"
         )
-        SimpleWorker([queue(connection, PREANNOTATE)], connection=connection).work(burst=True)
+        EcholabelWorker([queue(connection, PREANNOTATE)], connection=connection).work(burst=True)
         failed = FailedJobRegistry(PREANNOTATE, connection=connection)
         assert failed.get_job_ids() == [job.id]
         reason = Job.fetch(job.id, connection=connection).latest_result().exc_string

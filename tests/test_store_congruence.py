@@ -436,7 +436,7 @@ def test_mismatched_vectors_are_refused(store):
         store.upsert(1, "other", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
     with pytest.raises(DimensionMismatchError, match="echolabel reembed"):
         store.ensure_collection(1, "other", 8, "w")
-    with pytest.raises(StoreError, match="ensure_collection"):
+    with pytest.raises(StoreError, match="call ensure_collection"):
         store.upsert(2, "enc", [Point(task=1, vector=np.ones(DIM, dtype=np.float32))])
     assert store.count(1) == 0
 

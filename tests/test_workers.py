@@ -7,6 +7,7 @@ backend's collector upserts them (Runtime.writes_store, echolabel/core/runtime.p
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -23,7 +24,8 @@ from tests.helpers import (
     run_worker,
 )
 from tests.label_configs import DARK_BRIGHT_CONFIG
-from workers.queues import EMBED, RedisGate
+from workers.queues import EMBED, RedisGate, queue
+from workers.worker import EcholabelWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = DARK_BRIGHT_CONFIG
@@ -162,3 +164,20 @@ def test_newer_annotation_of_a_task_still_queued_is_not_lost(redis_settings, red
         state["runtime"].dispatcher.collect_once()
         points = list(state["runtime"].store.iter_points(3))
         assert len(points) == 1 and points[0].labels == {"organ": "dark"}
+
+
+def test_a_worker_stops_within_seconds_once_its_channel_is_unsubscribed(redis_db):
+    """The pub/sub thread has already read the unsubscribe reply when the worker stops it: with
+    RQ's 60 s read it would wait out that read (redis-py joins the thread without a timeout)."""
+    worker = EcholabelWorker([queue(redis_db, EMBED)], connection=redis_db)
+    worker.subscribe()
+    worker.pubsub.unsubscribe()
+    deadline = time.monotonic() + 10
+    while worker.pubsub.subscribed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.pubsub.subscribed  # the thread handled the reply
+    time.sleep(0.1)  # ... and went back to waiting for a subscription
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 5
+    assert not worker.pubsub_thread.is_alive()

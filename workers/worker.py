@@ -18,9 +18,26 @@ from echolabel.settings import Settings
 from workers.queues import QUEUES, STORE_QUEUES, connect, queue
 from workers.runtime import install, open_runtime
 
+# How long the worker's pub/sub thread blocks on one read. RQ passes 60 s and relies on
+# unsubscribing to wake it, but redis-py 8's `stop()` joins that thread without a timeout, and a
+# thread that has already handled the unsubscribe reply waits the whole read for a subscription
+# that never comes: a burst worker then takes up to 60 s to exit (3 bursts in 20 on a loaded
+# machine; the backend's store-worker loop and the tests stall alike). Reading in 1 s slices
+# bounds that wait at a second.
+PUBSUB_READ_S = 1.0
+
 
 class EcholabelWorker(SimpleWorker):
     """SimpleWorker that keeps the process's loaded encoders across jobs."""
+
+    def subscribe(self) -> None:
+        """RQ's subscription to the worker's command channel, its thread reading in short
+        slices (PUBSUB_READ_S) so that the worker's teardown never waits out a long read."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_READ_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
 
 class ThreadWorker(EcholabelWorker):
