@@ -72,7 +72,10 @@ class Settings:
     label_studio_public_url: str | None = None  # Label Studio as browsers reach it
     thumbnail_cache_bytes: int = 256 * 1024 * 1024
     # Training an encoder is refused while any class has fewer labelled images than this.
-    min_per_class: int = 20
+    # 10, not 20: on BUSI's replay it lets the loop's first round train sooner and never
+    # lowered the curve at 200 labels; judging a challenger still needs 5 held-out images a
+    # class and a bootstrap interval above 0 (docs/retraining.md, "The first round sooner").
+    min_per_class: int = 10
     # The self-improving loop: a challenger is trained once labels grew by this share since
     # the last decision; `patient_key` (a task data key) keeps patients on one side of its split.
     auto_retrain: bool = True

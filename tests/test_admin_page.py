@@ -312,8 +312,8 @@ def test_label_qa_form_runs_the_review_job_and_links_its_csv(settings):
 
 
 def test_train_encoder_form_starts_training_and_shows_the_guard_rail(settings):
-    """Project 5 has 6 images a class: the training job refuses (fewer than 20 a class) and
-    the page shows every class count as the reason."""
+    """Project 5 has 6 images a class: the training job refuses (fewer than the default 10 a
+    class) and the page shows every class count as the reason."""
     index_projects(settings)
     with TestClient(create_app(settings, listen_host="127.0.0.1")) as client:
         html = client.get("/admin").text
@@ -331,4 +331,4 @@ def test_train_encoder_form_starts_training_and_shows_the_guard_rail(settings):
                 break
             time.sleep(0.2)
         assert job["status"] == "failed" and "and re-embed" in job["cells"][2], job
-        assert "below 20" in job["cells"][4] and "dark 6" in job["cells"][4], job
+        assert "below 10" in job["cells"][4] and "dark 6" in job["cells"][4], job

@@ -238,3 +238,35 @@ def test_evaluate_cli_learning_curve_replays_retraining_on_the_rows_named(
     assert "--retraining-orders 'uncertain'" in capsys.readouterr().err
     assert main([*argv, "--retrain-option", "epoch=2"]) != 0
     assert "--retrain-option epoch: not a training option" in capsys.readouterr().err
+
+
+def test_evaluate_cli_bounds_the_retraining_replay_at_a_number_of_labels(
+    tmp_path, monkeypatch, capsys
+):
+    """--retraining-up-to stops the replay at the last curve point within it (a BUSI round
+    costs minutes; the target is read at 200 labels)."""
+    from echolabel.cli import main
+    from tests.helpers import TINY_ENCODER
+    from tests.test_train_encoder import folder
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("ECHOLABEL_ENCODER", TINY_ENCODER)
+    monkeypatch.setenv("ECHOLABEL_MIN_PER_CLASS", "5")
+    monkeypatch.setenv("ECHOLABEL_AUTO_RETRAIN", "1")  # tests/helpers.py turns it off
+    root = folder(tmp_path / "data", train=40, test=5)
+    argv = ["evaluate", "--images", str(root), "--labels", str(root / "labels.csv")]
+    argv += ["--field", "organ", "--where", "split=train", "--learning-curve", "1"]
+    argv += ["--min-class-size", "2", "--retraining-orders", "random"]
+    for option in ("input_size=64", "epochs=1", "views=1", "batch_size=16", "min_per_class=3"):
+        argv += ["--retrain-option", option]
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out), "--retraining-up-to", "25"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    (session,) = report["encoders"][TINY_ENCODER]["learning_curve_retraining"]["sessions"]
+    assert [p["labelled"] for p in session["points"]] == [10, 20]
+    # Rounds stop with the points: none past the last one.
+    assert session["rounds"]
+    assert all(r["labelled"] <= 20 for r in session["rounds"])
+    assert main([*argv, "--out", str(tmp_path / "none"), "--retraining-up-to", "5"]) != 0
+    assert "--retraining-up-to 5: the first point is 10" in capsys.readouterr().err

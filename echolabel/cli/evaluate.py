@@ -85,6 +85,14 @@ def add_commands(sub: Any) -> None:
         "(comma-separated: random, diverse_first)",
     )
     evaluate.add_argument(
+        "--retraining-up-to",
+        type=int,
+        default=None,
+        metavar="LABELS",
+        help="with --learning-curve: stop the replay with automatic retraining at the last "
+        "curve point up to LABELS labelled images (a round costs minutes on a CPU)",
+    )
+    evaluate.add_argument(
         "--retrain-option",
         action="append",
         default=[],
@@ -173,6 +181,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
                     _train_options(args.retrain_option),
                 ),
                 orders=_retraining_orders(args.retraining_orders),
+                up_to=args.retraining_up_to,
             )
             if args.learning_curve and args.retraining_seeds
             else None,

@@ -38,6 +38,17 @@ class RetrainingReplay:
     options: TrainOptions
     seeds: Sequence[int] = (0,)
     orders: Sequence[str] = RETRAINING_ORDERS
+    up_to: int | None = None  # the last curve point at or below this many labels; None: all
+
+    def sizes(self, items: int) -> list[int]:
+        """The curve's points for this many items, up to `up_to` labels."""
+        sizes = batch_sizes(items)
+        if self.up_to is None:
+            return sizes
+        kept = [s for s in sizes if s <= self.up_to]
+        if not kept:
+            raise ValueError(f"--retraining-up-to {self.up_to}: the first point is {sizes[0]}")
+        return kept
 
     @classmethod
     def from_settings(
@@ -142,7 +153,7 @@ def evaluate_folder(
                             retrain,
                             order=order,
                             seed=seed,
-                            sizes=batch_sizes(len(kept)),
+                            sizes=retraining.sizes(len(kept)),
                             policy=retraining.policy,
                             groups=groups,
                         )

@@ -39,7 +39,7 @@ class RetrainPolicy:
 
     enabled: bool = True
     growth: float = 0.25  # labels must grow by this share since the last decision
-    min_per_class: int = 20  # the guard-rail: every class needs this many labelled images
+    min_per_class: int = 10  # the guard-rail: every class needs this many labelled images
     holdout_fraction: float = 0.2
     min_holdout_per_class: int = 5
     k: int = 10

@@ -83,7 +83,7 @@ class TrainOptions:
     tta_hflip: bool = False
     seed: int = 0
     device: str = "cpu"
-    min_per_class: int = 20
+    min_per_class: int = 10  # the settings' default (ECHOLABEL_MIN_PER_CLASS)
 
 
 @dataclass
