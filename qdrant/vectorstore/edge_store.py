@@ -65,8 +65,8 @@ from .base import (
 from .engine import EngineStore
 from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
-# Exact search up to this many labelled points per generation; `echolabel bench` chooses the
-# number (issue 19), this is a placeholder of the right order for 1280-d vectors.
+# Exact search up to this many labelled points per generation, HNSW above (where the graph is
+# built); the product passes Settings.exact_search_max_points (docs/performance.md says why).
 DEFAULT_EXACT_MAX_POINTS = 20_000
 # Qdrant's defaults for the graph; the search ef is raised a little above ef_construct.
 DEFAULT_HNSW_M = 16
