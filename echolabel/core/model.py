@@ -126,13 +126,11 @@ class SimilarityModel:
         version = self.model_version
         outcome = PredictOutcome(predictions=[], errors=report.failures, pending=report.pending)
         ready = [item.task for item in items if item.task in vectors]
+        suggestions: dict[TaskId, Suggestion] = {}
         if len(ready) == 1:  # one task (an annotator opening it): merged with concurrent ones
             suggestions = {ready[0]: self.suggest(vectors[ready[0]], exclude=ready)}
-        else:  # "Retrieve Predictions" on many tasks: one batched search of its own
-            found = self.suggest_batch(
-                np.stack([vectors[t] for t in ready]) if ready else np.empty((0, 0)),
-                [[t] for t in ready],
-            )
+        elif ready:  # "Retrieve Predictions" on many tasks: one batched search of its own
+            found = self.suggest_batch(np.stack([vectors[t] for t in ready]), [[t] for t in ready])
             suggestions = dict(zip(ready, found, strict=True))
         for item in items:
             suggestion = suggestions.get(item.task)

@@ -26,6 +26,8 @@ from .base import (
     RadiusBand,
     StoreError,
     TaskId,
+    drop_excluded,
+    exclusion_keys,
     point_id,
     query_rows,
     radius_bands,
@@ -284,18 +286,13 @@ class EngineStore(PushState):
         rows = query_rows(vectors)
         if k <= 0 or not len(rows):
             return [[] for _ in range(len(rows))]
-        # Excluded tasks are dropped from k + len(exclude) hits, not filtered out in the
-        # engine: a must-not-id filter slowed Edge's exact search 7x (20k of 100k x 384).
-        skips = [{str(t) for t in exclude} for exclude in excludes or [()] * len(rows)]
+        skips = exclusion_keys(excludes, len(rows))
         with self._guard:
             info = self._live(project)
             if info is None:
                 return [[] for _ in range(len(rows))]
             found = self._search_batch(info, rows, [k + len(skip) for skip in skips], exact)
-        return [
-            [n for n in hits if str(n.task) not in skip][:k]
-            for hits, skip in zip(found, skips, strict=True)
-        ]
+        return drop_excluded(found, skips, k)
 
     def unlabelled_within(
         self, project: int | str, vector: np.ndarray, edges: Sequence[float]

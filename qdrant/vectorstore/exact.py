@@ -35,6 +35,8 @@ from .base import (
     Point,
     TaskId,
     VectorStore,
+    drop_excluded,
+    exclusion_keys,
     query_rows,
 )
 
@@ -63,7 +65,7 @@ class ExactIndex:
 
     def search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`search` for every query row at once (one matmul): arrays of shape (queries, k)."""
-        queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        queries = query_rows(queries)
         k = min(k, len(self.vectors))
         if k <= 0:
             empty = (len(queries), 0)
@@ -306,25 +308,21 @@ class ExactSearchStore:
             if labelled is None:
                 return self.inner.nearest_batch(project, queries, k, excludes)
             index, tasks, points = self._index(labelled), labelled.tasks, labelled.points
-        excluded = [{str(t) for t in exclude} for exclude in excludes or [()] * len(queries)]
-        rows, sims = index.search_batch(queries, k + max(map(len, excluded)))
-        found = []
-        for row_ids, row_sims, skip in zip(rows, sims, excluded, strict=True):
-            out = []
-            for row, sim in zip(row_ids, row_sims, strict=True):
-                task = tasks[row]
-                if str(task) in skip:
-                    continue
-                point = points[task]
-                out.append(
-                    Neighbour(
-                        task=task, similarity=float(sim), labels=point.labels, image=point.image
-                    )
+        skips = exclusion_keys(excludes, len(queries))
+        rows, sims = index.search_batch(queries, k + max(map(len, skips)))
+        found = [
+            [
+                Neighbour(
+                    task=tasks[row],
+                    similarity=float(sim),
+                    labels=points[tasks[row]].labels,
+                    image=points[tasks[row]].image,
                 )
-                if len(out) == k:
-                    break
-            found.append(out)
-        return found
+                for row, sim in zip(row_ids, row_sims, strict=True)
+            ]
+            for row_ids, row_sims in zip(rows, sims, strict=True)
+        ]
+        return drop_excluded(found, skips, k)
 
     def _index(self, labelled: _LabelledSet) -> ExactIndex:
         """The labelled set's index, built on first use after a change."""

@@ -123,7 +123,7 @@ def to_neighbour(hit: Scored) -> Neighbour:
 
 
 def to_nearby_task(hit: Scored) -> NearbyTask:
-    """A search hit as `unlabelled_near` answers it."""
+    """A search hit as `unlabelled_within` answers it."""
     payload = hit.payload or {}
     radius = payload.get(VOTE_RADIUS)
     return NearbyTask(
