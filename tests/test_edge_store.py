@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -380,6 +381,82 @@ def test_exact_below_the_threshold_and_hnsw_above_agree(tmp_path):
     assert not small.build_index(1)  # below the threshold: nothing to build
     assert small._shard(info.name).info().indexed_vectors_count == 0
     small.close()
+
+
+def test_partly_labelled_votes_walk_a_graph_of_the_labelled_points_alone(tmp_path):
+    # A filtered walk over a graph of every point lost neighbours once most points were
+    # unlabelled (bench.filtered_recall); the vote vector's graph holds labelled points only.
+    rng = np.random.default_rng(8)
+    n, dim = 4000, 32
+    data = unit_rows(rng, n, dim)
+    labelled = rng.random(n) < 0.2
+    store = EdgeStore(tmp_path / "edge", exact_max_points=300)
+    info = store.ensure_collection(1, "enc", dim, "w")
+    labels = [{"f": "a"} if flag else {} for flag in labelled]
+    store.upsert(1, "enc", [Point(task=i, vector=data[i], labels=labels[i]) for i in range(n)])
+    assert store.build_index(1)
+    assert not store._search_params(info.name, 10, exact=False).exact
+    shard = store._shard(info.name)
+    vote_vectors = shard.count(
+        edge.CountRequest(
+            exact=True, filter=edge.Filter(must=[edge.HasVectorCondition("labelled")])
+        )
+    )
+    assert vote_vectors == labelled.sum()  # only labelled points carry one
+
+    tasks = [int(t) for t in np.flatnonzero(~labelled)[:100]]
+    truth = store.nearest_batch(1, data[tasks], 10, exact=True)
+    found = store.nearest_batch(1, data[tasks], 10)
+    assert all(len(row) == 10 for row in found)
+    hits = sum(
+        len({nb.task for nb in a} & {nb.task for nb in b})
+        for a, b in zip(found, truth, strict=True)
+    )
+    assert hits / (10 * len(tasks)) >= 0.99
+    for row in truth:
+        assert all(labelled[nb.task] for nb in row)
+
+    # A label written or removed moves the vote vector with it, in the graph's segment too.
+    first = truth[0][0].task
+    store.set_labels(1, first, {}, NEW)
+    assert first not in {nb.task for nb in store.nearest(1, data[first], 10)}
+    newcomer = tasks[0]
+    store.set_labels(1, newcomer, {"f": "b"}, NEW)
+    best = store.nearest(1, data[newcomer], 1)[0]
+    assert (best.task, best.labels) == (newcomer, {"f": "b"})
+    assert store.vectors(1, [newcomer])[newcomer] == pytest.approx(data[newcomer], abs=1e-6)
+    assert set(store.clear_labels(1, NEW.id)) == {first, newcomer}  # the annotation deleted
+    assert newcomer not in {nb.task for nb in store.nearest(1, data[newcomer], 10)}
+    assert store.count(1, labelled=True) == labelled.sum() - 1
+    store.close()
+
+
+def test_a_generation_made_before_the_vote_vector_is_searched_with_the_filter(tmp_path):
+    rng = np.random.default_rng(9)
+    data = unit_rows(rng, 60)
+    store = EdgeStore(tmp_path / "edge")
+    info = store.ensure_collection(1, "enc", DIM, "w")
+    # Rewrite the generation as the store wrote it before: one unnamed vector, no metadata key.
+    meta = {k: v for k, v in store._metas[info.name].items() if k != "vote_vector"}
+    store._shards.pop(info.name).close()
+    where = tmp_path / "edge" / "collections" / info.name
+    (where / "meta.json").write_text(json.dumps(meta))
+    store._metas[info.name] = meta
+    shutil.rmtree(where / "shard")
+    edge.EdgeShard.create(str(where / "shard"), store._edge_config(meta)).close()
+    store.close()
+
+    store = EdgeStore(tmp_path / "edge")
+    labelled = np.arange(60) % 2 == 0
+    store.upsert(
+        1, "enc", [Point(i, data[i], labels={"f": "a"} if labelled[i] else {}) for i in range(60)]
+    )
+    store.set_labels(1, 1, {"f": "b"}, NEW)
+    labelled[1] = True
+    for query in data[:5]:
+        sims = np.where(labelled, data @ query, -np.inf)
+        assert [nb.task for nb in store.nearest(1, query, 5)] == np.argsort(-sims)[:5].tolist()
+    store.close()
 
 
 def test_nearest_batch_and_unlabelled_within(store):

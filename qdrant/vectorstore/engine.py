@@ -75,6 +75,11 @@ class EngineStore(PushState):
         """Overwrite these payload keys of these points."""
         raise NotImplementedError
 
+    def _set_label_payload(self, name: str, ids: list[Any], values: dict[str, Any]) -> None:
+        """`_set_payload` of a label part (pl.label_payload): an engine that keeps labelled
+        points apart (EdgeStore's vote vector) moves them in the same write."""
+        self._set_payload(name, ids, values)
+
     def _set_payloads(self, name: str, writes: list[tuple[list[Any], dict[str, Any]]]) -> None:
         """Several `_set_payload`s; an engine may send them as one request."""
         for ids, values in writes:
@@ -218,7 +223,7 @@ class EngineStore(PushState):
         if pl.is_newer(previous.get("annotation_updated_at"), annotation.updated_at):
             return True  # a newer annotation is already stored: it wins
         values = pl.label_payload(labels, annotation, self._flag)
-        self._set_payload(info.name, [pid], values)
+        self._set_label_payload(info.name, [pid], values)
         self._labelled_changed(info.name, pl.is_labelled(values) - pl.is_labelled(previous))
         return True
 
@@ -242,7 +247,7 @@ class EngineStore(PushState):
         records = self._with_annotation(info.name, str(annotation_id))
         if not records:
             return []
-        self._set_payload(
+        self._set_label_payload(
             info.name, [r.id for r in records], pl.label_payload({}, Annotation(), self._flag)
         )
         self._labelled_changed(info.name, -sum(pl.is_labelled(r.payload) for r in records))
@@ -331,7 +336,7 @@ class EngineStore(PushState):
     def vectors(self, project: int | str, tasks: Sequence[TaskId]) -> dict[TaskId, np.ndarray]:
         """Stored vectors of these tasks (missing ones are absent from the result)."""
         return {
-            task: np.asarray(record.vector, dtype=np.float32)
+            task: np.asarray(pl.vector_of(record), dtype=np.float32)
             for task, record in self._retrieve(project, tasks, with_vectors=True).items()
         }
 

@@ -230,7 +230,9 @@ def _same(old: pl.Record, new: pl.Record) -> bool:
     before.pop("labelled", None)
     after.pop("labelled", None)
     # Cosine collections may store a vector normalised (the server does): compare directions.
-    return before == after and np.allclose(_unit(old.vector), _unit(new.vector), atol=1e-6)
+    return before == after and np.allclose(
+        _unit(pl.vector_of(old)), _unit(pl.vector_of(new)), atol=1e-6
+    )
 
 
 def _unit(vector: Any) -> np.ndarray:

@@ -97,13 +97,22 @@ def label_payload(labels: Labels, annotation: Annotation, flag: Flag) -> dict[st
     }
 
 
+def vector_of(record: Record) -> list[float]:
+    """A record's vector ([] when read without vectors). Edge returns a point that also holds
+    the vote's copy (`EdgeStore`'s labelled vector) as {name: vector}; the task's own vector
+    is the default one, named ""."""
+    vector = record.vector
+    if isinstance(vector, dict):
+        vector = vector.get("")
+    return vector if isinstance(vector, list) else []
+
+
 def to_point(record: Record) -> Point:
     """A stored record as the Point that was written."""
     payload = dict(record.payload or {})
-    vector = record.vector if isinstance(record.vector, list) else []
     return Point(
         task=payload["task"],
-        vector=np.asarray(vector, dtype=np.float32),
+        vector=np.asarray(vector_of(record), dtype=np.float32),
         image=str(payload.get("image", "")),
         labels=dict(payload.get("labels") or {}),
         annotation=Annotation(payload.get("annotation_id"), payload.get("annotation_updated_at")),
