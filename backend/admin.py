@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +50,7 @@ class Admin:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
-        self._timer_thread: threading.Thread | None = None
-        self._retrain_thread: threading.Thread | None = None
+        self._timers: dict[str, threading.Thread] = {}
         self.journal = JobJournal(runtime.settings.model_dir / "jobs")
         # As many launches as RQ would try a job: its first, and one per retry interval.
         self._max_attempts = 1 + len(runtime.settings.job_retry_intervals)
@@ -112,50 +111,59 @@ class Admin:
     def start_refresh_timer(self, every_s: float) -> None:
         """Refresh pushed predictions of projects with label changes every `every_s` seconds
         (besides the refresh every ECHOLABEL_REFRESH_AFTER changes)."""
-        if every_s <= 0 or self._timer_thread is not None:
-            return
 
-        def loop() -> None:
-            while not self._stop.wait(every_s):
-                for project in self.runtime.projects.known():
-                    try:
-                        info = self.runtime.store.collection(project)
-                        if info is not None and info.published_version and info.label_changes:
-                            self.start_refresh(project)
-                    except Exception as exc:  # one project's trouble must not stop the timer
-                        log.warning("refresh timer", extra={"project": project, "error": str(exc)})
+        def due(project: int | str) -> bool:
+            info = self.runtime.store.collection(project)
+            return info is not None and bool(info.published_version and info.label_changes)
 
-        self._timer_thread = threading.Thread(target=loop, name="refresh-timer", daemon=True)
-        self._timer_thread.start()
+        self._start_timer("refresh-timer", every_s, due, self.start_refresh)
 
     def start_retraining_timer(self, every_s: float) -> None:
         """Every `every_s` seconds, start a retraining round for each project whose labels
         grew by ECHOLABEL_RETRAIN_GROWTH since its last decision (the round checks the
         guard-rail itself and records a refusal, which resets the clock)."""
         settings = self.runtime.settings
-        if every_s <= 0 or not settings.auto_retrain or self._retrain_thread is not None:
+        if every_s <= 0 or not settings.auto_retrain:
             return
         selection = SelectionLog(settings.selection_dir)
         policy = RetrainPolicy.from_settings(settings)
+
+        def due(project: int | str) -> bool:
+            if self.runtime.store.collection(project) is None:
+                return False
+            labelled = self.runtime.store.count(project, labelled=True)
+            return labelled >= policy.next_round_at(selection.labelled_at_last_decision(project))
+
+        self._start_timer("retraining-timer", every_s, due, self.start_retraining)
+
+    def start_index_timer(self, every_s: float) -> None:
+        """Every `every_s` seconds, build the vote index of each project whose labels outgrew
+        it (the embedded store: `VectorStore.index_due`; a server indexes by itself)."""
+        self._start_timer("index-timer", every_s, self.runtime.store.index_due, self.start_index)
+
+    def _start_timer(
+        self,
+        name: str,
+        every_s: float,
+        due: Callable[[int | str], bool],
+        start: Callable[[int | str], object],
+    ) -> None:
+        """A thread that, every `every_s` seconds (0: never), starts `start(project)` for each
+        known project that is `due`."""
+        if every_s <= 0 or name in self._timers:
+            return
 
         def loop() -> None:
             while not self._stop.wait(every_s):
                 for project in self.runtime.projects.known():
                     try:
-                        if self.runtime.store.collection(project) is None:
-                            continue
-                        labelled = self.runtime.store.count(project, labelled=True)
-                        if labelled >= policy.next_round_at(
-                            selection.labelled_at_last_decision(project)
-                        ):
-                            self.start_retraining(project)
+                        if due(project):
+                            start(project)
                     except Exception as exc:  # one project's trouble must not stop the timer
-                        log.warning(
-                            "retraining timer", extra={"project": project, "error": str(exc)}
-                        )
+                        log.warning(name, extra={"project": project, "error": str(exc)})
 
-        self._retrain_thread = threading.Thread(target=loop, name="retraining-timer", daemon=True)
-        self._retrain_thread.start()
+        thread = self._timers[name] = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the store worker and the timers. A job still running after `timeout_s`
@@ -163,7 +171,7 @@ class Admin:
         live, and RQ retries it as abandoned (or, run in a thread here, the next start
         resumes it), continuing where it stopped."""
         self._stop.set()
-        for thread in (self._worker_thread, self._timer_thread, self._retrain_thread):
+        for thread in (self._worker_thread, *self._timers.values()):
             if thread is not None:
                 thread.join(timeout=timeout_s)
                 if thread.is_alive():
@@ -210,6 +218,10 @@ class Admin:
     def start_refresh(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) updating the predictions that recent label changes affect."""
         return self._start("refresh", project=project)
+
+    def start_index(self, project: int | str) -> dict[str, Any]:
+        """Queue (or start) building the project's vote index (the embedded store)."""
+        return self._start("build-index", project=project)
 
     def start_retraining(self, project: int | str) -> dict[str, Any]:
         """Queue (or start) one round of the self-improving loop for the project."""

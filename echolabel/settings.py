@@ -54,7 +54,9 @@ class Settings:
     top_k: int = 10
     min_neighbours: int = 3
     min_score: float = 0.5
-    exact_search_max_points: int = 100_000
+    # Embedded store: exact votes up to this many labelled points, HNSW above (where the walk
+    # wins: `python -m bench.edge_ef`, docs/performance.md).
+    exact_search_max_points: int = 2_000
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
     max_image_bytes: int = 20 * 1024 * 1024
@@ -81,6 +83,7 @@ class Settings:
     auto_retrain: bool = True
     retrain_growth: float = 0.25
     retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
+    index_check_s: float = 60.0  # how often it looks for vote indexes the labels outgrew
     # TrainOptions for the loop's challengers (JSON, e.g. {"epochs": 5}); the recipe otherwise.
     retrain_options: Mapping[str, Any] = field(default_factory=dict)
     patient_key: str | None = None
@@ -190,6 +193,9 @@ class Settings:
             min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
             auto_retrain=reader.flag("ECHOLABEL_AUTO_RETRAIN", cls.auto_retrain),
             retrain_growth=reader.fraction("ECHOLABEL_RETRAIN_GROWTH", cls.retrain_growth),
+            index_check_s=float(
+                reader.integer("ECHOLABEL_INDEX_CHECK_S", int(cls.index_check_s), 0)
+            ),
             retrain_check_s=float(
                 reader.integer("ECHOLABEL_RETRAIN_CHECK_S", int(cls.retrain_check_s), 0)
             ),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import qdrant_edge as edge
 import vectorstore
 from echolabel.core.runtime import open_configured_store
 from echolabel.settings import ConfigError, Settings
+from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import (
     Annotation,
     ExactIndex,
@@ -721,3 +723,53 @@ def test_build_index_command_builds_what_grew_past_the_threshold(tmp_path, monke
     reopened = EdgeStore(Settings.from_env().qdrant_path, exact_max_points=50)
     assert {s.project: s.unindexed for s in reopened.index_status()} == {"1": 0, "2": 20}
     reopened.close()
+
+
+def test_the_vote_index_is_due_at_geometric_label_counts_and_built_by_a_timed_job(tmp_path):
+    from backend.admin import Admin
+    from workers.runtime import install, open_runtime
+
+    rng = np.random.default_rng(12)
+    data = unit_rows(rng, 200)
+    store = EdgeStore(tmp_path / "edge", exact_max_points=50)
+
+    def label(tasks: range) -> None:
+        store.upsert(1, "enc", [Point(i, data[i], labels={"f": "a"}) for i in tasks])
+
+    assert not store.index_due(1)  # no collection
+    store.ensure_collection(1, "enc", DIM, "w")
+    store.upsert(1, "enc", [Point(i, data[i]) for i in range(200)])
+    assert not store.index_due(1)  # unlabelled points are not voted with
+    label(range(50))
+    assert not store.index_due(1)  # at the threshold: votes are exact
+    label(range(50, 51))
+    assert store.index_due(1)
+    assert store.build_index(1) and not store.index_due(1)
+    label(range(51, 100))
+    assert not store.index_due(1)  # 49 more since the build: below the threshold
+    label(range(100, 101))
+    assert store.index_due(1)
+    store.close()
+
+    store = EdgeStore(tmp_path / "edge", exact_max_points=50)
+    assert store.index_due(1)  # the count at the last build is kept in the metadata
+    runtime = open_runtime(Settings(model_dir=tmp_path / "model"), store=store)
+    install(runtime)
+    admin = Admin(runtime)
+    runtime.projects.remember(1, DARK_BRIGHT_CONFIG)  # the timer looks at known projects
+    try:
+        admin.start_index_timer(0.05)
+        deadline = time.monotonic() + 20
+        while (job := admin.local_jobs.get("build-index-1")) is None or job.status == "started":
+            assert time.monotonic() < deadline, "the timer did not build the index"
+            time.sleep(0.05)
+        assert job.status == "finished", job.error
+        assert job.result is not None and (job.result["built"], job.result["labelled"]) == (
+            True,
+            101,
+        )
+        assert not store.index_due(1)
+    finally:
+        admin.stop()
+        install(None)
+        store.close()

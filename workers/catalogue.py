@@ -153,6 +153,14 @@ CATALOGUE: dict[str, JobSpec] = {
                 f"go back to {a.get('encoder') or 'the previous encoder'} on project {a['project']}"
             ),
         ),
+        # Builds the embedded store's graph in the process that holds the store.
+        JobSpec(
+            "build-index",
+            "workers.jobs.build_vote_index",
+            REEMBED,
+            "build-index-{project}",
+            _project("build the vote index of"),
+        ),
         JobSpec(
             "evaluate",
             "workers.jobs.evaluate_project",

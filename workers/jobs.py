@@ -425,6 +425,19 @@ def rollback_encoder(project: int | str, encoder: str | None = None) -> dict[str
     return dataclasses.asdict(_switch_encoder(project, target, selection, candidate))
 
 
+def build_vote_index(project: int | str) -> dict[str, Any]:
+    """Build the project's vote index where its labels outgrew it (VectorStore.build_index)."""
+    store = current().store
+    began = time.monotonic()
+    built = store.build_index(project)
+    return {
+        "project": project,
+        "built": built,
+        "labelled": store.count(project, labelled=True),
+        "build_s": round(time.monotonic() - began, 2),
+    }
+
+
 def _switch_encoder(project: int | str, encoder: str, selection: Any, candidate: Any) -> Any:
     """Re-embed with `encoder` (zero downtime), push again where predictions were pushed, then
     record the switch; a failed re-embedding is recorded as "failed" and raised."""

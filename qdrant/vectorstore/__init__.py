@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from .base import (
+    DEFAULT_EXACT_MAX_POINTS,
     Annotation,
     CollectionInfo,
     DimensionMismatchError,
@@ -52,7 +53,7 @@ def open_store(
     path: Path | None = None,
     url: str | None = None,
     api_key: str | None = None,
-    exact_max_points: int = 100_000,
+    exact_max_points: int = DEFAULT_EXACT_MAX_POINTS,
     shards: int = 1,
     replication_factor: int = 1,
     engine: Literal["local", "edge"] = "edge",

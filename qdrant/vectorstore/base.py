@@ -166,6 +166,10 @@ def radius_bands(edges: Sequence[float]) -> list[RadiusBand]:
 # A recorded vote radius is rounded down to this step: a lower bound still, and points that
 # share a value are written in one payload operation.
 VOTE_RADIUS_STEP = 1 / 1024
+# Exact votes up to this many labelled points per generation, HNSW above (where the graph is
+# built): the walk is faster from about 1k labelled 1280-d points on (`python -m bench.edge_ef`);
+# the product passes Settings.exact_search_max_points.
+DEFAULT_EXACT_MAX_POINTS = 2_000
 
 
 @runtime_checkable
@@ -318,3 +322,11 @@ class VectorStore(Protocol):
     def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
         """Record these tasks' vote radii in the live generation, rounded down to
         VOTE_RADIUS_STEP; tasks without a point are skipped."""
+
+    def index_due(self, project: int | str) -> bool:
+        """Whether the labels added since the project's vote index was last built are enough
+        for `build_index` to pay; always False where the engine indexes by itself (a server)."""
+
+    def build_index(self, project: int | str) -> bool:
+        """Build the vote index of what waits outside it; True if anything was built. The
+        embedded engine blocks its process meanwhile: call it from a job, never a request."""

@@ -64,6 +64,7 @@ import qdrant_edge as edge
 
 from . import payload as pl
 from .base import (
+    DEFAULT_EXACT_MAX_POINTS,
     CollectionInfo,
     NearbyTask,
     Neighbour,
@@ -74,13 +75,11 @@ from .base import (
 from .engine import EngineStore
 from .generations import Preprocessing, generation_pattern, info_from_meta, new_meta
 
-# Exact search up to this many labelled points per generation, HNSW above (where the graph is
-# built); the product passes Settings.exact_search_max_points (docs/performance.md says why).
-DEFAULT_EXACT_MAX_POINTS = 20_000
-# Qdrant's defaults for the graph; the search ef is raised a little above ef_construct.
+# Qdrant's defaults for the graph. The search ef: recall@10 >= 0.99 against exact at every
+# labelled share `python -m bench.filtered_recall` tries (0.958 at 128 with every point labelled).
 DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCT = 100
-DEFAULT_HNSW_EF = 128
+DEFAULT_HNSW_EF = 256
 # How the engine keeps a generation's vectors. "int8": a scalar-quantized copy in RAM for the
 # HNSW walk and the float32 originals on disk (memory-mapped), which rescore the candidates:
 # 0.34x the raw vectors' RAM at 1M points (`echolabel bench --only embedded`). "float32": the
@@ -97,6 +96,7 @@ _FORMAT = 1
 # The vote vector's name, and the metadata key of generations that have it (see above).
 _VOTE_VECTOR = "labelled"
 _HAS_VOTE_VECTOR = "vote_vector"
+_INDEXED_LABELLED = "indexed_labelled"  # labelled points when the graph was last built
 _LOCK_FILE = "store.lock"
 _META = "meta.json"
 _SHARD = "shard"
@@ -631,13 +631,33 @@ class EdgeStore(EngineStore):
 
     def build_index(self, project: int | str) -> bool:
         """Build the HNSW graph of the project's live generation and of any being built, where
-        `exact_max_points` vectors wait unindexed; True if anything was built.
+        `exact_max_points` points wait unindexed, and of the live one where its labels outgrew
+        it (`index_due`); True if anything was built.
 
         Blocks, holding the GIL, for the whole build: call it from a job or the CLI, never
         while a request or a webhook waits.
         """
         with self._guard:
-            return any([self._build_index(info.name) for info in self.generations(project)])
+            live = self._live(project) if self.index_due(project) else None
+            return any(
+                [
+                    self._build_index(info.name, force=live is not None and info == live)
+                    for info in self.generations(project)
+                ]
+            )
+
+    def index_due(self, project: int | str) -> bool:
+        """Whether the live generation's labelled points grew past the exact threshold and by
+        half since its graph was last built (at least by the threshold): the builds come at
+        geometrically spaced sizes, so their cost stays a fixed share of the labelling."""
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                return False
+            labelled = self._labelled_count(info.name)
+            built_at = int(self._metas[info.name].get(_INDEXED_LABELLED, 0))
+            growth = max(self.exact_max_points, built_at // 2, 1)
+            return labelled > self.exact_max_points and labelled - built_at >= growth
 
     def index_status(self) -> list[IndexStatus]:
         """Every project's live generation: its points, and how many wait outside the graph."""
@@ -667,11 +687,16 @@ class EdgeStore(EngineStore):
         waiting = max(0, vectors - int(info.indexed_vectors_count))
         return waiting * points // vectors if vectors else 0
 
-    def _build_index(self, name: str) -> bool:
-        if self._unindexed(name) < max(self.exact_max_points, 1):
-            return False
-        self._shard(name).optimize()
-        return True
+    def _build_index(self, name: str, force: bool = False) -> bool:
+        """Build where enough waits (or `force`: the engine's count of indexed vectors keeps
+        the old copies of rewritten points, so it undercounts a live generation's waiting
+        labels; `index_due` counts them). Either way the graph is now as current as it will
+        be, so its labelled count is recorded."""
+        built = force or self._unindexed(name) >= max(self.exact_max_points, 1)
+        if built:
+            self._shard(name).optimize()
+        self._update_meta(name, {_INDEXED_LABELLED: self._labelled_count(name)})
+        return built
 
     def _has_vote_vector(self, name: str) -> bool:
         return bool(self._metas[name].get(_HAS_VOTE_VECTOR))

@@ -265,6 +265,14 @@ class EngineStore(PushState):
             stored = {ids[str(r.id)]: r.id for r in self._fetch(info.name, list(ids), False)}
             self._set_payloads(info.name, pl.vote_radius_groups(stored, radii))
 
+    def index_due(self, project: int | str) -> bool:
+        """False: an engine that needs `build_index` says when (EdgeStore); a server indexes
+        in the background by itself."""
+        return False
+
+    def build_index(self, project: int | str) -> bool:
+        return False
+
     # -- searches ----------------------------------------------------------------------------
 
     def nearest(

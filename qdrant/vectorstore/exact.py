@@ -281,6 +281,12 @@ class ExactSearchStore:
         """Recorded on unlabelled points, which the cache does not hold."""
         self.inner.set_vote_radii(project, radii)
 
+    def index_due(self, project: int | str) -> bool:
+        return self.inner.index_due(project)
+
+    def build_index(self, project: int | str) -> bool:
+        return self.inner.build_index(project)
+
     def nearest(
         self,
         project: int | str,
