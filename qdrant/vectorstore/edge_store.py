@@ -31,14 +31,14 @@ no graph (m=0) and no quantized copy: the refresh's searches among unlabelled po
 exactly. Generations made before the vote vector are searched with a `labelled` filter.
 
 The vote is exact (Edge's scan) while a generation holds at most `exact_max_points` labelled
-points, and HNSW above that. The same
-number sizes the engine's indexing threshold: `build_index` gives a segment its HNSW graph
-once that many vectors wait unindexed. Writes never build it: Edge has no background
-optimizer, and `optimize()` holds the GIL for the whole build (3.1 s for 8,000 × 128-d here),
-which would stall every request and webhook of the process. So the graph is built where
-nobody waits for an answer: `switch_generation` (a re-embedding goes live with its graph), the
-migration (migrate.py), and `build_index` called from a job or the CLI. Until then the
-unindexed tail is scanned, so answers stay exact there, only slower.
+points, and HNSW above that. The same number sizes the engine's indexing threshold:
+`build_index` gives a segment its HNSW graph once that many points wait unindexed. Writes
+never build it: Edge has no background optimizer, and `optimize()` holds the GIL for the whole
+build (3.1 s for 8,000 × 128-d here), which stalls every request and webhook of the process.
+So the graph is built where nobody waits for an answer: `switch_generation` (a re-embedding
+goes live with its graph), the migration (migrate.py), the CLI, and the backend's build-index
+job, which its index timer starts when `index_due` (the labels grew by half since the last
+build). Until then the unindexed tail is scanned, so answers stay exact there, only slower.
 
 Thread safety: qdrant-edge-py's shard is internally synchronised, but every call holds the GIL
 (a query for its duration, `optimize()` for the whole index build), and the merge rules are
@@ -291,8 +291,10 @@ class EdgeStore(EngineStore):
             # Below this many KB of matching vectors a segment is scanned, not walked.
             full_scan_threshold=threshold_kb,
         )
-        searched = edge.EdgeVectorParams(size=dim, distance=edge.Distance.Cosine, on_disk=quantized)
-        vectors: Any = searched
+        # Before the vote vector: one unnamed vector, searched with a `labelled` filter.
+        vectors: Any = edge.EdgeVectorParams(
+            size=dim, distance=edge.Distance.Cosine, on_disk=quantized
+        )
         if meta.get(_HAS_VOTE_VECTOR):
             vote = edge.EdgeVectorParams(
                 size=dim, distance=edge.Distance.Cosine, on_disk=quantized, quantization_config=int8
