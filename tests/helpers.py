@@ -32,6 +32,14 @@ REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 # The self-improving loop trains encoders in the background of a backend that runs long
 # enough; only its own tests (test_retraining*.py) turn it on. Subprocesses inherit this.
 os.environ.setdefault("ECHOLABEL_AUTO_RETRAIN", "0")
+# One torch (OpenMP) thread per process, here and in every backend, worker and demo the tests
+# start (they inherit it; torch reads it when first imported, which is later). The suite runs
+# Label Studio, backends and workers side by side on two cores, and torch's default of a thread
+# per core in each of them oversubscribes the cores: its threads then wait on each other at
+# every layer. test_integration_busi[inline] took 480 s (and missed /predict's embedding wait)
+# against 32 s with one thread, same machine and hour, load 4-5; a batch-1 forward of the
+# default encoder 469-779 ms against 46-82 ms (idle: 17 against 22 ms).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY_ENCODER = "tiny-test"
 TINY_ENCODER_B = "tiny-test-b"
 
@@ -279,6 +287,17 @@ def annotate_rows(admin, ids: dict[str, int], rows: list[dict]) -> None:
     for row in rows:
         labels = {"organ": row["organ"], "finding": row["finding"]}
         admin.annotate(ids[Path(row["image"]).name], choices_result(labels))
+
+
+def predictions_by_task(admin, project: int, tasks) -> dict[int, list[dict]]:
+    """The predictions of each of these tasks as `admin.predictions(task)` reads them, in one
+    request for the whole project (the same list view and serializer, filtered by project): a
+    read per task cost Label Studio ~65 ms each, up to 1,400 of them in one test."""
+    by_task: dict[int, list[dict]] = {task: [] for task in tasks}
+    for prediction in admin._get("/api/predictions/", task__project=project):
+        if prediction["task"] in by_task:
+            by_task[prediction["task"]].append(prediction)
+    return by_task
 
 
 def set_up_project(admin, label_studio, rows, folder: str, backend_url: str) -> dict[str, int]:

@@ -202,3 +202,17 @@ def test_a_result_that_meets_an_unavailable_store_is_applied_once_it_answers(
         while (results.waiting() or store.count(3) == 0) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(calls) == 2 and store.count(3) == 1 and results.waiting() == 0
+
+
+def test_stopping_the_collector_cuts_no_command_in_flight(redis_settings, redis_db):
+    """The store worker shares the dispatcher's connection: `stop` (the collector only, as the
+    racing test above does) once closed its pool under a command in flight, and the store
+    worker's `has_work` died inside redis-py with AttributeError 'readline'."""
+    with TestClient(create_app(redis_settings)) as client:
+        dispatcher = client.app.state.echolabel["runtime"].dispatcher
+        pool = dispatcher.connection.connection_pool
+        busy = pool.get_connection()  # another thread's command, sent, its reply not yet read
+        busy.send_command("PING")
+        dispatcher.stop()
+        assert busy.read_response() == b"PONG"
+        pool.release(busy)

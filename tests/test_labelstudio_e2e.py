@@ -26,6 +26,7 @@ from tests.helpers import (
     BUSI,
     annotate_rows,
     busi_rows,
+    predictions_by_task,
     serving,
     set_up_project,
 )
@@ -85,10 +86,10 @@ def test_suggestions_reach_annotators_through_a_real_label_studio(
 
         targets = [ids[Path(row["image"]).name] for row in unlabelled]
         admin.retrieve_predictions(project, targets)
-        stored = {task: admin.predictions(task) for task in targets}
+        stored = predictions_by_task(admin, project, targets)
         # A second click must not predict the same tasks again (model versions agree).
         admin.retrieve_predictions(project, targets)
-        again = {task: admin.predictions(task) for task in targets}
+        again = predictions_by_task(admin, project, targets)
 
     assert {t: identities(p) for t, p in again.items()} == {
         t: identities(p) for t, p in stored.items()
@@ -166,10 +167,12 @@ class Crash(RuntimeError):
     """Stands in for a kill between two batches of a push."""
 
 
-def finding_accuracy(admin, rows_by_task: dict[int, dict], version: str) -> tuple[int, int]:
+def finding_accuracy(
+    predictions: dict[int, list[dict]], rows_by_task: dict[int, dict], version: str
+) -> tuple[int, int]:
     correct = voted = 0
     for task, row in rows_by_task.items():
-        for prediction in admin.predictions(task):
+        for prediction in predictions[task]:
             assert prediction["model_version"] == version
             names = {(r["from_name"], r["to_name"]) for r in prediction["result"]}
             assert names <= {("organ", "image"), ("finding", "image")} and names
@@ -231,12 +234,13 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         crashing = PreAnnotator(services, admin, project, crash_after_two_batches, batch_size=40)
         with pytest.raises(Crash):
             crashing.push()
-        partial = sum(len(admin.predictions(t)) for t in targets)
+        partial = sum(map(len, predictions_by_task(admin, project, targets).values()))
         assert 0 < partial <= 80
         result = app.state.echolabel["admin"].start_preannotate(project)
         pushed = wait_for_job(app, result["job"])
         version = pushed["model_version"]
-        counts = {t: len(admin.predictions(t)) for t in targets}
+        stored = predictions_by_task(admin, project, targets)
+        counts = {t: len(p) for t, p in stored.items()}
         assert set(counts.values()) <= {0, 1}, "one prediction per task, no duplicate"
         assert sum(counts.values()) == pushed["pushed"] + pushed["already_current"]
         assert pushed["pushed"] + pushed["already_current"] + pushed["abstained"] == len(targets)
@@ -248,10 +252,10 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         assert [p["model_version"] for p in admin._get(f"/api/tasks/{shown}/")["predictions"]] == [
             version
         ]
-        correct, voted = finding_accuracy(admin, targets, version)
+        correct, voted = finding_accuracy(stored, targets, version)
         # The tasks that stay unlabelled, before the refresh: accuracy compared on them.
         staying = {t: r for t, r in targets.items() if r not in later}
-        correct_before, voted_before = finding_accuracy(admin, staying, version)
+        correct_before, voted_before = finding_accuracy(stored, staying, version)
         counts_a = Counter(r["finding"] for r in annotated)
         majority = max(counts_a.values()) / sum(counts_a.values())
         z = (correct / voted - majority) / math.sqrt(majority * (1 - majority) / voted)
@@ -263,9 +267,10 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         assert z > 3
 
         # "Retrieve Predictions" afterwards adds nothing: /setup answers the pushed version.
-        before = {t: identities(admin.predictions(t)) for t in targets}
+        before = {t: identities(p) for t, p in predictions_by_task(admin, project, targets).items()}
         admin.retrieve_predictions(project, list(targets))
-        assert {t: identities(admin.predictions(t)) for t in targets} == before
+        after = predictions_by_task(admin, project, targets)
+        assert {t: identities(p) for t, p in after.items()} == before
 
         # Annotating `later` triggers one refresh (ECHOLABEL_REFRESH_AFTER = len(later)).
         annotate_rows(admin, ids, later)
@@ -279,11 +284,12 @@ def test_preannotate_push_resume_and_refresh_against_real_label_studio(
         # Exact: every unlabelled task's stored prediction is what a fresh vote gives now.
         model = SimilarityModel(services, project)
         vectors = services.store.vectors(project, list(targets))
+        refreshed_predictions = predictions_by_task(admin, project, targets)
         for task in targets:
             fresh = model.prediction(model.suggest(vectors[task], exclude=[task]), version)
-            stored = admin.predictions(task)
+            stored = refreshed_predictions[task]
             assert [p["result"] for p in stored] == ([fresh["result"]] if fresh["result"] else [])
-        correct_after, voted_after = finding_accuracy(admin, targets, version)
+        correct_after, voted_after = finding_accuracy(refreshed_predictions, targets, version)
     print(
         f"refresh: {refreshed['affected']} affected of {len(targets)} unlabelled by "
         f"{len(later)} new labels, {refreshed['updated']} updated, {refreshed['created']} "

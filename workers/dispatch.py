@@ -215,11 +215,20 @@ class EmbedDispatcher:
         self._collector.start()
 
     def stop(self) -> None:
-        """Stop the collector after the message it is applying (it blocks at most a second)."""
+        """Stop the collector after the message it is applying (it blocks at most a second).
+
+        The connection stays open: the backend's store worker and requests share it, and
+        closing its pool cuts their commands in flight (redis-py then fails inside the read
+        with AttributeError 'readline'). `close` releases it at the very end.
+        """
         self._stop.set()
         if self._collector is not None:
             self._collector.join(timeout=10)
             self._collector = None
+
+    def close(self) -> None:
+        """Stop the collector and release the connection (nothing may use it afterwards)."""
+        self.stop()
         self.connection.close()
 
 

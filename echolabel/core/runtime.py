@@ -53,6 +53,10 @@ class EmbedQueue(Protocol):
         """Stop applying results (before the store closes)."""
         ...
 
+    def close(self) -> None:
+        """Release the queue's connection, once nothing in this process uses it."""
+        ...
+
 
 def open_configured_store(settings: Settings) -> VectorStore:
     """The store the settings describe: the Qdrant server or the embedded one under MODEL_DIR."""
@@ -197,7 +201,7 @@ class Runtime:
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the background threads that write the store, then close it."""
+        """Stop the background threads that write the store, then close it and the queue."""
         if self.backlog is not None:
             self.backlog.stop()
         if self.dispatcher is not None:
@@ -205,6 +209,8 @@ class Runtime:
         if self._slot.store is not None:
             self._slot.store.close()
         self.fetcher.close()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
 
     def __enter__(self) -> Runtime:
         return self
