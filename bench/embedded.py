@@ -57,6 +57,9 @@ RESTART_COLUMNS = [
     ("rss_vs_raw_x", "÷ raw vector"),
 ]
 BEFORE = "before: local mode + matmul cache"
+# The store before Edge answered from its matmul cache up to this many labelled points (its
+# default then); today's default threshold (Edge's) would leave it to local mode's Python scan.
+BEFORE_EXACT_MAX_POINTS = 100_000
 EDGE = "Qdrant Edge (default threshold)"
 EDGE_HNSW = "Qdrant Edge, HNSW (threshold 0)"
 EDGE_UNMERGED = "Qdrant Edge (default threshold), concurrent searches not merged"
@@ -73,7 +76,12 @@ def run(profile: Profile, log: Log) -> SectionResult:
     findings: dict[str, Any] = {}
     for n in settings.sizes:
         for store, label, env, max_batch in (
-            ("local-memory", BEFORE, {}, None),
+            (
+                "local-memory",
+                BEFORE,
+                {"ECHOLABEL_EXACT_SEARCH_MAX_POINTS": str(BEFORE_EXACT_MAX_POINTS)},
+                None,
+            ),
             ("edge", EDGE, {}, None),
             ("edge", EDGE_UNMERGED, {}, 1),
             ("edge", EDGE_HNSW, {"ECHOLABEL_EXACT_SEARCH_MAX_POINTS": "0"}, None),
