@@ -32,14 +32,6 @@ REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 # The self-improving loop trains encoders in the background of a backend that runs long
 # enough; only its own tests (test_retraining*.py) turn it on. Subprocesses inherit this.
 os.environ.setdefault("ECHOLABEL_AUTO_RETRAIN", "0")
-# One torch (OpenMP) thread per process, here and in every backend, worker and demo the tests
-# start (they inherit it; torch reads it when first imported, which is later). The suite runs
-# Label Studio, backends and workers side by side on two cores, and torch's default of a thread
-# per core in each of them oversubscribes the cores: its threads then wait on each other at
-# every layer. test_integration_busi[inline] took 480 s (and missed /predict's embedding wait)
-# against 32 s with one thread, same machine and hour, load 4-5; a batch-1 forward of the
-# default encoder 469-779 ms against 46-82 ms (idle: 17 against 22 ms).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY_ENCODER = "tiny-test"
 TINY_ENCODER_B = "tiny-test-b"
 
