@@ -183,21 +183,25 @@ class QdrantStore(QdrantGenerations):
         return found
 
     def _search_unlabelled(
-        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
     ) -> list[list[NearbyTask]]:
-        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
         requests = [
             models.QueryRequest(
-                query=query,
+                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
                 filter=models.Filter(must=[_labelled(False), *_band(band)]),
                 limit=limit,
                 score_threshold=band.min_similarity,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-            for band in bands
+            for vector, band in searches
         ]
-        answers = self._client.query_batch_points(info.name, requests=requests)
-        return [[pl.to_nearby_task(p) for p in answer.points] for answer in answers]
+        found: list[list[NearbyTask]] = []
+        for start in range(0, len(requests), _QUERY_BATCH):
+            answers = self._client.query_batch_points(
+                info.name, requests=requests[start : start + _QUERY_BATCH]
+            )
+            found += [[pl.to_nearby_task(p) for p in answer.points] for answer in answers]
+        return found
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
