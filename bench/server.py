@@ -126,10 +126,13 @@ class BackendProcess:
         env: dict[str, str] | None = None,
         timeout_s: float = 900.0,
         max_batch: int | None = None,
+        base_http_middleware: bool = False,
     ) -> None:
         command = [sys.executable, "-m", "bench.server", "--points", str(points)]
         if max_batch is not None:
             command += ["--max-batch", str(max_batch)]
+        if base_http_middleware:
+            command.append("--base-http-middleware")
         command += ["--dim", str(dim), "--encoder", encoder, "--queries", str(queries)]
         command += ["--seed", str(seed), "--store", store]
         if model_dir is not None:
@@ -216,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", action="store_true", help="serve --model-dir as it is: no fill (a restart)"
     )
+    parser.add_argument(
+        "--base-http-middleware",
+        action="store_true",
+        help="add a pass-through Starlette BaseHTTPMiddleware, as the app had before 369fb9e",
+    )
     args = parser.parse_args(argv)
     if args.reuse and (args.model_dir is None or args.store != "edge"):
         parser.error("--reuse needs --model-dir and --store edge")
@@ -267,7 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases["encoder_loaded"] = rss()
 
     timings = RequestTimings()
-    app = timings.wrap(create_app(settings, runtime))
+    served = create_app(settings, runtime)
+    if args.base_http_middleware:
+        from starlette.middleware.base import BaseHTTPMiddleware
+
+        async def passthrough(request: Any, call_next: Any) -> Any:
+            return await call_next(request)
+
+        served.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    app = timings.wrap(served)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
     # it every response waits ~40 ms for a delayed ACK (Nagle), as `uvicorn.run` never does.
