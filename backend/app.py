@@ -12,7 +12,7 @@ import binascii
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from echolabel.core.model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, SimilarityModel
 from echolabel.core.projects import project_id
@@ -115,24 +116,8 @@ def create_app(
     app = FastAPI(title="echolabel", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.echolabel = state
 
-    @app.middleware("http")
-    async def basic_auth(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if settings.basic_auth_user and not _authorised(request, settings):
-            detail = "basic auth required"
-            if request.url.path == "/webhook":
-                detail += (
-                    ": Label Studio sends the webhook it created for this backend without "
-                    "credentials; add an `Authorization: Basic ...` header to it (project "
-                    "Settings → Webhooks → Headers) or connect it with `echolabel connect`"
-                )
-            return JSONResponse(
-                {"error": "unauthorized", "detail": detail},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Basic realm="echolabel"'},
-            )
-        return await call_next(request)
+    if settings.basic_auth_user:
+        app.add_middleware(BasicAuth, settings=settings)
 
     async def errors(_: Request, exc: Exception) -> JSONResponse:
         status, reason = _status_of(exc)
@@ -176,7 +161,7 @@ def create_app(
         return {"model_version": await run_in_threadpool(model.setup)}
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
         body = await _json_object(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
@@ -186,15 +171,19 @@ def create_app(
         )
         model = SimilarityModel(state["runtime"], project, _config(body, "label_config"))
         outcome = await run_in_threadpool(model.predict, tasks, body.get("params"))
-        return {
-            "results": outcome.predictions,
-            "model_version": model.model_version,
-            "abstained": [{"task": t, "fields": f} for t, f in outcome.abstained.items()],
-            "pending": sorted(outcome.pending, key=str),
-            "errors": [
-                {"task": t, "error": e.reason, "detail": str(e)} for t, e in outcome.errors.items()
-            ],
-        }
+        # Serialised here: FastAPI's encoder would walk the nested predictions once more.
+        return JSONResponse(
+            {
+                "results": outcome.predictions,
+                "model_version": model.model_version,
+                "abstained": [{"task": t, "fields": f} for t, f in outcome.abstained.items()],
+                "pending": sorted(outcome.pending, key=str),
+                "errors": [
+                    {"task": t, "error": e.reason, "detail": str(e)}
+                    for t, e in outcome.errors.items()
+                ],
+            }
+        )
 
     @app.get("/doctor")
     async def doctor(project: int | None = None, backend_url: str | None = None) -> dict:
@@ -342,6 +331,34 @@ def _status_of(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, (StoreError, EncoderError)):
         return 503, "unavailable"
     return 500, "internal_error"
+
+
+class BasicAuth:
+    """Basic auth on every HTTP request, as plain ASGI: Starlette's `BaseHTTPMiddleware` runs
+    each request's body and response through task-group streams, which cost /predict more
+    than its vote."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _authorised(Request(scope), self.settings):
+            await self.app(scope, receive, send)
+            return
+        detail = "basic auth required"
+        if scope["path"] == "/webhook":
+            detail += (
+                ": Label Studio sends the webhook it created for this backend without "
+                "credentials; add an `Authorization: Basic ...` header to it (project "
+                "Settings → Webhooks → Headers) or connect it with `echolabel connect`"
+            )
+        refusal = JSONResponse(
+            {"error": "unauthorized", "detail": detail},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="echolabel"'},
+        )
+        await refusal(scope, receive, send)
 
 
 def _authorised(request: Request, settings: Settings) -> bool:

@@ -32,6 +32,9 @@ SERVE_COLUMNS = [
     ("health_p50_ms", "GET /health p50 ms"),
     ("predict_p50_ms", "/predict p50 ms"),
     ("predict_vs_health_x", "/predict ÷ /health"),
+    ("health_app_ms", "/health in the app ms"),
+    ("predict_app_ms", "/predict in the app ms"),
+    ("predict_call_ms", "of which predicting ms"),
     ("rps_1", "req/s, 1 client"),
     ("rps_8", "req/s, 8 clients"),
     ("clients_8_vs_1_x", "8 ÷ 1 client"),
@@ -127,7 +130,9 @@ def _serve_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"store": label, "n": n}
     for clients in settings.clients:
+        backend.ask("timings")  # forget what came before
         health = _load(backend.url, clients, settings.requests, lambda h, i: h.get("/health"))
+        health_in = backend.ask("timings")
         predict = _load(
             backend.url,
             clients,
@@ -138,6 +143,11 @@ def _serve_row(
         )
         row[f"rps_{clients}"] = len(predict["samples"]) / predict["elapsed_s"]
         if clients == 1:
+            # Where the time goes inside the server: the rest is HTTP parsing, sockets, client.
+            predict_in = backend.ask("timings")
+            row["health_app_ms"] = health_in["app_p50_ms"].get("/health")
+            row["predict_app_ms"] = predict_in["app_p50_ms"].get("/predict")
+            row["predict_call_ms"] = predict_in["predict_call_p50_ms"]
             row["health_p50_ms"] = summarize(health["samples"]).ms("latency")["latency_p50_ms"]
             row["predict_p50_ms"] = summarize(predict["samples"]).ms("latency")["latency_p50_ms"]
     found = backend.ask(f"recall {settings.k}")

@@ -5,8 +5,8 @@
 default, Qdrant Edge under a MODEL_DIR, or qdrant-client's local mode in memory behind the matmul
 cache, the embedded store before Edge), fills it (`--reuse`: opens a MODEL_DIR filled before),
 serves it with uvicorn on 127.0.0.1 and prints one `BENCH-SERVER {json}` line with its port and
-its RSS after each phase. It then answers commands on stdin (`profile N`, `stats`, `recall K`)
-and stops at end of input. Running it as its own process keeps the load generator off its
+its RSS after each phase. It then answers commands on stdin (`profile N`, `stats`, `recall K`,
+`timings`) and stops at end of input. Running it as its own process keeps the load generator off its
 cores' GIL and lets the RSS be its own.
 """
 
@@ -21,6 +21,7 @@ import pstats
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,10 +126,13 @@ class BackendProcess:
         env: dict[str, str] | None = None,
         timeout_s: float = 900.0,
         max_batch: int | None = None,
+        base_http_middleware: bool = False,
     ) -> None:
         command = [sys.executable, "-m", "bench.server", "--points", str(points)]
         if max_batch is not None:
             command += ["--max-batch", str(max_batch)]
+        if base_http_middleware:
+            command.append("--base-http-middleware")
         command += ["--dim", str(dim), "--encoder", encoder, "--queries", str(queries)]
         command += ["--seed", str(seed), "--store", store]
         if model_dir is not None:
@@ -215,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", action="store_true", help="serve --model-dir as it is: no fill (a restart)"
     )
+    parser.add_argument(
+        "--base-http-middleware",
+        action="store_true",
+        help="add a pass-through Starlette BaseHTTPMiddleware, as the app had before 369fb9e",
+    )
     args = parser.parse_args(argv)
     if args.reuse and (args.model_dir is None or args.store != "edge"):
         parser.error("--reuse needs --model-dir and --store edge")
@@ -265,7 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime.embedder.encoder(args.encoder)
         phases["encoder_loaded"] = rss()
 
-    app = create_app(settings, runtime)
+    timings = RequestTimings()
+    served = create_app(settings, runtime)
+    if args.base_http_middleware:
+        from starlette.middleware.base import BaseHTTPMiddleware
+
+        async def passthrough(request: Any, call_next: Any) -> Any:
+            return await call_next(request)
+
+        served.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    app = timings.wrap(served)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
     # it every response waits ~40 ms for a delayed ACK (Nagle), as `uvicorn.run` never does.
@@ -301,12 +319,63 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say({"rss": rss(), "peak_rss": peak_rss()})
         elif command[:1] == ["recall"]:
             _say(recall(store, queries, int(command[1])))
+        elif command[:1] == ["timings"]:
+            _say(timings.take())
     server.should_exit = True
     thread.join(timeout=10)
     runtime.close()
     if args.model_dir is None:
         shutil.rmtree(model_dir, ignore_errors=True)
     return 0
+
+
+class RequestTimings:
+    """Where a request's time goes inside this process: the app's own handling of each path
+    (ASGI call to its return: body, routing, thread hand-off, response) and the prediction
+    itself (`SimilarityModel.predict`). The rest of what a client measures is uvicorn's HTTP
+    parsing, the sockets and the client."""
+
+    def __init__(self) -> None:
+        from echolabel.core.model import SimilarityModel
+
+        self._app: dict[str, list[float]] = {}
+        self._predict: list[float] = []
+        original = SimilarityModel.predict
+
+        def timed(model: Any, *args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                self._predict.append(time.perf_counter() - began)
+
+        SimilarityModel.predict = timed  # type: ignore[method-assign]
+
+    def wrap(self, app: Any) -> Any:
+        async def timed_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            began = time.perf_counter()
+            try:
+                await app(scope, receive, send)
+            finally:
+                self._app.setdefault(scope["path"], []).append(time.perf_counter() - began)
+
+        return timed_app
+
+    def take(self) -> dict[str, Any]:
+        """p50 in ms per path and of the predictions since the last call, then forget them."""
+        taken = {
+            "app_p50_ms": {
+                path: 1000 * statistics.median(samples) for path, samples in self._app.items()
+            },
+            "predict_call_p50_ms": (
+                1000 * statistics.median(self._predict) if self._predict else None
+            ),
+        }
+        self._app, self._predict = {}, []
+        return taken
 
 
 def _fill(store: Any, args: argparse.Namespace, queries: Any) -> float:

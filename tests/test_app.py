@@ -268,6 +268,7 @@ def test_basic_auth(settings):
         refused = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
         assert refused.status_code == 401
         assert "Settings → Webhooks" in refused.json()["detail"]
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="echolabel"'
 
 
 def test_basic_auth_password_as_label_studio_encodes_it(settings):

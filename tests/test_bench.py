@@ -211,6 +211,9 @@ def test_embedded_compares_edge_with_the_store_before_it_and_restarts_edge(resul
         assert row["predict_vs_health_x"] > 0 and row["clients_8_vs_1_x"] > 0
         assert (row["recall_at_k"] is None) == row["store"].startswith("before")
         assert row["recall_at_k"] is None or 0.0 <= row["recall_at_k"] <= 1.0
+        # Timed inside the server: the prediction is part of /predict's own time in the app.
+        assert 0 < row["predict_call_ms"] < row["predict_app_ms"]
+        assert row["health_app_ms"] > 0
     before, edge = rows(document, "Sustained upserts")
     assert before["points"] == 50 and before["vs_before_x"] is None
     assert edge["points"] == 400 and edge["vs_before_x"] > 0

@@ -483,7 +483,7 @@ def test_nearest_batch_and_unlabelled_within(store):
     assert [len(row) for row in store.nearest_batch(1, queries, 101)] == [100] * 5
 
     sims = data @ queries[0]
-    near = store.unlabelled_within(1, queries[0], [0.3])
+    near = store.unlabelled_within(1, queries[:1], [0.3])[0]
     wanted = {i for i in range(200) if not labelled[i] and sims[i] >= 0.3}
     assert {n.task for n in near} == wanted
     assert [n.similarity for n in near] == sorted((n.similarity for n in near), reverse=True)
@@ -531,7 +531,7 @@ def test_same_answers_as_qdrant_local_mode(tmp_path):
             "near": [
                 {
                     n.task: round(n.similarity, 5)
-                    for n in store.unlabelled_within(1, data[row], [0.2])[:50]
+                    for n in store.unlabelled_within(1, data[row : row + 1], [0.2])[0][:50]
                 }
                 for row in range(0, 300, 37)
             ],

@@ -240,14 +240,33 @@ def test_unlabelled_within_one_edge_equals_the_reference(filled):
     for query_row in (1, 2, 50):
         query = reference.vectors[query_row]
         for min_similarity in (0.3, -1.0, 0.99):
-            found = store.unlabelled_within(1, query, [min_similarity])
+            found = store.unlabelled_within(1, query[None], [min_similarity])[0]
             expected = reference.unlabelled_near(query, min_similarity, N)
             assert [n.task for n in found] == [t for t, _ in expected]
             np.testing.assert_allclose(
                 [n.similarity for n in found], [s for _, s in expected], atol=TOLERANCE
             )
             assert all(n.vote_radius is None for n in found)
-    assert store.unlabelled_within(2, reference.vectors[1], [-1.0]) == []
+    assert store.unlabelled_within(2, reference.vectors[1][None], [-1.0]) == [[]]
+
+
+def test_unlabelled_within_answers_each_row_as_alone(filled, monkeypatch):
+    """Rows searched together get what each gets alone, also when a band's search fills its
+    first limit and is asked again (here a limit of 4)."""
+    import vectorstore.engine
+
+    store, reference = filled
+    rows = np.stack([reference.vectors[task] for task in (1, 2, 50, 7)])
+    for edges in ([0.3], [-1.0], [-0.2, 0.1, 0.4]):
+        together = store.unlabelled_within(1, rows, edges)
+        assert together == [store.unlabelled_within(1, row[None], edges)[0] for row in rows]
+        with monkeypatch.context() as patched:
+            patched.setattr(vectorstore.engine, "_FIRST_LIMIT", 4)
+            assert store.unlabelled_within(1, rows, edges) == together
+    everything = store.unlabelled_within(1, rows, [-1.0])
+    for row, found in zip(rows, everything, strict=True):
+        assert [n.task for n in found] == [t for t, _ in reference.unlabelled_near(row, -1.0, N)]
+    assert store.unlabelled_within(1, rows[:0], [0.3]) == []
 
 
 def test_vote_radii_are_recorded_rounded_down_and_searched_by_band(store):
@@ -258,12 +277,12 @@ def test_vote_radii_are_recorded_rounded_down_and_searched_by_band(store):
     reference = Reference()
     reference.write(points)
     query = unit_rows(rng, 1)[0]
-    assert {n.vote_radius for n in store.unlabelled_within(1, query, [-1.0])} == {None}
+    assert {n.vote_radius for n in store.unlabelled_within(1, query[None], [-1.0])[0]} == {None}
     unlabelled = sorted(reference.tasks(labelled=False))
     radii = {t: float(r) for t, r in zip(unlabelled[:-3], rng.uniform(-0.5, 0.6, 17), strict=True)}
     radii[0] = 0.123456
     store.set_vote_radii(1, {**radii, 999: 0.7})  # 999: no such point, skipped
-    recorded = {n.task: n.vote_radius for n in store.unlabelled_within(1, query, [-1.0])}
+    recorded = {n.task: n.vote_radius for n in store.unlabelled_within(1, query[None], [-1.0])[0]}
     assert set(recorded) == set(unlabelled)
     assert all(recorded[t] is None for t in unlabelled[-3:])  # never recorded
     for task, radius in radii.items():
@@ -279,7 +298,7 @@ def test_vote_radii_are_recorded_rounded_down_and_searched_by_band(store):
             return max([edges[0], *[e for e in edges if e <= recorded[task]]])
 
         wanted = [t for t in sorted(sims, key=lambda t: -sims[t]) if sims[t] >= threshold(t)]
-        found = store.unlabelled_within(1, query, edges)
+        found = store.unlabelled_within(1, query[None], edges)[0]
         assert [n.task for n in found] == wanted, edges
     store.set_vote_radii(2, radii)  # a project never stored: nothing to record
 

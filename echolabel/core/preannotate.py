@@ -353,8 +353,14 @@ class PreAnnotator:
         judged against what is true now."""
         changed_set = set(changed)
         reach: dict[TaskId, float] = {}  # candidate -> its highest similarity to a change
-        for task, vector in self.store.vectors(self.project, list(changed_set)).items():
-            for near in self.store.unlabelled_within(self.project, vector, edges):
+        vectors = self.store.vectors(self.project, list(changed_set))
+        found = (
+            self.store.unlabelled_within(self.project, np.stack(list(vectors.values())), edges)
+            if vectors
+            else []
+        )
+        for task, nearby in zip(vectors, found, strict=True):
+            for near in nearby:
                 # The recorded radius is a lower bound of the task's k-th similarity now.
                 radius = edges[0] if near.vote_radius is None else near.vote_radius
                 if near.task != task and near.similarity >= radius:

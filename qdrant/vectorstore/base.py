@@ -312,12 +312,13 @@ class VectorStore(Protocol):
         each row's answer is the one `nearest` gives it alone."""
 
     def unlabelled_within(
-        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
-    ) -> list[NearbyTask]:
-        """Every unlabelled point a label at `vector` may reach the top k of, best first, with
-        its recorded vote radius: one whose radius lies in band i, [edges[i], edges[i+1])
-        (the first band open below, the last above), at least edges[i] near; one without a
-        recorded radius at least edges[0] near. `edges` ascend; `(s,)`: all at least s near."""
+        self, project: int | str, vectors: np.ndarray, edges: Sequence[float]
+    ) -> list[list[NearbyTask]]:
+        """For each row of `vectors`, every unlabelled point a label there may reach the top k
+        of, best first, with its recorded vote radius: one whose radius lies in band i,
+        [edges[i], edges[i+1]) (the first band open below, the last above), at least edges[i]
+        near; one without a recorded radius at least edges[0] near. `edges` ascend; `(s,)`:
+        all at least s near. One batched search for all rows."""
 
     def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
         """Record these tasks' vote radii in the live generation, rounded down to

@@ -531,7 +531,7 @@ class EdgeStore(EngineStore):
         return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
     def _search_unlabelled(
-        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
     ) -> list[list[NearbyTask]]:
         """Exact (the task's own vector has no graph; in a generation made before the vote
         vector: while it holds at most `exact_max_points` points, HNSW above)."""
@@ -540,19 +540,22 @@ class EdgeStore(EngineStore):
             self._has_vote_vector(info.name) or shard.info().points_count <= self.exact_max_points
         )
         params = self._params(info.name, exact, limit)
-        query = _query_vector(vector)
         requests = [
             edge.QueryRequest(
                 limit=limit,
-                query=edge.Query.Nearest(query),
+                query=edge.Query.Nearest(_query_vector(vector)),
                 filter=edge.Filter(must=[_labelled(False), *_band(band)]),
                 score_threshold=band.min_similarity,
                 params=params,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-            for band in bands
+            for vector, band in searches
         ]
-        found = shard.query_batch(edge.QueryBatchRequest(requests))
+        found: list[Any] = []
+        for start in range(0, len(requests), _QUERY_BATCH):
+            found += shard.query_batch(
+                edge.QueryBatchRequest(requests[start : start + _QUERY_BATCH])
+            )
         return [[pl.to_nearby_task(p) for p in hits] for hits in found]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:

@@ -100,10 +100,11 @@ class EngineStore(PushState):
         raise NotImplementedError
 
     def _search_unlabelled(
-        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
     ) -> list[list[NearbyTask]]:
-        """Per band, at most `limit` of its unlabelled points at least its `min_similarity`
-        near, best first, in one request per band sent together; the guard is held."""
+        """Per (vector, band), at most `limit` of the band's unlabelled points at least its
+        `min_similarity` near the vector, best first, in one request each sent together (in
+        this order: a band's requests adjacent); the guard is held."""
         raise NotImplementedError
 
     # -- collections --------------------------------------------------------------------------
@@ -308,27 +309,39 @@ class EngineStore(PushState):
         return drop_excluded(found, skips, k)
 
     def unlabelled_within(
-        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
-    ) -> list[NearbyTask]:
-        """Every unlabelled point a label at `vector` may reach the top k of (see the protocol),
-        best first: one search per band of recorded radii, each with its own threshold, so
-        far fewer points come back than within the smallest radius."""
+        self, project: int | str, vectors: np.ndarray, edges: Sequence[float]
+    ) -> list[list[NearbyTask]]:
+        """Every unlabelled point a label at each row may reach the top k of (see the
+        protocol), best first: one search per band of recorded radii and row, each band with
+        its own threshold, so far fewer points come back than within the smallest radius.
+        A band's searches for all rows go out side by side: the engine scores the band's
+        points for all of them together, several times cheaper per row than row by row
+        (docs/preannotation.md, "Batched band searches")."""
+        rows = np.asarray(vectors, dtype=np.float32)
         bands = radius_bands(edges)
-        found: list[list[NearbyTask]] = [[] for _ in bands]
-        pending, limit = list(range(len(bands))), _FIRST_LIMIT
+        found: dict[tuple[int, int], list[NearbyTask]] = {}
+        pending = [(band, row) for band in range(len(bands)) for row in range(len(rows))]
+        limit = _FIRST_LIMIT
         with self._guard:
             info = self._live(project)
             if info is None:
-                return []
-            while pending:  # a band that filled its limit is asked again for more
-                answers = self._search_unlabelled(info, vector, [bands[i] for i in pending], limit)
-                for band, hits in zip(pending, answers, strict=True):
-                    found[band] = hits
+                return [[] for _ in rows]
+            while pending:  # a search that filled its limit is asked again for more
+                answers = self._search_unlabelled(
+                    info, [(rows[row], bands[band]) for band, row in pending], limit
+                )
+                found.update(zip(pending, answers, strict=True))
                 pending = [
-                    b for b, hits in zip(pending, answers, strict=True) if len(hits) >= limit
+                    p for p, hits in zip(pending, answers, strict=True) if len(hits) >= limit
                 ]
                 limit *= 4
-        return sorted((hit for hits in found for hit in hits), key=lambda h: -h.similarity)
+        return [
+            sorted(
+                (hit for band in range(len(bands)) for hit in found[band, row]),
+                key=lambda h: -h.similarity,
+            )
+            for row in range(len(rows))
+        ]
 
     # -- reads by task -----------------------------------------------------------------------
 

@@ -272,10 +272,10 @@ class ExactSearchStore:
         return self.inner.count(project, labelled)
 
     def unlabelled_within(
-        self, project: int | str, vector: np.ndarray, edges: Sequence[float]
-    ) -> list[NearbyTask]:
+        self, project: int | str, vectors: np.ndarray, edges: Sequence[float]
+    ) -> list[list[NearbyTask]]:
         """Unlabelled points: not cached (the cache holds labelled ones only)."""
-        return self.inner.unlabelled_within(project, vector, edges)
+        return self.inner.unlabelled_within(project, vectors, edges)
 
     def set_vote_radii(self, project: int | str, radii: Mapping[TaskId, float]) -> None:
         """Recorded on unlabelled points, which the cache does not hold."""

@@ -9,11 +9,11 @@ this module holds the reads and writes of points.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -34,8 +34,10 @@ from .generations import Preprocessing
 from .qdrant_generations import QdrantGenerations
 
 _SCROLL_PAGE = 512
-# Queries per batched search request (nearest_batch): bounds one request's size.
+# Queries per batched search request: bounds one request's size.
 _QUERY_BATCH = 256
+
+T = TypeVar("T")
 
 
 class QdrantStore(QdrantGenerations):
@@ -174,30 +176,34 @@ class QdrantStore(QdrantGenerations):
             )
             for row, limit in zip(rows, limits, strict=True)
         ]
-        found: list[list[Neighbour]] = []
-        for start in range(0, len(requests), _QUERY_BATCH):
-            answers = self._client.query_batch_points(
-                info.name, requests=requests[start : start + _QUERY_BATCH]
-            )
-            found += [[pl.to_neighbour(p) for p in answer.points] for answer in answers]
-        return found
+        return self._query(info.name, requests, pl.to_neighbour)
 
     def _search_unlabelled(
-        self, info: CollectionInfo, vector: np.ndarray, bands: Sequence[RadiusBand], limit: int
+        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
     ) -> list[list[NearbyTask]]:
-        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
         requests = [
             models.QueryRequest(
-                query=query,
+                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
                 filter=models.Filter(must=[_labelled(False), *_band(band)]),
                 limit=limit,
                 score_threshold=band.min_similarity,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-            for band in bands
+            for vector, band in searches
         ]
-        answers = self._client.query_batch_points(info.name, requests=requests)
-        return [[pl.to_nearby_task(p) for p in answer.points] for answer in answers]
+        return self._query(info.name, requests, pl.to_nearby_task)
+
+    def _query(
+        self, name: str, requests: list[models.QueryRequest], convert: Callable[[Any], T]
+    ) -> list[list[T]]:
+        """Each request's points, converted; sent _QUERY_BATCH requests at a time."""
+        found: list[list[T]] = []
+        for start in range(0, len(requests), _QUERY_BATCH):
+            answers = self._client.query_batch_points(
+                name, requests=requests[start : start + _QUERY_BATCH]
+            )
+            found += [[convert(p) for p in answer.points] for answer in answers]
+        return found
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
