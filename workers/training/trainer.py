@@ -95,7 +95,8 @@ class TrainOptions:
     # early-stopping image voted by its top-k nearest training images (embedded as the encoder
     # will embed them) with `echolabel.vote`, an abstention a miss. The head is never used to
     # predict; "neighbours" costs one forward of the trained part over the training images
-    # per epoch (docs/training.md).
+    # per epoch. It did not beat "head" on BUSI's 4 validation folds: product vote +4, 0, 0,
+    # -4 images, mean -0.000 +- 0.010 (docs/training.md, bench/recipe_validation.py).
     select_by: str = "head"
     # The vote "neighbours" scores: the settings' defaults (ECHOLABEL_TOP_K,
     # ECHOLABEL_MIN_NEIGHBOURS, ECHOLABEL_MIN_SCORE).
