@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,9 +132,14 @@ def test_cli_passes_only_the_options_given_and_the_recipe_fills_the_rest(tmp_pat
         recipe.freeze_blocks,
         recipe.hflip,
     )
+    assert given.select_by == recipe.select_by
     assert cli.main([*argv, "--no-tta-hflip", "--no-hflip", "--input-size", "96"]) == 0
     given = captured["options"]
     assert (given.tta_hflip, given.hflip, given.input_size) == (False, False, 96)
+    monkeypatch.setenv("ECHOLABEL_TOP_K", "7")
+    assert cli.main([*argv, "--select-by", "neighbours"]) == 0
+    given = captured["options"]
+    assert (given.select_by, given.vote_top_k) == ("neighbours", 7)
 
 
 # The validation bench.
@@ -259,3 +265,150 @@ def test_the_table_pools_folds_by_image_counts():
     assert line == (
         "| v | on | neighbours | 2 | 0.600 | 0.62 | a 9/20, b 15/20 | 0.45 | 100 | 2.0–3.0 |"
     )
+
+
+# Choosing the epoch by the product's vote (select_by="neighbours").
+
+
+def test_neighbour_vote_scores_are_the_products_vote_with_abstentions_as_misses():
+    from workers.training.trainer import neighbour_vote_scores
+
+    settings = Settings(top_k=5, min_neighbours=3, min_score=0.6)
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    labelled = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(40, 6))).float(), dim=1)
+    queries = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(30, 6))).float(), dim=1)
+    labelled_y = torch.tensor(rng.integers(0, 3, (40, 1)))
+    query_y = torch.tensor(rng.integers(0, 3, (30, 1)))
+    ours = neighbour_vote_scores(
+        labelled,
+        labelled_y,
+        queries,
+        query_y,
+        [classes],
+        ["f"],
+        top_k=settings.top_k,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+    )
+    bench = score_votes(
+        labelled,
+        [classes[int(c)] for c in labelled_y[:, 0]],
+        queries,
+        [classes[int(c)] for c in query_y[:, 0]],
+        classes,
+        "f",
+        settings,
+    )
+    assert ours == [(bench["accuracy"], bench["coverage"])]
+    assert 0 < bench["coverage"] < 1  # some queries abstained: misses, not left out
+
+    # Per field; a field no query is labelled for has no score, an unlabelled neighbour no vote.
+    labelled = unit((1, 0), (1, 0.1), (0, 1), (0.1, 1))
+    labelled_y = torch.tensor([[0, 0], [0, -100], [1, 1], [1, 1]])
+    queries = unit((1, 0.05), (1, 1.02))
+    scored = neighbour_vote_scores(
+        labelled,
+        labelled_y,
+        queries,
+        torch.tensor([[0, -100], [1, -100]]),
+        [["a", "b"], ["x", "y"]],
+        ["f", "g"],
+        top_k=3,
+        min_neighbours=3,
+        min_score=0.7,
+    )
+    assert scored == [(0.5, 0.5), None]  # as in the bench's test above: query 2 abstains
+
+
+def scripted_validate(monkeypatch, head: list[float], neighbours: list[float]) -> list[Any]:
+    """Replace the trainer's validation with scripted scores per epoch (constant loss), and
+    record what each call was given to vote with."""
+    from workers.training import trainer
+
+    given: list[Any] = []
+
+    def validate(model, trunk_views, y, classes, fields, device, *, labelled=None, **kwargs):
+        epoch = len(given)
+        given.append(labelled)
+        scores = {"val_loss": 0.5, "val_accuracy": head[epoch], "val_knn_vote_accuracy": 0.5}
+        if labelled is not None:
+            scores |= {"val_neighbour_vote_accuracy": neighbours[epoch], "neighbour_s": 0.01}
+        return {**scores, "val_fields": {}}
+
+    monkeypatch.setattr(trainer, "_validate", validate)
+    return given
+
+
+def train_tiny(settings, root: Path, **options: Any) -> dict[str, Any]:
+    samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
+    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
+        summary = train_encoder(
+            samples,
+            ["organ"],
+            fetcher=fetcher,
+            encoders_dir=settings.encoders_dir,
+            name="select",
+            options=dataclasses.replace(TINY, **options),
+        )
+    return {**summary, "report": json.loads((Path(summary["path"]) / "report.json").read_text())}
+
+
+def test_select_by_neighbours_keeps_the_epoch_the_vote_prefers_and_stops_on_it(
+    tmp_path, settings, monkeypatch
+):
+    root = folder(tmp_path / "data")
+    # The head peaks after epoch 1, the neighbours' vote after epoch 3.
+    head, neighbours = [0.9, 0.5, 0.6, 0.7], [0.5, 0.6, 0.8, 0.7]
+    given = scripted_validate(monkeypatch, head, neighbours)
+    by_head = train_tiny(settings, root, epochs=4, patience=3)
+    assert by_head["best_epoch"] == 1 and by_head["selected_by"] == "head"
+    assert given == [None] * 4  # the default embeds no training image for the vote
+    assert by_head["report"]["selected_by"] == {"option": "head", "score": "val_accuracy"}
+
+    given = scripted_validate(monkeypatch, head, neighbours)
+    chosen = train_tiny(settings, root, epochs=4, patience=3, select_by="neighbours")
+    assert chosen["best_epoch"] == 3 and chosen["val_selection_score"] == 0.8
+    report = chosen["report"]
+    assert report["selected_by"] == {
+        "option": "neighbours",
+        "score": "val_neighbour_vote_accuracy",
+    }
+    assert [c["val_neighbour_vote_accuracy"] for c in report["curves"]] == neighbours
+    assert report["timing_s"]["neighbours_per_epoch"] == 0.01
+    # The vote's neighbours are the training images as they are (one view each) with their
+    # targets.
+    trained = sum(chosen["class_counts"]["train"]["organ"].values())
+    views, targets = given[0]
+    assert views.shape[:2] == (1, trained) and targets.shape == (trained, 1)
+
+    # Patience counts epochs without a better vote, however the head does.
+    scripted_validate(monkeypatch, [0.1, 0.2, 0.3, 0.4, 0.5], [0.9, 0.5, 0.5, 0.5, 0.5])
+    stopped = train_tiny(settings, root, epochs=5, patience=2, select_by="neighbours")
+    assert (stopped["epochs_run"], stopped["best_epoch"]) == (3, 1)
+
+
+def test_select_by_neighbours_scores_every_epoch_by_the_vote(tmp_path, settings):
+    root = folder(tmp_path / "data")
+    summary = train_tiny(settings, root, epochs=2, select_by="neighbours", vote_top_k=5)
+    curves = summary["report"]["curves"]
+    assert all(0 <= c["val_neighbour_vote_accuracy"] <= 1 for c in curves)
+    assert all(0 < c["val_neighbour_vote_coverage"] <= 1 for c in curves)
+    assert all(c["neighbour_s"] >= 0 for c in curves)
+    field = curves[0]["val_fields"]["organ"]
+    assert field["neighbour_vote_accuracy"] == curves[0]["val_neighbour_vote_accuracy"]
+    best = max(curves, key=lambda c: (c["val_neighbour_vote_accuracy"], -c["val_loss"]))
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["report"]["options"]["vote_top_k"] == 5
+    with pytest.raises(ValueError, match="select_by must be one of head, neighbours"):
+        train_tiny(settings, root, select_by="knn")
+    with pytest.raises(ValueError, match="exceeds vote_top_k"):
+        train_tiny(settings, root, select_by="neighbours", vote_top_k=2)
+
+
+def test_training_options_take_the_products_vote_from_the_settings():
+    settings = Settings(top_k=7, min_neighbours=2, min_score=0.6, min_per_class=4)
+    options = TrainOptions.from_settings(settings, {"select_by": "neighbours", "vote_top_k": 9})
+    assert (options.vote_top_k, options.vote_min_neighbours, options.vote_min_score) == (9, 2, 0.6)
+    assert (options.select_by, options.min_per_class) == ("neighbours", 4)
+    assert TrainOptions.from_settings(Settings()).select_by == TrainOptions().select_by

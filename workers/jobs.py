@@ -154,7 +154,8 @@ def train_encoder(
     MODEL_DIR/encoders/<name>-v<N>/; with `reembed_after`, re-embed the project with it.
 
     Progress (stage, epoch, loss, validation accuracy, ETA) goes to the job's meta or to
-    `on_progress`. `options` are TrainOptions fields; the settings give the minimum per class.
+    `on_progress`. `options` are TrainOptions fields over the settings' (device, minimum per
+    class, vote).
     """
     from workers.training import TrainingRefused, TrainOptions
     from workers.training import train_encoder as fit
@@ -163,7 +164,6 @@ def train_encoder(
     runtime = current()
     settings = runtime.settings
     report = _meta_reporter(on_progress)
-    chosen = {"min_per_class": settings.min_per_class, "device": settings.device, **(options or {})}
     info = runtime.store.collection(project)
     try:
         samples, fields = project_samples(runtime.store, project, fields, patient_key)
@@ -173,7 +173,7 @@ def train_encoder(
             fetcher=runtime.fetcher,
             encoders_dir=settings.encoders_dir,
             name=name or f"project-{project}",
-            options=TrainOptions(**chosen),
+            options=TrainOptions.from_settings(settings, options),
             source={
                 "kind": "project",
                 "project": str(project),
@@ -368,13 +368,7 @@ def retrain_round(
             selection=selection,
             project=project,
             policy=RetrainPolicy.from_settings(settings),
-            options=TrainOptions(
-                **{
-                    "min_per_class": settings.min_per_class,
-                    "device": settings.device,
-                    **settings.retrain_options,
-                }
-            ),
+            options=TrainOptions.from_settings(settings, settings.retrain_options),
             patient_key=settings.patient_key,
             on_progress=_meta_reporter(on_progress),
         )

@@ -91,6 +91,12 @@ def _add_train_encoder(sub: Any) -> None:
     )
     train.add_argument("--seed", type=int, help=recipe)
     train.add_argument(
+        "--select-by",
+        choices=("head", "neighbours"),
+        help="keep the epoch whose heads' accuracy, or whose vote of the training images (the "
+        f"product's, ECHOLABEL_TOP_K ...), is best on the validation images; {recipe}",
+    )
+    train.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="default: ECHOLABEL_DEVICE"
     )
     train.add_argument(
@@ -128,6 +134,7 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "hflip": False if args.no_hflip else None,
         "tta_hflip": args.tta_hflip,
         "seed": args.seed,
+        "select_by": args.select_by,
     }
     options: dict[str, Any] = {
         **{key: value for key, value in given.items() if value is not None},
@@ -180,7 +187,7 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
             samples,
             left_out,
             name=args.name,
-            options=TrainOptions(**options),
+            options=TrainOptions.from_settings(settings, options),
             on_progress=show,
         )
     print(json.dumps(summary, indent=2))

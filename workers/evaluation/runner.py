@@ -55,12 +55,11 @@ class RetrainingReplay:
         cls, settings: Settings, seeds: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> RetrainingReplay:
         """The product's policy (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS) and training
-        options: the settings' minimum per class and device, `options` (TrainOptions fields)
-        over them."""
-        chosen = {"min_per_class": settings.min_per_class, "device": settings.device}
+        options: the settings' (minimum per class, device, vote), `options` (TrainOptions
+        fields) over them."""
         return cls(
             policy=RetrainPolicy.from_settings(settings),
-            options=TrainOptions(**{**chosen, **(options or {})}),
+            options=TrainOptions.from_settings(settings, options),
             seeds=seeds,
         )
 

@@ -42,6 +42,8 @@ from echolabel.encoders.trained_files import (
     next_version_dir,
 )
 from echolabel.images import ImageError, ImageFetcher
+from echolabel.settings import Settings
+from echolabel.vote import vote
 from workers.training.augment import UltrasoundAugment
 from workers.training.samples import (
     Sample,
@@ -56,6 +58,10 @@ log = logging.getLogger(__name__)
 # Backbones training can start from: the EfficientNets (stem, stages in `blocks`, head conv)
 # whose weights ship with a package, so training works offline.
 START_ENCODERS = tuple(name for name, spec in TIMM_MODELS.items() if spec.packaged)
+
+# What `select_by` may name, and the validation score (a key of each epoch's curve) it picks
+# the best epoch by: the heads' accuracy, or the product's vote of the training images.
+SELECTION_SCORES = {"head": "val_accuracy", "neighbours": "val_neighbour_vote_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,34 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     min_per_class: int = 10  # the settings' default (ECHOLABEL_MIN_PER_CLASS)
+    # Which validation score keeps the best epoch and drives `patience` (ties: lower loss):
+    # "head", the heads' accuracy; or "neighbours", the vote the product makes: each
+    # early-stopping image voted by its top-k nearest training images (embedded as the encoder
+    # will embed them) with `echolabel.vote`, an abstention a miss. The head is never used to
+    # predict; "neighbours" costs one forward of the trained part over the training images
+    # per epoch. It did not beat "head" on BUSI's 4 validation folds: product vote +4, 0, 0,
+    # -4 images, mean -0.000 +- 0.010 (docs/training.md, bench/recipe_validation.py).
+    select_by: str = "head"
+    # The vote "neighbours" scores: the settings' defaults (ECHOLABEL_TOP_K,
+    # ECHOLABEL_MIN_NEIGHBOURS, ECHOLABEL_MIN_SCORE).
+    vote_top_k: int = 10
+    vote_min_neighbours: int = 3
+    vote_min_score: float = 0.5
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, options: Mapping[str, Any] | None = None
+    ) -> TrainOptions:
+        """The recipe with the settings' device, minimum per class and vote (top-k, minimum
+        neighbours, minimum share), and `options` (TrainOptions fields) over them."""
+        chosen = {
+            "device": settings.device,
+            "min_per_class": settings.min_per_class,
+            "vote_top_k": settings.top_k,
+            "vote_min_neighbours": settings.min_neighbours,
+            "vote_min_score": settings.min_score,
+        }
+        return cls(**{**chosen, **(options or {})})
 
 
 @dataclass
@@ -267,6 +301,15 @@ def check_options(options: TrainOptions) -> None:
         raise ValueError(
             f"training starts from one of {', '.join(START_ENCODERS)}, got {options.start!r}"
         )
+    if options.select_by not in SELECTION_SCORES:
+        raise ValueError(
+            f"select_by must be one of {', '.join(SELECTION_SCORES)}, got {options.select_by!r}"
+        )
+    if options.select_by == "neighbours" and options.vote_top_k < options.vote_min_neighbours:
+        raise ValueError(
+            f"vote_min_neighbours {options.vote_min_neighbours} exceeds vote_top_k "
+            f"{options.vote_top_k}: every early-stopping image would abstain"
+        )
 
 
 def prepare_data(
@@ -363,11 +406,28 @@ def cache_trunk_features(
             for _ in range(options.views)
         ]
     )
-    val_views = torch.stack(
+    val_views = plain_trunk_features(
+        model, data.pixels[data.val_idx], options, mean, std, device, on_batch
+    )
+    return views, val_views
+
+
+def plain_trunk_features(
+    model: _Model,
+    pixels: torch.Tensor,
+    options: TrainOptions,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str,
+    on_batch: Callable[[int], None],
+) -> torch.Tensor:
+    """(passes, images, ...): the frozen trunk's output for images as the saved encoder will
+    see them: as they are, and mirrored too with `tta_hflip`."""
+    return torch.stack(
         [
             _trunk_features(
                 model,
-                data.pixels[data.val_idx],
+                pixels,
                 lambda batch, mirror=mirror: normalise(
                     batch.flip(-1) if mirror else batch, mean, std
                 ),
@@ -378,7 +438,6 @@ def cache_trunk_features(
             for mirror in ((False, True) if options.tta_hflip else (False,))
         ]
     )
-    return views, val_views
 
 
 def make_optimizer(
@@ -446,9 +505,18 @@ def fit(
     device: str,
     progress: TrainingProgress,
     on_progress: Callable[[TrainingProgress], None],
+    labelled_views: torch.Tensor | None = None,
 ) -> FitResult:
     """Train epoch after epoch, validate after each, stop after `patience` epochs without a
-    better validation accuracy (ties: lower loss), and leave the best epoch's weights loaded."""
+    better validation score (`options.select_by`; ties: lower loss), and leave the best
+    epoch's weights loaded.
+
+    `labelled_views` (`plain_trunk_features` of the training images) are the neighbours the
+    product's vote is scored with; `select_by="neighbours"` needs them."""
+    criterion = SELECTION_SCORES[options.select_by]
+    if options.select_by == "neighbours" and labelled_views is None:
+        raise ValueError("select_by='neighbours' needs the training images' trunk features")
+    labelled = None if labelled_views is None else (labelled_views, data.train_y)
     optimizer, scheduler = make_optimizer(model, options)
     curves: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -461,7 +529,16 @@ def fit(
         epoch_started = time.monotonic()
         losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
         scheduler.step()
-        scores = _validate(model, val_views, data.val_y, data.classes, data.fields, device)
+        scores = _validate(
+            model,
+            val_views,
+            data.val_y,
+            data.classes,
+            data.fields,
+            device,
+            labelled=labelled,
+            options=options,
+        )
         seconds = time.monotonic() - epoch_started
         curves.append(
             {
@@ -471,8 +548,8 @@ def fit(
                 **scores,
             }
         )
-        improved = best is None or (scores["val_accuracy"], -scores["val_loss"]) > (
-            best["val_accuracy"],
+        improved = best is None or (scores[criterion], -scores["val_loss"]) > (
+            best[criterion],
             -best["val_loss"],
         )
         if improved:
@@ -489,6 +566,8 @@ def fit(
             f"epoch {epoch}/{options.epochs}: loss {progress.loss:.3f}, "
             f"val acc {scores['val_accuracy']:.3f}"
         )
+        if labelled is not None:
+            progress.stage += f", neighbours' vote {scores['val_neighbour_vote_accuracy']:.3f}"
         on_progress(progress)
         log.info("epoch", extra={k: v for k, v in curves[-1].items() if k != "val_fields"})
         if epochs_without_gain >= options.patience:
@@ -554,6 +633,8 @@ def build_report(
         ),
         "curves": result.curves,
         "best_epoch": result.best["epoch"],
+        # The curves' score that picked the best epoch and drove the early stopping.
+        "selected_by": {"option": options.select_by, "score": SELECTION_SCORES[options.select_by]},
         "stopped_early": len(result.curves) < options.epochs,
         "validation": result.best,
         "failed_images": data.loaded.failed,
@@ -566,6 +647,18 @@ def build_report(
             "per_epoch": round(result.seconds / len(result.curves), 1),
             "train_images_per_s": round(
                 len(data.train_set) * len(result.curves) / result.seconds, 1
+            ),
+            # select_by="neighbours": the training images' plain pass through the frozen
+            # trunk (once), and embedding them and voting (every epoch, within `per_epoch`).
+            **(
+                {
+                    "frozen_features_neighbours": round(timing["frozen_features_neighbours"], 1),
+                    "neighbours_per_epoch": round(
+                        float(np.mean([c["neighbour_s"] for c in result.curves])), 2
+                    ),
+                }
+                if "frozen_features_neighbours" in timing
+                else {}
             ),
         },
     }
@@ -609,8 +702,12 @@ def train_encoder(
     generator = torch.Generator().manual_seed(options.seed)
 
     progress.stage = "computing frozen features"
-    val_passes = 2 if options.tta_hflip else 1
-    progress.total = options.views * len(data.train_idx) + val_passes * len(data.val_idx)
+    plain_passes = 2 if options.tta_hflip else 1
+    # "neighbours" also embeds the training images as they are, the neighbours of the vote.
+    plain_images = len(data.val_idx) + (
+        len(data.train_idx) if options.select_by == "neighbours" else 0
+    )
+    progress.total = options.views * len(data.train_idx) + plain_passes * plain_images
     progress.done = 0
 
     def computed(count: int) -> None:
@@ -622,14 +719,37 @@ def train_encoder(
         model, data, options, model_info["mean"], model_info["std"], generator, device, computed
     )
     cache_s = time.monotonic() - cache_started
-    result = fit(model, data, views, val_views, options, generator, device, progress, on_progress)
+    labelled_views = None
+    timing = {"loading": load_s, "frozen_features": cache_s}
+    if options.select_by == "neighbours":
+        labelled_started = time.monotonic()
+        labelled_views = plain_trunk_features(
+            model,
+            data.pixels[data.train_idx],
+            options,
+            model_info["mean"],
+            model_info["std"],
+            device,
+            computed,
+        )
+        timing["frozen_features_neighbours"] = time.monotonic() - labelled_started
+    result = fit(
+        model,
+        data,
+        views,
+        val_views,
+        options,
+        generator,
+        device,
+        progress,
+        on_progress,
+        labelled_views=labelled_views,
+    )
 
     progress.stage, progress.eta_s = "saving", 0.0
     on_progress(progress)
     config = build_config(data, options, model_info, model.backbone.num_features, source)
-    report = build_report(
-        data, options, result, device, {"loading": load_s, "frozen_features": cache_s}
-    )
+    report = build_report(data, options, result, device, timing)
     path = _save(encoders_dir, name, model, config, report)
     summary = {
         "encoder": encoder_name(path.name),
@@ -637,6 +757,8 @@ def train_encoder(
         "best_epoch": result.best["epoch"],
         "epochs_run": len(result.curves),
         "val_accuracy": result.best["val_accuracy"],
+        "selected_by": options.select_by,
+        "val_selection_score": result.best[SELECTION_SCORES[options.select_by]],
         "val_fields": result.best["val_fields"],
         "class_counts": report["class_counts"],
         "validation_split": report["validation_split"],
@@ -656,27 +778,42 @@ def _validate(
     classes: Sequence[Sequence[str]],
     fields: Sequence[str],
     device: str,
+    *,
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    options: TrainOptions = TrainOptions(),
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Head accuracy and loss per field on the validation images, and their mean.
+    """Head accuracy and loss per field on the validation images, and their mean; with
+    `labelled` (the training images' plain trunk views and targets), also the product's vote
+    of the training images for every validation image (`neighbour_vote_scores`).
 
     `trunk_views` is (views, images, ...): an image's features are the mean over its views
     (itself, and its mirror with test-time mirror averaging), as the saved encoder embeds."""
     model.eval()
-    outputs: list[list[torch.Tensor]] = [[] for _ in fields]
-    embeddings = []
-    for start in range(0, trunk_views.shape[1], batch_size):
-        features = torch.stack(
-            [model.rest(v[start : start + batch_size].float().to(device)) for v in trunk_views]
-        ).mean(dim=0)
-        embeddings.append(F.normalize(features.float(), dim=1).cpu())
-        for j, head in enumerate(model.heads):
-            outputs[j].append(head(features).float().cpu())
-    knn = knn_vote_accuracy(torch.cat(embeddings), y)
+    features = _embed(model, trunk_views, device, batch_size)
+    embeddings = F.normalize(features, dim=1)
+    knn = knn_vote_accuracy(embeddings, y)
+    neighbour: list[tuple[float, float] | None] = [None] * len(fields)
+    neighbour_s = None
+    if labelled is not None:
+        started = time.monotonic()
+        labelled_features = _embed(model, labelled[0], device, batch_size)
+        neighbour = neighbour_vote_scores(
+            F.normalize(labelled_features, dim=1),
+            labelled[1],
+            embeddings,
+            y,
+            classes,
+            fields,
+            top_k=options.vote_top_k,
+            min_neighbours=options.vote_min_neighbours,
+            min_score=options.vote_min_score,
+        )
+        neighbour_s = time.monotonic() - started
     per_field: dict[str, Any] = {}
     losses, accuracies = [], []
     for j, name in enumerate(fields):
-        logits, target = torch.cat(outputs[j]), y[:, j]
+        logits, target = model.heads[j](features.to(device)).float().cpu(), y[:, j]
         known = target >= 0
         loss = float(F.cross_entropy(logits[known], target[known]))
         predicted = logits[known].argmax(dim=1)
@@ -692,14 +829,95 @@ def _validate(
             "recall": recall,
             "knn_vote_accuracy": knn[j],
         }
+        if labelled is not None:
+            scored = neighbour[j]
+            per_field[name]["neighbour_vote_accuracy"] = None if scored is None else scored[0]
+            per_field[name]["neighbour_vote_coverage"] = None if scored is None else scored[1]
         losses.append(loss)
         accuracies.append(accuracy)
-    return {
+    scores: dict[str, Any] = {
         "val_loss": round(float(np.mean(losses)), 4),
         "val_accuracy": round(float(np.mean(accuracies)), 4),
         "val_knn_vote_accuracy": round(float(np.mean([a for a in knn if a is not None])), 4),
-        "val_fields": per_field,
     }
+    if labelled is not None:
+        voted = [v for v in neighbour if v is not None]
+        scores["val_neighbour_vote_accuracy"] = round(float(np.mean([a for a, _ in voted])), 4)
+        scores["val_neighbour_vote_coverage"] = round(float(np.mean([c for _, c in voted])), 4)
+        scores["neighbour_s"] = round(float(neighbour_s or 0.0), 2)
+    return {**scores, "val_fields": per_field}
+
+
+def _embed(model: _Model, trunk_views: torch.Tensor, device: str, batch_size: int) -> torch.Tensor:
+    """Pooled features (float32, CPU) of every image: the mean over its (views, images, ...)
+    trunk views, as the saved encoder embeds (before the L2 normalisation)."""
+    chunks = []
+    for start in range(0, trunk_views.shape[1], batch_size):
+        chunks.append(
+            torch.stack(
+                [model.rest(v[start : start + batch_size].float().to(device)) for v in trunk_views]
+            )
+            .mean(dim=0)
+            .float()
+            .cpu()
+        )
+    return torch.cat(chunks)
+
+
+@dataclass(frozen=True)
+class _Voter:
+    """A training image as a neighbour of the vote (`echolabel.vote.Neighbour`)."""
+
+    similarity: float
+    labels: Mapping[str, str]
+
+
+def neighbour_vote_scores(
+    labelled: torch.Tensor,
+    labelled_y: torch.Tensor,
+    queries: torch.Tensor,
+    query_y: torch.Tensor,
+    classes: Sequence[Sequence[str]],
+    fields: Sequence[str],
+    *,
+    top_k: int,
+    min_neighbours: int,
+    min_score: float,
+) -> list[tuple[float, float] | None]:
+    """Per field, (accuracy, coverage) of the vote the product makes: each query (row,
+    L2-normalised) voted by its `top_k` most similar labelled rows with `echolabel.vote` and
+    the given minimum support and share, an abstention counting as a miss; None for a field
+    no query is labelled for. Targets are class indices, < 0 where an image has no label."""
+    similarity = queries @ labelled.T
+    sims, indices = similarity.topk(min(top_k, len(labelled)), dim=1)
+    labels = [
+        {name: classes[j][int(row[j])] for j, name in enumerate(fields) if row[j] >= 0}
+        for row in labelled_y
+    ]
+    outcomes = [
+        vote(
+            [
+                _Voter(float(s), labels[int(i)])
+                for s, i in zip(sims[row], indices[row], strict=True)
+            ],
+            fields,
+            min_neighbours=min_neighbours,
+            min_score=min_score,
+        )
+        for row in range(len(queries))
+    ]
+    out: list[tuple[float, float] | None] = []
+    for j, name in enumerate(fields):
+        known = [row for row in range(len(queries)) if query_y[row, j] >= 0]
+        if not known:
+            out.append(None)
+            continue
+        chosen = [outcomes[row][name].label for row in known]
+        truth = [classes[j][int(query_y[row, j])] for row in known]
+        correct = sum(c == t for c, t in zip(chosen, truth, strict=True))
+        voted = sum(c is not None for c in chosen)
+        out.append((round(correct / len(known), 4), round(voted / len(known), 4)))
+    return out
 
 
 def knn_vote_accuracy(embeddings: torch.Tensor, y: torch.Tensor, k: int = 10) -> list[float | None]:
