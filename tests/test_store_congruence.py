@@ -267,6 +267,8 @@ def test_unlabelled_within_answers_each_row_as_alone(filled, monkeypatch):
     for row, found in zip(rows, everything, strict=True):
         assert [n.task for n in found] == [t for t, _ in reference.unlabelled_near(row, -1.0, N)]
     assert store.unlabelled_within(1, rows[:0], [0.3]) == []
+    with pytest.raises(ValueError, match="one vector per row"):
+        store.unlabelled_within(1, rows[0], [0.3])
 
 
 def test_vote_radii_are_recorded_rounded_down_and_searched_by_band(store):

@@ -314,10 +314,12 @@ class EngineStore(PushState):
         """Every unlabelled point a label at each row may reach the top k of (see the
         protocol), best first: one search per band of recorded radii and row, each band with
         its own threshold, so far fewer points come back than within the smallest radius.
-        A band's searches for all rows go out side by side: the engine scores the band's
-        points for all of them together, several times cheaper per row than row by row
-        (docs/preannotation.md, "Batched band searches")."""
+        A band's searches for all rows go out side by side, which Edge answers several times
+        cheaper per row than each row's 8 bands together (docs/preannotation.md, "Batched
+        band searches")."""
         rows = np.asarray(vectors, dtype=np.float32)
+        if rows.ndim != 2:
+            raise ValueError(f"unlabelled_within takes one vector per row, got shape {rows.shape}")
         bands = radius_bands(edges)
         found: dict[tuple[int, int], list[NearbyTask]] = {}
         pending = [(band, row) for band in range(len(bands)) for row in range(len(rows))]
