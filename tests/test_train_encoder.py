@@ -8,7 +8,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from echolabel.embedding import TaskImage
 from echolabel.encoders import load_encoder
 from echolabel.encoders.trained_files import read_config
 from echolabel.images import ImageFetcher
+from echolabel.settings import Settings
 from tests.helpers import REDIS_URL, TINY_ENCODER, dark_and_bright, run_worker
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import Annotation
@@ -30,7 +33,13 @@ from workers.evaluation.report import headline
 from workers.evaluation.runner import evaluate_folder
 from workers.queues import REEMBED, enqueue_unique, queue
 from workers.runtime import install, open_runtime
-from workers.training import Sample, TrainingRefused, TrainOptions, train_encoder
+from workers.training import (
+    Sample,
+    TrainingProgress,
+    TrainingRefused,
+    TrainOptions,
+    train_encoder,
+)
 from workers.training.samples import validation_split
 from workers.training.sources import folder_samples
 
@@ -53,6 +62,27 @@ def folder(root: Path, train: int = 20, test: int = 5) -> Path:
     return root
 
 
+def train_on_folder(
+    settings: Settings,
+    root: Path,
+    samples: list[Sample],
+    name: str,
+    options: TrainOptions = TINY,
+    on_progress: Callable[[TrainingProgress], None] = lambda progress: None,
+) -> dict[str, Any]:
+    """`train_encoder` on `samples` of the images under `root` (made by `folder`)."""
+    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
+        return train_encoder(
+            samples,
+            ["organ"],
+            fetcher=fetcher,
+            encoders_dir=settings.encoders_dir,
+            name=name,
+            options=options,
+            on_progress=on_progress,
+        )
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -63,16 +93,9 @@ def test_trains_on_a_tiny_folder_and_the_registry_loads_the_encoder(tmp_path, se
     assert (len(samples), left_out) == (40, 10)  # the test rows are never read
     seen = []
     started = time.monotonic()
-    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
-        summary = train_encoder(
-            samples,
-            ["organ"],
-            fetcher=fetcher,
-            encoders_dir=settings.encoders_dir,
-            name="tiny",
-            options=TINY,
-            on_progress=lambda p: seen.append(p.as_meta()),
-        )
+    summary = train_on_folder(
+        settings, root, samples, "tiny", on_progress=lambda p: seen.append(p.as_meta())
+    )
     assert time.monotonic() - started < 120
     assert summary["encoder"] == "trained:tiny-v1"
     directory = settings.encoders_dir / "tiny-v1"
@@ -113,15 +136,9 @@ def test_trains_on_a_tiny_folder_and_the_registry_loads_the_encoder(tmp_path, se
     assert encoder.name == "trained:tiny-v1" and len(encoder.weights_id) == 12
 
     # A second training is a new version; the first stays loadable.
-    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
-        again = train_encoder(
-            samples[:40],
-            ["organ"],
-            fetcher=fetcher,
-            encoders_dir=settings.encoders_dir,
-            name="tiny",
-            options=dataclasses.replace(TINY, epochs=1),
-        )
+    again = train_on_folder(
+        settings, root, samples[:40], "tiny", dataclasses.replace(TINY, epochs=1)
+    )
     assert again["encoder"] == "trained:tiny-v2"
     assert load_encoder("trained:tiny-v1", encoders_dir=settings.encoders_dir).dim == 1280
 

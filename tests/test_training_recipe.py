@@ -23,7 +23,7 @@ from echolabel.encoders.trained import TrainedEncoder
 from echolabel.encoders.trained_files import read_config
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from tests.test_train_encoder import TINY, folder
+from tests.test_train_encoder import TINY, folder, train_on_folder
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
 
@@ -67,16 +67,9 @@ def test_trains_from_a_larger_lite_with_mirror_averaging(tmp_path, settings):
         TINY, start="efficientnet_lite1", freeze_blocks=4, tta_hflip=True, epochs=1
     )
     seen = []
-    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
-        summary = train_encoder(
-            samples,
-            ["organ"],
-            fetcher=fetcher,
-            encoders_dir=settings.encoders_dir,
-            name="lite1",
-            options=options,
-            on_progress=lambda p: seen.append(p.as_meta()),
-        )
+    summary = train_on_folder(
+        settings, root, samples, "lite1", options, on_progress=lambda p: seen.append(p.as_meta())
+    )
     config = read_config(Path(summary["path"]))
     assert config["backbone"]["timm_model"] == "tf_efficientnet_lite1"
     assert config["backbone"]["start"] == "efficientnet_lite1" and config["tta_hflip"] is True
@@ -342,15 +335,9 @@ def scripted_validate(monkeypatch, head: list[float], neighbours: list[float]) -
 
 def train_tiny(settings, root: Path, **options: Any) -> dict[str, Any]:
     samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
-    with ImageFetcher(dataclasses.replace(settings, local_files_root=root)) as fetcher:
-        summary = train_encoder(
-            samples,
-            ["organ"],
-            fetcher=fetcher,
-            encoders_dir=settings.encoders_dir,
-            name="select",
-            options=dataclasses.replace(TINY, **options),
-        )
+    summary = train_on_folder(
+        settings, root, samples, "select", dataclasses.replace(TINY, **options)
+    )
     return {**summary, "report": json.loads((Path(summary["path"]) / "report.json").read_text())}
 
 
