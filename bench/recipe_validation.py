@@ -43,10 +43,9 @@ from echolabel.encoders.trained import TrainedEncoder, load_trained
 from echolabel.encoders.trained_files import WEIGHTS_FILE
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
-from echolabel.vote import vote
-from vectorstore import Neighbour
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
+from workers.training.trainer import neighbour_votes
 
 
 def outer_split(
@@ -122,21 +121,18 @@ def score_votes(
     With `head` ((queries, classes) probabilities), each class's score is the neighbours'
     share and the head's probability mixed by `head_weight`; the same abstention rules apply
     to the mixed score (support below the minimum, winner under the minimum share)."""
-    similarity = queries @ labelled.T
-    k = min(settings.top_k, len(labelled))
-    sims, indices = similarity.topk(k, dim=1)
+    votes = neighbour_votes(
+        labelled,
+        [{field: y} for y in labelled_y],
+        queries,
+        [field],
+        top_k=settings.top_k,
+        min_neighbours=settings.min_neighbours,
+        min_score=settings.min_score,
+    )
     outcome: list[str | None] = []
-    for row in range(len(queries)):
-        neighbours = [
-            Neighbour(task=int(i), similarity=float(s), labels={field: labelled_y[int(i)]})
-            for s, i in zip(sims[row], indices[row], strict=True)
-        ]
-        voted = vote(
-            neighbours,
-            [field],
-            min_neighbours=settings.min_neighbours,
-            min_score=settings.min_score,
-        )[field]
+    for row, by_field in enumerate(votes):
+        voted = by_field[field]
         if head is None:
             outcome.append(voted.label)
             continue

@@ -531,7 +531,11 @@ class EdgeStore(EngineStore):
         return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
     def _search_unlabelled(
-        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
+        self,
+        info: CollectionInfo,
+        rows: np.ndarray,
+        searches: Sequence[tuple[int, RadiusBand]],
+        limit: int,
     ) -> list[list[NearbyTask]]:
         """Exact (the task's own vector has no graph; in a generation made before the vote
         vector: while it holds at most `exact_max_points` points, HNSW above)."""
@@ -540,16 +544,17 @@ class EdgeStore(EngineStore):
             self._has_vote_vector(info.name) or shard.info().points_count <= self.exact_max_points
         )
         params = self._params(info.name, exact, limit)
+        queries = {row: _query_vector(rows[row]) for row, _ in searches}
         requests = [
             edge.QueryRequest(
                 limit=limit,
-                query=edge.Query.Nearest(_query_vector(vector)),
+                query=edge.Query.Nearest(queries[row]),
                 filter=edge.Filter(must=[_labelled(False), *_band(band)]),
                 score_threshold=band.min_similarity,
                 params=params,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-            for vector, band in searches
+            for row, band in searches
         ]
         found: list[Any] = []
         for start in range(0, len(requests), _QUERY_BATCH):

@@ -100,11 +100,16 @@ class EngineStore(PushState):
         raise NotImplementedError
 
     def _search_unlabelled(
-        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
+        self,
+        info: CollectionInfo,
+        rows: np.ndarray,
+        searches: Sequence[tuple[int, RadiusBand]],
+        limit: int,
     ) -> list[list[NearbyTask]]:
-        """Per (vector, band), at most `limit` of the band's unlabelled points at least its
-        `min_similarity` near the vector, best first, in one request each sent together (in
-        this order: a band's requests adjacent); the guard is held."""
+        """Per (row index, band), at most `limit` of the band's unlabelled points at least its
+        `min_similarity` near `rows[index]`, best first, in one request each sent together (in
+        this order: a band's requests adjacent); the guard is held. The rows come once, so an
+        engine converts each vector once, not once per band."""
         raise NotImplementedError
 
     # -- collections --------------------------------------------------------------------------
@@ -330,7 +335,7 @@ class EngineStore(PushState):
                 return [[] for _ in rows]
             while pending:  # a search that filled its limit is asked again for more
                 answers = self._search_unlabelled(
-                    info, [(rows[row], bands[band]) for band, row in pending], limit
+                    info, rows, [(row, bands[band]) for band, row in pending], limit
                 )
                 found.update(zip(pending, answers, strict=True))
                 pending = [

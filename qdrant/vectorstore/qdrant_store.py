@@ -179,17 +179,22 @@ class QdrantStore(QdrantGenerations):
         return self._query(info.name, requests, pl.to_neighbour)
 
     def _search_unlabelled(
-        self, info: CollectionInfo, searches: Sequence[tuple[np.ndarray, RadiusBand]], limit: int
+        self,
+        info: CollectionInfo,
+        rows: np.ndarray,
+        searches: Sequence[tuple[int, RadiusBand]],
+        limit: int,
     ) -> list[list[NearbyTask]]:
+        queries = {row: rows[row].tolist() for row, _ in searches}
         requests = [
             models.QueryRequest(
-                query=np.asarray(vector, dtype=np.float32).reshape(-1).tolist(),
+                query=queries[row],
                 filter=models.Filter(must=[_labelled(False), *_band(band)]),
                 limit=limit,
                 score_threshold=band.min_similarity,
                 with_payload=["task", pl.VOTE_RADIUS],
             )
-            for vector, band in searches
+            for row, band in searches
         ]
         return self._query(info.name, requests, pl.to_nearby_task)
 

@@ -43,7 +43,8 @@ from echolabel.encoders.trained_files import (
 )
 from echolabel.images import ImageError, ImageFetcher
 from echolabel.settings import Settings
-from echolabel.vote import vote
+from echolabel.vote import FieldVote, vote
+from vectorstore import Neighbour
 from workers.training.augment import UltrasoundAugment
 from workers.training.samples import (
     Sample,
@@ -864,12 +865,31 @@ def _embed(model: _Model, trunk_views: torch.Tensor, device: str, batch_size: in
     return torch.cat(chunks)
 
 
-@dataclass(frozen=True)
-class _Voter:
-    """A training image as a neighbour of the vote (`echolabel.vote.Neighbour`)."""
-
-    similarity: float
-    labels: Mapping[str, str]
+def neighbour_votes(
+    labelled: torch.Tensor,
+    labels: Sequence[Mapping[str, str]],
+    queries: torch.Tensor,
+    fields: Sequence[str],
+    *,
+    top_k: int,
+    min_neighbours: int,
+    min_score: float,
+) -> list[dict[str, FieldVote]]:
+    """The vote the product makes for each query (rows L2-normalised): its `top_k` most
+    similar labelled rows, each with its `labels`, voted by `echolabel.vote`."""
+    sims, indices = (queries @ labelled.T).topk(min(top_k, len(labelled)), dim=1)
+    return [
+        vote(
+            [
+                Neighbour(task=int(i), similarity=float(s), labels=labels[int(i)])
+                for s, i in zip(sims[row], indices[row], strict=True)
+            ],
+            fields,
+            min_neighbours=min_neighbours,
+            min_score=min_score,
+        )
+        for row in range(len(queries))
+    ]
 
 
 def neighbour_vote_scores(
@@ -888,24 +908,19 @@ def neighbour_vote_scores(
     L2-normalised) voted by its `top_k` most similar labelled rows with `echolabel.vote` and
     the given minimum support and share, an abstention counting as a miss; None for a field
     no query is labelled for. Targets are class indices, < 0 where an image has no label."""
-    similarity = queries @ labelled.T
-    sims, indices = similarity.topk(min(top_k, len(labelled)), dim=1)
     labels = [
         {name: classes[j][int(row[j])] for j, name in enumerate(fields) if row[j] >= 0}
         for row in labelled_y
     ]
-    outcomes = [
-        vote(
-            [
-                _Voter(float(s), labels[int(i)])
-                for s, i in zip(sims[row], indices[row], strict=True)
-            ],
-            fields,
-            min_neighbours=min_neighbours,
-            min_score=min_score,
-        )
-        for row in range(len(queries))
-    ]
+    outcomes = neighbour_votes(
+        labelled,
+        labels,
+        queries,
+        fields,
+        top_k=top_k,
+        min_neighbours=min_neighbours,
+        min_score=min_score,
+    )
     out: list[tuple[float, float] | None] = []
     for j, name in enumerate(fields):
         known = [row for row in range(len(queries)) if query_y[row, j] >= 0]
