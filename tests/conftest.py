@@ -5,6 +5,7 @@ tiny encoders, image and webhook builders) live in tests/helpers.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,25 @@ from redis import Redis
 
 from echolabel.settings import Settings
 from tests.helpers import REDIS_URL, TINY_ENCODER, label_studio_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist workers (`-n`), one torch thread a process: the workers run backends,
+    RQ workers and Label Studio side by side, and torch's thread per core in each of them
+    would oversubscribe the cores (docs/development.md). Set before the workers start, so
+    they and every process they spawn inherit it."""
+    if (config.getoption("numprocesses", None) or 0) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The groups `--dist loadgroup` hands out whole: every test that runs a real Label Studio
+    on one worker (one install, one template, one session server), and each other module on
+    one worker (its module fixtures built once)."""
+    for item in items:
+        group = "label-studio" if item.get_closest_marker("labelstudio") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

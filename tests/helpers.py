@@ -27,8 +27,21 @@ from tests.label_configs import ORGAN_FINDING_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _worker_redis_url(url: str) -> str:
+    """The configured test database for the first pytest-xdist worker (gw0), the next ones
+    for the others (gw1 on db + 1, modulo Redis's 16), so that no two workers flush each
+    other's queues."""
+    offset = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base, _, db = url.rpartition("/")
+    return url if offset == 0 else f"{base}/{(int(db or 0) + offset) % 16}"
+
+
 # A database of its own, flushed by each test that uses it.
-REDIS_URL = os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = _worker_redis_url(
+    os.environ.get("ECHOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+)
 # The self-improving loop trains encoders in the background of a backend that runs long
 # enough; only its own tests (test_retraining*.py) turn it on. Subprocesses inherit this.
 os.environ.setdefault("ECHOLABEL_AUTO_RETRAIN", "0")
