@@ -7,6 +7,7 @@ and copy it into every new data directory, so a start takes seconds.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -14,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +38,33 @@ def ensure_installed(
     marker = venv / f".echolabel-label-studio-{version}"
     if executable.exists() and marker.exists():
         return executable
-    say(f"installing Label Studio {version} into {venv} (first use only: ~2 min, ~1 GB)")
-    if not (venv / "bin" / "python").exists():
-        _run([sys.executable, "-m", "venv", str(venv)], "create the Label Studio venv")
-    _run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={version}"],
-        f"pip install label-studio=={version} (needs the package registry)",
-    )
-    marker.touch()
+    # Two processes installing into one venv at once leave it broken (pip then fails on a
+    # half-written package): the second waits for the first, then finds the marker.
+    with _exclusive(venv.with_name(venv.name + ".lock")):
+        if executable.exists() and marker.exists():
+            return executable
+        say(f"installing Label Studio {version} into {venv} (first use only: ~2 min, ~1 GB)")
+        python = venv / "bin" / "python"
+        if not python.exists():
+            _run([sys.executable, "-m", "venv", str(venv)], "create the Label Studio venv")
+        _run(
+            [str(python), "-m", "pip", "install", "-q", f"label-studio=={version}"],
+            f"pip install label-studio=={version} (needs the package registry)",
+        )
+        marker.touch()
     return executable
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing), waiting for any holder."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
@@ -114,12 +134,21 @@ class LabelStudioServer:
         """Create the migrated empty database in `template_dir` once (Label Studio's ~35 s)."""
         if self.template_dir is None or (self.template_dir / DATABASE_NAME).exists():
             return
-        self.template_dir.mkdir(parents=True, exist_ok=True)
-        env = self.environment() | {
-            "LABEL_STUDIO_BASE_DATA_DIR": str(self.template_dir),
-            "HOME": str(self.template_dir),
-        }
-        _run([str(self.executable), "version"], "migrate Label Studio's database", env=env)
+        # Migrated aside and moved into place whole: a process that waited on the lock, or a
+        # later run after a killed migration, never copies a half-migrated database.
+        with _exclusive(self.template_dir.with_name(self.template_dir.name + ".lock")):
+            if (self.template_dir / DATABASE_NAME).exists():
+                return
+            staging = self.template_dir / "migrating"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            env = self.environment() | {
+                "LABEL_STUDIO_BASE_DATA_DIR": str(staging),
+                "HOME": str(staging),
+            }
+            _run([str(self.executable), "version"], "migrate Label Studio's database", env=env)
+            os.replace(staging / DATABASE_NAME, self.template_dir / DATABASE_NAME)
+            shutil.rmtree(staging, ignore_errors=True)
 
     def start(self, timeout_s: float = 120.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,6 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The groups `--dist loadgroup` hands out whole: every test that runs a real Label Studio
-    on one worker (one install, one template, one session server), and each other module on
-    one worker (its module fixtures built once)."""
-    for item in items:
-        group = "label-studio" if item.get_closest_marker("labelstudio") else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     images = tmp_path / "images"
