@@ -180,8 +180,7 @@ def _set_up(
         refs = [f"/data/local-files/?d={images.name}/{item.task}" for item in items]
         say(f"importing {len(items)} images")
         ids = client.import_tasks(project, [{"image": ref} for ref in refs])
-        client.connect_backend(project, backend_url, "echolabel")
-        if not client.webhooks_to(project, backend_url):
+        if not client.connect(project, backend_url, "echolabel").webhook:
             raise LabelStudioError("Label Studio created no webhook for the backend")
         chosen = pick_annotated(items, annotate, fields[0] if fields else None)
         say(f"annotating {len(chosen)} tasks from the labels CSV")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,6 +29,15 @@ class LabelStudioError(RuntimeError):
 
 class LabelStudioUnavailable(LabelStudioError):
     """Label Studio did not answer, or answered 5xx: worth retrying later."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What `LabelStudioClient.connect` found: the backend was connected before, and the
+    project has its webhook (without it the backend never learns from new annotations)."""
+
+    already_connected: bool
+    webhook: bool
 
 
 class LabelStudioClient:
@@ -176,6 +186,23 @@ class LabelStudioClient:
         if basic_auth:
             self.authorise_webhooks(project, url, basic_auth)
         return backend
+
+    def connect(
+        self,
+        project: int,
+        url: str,
+        title: str,
+        basic_auth: tuple[str, str] | None = None,
+    ) -> Connection:
+        """Connect the backend at `url` to the project unless it already is (then only its
+        webhooks get the basic auth), and say whether the webhook that teaches it exists."""
+        url = url.rstrip("/")
+        already = any(b.get("url", "").rstrip("/") == url for b in self.backends(project))
+        if not already:
+            self.connect_backend(project, url, title, basic_auth=basic_auth)
+        elif basic_auth:
+            self.authorise_webhooks(project, url, basic_auth)
+        return Connection(already_connected=already, webhook=bool(self.webhooks_to(project, url)))
 
     def authorise_webhooks(self, project: int, url: str, basic_auth: tuple[str, str]) -> int:
         """Add basic auth to the project's webhooks that point at the backend at `url`."""

@@ -146,21 +146,18 @@ def _doctor_bad_configuration(error: ConfigError) -> int:
 def _connect(args: argparse.Namespace, settings: Settings) -> int:
     from echolabel.labelstudio import LabelStudioClient
 
-    client = LabelStudioClient(settings)
     url = args.backend_url.rstrip("/")
     basic_auth = (
         (settings.basic_auth_user, settings.basic_auth_pass or "")
         if settings.basic_auth_user
         else None
     )
-    if any(b.get("url", "").rstrip("/") == url for b in client.backends(args.project)):
+    connection = LabelStudioClient(settings).connect(args.project, url, args.title, basic_auth)
+    if connection.already_connected:
         print(f"echolabel: {url} is already connected to project {args.project}")
-        if basic_auth:
-            client.authorise_webhooks(args.project, url, basic_auth)
     else:
-        client.connect_backend(args.project, url, args.title, basic_auth=basic_auth)
         print(f"echolabel: connected {url} to project {args.project}")
-    if not client.webhooks_to(args.project, url):
+    if not connection.webhook:
         print(
             f"echolabel: project {args.project} has no webhook to {url}/webhook, so the backend "
             "will not learn from new annotations: Label Studio's SSRF protection refused the "
