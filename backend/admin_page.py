@@ -25,7 +25,7 @@ from workers.training.selection import SelectionLog
 
 from .admin import Admin
 
-# What the jobs write under MODEL_DIR/<kind>/<project>/<time>/ that the page links and serves
+# What the jobs write under <artefacts>/<kind>/<project>/<time>/ that the page links and serves
 # read-only; the first file of each kind is the one a link opens.
 OUTPUTS = {
     "reports": ("report.html", "report.json"),

@@ -66,7 +66,7 @@ BAD_CONFIGURATION = Trouble(
     "configuration",
     "an environment variable has a bad value (e.g. `ECHOLABEL_TOP_K=ten`)",
     "the backend does not start, so Label Studio cannot connect to it",
-    "correct the variable the message names (README, Configuration)",
+    "correct the variable the message names (docs/configuration.md)",
 )
 WEIGHTS_MISSING = Trouble(
     "encoder weights",

@@ -22,7 +22,8 @@ from echolabel.core.model import SimilarityModel
 from echolabel.core.projects import project_id
 from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
-from workers.jobs import find_project_duplicates
+from workers.catalogue import job_spec
+from workers.runtime import run_here
 
 from . import admin_page
 from .admin import Admin
@@ -112,10 +113,11 @@ def review_router(state: dict[str, Any], settings: Settings, listen_host: str | 
                 {"error": "bad_request", "detail": f"threshold {threshold} is not a cosine"},
                 status_code=422,
             )
+        # The catalogue's job, run here on the backend's runtime: the page shows its result
+        # now, so it is never queued (`echolabel duplicates --project` may queue it).
+        arguments = {"project": project_id(project), "threshold": threshold}
         try:
-            result = await run_in_threadpool(
-                find_project_duplicates, project_id(project), threshold
-            )
+            result = await run_in_threadpool(run_here, runtime(), job_spec("duplicates"), arguments)
         except PermanentJobError as exc:
             return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
         if "application/json" in request.headers.get("accept", ""):

@@ -5,8 +5,8 @@ for every `train` row, then /predict for the `test` rows), abstentions counted a
     python -m bench.busi_product --images ../shared/data/busi \\
         --labels ../shared/data/busi/labels.csv --field finding --encoder trained:busi-v5
 
-The encoder is any registry name; trained encoders are read from MODEL_DIR/encoders (or
-ECHOLABEL_ARTEFACTS_DIR/encoders). The store is a fresh one in a temporary directory, the
+The encoder is any registry name; trained encoders are read from ECHOLABEL_ARTEFACTS_DIR/encoders
+(default MODEL_DIR/encoders). The store is a fresh one in a temporary directory, the
 vote settings (top-k, minimum neighbours, minimum share) come from the environment as the
 backend reads them. Prints one JSON object: accuracy, coverage, accuracy where voted,
 per-class recall, the confusion counts, timings, the machine and its load average.

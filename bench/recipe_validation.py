@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from echolabel.core.runtime import Runtime
 from echolabel.encoders.trained import TrainedEncoder, load_trained
 from echolabel.encoders.trained_files import WEIGHTS_FILE
-from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
@@ -198,7 +198,9 @@ def run(
     fetch_settings = dataclasses.replace(settings, local_files_root=root)
     load_before = os.getloadavg()
     started = time.monotonic()
-    with ImageFetcher(fetch_settings) as fetcher:
+    # The runtime's fetcher, as `echolabel train-encoder` reads a folder (only inside it).
+    with Runtime.build(fetch_settings) as runtime:
+        fetcher = runtime.fetcher
         summary = train_encoder(
             train_part,
             [field],
@@ -287,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--images, --labels and --field are required (or --table)")
     options = parse_options(args.set)
     tag = args.tag or "-".join(p.replace("=", "_") for p in args.set) or "default"
-    settings = Settings()
+    settings = Settings.from_env()
     with tempfile.TemporaryDirectory() as scratch:
         results = run(
             args.images,

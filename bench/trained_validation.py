@@ -3,7 +3,8 @@
 The kNN vote accuracy (leave-one-out within the validation split of each trained encoder,
 read from its config.json) is what chooses training options without touching test images:
 
-    python -m bench.trained_validation --encoders-dir $MODEL_DIR/encoders \\
+    python -m bench.trained_validation \\
+        --encoders-dir ${ECHOLABEL_ARTEFACTS_DIR:-$MODEL_DIR}/encoders \\
         --images ../shared/data/busi --labels ../shared/data/busi/labels.csv --field finding \\
         busi-v1 busi-v2
 """

@@ -79,7 +79,7 @@ class Embedder:
         encoders_dir: Path | None = None,
     ):
         self.weights_dir = weights_dir
-        self.encoders_dir = encoders_dir  # trained encoders (MODEL_DIR/encoders)
+        self.encoders_dir = encoders_dir  # trained encoders (<artefacts>/encoders)
         self.device = device
         self.batch_size = batch_size
         self._encoders: dict[str, Encoder] = {}

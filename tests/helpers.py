@@ -163,6 +163,12 @@ def overlapping_classes(seed: int = 7, per_class: int = 100, dim: int = 16):
     return x.astype(np.float32), [f"class{c}" for c in truth]
 
 
+def unit_rows(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
+    """`n` random L2-normalised float32 rows, as encoders return them."""
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def run_worker(settings: Settings, *queues: str, timeout: float = 240):
     """A real `echolabel worker --burst` process with the test's configuration."""
     env = {

@@ -2,10 +2,11 @@
 
 A "worker" and a "backend" run as separate processes, each with only what the production
 layout gives it: a private MODEL_DIR of its own and the shared ECHOLABEL_ARTEFACTS_DIR (the
-volume docker-compose.yml mounts on both). The worker trains an encoder and writes an
-evaluation report; the backend then embeds with that encoder, offers it on the admin page and
-serves the report. Project jobs that read the store (training or evaluating a project) need a
-Qdrant server to run on a separate worker, which does not install here.
+volume docker-compose.yml mounts on both). The worker trains an encoder, writes an evaluation
+report and a label-QA review; the backend then embeds with that encoder, offers it on the admin
+page and lists and serves the report and the review. Project jobs that read the store (training
+or evaluating a project) need a Qdrant server to run on a separate worker, which does not
+install here.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ def test_a_worker_s_encoder_and_report_are_loaded_and_served_by_the_backend(tmp_
     # The 16 test rows: evaluation leaves out what the encoder was trained on.
     echolabel(worker, "evaluate", *folder, "--encoders", "trained:shared-v1",
               "--min-class-size", "2", "--out", str(report_dir))  # fmt: skip
+    # Label QA of the same folder, written where the `review` job writes (workers.jobs
+    # _output_dir): <artefacts>/reviews/<project>/<UTC time>/.
+    review_dir = artefacts / "reviews" / "3" / stamp
+    echolabel(worker, "review", *folder, "--encoder", "trained:shared-v1",
+              "--out", str(review_dir))  # fmt: skip
     assert (artefacts / "encoders" / "shared-v1" / "weights.safetensors").is_file()
+    assert (review_dir / "review.csv").is_file()
     assert not (tmp_path / "backend-model").exists()
 
     backend_env = process_env(
@@ -109,5 +116,10 @@ def test_a_worker_s_encoder_and_report_are_loaded_and_served_by_the_backend(tmp_
             assert report_url in row["reports"]
             served = client.get(report_url)
             assert served.status_code == 200 and "trained:shared-v1" in served.text
+            review_url = f"/admin/reviews/3/{stamp}/review.csv"
+            assert review_url in row["reports"] and review_url in page
+            served = client.get(review_url)
+            assert served.status_code == 200
+            assert served.content == (review_dir / "review.csv").read_bytes()
     finally:
         stop_backend(backend, 5.0)

@@ -20,6 +20,7 @@ import qdrant_edge as edge
 import vectorstore
 from echolabel.core.runtime import open_configured_store
 from echolabel.settings import ConfigError, Settings
+from tests.helpers import unit_rows
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from vectorstore import (
     Annotation,
@@ -36,11 +37,6 @@ from vectorstore.edge_store import EdgeStore
 DIM = 16
 NEW = Annotation(id=2, updated_at="2026-01-02T00:00:00Z")
 OLD = Annotation(id=1, updated_at="2026-01-01T00:00:00Z")
-
-
-def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers import unit_rows
 from workers.evaluation.metrics import (
     label_match,
     leave_one_out_neighbours,
@@ -49,11 +50,6 @@ def circle() -> np.ndarray:
 @pytest.fixture(scope="module")
 def top3(circle) -> tuple[np.ndarray, np.ndarray]:
     return leave_one_out_neighbours(circle, 3)
-
-
-def unit_rows(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 # --- neighbours -------------------------------------------------------------------------------

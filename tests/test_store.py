@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from qdrant_client.http.exceptions import UnexpectedResponse
 
+from tests.helpers import unit_rows
 from vectorstore import (
     Annotation,
     ExactIndex,
@@ -26,11 +27,6 @@ from vectorstore import (
 )
 
 DIM = 16
-
-
-def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def test_point_ids_are_deterministic_and_distinct():

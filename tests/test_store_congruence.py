@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import unit_rows
 from vectorstore import (
     Annotation,
     DimensionMismatchError,
@@ -55,11 +56,6 @@ STORES = [
     pytest.param(lambda path: EdgeStore.open(path=path, exact_max_points=10_000), id="edge-exact"),
     pytest.param(lambda path: EdgeStore.open(path=path, exact_max_points=50), id="edge-hnsw"),
 ]
-
-
-def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 @dataclass

@@ -151,7 +151,7 @@ def train_encoder(
 ) -> dict:
     """Fine-tune an encoder on the labelled tasks of a project (labels and image references
     from its live generation, images through the ImageFetcher) and save it under
-    MODEL_DIR/encoders/<name>-v<N>/; with `reembed_after`, re-embed the project with it.
+    <artefacts>/encoders/<name>-v<N>/; with `reembed_after`, re-embed the project with it.
 
     Progress (stage, epoch, loss, validation accuracy, ETA) goes to the job's meta or to
     `on_progress`. `options` are TrainOptions fields over the settings' (device, minimum per
@@ -200,7 +200,7 @@ def evaluate_project(
     learning_curve_seeds: int = 0,
 ) -> dict:
     """The evaluation report of a project's labelled points (labels from the store, vectors
-    of its live generation), written under MODEL_DIR/reports/<project>/<time>/; optionally
+    of its live generation), written under <artefacts>/reports/<project>/<time>/; optionally
     without near-duplicate neighbours, and with a learning curve over that many seeds."""
     from workers.evaluation.held_out import held_out, note, trained_on
     from workers.evaluation.report import evaluate_vectors, headline, new_report, write_report
@@ -275,7 +275,7 @@ def _fingerprint(points: Sequence[Point]) -> str:
 
 def review_project(project: int | str, k: int = 10) -> dict:
     """Label QA of a project's labelled tasks (vectors of its live generation, labels from
-    the store): review.csv and review.json under MODEL_DIR/reviews/<project>/<time>/."""
+    the store): review.csv and review.json under <artefacts>/reviews/<project>/<time>/."""
     from workers.review import browser_label_studio_url, task_link
     from workers.review.label_issues import review, summary, write_review
 

@@ -40,7 +40,8 @@ def _add_train_encoder(sub: Any) -> None:
     train = sub.add_parser(
         "train-encoder",
         help="fine-tune an encoder on the labels of a project (or a folder + CSV) and save it "
-        "under MODEL_DIR/encoders/<name>-v<N>/ as encoder trained:<name>-v<N>",
+        "under ECHOLABEL_ARTEFACTS_DIR (default MODEL_DIR)/encoders/<name>-v<N>/ as encoder "
+        "trained:<name>-v<N>",
     )
     train.add_argument("--project", help="train on this project's labelled tasks (a job)")
     train.add_argument("--images", type=Path, help="or: folder of images")

@@ -164,7 +164,7 @@ def load_encoder(
 ) -> Encoder:
     """Load the encoder registered as `name` with its weights from `weights_dir`.
 
-    A family member (`trained:busi-v1`) is looked up in `encoders_dir` (MODEL_DIR/encoders).
+    A family member (`trained:busi-v1`) is looked up in `encoders_dir` (<artefacts>/encoders).
     Raises EncoderError for an unknown name or bad arguments, and WeightsMissingError when the
     weights are not on this machine (without trying the network).
     """
@@ -177,7 +177,7 @@ def load_encoder(
     if family is not None:
         if encoders_dir is None:
             raise EncoderError(
-                f"encoder {name!r} needs the encoders directory (MODEL_DIR/encoders)"
+                f"encoder {name!r} needs the encoders directory (<artefacts>/encoders)"
             )
         member = name.partition(":")[2]
         return _FAMILIES[family](member, Path(encoders_dir), resolve_device(device), batch_size)

@@ -1,6 +1,6 @@
 """Encoders trained on a project's own labels (`echolabel train-encoder`), loaded by name.
 
-The registry loads `MODEL_DIR/encoders/<name>-v<N>/` (its files: trained_files.py) as
+The registry loads `<artefacts>/encoders/<name>-v<N>/` (its files: trained_files.py) as
 `trained:<name>-v<N>`; the embedding is the backbone's pooled features, L2-normalised, with the
 preprocessing training used.
 """

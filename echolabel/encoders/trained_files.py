@@ -3,7 +3,7 @@
 Kept apart from the model (trained.py, which needs torch) so that the admin page, evaluation
 and the backend's start list and name trained encoders without importing torch.
 
-Each one is a directory `MODEL_DIR/encoders/<name>-v<N>/` holding `weights.safetensors`
+Each one is a directory `<artefacts>/encoders/<name>-v<N>/` holding `weights.safetensors`
 (the fine-tuned backbone and its classification heads), `config.json` (backbone, input size,
 normalisation, fields and classes, the training images) and `report.json` (class counts,
 curves, validation metrics). The registry loads it as `trained:<name>-v<N>`; the embedding is

@@ -69,7 +69,7 @@ def metric_shift(
     from echolabel.settings import Settings
     from workers.evaluation.report import evaluate_vectors
 
-    settings = Settings()
+    settings = Settings.from_env()  # the vote settings /predict uses
     out = {}
     for view, excluded in (("all neighbours", None), ("near-duplicates excluded", threshold)):
         field = evaluate_vectors(

@@ -52,7 +52,7 @@ def train_on_folder(
     name: str | None = None,
     on_progress: Callable[[TrainingProgress], None] = lambda progress: None,
 ) -> dict[str, Any]:
-    """Train on `samples` (from `source.samples()`) and save under MODEL_DIR/encoders/ as
+    """Train on `samples` (from `source.samples()`) and save under <artefacts>/encoders/ as
     `<name>-v<N>` (name: the folder's by default); the trainer's summary."""
     root = source.images.resolve()
     # The folder is the only place images are read from.
