@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from echolabel.core.model import DELETE_EVENTS, LABEL_EVENTS, PREEMBED_EVENTS, SimilarityModel
 from echolabel.core.projects import project_id
+from echolabel.core.push_state import note_label_changes
 from echolabel.core.runtime import Runtime
 from echolabel.encoders import EncoderError
 from echolabel.images import ImageError
@@ -69,7 +70,7 @@ def create_app(
         action = str(payload.get("action"))
         outcome = model.fit(action, payload)
         changed = [*outcome.get("labelled", []), *outcome.get("cleared", [])]
-        if changed and model.store.note_label_changes(model.project, changed) >= max(
+        if changed and note_label_changes(model.store, model.project, changed) >= max(
             settings.refresh_after, 1
         ):
             info = model.store.collection(model.project)

@@ -30,6 +30,7 @@ import numpy as np
 
 from bench.server import STORES, store_runtime
 from echolabel.core.preannotate import PreAnnotator
+from echolabel.core.push_state import note_label_changes
 from echolabel.core.runtime import Runtime
 from echolabel.labelstudio_memory import InMemoryLabelStudio
 from echolabel.settings import Settings
@@ -137,7 +138,7 @@ def run_size(n: int, refreshes: int, seed: int = 0, store_kind: str = "local-mem
                         Annotation(f"new-{round_}-{task}", "2026-11-26T00:00:00Z"),
                     )
                     unlabelled.remove(int(task))
-                store.note_label_changes(1, [int(t) for t in picks])
+                note_label_changes(store, 1, [int(t) for t in picks])
                 start = time.perf_counter()
                 refreshed = annotator.refresh()
                 refresh_rows.append((time.perf_counter() - start, refreshed))

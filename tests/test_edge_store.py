@@ -18,6 +18,7 @@ import pytest
 import qdrant_edge as edge
 
 import vectorstore
+from echolabel.core.push_state import note_label_changes, record_push, take_label_changes
 from echolabel.core.runtime import open_configured_store
 from echolabel.settings import ConfigError, Settings
 from tests.helpers import unit_rows
@@ -214,8 +215,8 @@ def test_restart_keeps_points_labels_metadata_and_alias(tmp_path):
     first.upsert(1, "enc", [Point(task=i, vector=v[i]) for i in range(4)], collection=second)
     first.switch_generation(1, second)
     first.set_labels(1, 3, {"f": "x"}, NEW)
-    first.set_prediction_state(1, published_version="enc@2", vote_radius_min=0.25)
-    first.note_label_changes(1, [3, "t"])
+    record_push(first, 1, published_version="enc@2", vote_radius_min=0.25)
+    note_label_changes(first, 1, [3, "t"])
     first.close()
 
     reopened = EdgeStore(tmp_path / "edge")
@@ -226,7 +227,7 @@ def test_restart_keeps_points_labels_metadata_and_alias(tmp_path):
     assert reopened.points(1, [3])[3].labels == {"f": "x"}
     np.testing.assert_allclose(reopened.vectors(1, [2])[2], v[2], rtol=1e-6)
     assert [n.task for n in reopened.nearest(1, v[3], k=3)] == [3]
-    assert reopened.take_label_changes(1) == [3, "t"]
+    assert take_label_changes(reopened, 1) == [3, "t"]
     assert reopened.collection(1).label_changes == ()
     reopened.close()
 
@@ -517,7 +518,7 @@ def test_same_answers_as_qdrant_local_mode(tmp_path):
         store.set_labels(1, 5, {"f": "old"}, Annotation(id=5, updated_at="2025-01-01T00:00:00Z"))
         store.clear_labels(1, 9)
         store.upsert(1, "enc", [Point(task=i, vector=data[i]) for i in range(10, 20)])
-        store.note_label_changes(1, [4, 9])
+        note_label_changes(store, 1, [4, 9])
 
     def observe(store) -> dict:
         seen: dict = {

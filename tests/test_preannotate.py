@@ -15,6 +15,7 @@ import echolabel.core.preannotate as preannotate
 import workers.jobs as jobs
 from echolabel.core.model import SimilarityModel
 from echolabel.core.preannotate import PreAnnotator
+from echolabel.core.push_state import note_label_changes
 from tests.fakes import FakeLabelStudio
 from tests.helpers import REDIS_URL, choices_result, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
@@ -121,7 +122,7 @@ def test_refresh_timer_refreshes_projects_with_pending_label_changes(
     PreAnnotator(services, api, 1).push()
     unlabelled = next(t["id"] for t in project_tasks if not t["annotations"])
     services.store.set_labels(1, unlabelled, {"organ": "dark"}, Annotation(999, "2027"))
-    services.store.note_label_changes(1, [unlabelled])
+    note_label_changes(services.store, 1, [unlabelled])
     install(services)
     admin = Admin(services)
     try:
@@ -197,7 +198,7 @@ def test_refresh_leaves_every_prediction_equal_to_a_fresh_vote(
         for task in removed:
             store.clear_labels(1, task)
             unlabelled.append(task)
-        store.note_label_changes(1, added + removed)
+        note_label_changes(store, 1, added + removed)
         refreshed = annotator.refresh()
         assert refreshed["label_changes"] == len(added) + len(removed)
         vectors_now = store.vectors(1, unlabelled)

@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import unit_rows
 from vectorstore import (
     Annotation,
+    CollectionInfo,
     DimensionMismatchError,
     ExactSearchStore,
     Point,
@@ -533,29 +534,33 @@ def test_generations_build_beside_the_live_one_and_switch_atomically(store):
 # -- pre-annotation state ---------------------------------------------------------------------
 
 
-def test_label_changes_are_counted_until_taken(store):
-    assert store.note_label_changes(1, [1]) == 0  # no collection: nothing to count
-    assert store.take_label_changes(1) == []
-    store.ensure_collection(1, "enc", DIM, "w")
-    assert store.note_label_changes(1, [1, 2]) == 2
-    assert store.note_label_changes(1, [2, 3]) == 3  # a task changed twice is one change
-    assert store.note_label_changes(1, []) == 0
-    info = store.collection(1)
-    assert info is not None and info.label_state == 4 and info.label_changes == (1, 2, 3)
-    assert store.take_label_changes(1) == [1, 2, 3]
-    assert store.take_label_changes(1) == []
-    info = store.collection(1)
-    assert info is not None and info.label_state == 4, "the state counts on"
+def test_push_state_is_read_changed_and_written_in_one_step(store):
+    """The primitive under the push's bookkeeping (its rules: tests/test_push_state.py)."""
+    seen: list[CollectionInfo] = []
 
+    def change(values: dict) -> Callable[[CollectionInfo], dict]:
+        return lambda live: seen.append(live) or values
 
-def test_prediction_state_is_recorded(store):
-    with pytest.raises(StoreError, match="no collection"):
-        store.set_prediction_state(1, published_version="v1")
+    assert store.update_push_state(1, change({"label_state": 1})) is None  # no collection
+    assert seen == [], "nothing to change"
     first = store.ensure_collection(1, "enc", DIM, "w")
-    assert (first.published_version, first.vote_radius_min) == (None, -1.0)
-    store.set_prediction_state(1, published_version="v1", vote_radius_min=0.25)
+    written = store.update_push_state(1, change({"published_version": "v1", "label_changes": [1]}))
+    assert written == {"published_version": "v1", "label_changes": [1]}
+    assert seen == [first], "the change is given the live generation"
+    assert store.update_push_state(1, lambda live: {"label_state": live.label_state + 3}) == {
+        "label_state": 3
+    }
+    assert store.update_push_state(1, lambda live: {}) == {}
     info = store.collection(1)
-    assert info is not None and (info.published_version, info.vote_radius_min) == ("v1", 0.25)
-    store.set_prediction_state(1, vote_radius_min=0.1)
+    assert info is not None
+    assert (info.published_version, info.label_state, info.label_changes) == ("v1", 3, (1,))
+    with pytest.raises(StoreError, match="not the push's state"):
+        store.update_push_state(1, lambda live: {"encoder": "other", "label_state": 9})
     info = store.collection(1)
-    assert info is not None and (info.published_version, info.vote_radius_min) == ("v1", 0.1)
+    assert info is not None and (info.encoder, info.label_state) == ("enc", 3)
+    # The state belongs to the generation: a switch starts it afresh.
+    second = store.create_generation(1, "enc", DIM, "w")
+    store.switch_generation(1, second)
+    info = store.collection(1)
+    assert info is not None and info.name == second.name
+    assert (info.published_version, info.label_state, info.label_changes) == (None, 0, ())

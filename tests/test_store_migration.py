@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from echolabel import cli
+from echolabel.core.push_state import note_label_changes, record_push
 from echolabel.settings import Settings
 from tests.helpers import annotation_webhook, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
@@ -75,10 +76,8 @@ def write_old_model_dir(settings, images, monkeypatch) -> dict:
         store.switch_generation(7, second)
         third = store.create_generation(7, live.encoder, live.dim, live.weights_id)
         store.upsert(7, live.encoder, points[:5], collection=third)
-        store.set_prediction_state(
-            7, published_version="echolabel-tiny-test-g2", vote_radius_min=0.3
-        )
-        store.note_label_changes(7, [4, 14])
+        record_push(store, 7, published_version="echolabel-tiny-test-g2", vote_radius_min=0.3)
+        note_label_changes(store, 7, [4, 14])
         # A second project, with a text id.
         store.ensure_collection("demo", live.encoder, live.dim, live.weights_id)
         store.upsert("demo", live.encoder, [Point("a", points[0].vector, labels={"organ": "x"})])

@@ -6,11 +6,12 @@ Label Studio's API instead.
 
 Versions. A push writes every prediction under one new `model_version`,
 `echolabel-<encoder>-g<generation>-s<label state>` (the label state counts label changes), then
-deletes our older versions and records the new one in the collection's metadata; /setup answers
-it from then on, so "Retrieve Predictions" skips the tasks we pushed (no duplicates), and the
-project's model_version (what annotators are shown) is set to it. A refresh re-votes only the
-unlabelled tasks whose top-k a newly labelled task can enter and updates those predictions in
-place, keeping the version, so the project keeps one current prediction per task.
+deletes our older versions and records the new one in the collection's metadata
+(push_state.py); /setup answers it from then on, so "Retrieve Predictions" skips the tasks we
+pushed (no duplicates), and the project's model_version (what annotators are shown) is set to
+it. A refresh re-votes only the unlabelled tasks whose top-k a newly labelled task can enter and
+updates those predictions in place, keeping the version, so the project keeps one current
+prediction per task.
 
 Affected tasks. A label added, changed or removed at x changes the vote of an unlabelled task u
 only if x is (or was) among u's top k, i.e. sim(u, x) >= r(u), the similarity of u's k-th
@@ -44,6 +45,7 @@ from echolabel.labelstudio import LabelStudioClient, LabelStudioUnavailable
 from vectorstore import Annotation, CollectionInfo, TaskId
 
 from .model import SimilarityModel, Suggestion, suggests_labels
+from .push_state import record_push, take_label_changes
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class PreAnnotator:
             self.project, self.client.label_config(self.project)
         )
         model = SimilarityModel(self.runtime, self.project)
-        self.store.take_label_changes(self.project)  # a push re-votes every task anyway
+        take_label_changes(self.store, self.project)  # a push re-votes every task anyway
         tasks = list(self.client.tasks(self.project, full=True))
         labelled = [t for t in tasks if latest_annotation(t) is not None]
         unlabelled = [t for t in tasks if latest_annotation(t) is None]
@@ -291,7 +293,8 @@ class PreAnnotator:
             if version.startswith(VERSION_PREFIX) and version != target:
                 deleted += self.client.delete_model_version(self.project, version)
         edges = radius_edges(radii)
-        self.store.set_prediction_state(
+        record_push(
+            self.store,
             self.project,
             published_version=target,
             vote_radius_min=edges[0],
@@ -311,7 +314,7 @@ class PreAnnotator:
         info = self.store.collection(self.project)
         if info is None or not info.published_version:
             return {"project": self.project, "skipped": "never pushed: run preannotate first"}
-        changed = self.store.take_label_changes(self.project)
+        changed = take_label_changes(self.store, self.project)
         if len(changed) >= MAX_REFRESH_CHANGES:
             return {"project": self.project, "full_push": True, **self.push()}
         model = SimilarityModel(self.runtime, self.project)
@@ -380,7 +383,7 @@ class PreAnnotator:
                 revotes[task] = suggestion
         radii = self._record_radii(votes)
         if radii and min(radii) < edges[0]:
-            self.store.set_prediction_state(self.project, vote_radius_min=min(radii))
+            record_push(self.store, self.project, vote_radius_min=min(radii))
         return revotes
 
 

@@ -7,9 +7,9 @@ points at) with the task's labels as payload. It knows nothing of Label Studio.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,8 +53,9 @@ class CollectionInfo:
     weights_id: str
     generation: int
     name: str
-    # Pre-annotation state (see echolabel/core/preannotate.py): the model_version of the predictions
-    # last pushed to Label Studio, and a counter of label changes.
+    # Pre-annotation state (PUSH_STATE_FIELDS; its rules: echolabel/core/push_state.py): the
+    # model_version of the predictions last pushed to Label Studio, a counter of label changes
+    # and the changed tasks not yet refreshed, and the pushed votes' radii.
     published_version: str | None = None
     label_state: int = 0
     label_changes: tuple[TaskId, ...] = ()
@@ -65,6 +66,13 @@ class CollectionInfo:
     # The image preprocessing its vectors were made with, as (setting, value) pairs; None for
     # a generation created before it was recorded (see generations.check_preprocessing).
     preprocessing: tuple[tuple[str, str], ...] | None = None
+
+
+# The pre-annotation state above: the metadata `VectorStore.update_push_state` may write (the
+# rest records what the vectors were made with, fixed at creation).
+PUSH_STATE_FIELDS = frozenset(
+    {"published_version", "label_state", "label_changes", "vote_radius_min", "vote_radius_edges"}
+)
 
 
 @dataclass(frozen=True)
@@ -217,22 +225,15 @@ class VectorStore(Protocol):
 
     # -- pre-annotation state ---------------------------------------------------------------
 
-    def set_prediction_state(
-        self,
-        project: int | str,
-        *,
-        published_version: str | None = None,
-        vote_radius_min: float | None = None,
-        vote_radius_edges: Sequence[float] | None = None,
-    ) -> None:
-        """Record the pushed predictions' model_version, a lower bound of their vote radii and
-        the band edges above it."""
-
-    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
-        """Remember these tasks' label changes until taken; the number remembered now."""
-
-    def take_label_changes(self, project: int | str) -> list[TaskId]:
-        """The tasks whose labels changed since the last call, forgetting them."""
+    def update_push_state(
+        self, project: int | str, change: Callable[[CollectionInfo], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Read, change and write the push's state (PUSH_STATE_FIELDS) of the live generation
+        as one step: under the store's guard, `change(live)` gives the values to merge into its
+        metadata, which are written (none: nothing) and returned; None, `change` not called,
+        when the project has no collection. The rules are the push's
+        (echolabel/core/push_state.py); the state lives in the generation because it is valid
+        for its vectors only, so a switch starts it afresh."""
 
     # -- writes -----------------------------------------------------------------------------
 

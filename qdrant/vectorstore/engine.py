@@ -9,13 +9,15 @@ task; an engine supplies the few primitives declared at the top of the class.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 
 from . import payload as pl
 from .base import (
+    PUSH_STATE_FIELDS,
     Annotation,
     CollectionInfo,
     DimensionMismatchError,
@@ -33,16 +35,17 @@ from .base import (
     radius_bands,
 )
 from .generations import Preprocessing, alias_name, check_encoder, check_preprocessing
-from .push_state import PushState
 
 # Unlabelled points a band search returns at first (a larger limit costs the engine time even
 # when unfilled); a band that fills it is asked again for 4x more.
 _FIRST_LIMIT = 512
 
 
-class EngineStore(PushState):
+class EngineStore:
     """The shared half of a VectorStore; subclasses implement the engine's primitives."""
 
+    # Held around every engine call and read-modify-write (a lock in-process).
+    _guard: AbstractContextManager[Any]
     _prefix: str
     # What this process embeds with, recorded in new generations and checked on every write
     # (None: not told, nothing checked).
@@ -51,6 +54,14 @@ class EngineStore(PushState):
     _flag: pl.Flag = staticmethod(bool)
 
     # -- the engine's primitives ------------------------------------------------------------
+
+    def _live(self, project: int | str) -> CollectionInfo | None:
+        """The project's live generation (what `collection` answers)."""
+        raise NotImplementedError
+
+    def _update_meta(self, name: str, values: dict[str, Any]) -> None:
+        """Merge `values` into the generation's metadata (durably, atomically)."""
+        raise NotImplementedError
 
     def generations(self, project: int | str) -> list[CollectionInfo]:
         raise NotImplementedError
@@ -142,6 +153,26 @@ class EngineStore(PushState):
                 check_encoder(info, encoder, dim)
                 check_preprocessing(info, self._preprocessing)
             return info
+
+    def update_push_state(
+        self, project: int | str, change: Callable[[CollectionInfo], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Merge `change(live)` into the live generation's metadata under the guard, so the
+        read and the write see one generation (see the protocol); the values written."""
+        with self._guard:
+            info = self._live(project)
+            if info is None:
+                return None
+            values = change(info)
+            foreign = sorted(set(values) - PUSH_STATE_FIELDS)
+            if foreign:
+                raise StoreError(
+                    f"{foreign} is not the push's state ({sorted(PUSH_STATE_FIELDS)}): a "
+                    "generation's other metadata is fixed when it is created"
+                )
+            if values:
+                self._update_meta(info.name, values)
+            return values
 
     # -- writes ------------------------------------------------------------------------------
 

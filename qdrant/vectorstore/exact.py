@@ -19,9 +19,9 @@ one decides whether the cache must follow it, instead of slipping past it unseen
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -155,30 +155,11 @@ class ExactSearchStore:
 
     # -- pre-annotation state: metadata only, nothing cached ----------------------------------
 
-    def set_prediction_state(
-        self,
-        project: int | str,
-        *,
-        published_version: str | None = None,
-        vote_radius_min: float | None = None,
-        vote_radius_edges: Sequence[float] | None = None,
-    ) -> None:
-        """Record the pushed predictions' model_version, a lower bound of their radii and the
-        band edges above it."""
-        self.inner.set_prediction_state(
-            project,
-            published_version=published_version,
-            vote_radius_min=vote_radius_min,
-            vote_radius_edges=vote_radius_edges,
-        )
-
-    def note_label_changes(self, project: int | str, tasks: Sequence[TaskId]) -> int:
-        """Remember these tasks' label changes until taken; the number remembered now."""
-        return self.inner.note_label_changes(project, tasks)
-
-    def take_label_changes(self, project: int | str) -> list[TaskId]:
-        """The tasks whose labels changed since the last call, forgetting them."""
-        return self.inner.take_label_changes(project)
+    def update_push_state(
+        self, project: int | str, change: Callable[[CollectionInfo], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Read, change and write the push's state of the live generation as one step."""
+        return self.inner.update_push_state(project, change)
 
     # -- writes keep the cache in step --------------------------------------------------------
 

@@ -38,7 +38,8 @@ from qdrant_client import models
 
 from . import payload as pl
 from .base import StoreError
-from .edge_store import EdgeStore, _fsync_dir, _write_json, holds_local_store
+from .edge_generations import _fsync_dir, _write_json
+from .edge_store import EdgeStore, holds_local_store
 from .generations import generation_pattern, info_from_meta
 from .qdrant_store import QdrantStore
 
