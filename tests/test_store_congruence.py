@@ -56,6 +56,11 @@ STORES = [
     # Qdrant Edge, exact below its threshold and HNSW above it (issue 19).
     pytest.param(lambda path: EdgeStore.open(path=path, exact_max_points=10_000), id="edge-exact"),
     pytest.param(lambda path: EdgeStore.open(path=path, exact_max_points=50), id="edge-hnsw"),
+    # ECHOLABEL_EDGE_VECTORS=float32: full vectors instead of int8 ones, on the HNSW path.
+    pytest.param(
+        lambda path: EdgeStore.open(path=path, exact_max_points=50, vector_storage="float32"),
+        id="edge-hnsw-float32",
+    ),
 ]
 
 
@@ -149,9 +154,8 @@ def filled(request, tmp_path_factory) -> Iterator[tuple[VectorStore, Reference]]
     points = project_points(np.random.default_rng(5), N)
     opened.ensure_collection(1, "enc", DIM, "w")
     opened.upsert(1, "enc", points)
-    if isinstance(opened, EdgeStore):
-        # Writes never build Edge's HNSW graph (a job does): build it, so edge-hnsw walks one.
-        opened.build_index(1)
+    # Writes never build Edge's HNSW graph (a job does): build it, so edge-hnsw walks one.
+    opened.build_index(1)
     reference = Reference()
     reference.write(points)
     yield opened, reference
@@ -173,6 +177,26 @@ def test_implements_every_operation_of_the_protocol(store):
             (p.name, p.kind, p.default) for p in wanted
         ], name
         assert all(p.default is not p.empty for p in offered[len(wanted) :]), name
+
+
+def test_index_status_counts_what_waits_outside_the_graph(store):
+    """None where the engine indexes by itself; else each project's live generation, its
+    points, and how many wait outside the graph until `build_index` builds it."""
+    for project, n in ((1, 80), (2, 20)):
+        store.ensure_collection(project, "enc", DIM, "w")
+        store.upsert(project, "enc", project_points(np.random.default_rng(project), n))
+    before = store.index_status()
+    if before is None:
+        assert store.build_index(1) is False and store.index_status() is None
+        return
+    assert [(s.project, s.generation, s.points, s.unindexed) for s in before] == [
+        ("1", store.collection(1).name, 80, 80),
+        ("2", store.collection(2).name, 20, 20),
+    ]
+    built = {s.project: s.builds for s in before}
+    assert store.build_index(1) is built["1"]
+    after = {s.project: s.unindexed for s in store.index_status()}
+    assert after == {"1": 0 if built["1"] else 80, "2": 20}
 
 
 # -- reads, against the reference -------------------------------------------------------------

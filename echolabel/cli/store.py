@@ -44,37 +44,31 @@ def _migrate_store(args: argparse.Namespace, settings: Settings) -> int:
 
 def _build_index(args: argparse.Namespace, settings: Settings) -> int:
     """Build the graphs the embedded store lacks; prints each project's state and the time."""
-    import time
-
+    from echolabel.core.indexing import build_indexes
     from echolabel.core.runtime import open_configured_store
-    from vectorstore.edge_store import EdgeStore
 
     if settings.qdrant_url:
         print("echolabel: QDRANT_URL is set: the Qdrant server builds its own index")
         return 0
     store = open_configured_store(settings)  # refuses while the backend holds the store
     try:
-        if not isinstance(store, EdgeStore):
-            print("echolabel: the embedded store is not on Qdrant Edge: nothing to build")
-            return 1
         wanted = set(args.project or [])
-        found = [s for s in store.index_status() if not wanted or s.project in wanted]
-        for missing in sorted(wanted - {s.project for s in found}):
-            print(f"project {missing}: no collection in {settings.qdrant_path}")
-        for status in found:
+        seen: set[str] = set()
+        for build in build_indexes(store, wanted):
+            status = build.status
+            seen.add(status.project)
             line = f"project {status.project} ({status.generation}): {status.points:,} points"
-            if not status.builds:
+            if build.seconds is None:
                 print(
                     f"{line}, {status.unindexed:,} outside the graph: below the threshold "
                     f"({settings.exact_search_max_points:,}), searched exactly"
                 )
-                continue
-            started = time.perf_counter()
-            store.build_index(status.project)
-            print(
-                f"{line}: graph built for {status.unindexed:,} points in "
-                f"{time.perf_counter() - started:.1f} s"
-            )
-        return 1 if wanted - {s.project for s in found} else 0
+            else:
+                print(
+                    f"{line}: graph built for {status.unindexed:,} points in {build.seconds:.1f} s"
+                )
+        for missing in sorted(wanted - seen):
+            print(f"project {missing}: no collection in {settings.qdrant_path}")
+        return 1 if wanted - seen else 0
     finally:
         store.close()

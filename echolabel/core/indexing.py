@@ -7,7 +7,9 @@ with REDIS_URL is the jobs layer's (`workers.runtime.redis_dispatcher`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from echolabel.embedding import TaskImage
@@ -15,6 +17,7 @@ from echolabel.folders import Item
 from echolabel.label_config import ChoicesField, LabelSchema, TaskError, parse_label_config
 from echolabel.labelstudio import LabelStudioClient
 from echolabel.settings import Settings
+from vectorstore import IndexStatus, VectorStore
 
 from .model import SimilarityModel
 from .runtime import Runtime
@@ -109,3 +112,31 @@ def index_tasks(
         "points": runtime.store.count(project),
         "failed": failed,
     }
+
+
+@dataclass(frozen=True)
+class IndexBuild:
+    """A project's vote index as `build_indexes` found it, and the seconds its build took
+    (None: too few points wait outside it to build, they are searched exactly)."""
+
+    status: IndexStatus
+    seconds: float | None
+
+
+def build_indexes(store: VectorStore, projects: Collection[str] = ()) -> Iterator[IndexBuild]:
+    """Build the vote index of every project's live generation (or of the `projects` named)
+    where enough points wait outside it, one project at a time (`echolabel build-index`).
+
+    Raises ValueError on a store whose engine indexes by itself (a Qdrant server)."""
+    found = store.index_status()
+    if found is None:
+        raise ValueError("this store's engine builds its index by itself: nothing to build")
+    for status in found:
+        if projects and status.project not in projects:
+            continue
+        if not status.builds:
+            yield IndexBuild(status, None)
+            continue
+        started = time.perf_counter()
+        store.build_index(status.project)
+        yield IndexBuild(status, time.perf_counter() - started)

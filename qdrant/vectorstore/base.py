@@ -100,6 +100,17 @@ class Point:
 
 
 @dataclass(frozen=True)
+class IndexStatus:
+    """A project's live generation and its HNSW graph (`echolabel build-index`)."""
+
+    project: str
+    generation: str
+    points: int
+    unindexed: int  # points outside the graph: scanned exactly, only slower
+    builds: bool  # enough of them for `build_index` to build (exact_max_points)
+
+
+@dataclass(frozen=True)
 class Neighbour:
     """A labelled point found near a query, with cosine similarity."""
 
@@ -332,3 +343,7 @@ class VectorStore(Protocol):
     def build_index(self, project: int | str) -> bool:
         """Build the vote index of what waits outside it; True if anything was built. The
         embedded engine blocks its process meanwhile: call it from a job, never a request."""
+
+    def index_status(self) -> list[IndexStatus] | None:
+        """Every project's live generation and how many of its points wait outside the graph
+        `build_index` builds; None where the engine indexes by itself (a server)."""

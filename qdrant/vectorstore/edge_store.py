@@ -39,7 +39,6 @@ import fcntl
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +49,7 @@ from . import payload as pl
 from .base import (
     DEFAULT_EXACT_MAX_POINTS,
     CollectionInfo,
+    IndexStatus,
     NearbyTask,
     Neighbour,
     Point,
@@ -57,6 +57,7 @@ from .base import (
     StoreError,
 )
 from .edge_generations import _HAS_VOTE_VECTOR, _INDEXED_FIELDS, _SHARD, EdgeGenerations
+from .engine import BandSearch
 from .generations import Preprocessing
 
 # Qdrant's defaults for the graph. The search ef: recall@10 >= 0.99 against exact at every
@@ -81,17 +82,6 @@ _QUERY_BATCH = 256
 _VOTE_VECTOR = "labelled"
 _INDEXED_LABELLED = "indexed_labelled"  # labelled points when the graph was last built
 _LOCK_FILE = "store.lock"
-
-
-@dataclass(frozen=True)
-class IndexStatus:
-    """A project's live generation and its HNSW graph (`echolabel build-index`)."""
-
-    project: str
-    generation: str
-    points: int
-    unindexed: int  # points outside the graph: scanned exactly, only slower
-    builds: bool  # enough of them for `build_index` to build (exact_max_points)
 
 
 class EdgeStore(EdgeGenerations):
@@ -349,11 +339,7 @@ class EdgeStore(EdgeGenerations):
         return [[pl.to_neighbour(p) for p in hits] for hits in found]
 
     def _search_unlabelled(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        searches: Sequence[tuple[int, RadiusBand]],
-        limit: int,
+        self, info: CollectionInfo, rows: np.ndarray, searches: Sequence[BandSearch], limit: int
     ) -> list[list[NearbyTask]]:
         """Exact (the task's own vector has no graph; in a generation made before the vote
         vector: while it holds at most `exact_max_points` points, HNSW above)."""

@@ -21,6 +21,7 @@ from .base import (
     Annotation,
     CollectionInfo,
     DimensionMismatchError,
+    IndexStatus,
     Labels,
     NearbyTask,
     Neighbour,
@@ -39,6 +40,8 @@ from .generations import Preprocessing, alias_name, check_encoder, check_preproc
 # Unlabelled points a band search returns at first (a larger limit costs the engine time even
 # when unfilled); a band that fills it is asked again for 4x more.
 _FIRST_LIMIT = 512
+
+BandSearch = tuple[int, RadiusBand]  # (row index, band) of one band search
 
 
 class EngineStore:
@@ -111,11 +114,7 @@ class EngineStore:
         raise NotImplementedError
 
     def _search_unlabelled(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        searches: Sequence[tuple[int, RadiusBand]],
-        limit: int,
+        self, info: CollectionInfo, rows: np.ndarray, searches: Sequence[BandSearch], limit: int
     ) -> list[list[NearbyTask]]:
         """Per (row index, band), at most `limit` of the band's unlabelled points at least its
         `min_similarity` near `rows[index]`, best first, in one request each sent together (in
@@ -309,6 +308,10 @@ class EngineStore:
 
     def build_index(self, project: int | str) -> bool:
         return False
+
+    def index_status(self) -> list[IndexStatus] | None:
+        """None: an engine that builds its graph on demand reports it (EdgeStore)."""
+        return None
 
     # -- searches ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 from .base import (
     Annotation,
     CollectionInfo,
+    IndexStatus,
     Labels,
     NearbyTask,
     Neighbour,
@@ -267,6 +268,9 @@ class ExactSearchStore:
 
     def build_index(self, project: int | str) -> bool:
         return self.inner.build_index(project)
+
+    def index_status(self) -> list[IndexStatus] | None:
+        return self.inner.index_status()
 
     def nearest(
         self,

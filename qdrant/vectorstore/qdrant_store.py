@@ -30,6 +30,7 @@ from .base import (
     StoreError,
     StoreUnavailableError,
 )
+from .engine import BandSearch
 from .generations import Preprocessing
 from .qdrant_generations import QdrantGenerations
 
@@ -179,11 +180,7 @@ class QdrantStore(QdrantGenerations):
         return self._query(info.name, requests, pl.to_neighbour)
 
     def _search_unlabelled(
-        self,
-        info: CollectionInfo,
-        rows: np.ndarray,
-        searches: Sequence[tuple[int, RadiusBand]],
-        limit: int,
+        self, info: CollectionInfo, rows: np.ndarray, searches: Sequence[BandSearch], limit: int
     ) -> list[list[NearbyTask]]:
         queries = {row: rows[row].tolist() for row, _ in searches}
         requests = [
