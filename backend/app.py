@@ -189,13 +189,7 @@ def create_app(
     @app.get("/doctor")
     async def doctor(project: int | None = None, backend_url: str | None = None) -> dict:
         """`echolabel doctor` run inside the backend: with its store and loaded encoder."""
-        built: Runtime = state["runtime"]
-        checker = Doctor(
-            settings,
-            store=lambda: built.store,
-            load_weights=lambda: built.embedder.encoder(settings.encoder),
-            fetcher=built.fetcher,
-        )
+        checker = Doctor(state["runtime"])
         checks = await run_in_threadpool(checker.run, project, backend_url)
         return {"healthy": checker.healthy, "checks": [c.as_dict() for c in checks]}
 

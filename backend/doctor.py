@@ -7,19 +7,17 @@ found and, when it fails, the fix; checks that depend on a failed one are skippe
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import httpx
 
 from echolabel.core.runtime import Runtime
-from echolabel.encoders import EncoderError, load_encoder
-from echolabel.images import ImageError, ImageFetcher
+from echolabel.encoders import EncoderError
+from echolabel.images import ImageError
 from echolabel.label_config import LabelConfigError, LabelSchema, TaskError, parse_label_config
 from echolabel.labelstudio import LabelStudioClient, LabelStudioError
 from echolabel.labelstudio_auth import LabelStudioAuthError
-from echolabel.settings import Settings
-from vectorstore import StoreError, VectorStore
+from vectorstore import StoreError
 
 
 @dataclass(frozen=True)
@@ -184,27 +182,13 @@ def troubleshooting_markdown() -> str:
 
 
 class Doctor:
-    """Runs the checks for one configuration; `store` opens the vector store on demand (the
-    CLI cannot open the embedded one while the backend holds it: then /doctor can).
-    `fetcher`: the runtime's (else the sample image is read through a runtime of its own)."""
+    """Runs the checks for one configuration with the process's runtime: the encoder and the
+    image fetcher predictions use, and its store, opened only when a check asks (the CLI
+    cannot open the embedded one while the backend holds it: then /doctor can)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Callable[[], VectorStore] | None = None,
-        load_weights: Callable[[], object] | None = None,
-        fetcher: ImageFetcher | None = None,
-    ) -> None:
-        self.settings = settings
-        self._store = store
-        self._fetcher = fetcher
-        self._load_weights = load_weights or (
-            lambda: load_encoder(
-                settings.encoder,
-                weights_dir=settings.weights_dir,
-                encoders_dir=settings.encoders_dir,
-            )
-        )
+    def __init__(self, runtime: Runtime) -> None:
+        self.settings = runtime.settings
+        self._runtime = runtime
         self.checks: list[Check] = []
 
     @property
@@ -238,7 +222,7 @@ class Doctor:
 
     def _weights(self) -> None:
         try:
-            encoder = self._load_weights()
+            encoder = self._runtime.embedder.encoder(self.settings.encoder)
         except EncoderError as exc:
             self.fail(WEIGHTS_MISSING, str(exc).splitlines()[0], encoder=self.settings.encoder)
             return
@@ -412,22 +396,15 @@ class Doctor:
             self.add("sample image", None, "the project has no tasks yet")
             return
         try:
-            if self._fetcher is not None:
-                image = self._fetcher.load(schema.image_ref(task))
-            else:
-                with Runtime.build(self.settings) as runtime:
-                    image = runtime.fetcher.load(schema.image_ref(task))
+            image = self._runtime.fetcher.load(schema.image_ref(task))
         except (ImageError, TaskError) as exc:
             self.fail(IMAGE_UNREADABLE, f"task {task.get('id')}: {exc}")
             return
         self.add("sample image", True, f"task {task['id']}: {image.width}×{image.height}")
 
     def _collection(self, project: int) -> None:
-        if self._store is None:
-            self.add("collection encoder", None, "skipped: no store access here")
-            return
         try:
-            store = self._store()
+            store = self._runtime.store
             info = store.collection(project)
             embedded = store.count(project) if info else 0
             labelled = store.count(project, labelled=True) if info else 0

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from backend.doctor import TROUBLES, Doctor, troubleshooting_markdown
 from echolabel.cli import main
+from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
 from tests.helpers import ROOT, serving
 
@@ -62,8 +63,8 @@ def test_doctor_checks_the_configured_qdrant_server_and_its_key(tmp_path):
         return JSONResponse({"result": {"collections": [{"name": "echolabel_p1_g1"}]}})
 
     def qdrant_check(**settings: str) -> str:
-        doctor = Doctor(Settings(model_dir=tmp_path, **settings), load_weights=object)
-        (check,) = [c for c in doctor.run() if c.name == "qdrant"]
+        with Runtime.build(Settings(model_dir=tmp_path, **settings)) as runtime:
+            (check,) = [c for c in Doctor(runtime).run() if c.name == "qdrant"]
         return check.line()
 
     assert qdrant_check().startswith("– qdrant: not configured")

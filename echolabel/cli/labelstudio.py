@@ -122,12 +122,7 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
         print(troubleshooting_markdown(), end="")
         return 0
     with open_runtime(settings) as runtime:  # the store opens only if a check asks for it
-        checker = Doctor(
-            settings,
-            store=lambda: runtime.store,
-            load_weights=lambda: runtime.embedder.encoder(settings.encoder),
-            fetcher=runtime.fetcher,
-        )
+        checker = Doctor(runtime)
         checks = checker.run(args.project, args.backend_url)
     if args.json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))
