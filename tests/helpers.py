@@ -14,9 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -108,6 +109,28 @@ def dark_and_bright(root: Path, count: int, size: tuple[int, int] = (32, 32)) ->
             path.write_bytes(png_bytes((colour,) * 3, size=size, pattern=i + 1))
             paths[f"{name}_{i}"] = str(path)
     return paths
+
+
+def dark_and_bright_tasks(
+    root: Path, data: Callable[[int], dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Eight dark and eight bright Label Studio tasks over `dark_and_bright` images under
+    root, the first three of each tone annotated with its tone as `organ`; `data(n)` adds
+    keys to task n's data."""
+    images = dark_and_bright(root, 8)
+    tasks = []
+    for n, name in enumerate(sorted(images)):
+        tone, index = name.split("_")
+        annotations = (
+            [{"id": 100 + n, "result": choices_result({"organ": tone}), "updated_at": "2026"}]
+            if int(index) < 3
+            else []
+        )
+        extra = data(n) if data else {}
+        tasks.append(
+            {"id": n, "data": {"image": images[name], **extra}, "annotations": annotations}
+        )
+    return tasks
 
 
 def annotation_webhook(

@@ -15,7 +15,7 @@ from echolabel.core.errors import PermanentJobError
 from echolabel.core.preannotate import PreAnnotator
 from echolabel.diversity import k_center_order
 from tests.fakes import FakeLabelStudio
-from tests.helpers import TINY_ENCODER, choices_result, dark_and_bright
+from tests.helpers import TINY_ENCODER, dark_and_bright_tasks
 from tests.label_configs import DARK_BRIGHT_CONFIG as CONFIG
 from workers.runtime import install, open_runtime
 
@@ -24,18 +24,7 @@ from workers.runtime import install, open_runtime
 def project_tasks(settings):
     """Eight dark and eight bright tasks, the first three of each annotated (as the push
     tests'), each task's data carrying a key of the user's own besides the image."""
-    images = dark_and_bright(settings.local_files_root, 8)
-    tasks = []
-    for n, name in enumerate(sorted(images)):
-        tone, index = name.split("_")
-        annotations = (
-            [{"id": 100 + n, "result": choices_result({"organ": tone}), "updated_at": "2026"}]
-            if int(index) < 3
-            else []
-        )
-        data = {"image": images[name], "site": f"clinic-{n % 3}"}
-        tasks.append({"id": n, "data": data, "annotations": annotations})
-    return tasks
+    return dark_and_bright_tasks(settings.local_files_root, lambda n: {"site": f"clinic-{n % 3}"})
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from echolabel.core.model import SimilarityModel
 from echolabel.core.preannotate import PreAnnotator
 from echolabel.core.push_state import note_label_changes
 from tests.fakes import FakeLabelStudio
-from tests.helpers import REDIS_URL, choices_result, dark_and_bright
+from tests.helpers import REDIS_URL, dark_and_bright_tasks
 from tests.label_configs import DARK_BRIGHT_CONFIG
 from workers.queues import PREANNOTATE, connect, queue
 from workers.runtime import install, open_runtime
@@ -29,18 +29,7 @@ CONFIG = DARK_BRIGHT_CONFIG
 @pytest.fixture
 def project_tasks(settings):
     """Eight dark and eight bright tasks; the first three of each annotated."""
-    images = dark_and_bright(settings.local_files_root, 8)
-    tasks = []
-    for n, name in enumerate(sorted(images)):
-        tone = name.split("_")[0]
-        annotated = int(name.split("_")[1]) < 3
-        annotations = (
-            [{"id": 100 + n, "result": choices_result({"organ": tone}), "updated_at": "2026"}]
-            if annotated
-            else []
-        )
-        tasks.append({"id": n, "data": {"image": images[name]}, "annotations": annotations})
-    return tasks
+    return dark_and_bright_tasks(settings.local_files_root)
 
 
 @pytest.fixture
