@@ -232,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from backend.app import create_app
     from echolabel.settings import Settings
-    from vectorstore.edge_store import EdgeStore
 
     from .data import latent_clusters
 
@@ -263,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Edge builds its HNSW graph when a generation goes live (switch_generation); a store
     # filled in place builds it here, as `echolabel migrate-store` does. After a restart
     # (--reuse) this finds the graph loaded from disk and builds nothing.
-    built = isinstance(store, EdgeStore) and store.build_index(PROJECT_ID)
+    built = store.build_index(PROJECT_ID)
     index_s = time.perf_counter() - started
     phases["indexed"] = rss()
     started = time.perf_counter()
