@@ -11,14 +11,16 @@ process share its store and encoders.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from rq.job import Job
 
+from echolabel.core.indexing import index_tasks
 from echolabel.core.runtime import Runtime
+from echolabel.embedding import TaskImage
 from echolabel.settings import Settings
 from vectorstore import VectorStore
 from workers.catalogue import JobSpec, job_spec
@@ -104,6 +106,22 @@ class Launched:
 
 
 RunHere = Callable[[Progress | None], Any]
+
+
+def embed_or_enqueue(
+    runtime: Runtime,
+    project: int,
+    items: Sequence[TaskImage],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Embed a project's task images ahead of its predictions (`echolabel index --project`):
+    queued for the workers when REDIS_URL is set (the process holding the store stores the
+    vectors, with the configured encoder), else here, skipping tasks that hold a vector.
+    The jobs queued, or what `index_tasks` did."""
+    dispatcher = redis_dispatcher(runtime)
+    if dispatcher is not None:
+        return {"jobs": len(dispatcher.enqueue(project, runtime.settings.encoder, items))}
+    return index_tasks(runtime, project, items, on_progress)
 
 
 def run_or_enqueue(

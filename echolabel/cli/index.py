@@ -49,24 +49,16 @@ def _index(args: argparse.Namespace, settings: Settings) -> int:
 
 def _index_label_studio_project(args: argparse.Namespace, settings: Settings) -> int:
     """Pre-embed a Label Studio project's tasks so that its predictions are instant."""
-    from echolabel.core.indexing import index_tasks, project_task_images
+    from echolabel.core.indexing import project_task_images
     from echolabel.core.projects import project_id
-    from workers.runtime import open_runtime, redis_dispatcher
+    from workers.runtime import embed_or_enqueue, open_runtime
 
     project = project_id(args.project)
     items, skipped = project_task_images(settings, project)
     items = items[: args.limit]
     counts = {"project": project, "tasks": len(items), "skipped": skipped}
-    with open_runtime(settings) as runtime:
-        dispatcher = redis_dispatcher(runtime)
-        if dispatcher is not None:
-            # The workers embed; the process holding the store (backend or a worker with a
-            # Qdrant server) stores the vectors. The project's encoder is the configured one.
-            jobs = dispatcher.enqueue(project, settings.encoder, items)
-            print(json.dumps({**counts, "jobs": len(jobs)}, indent=2))
-            return 0
-        with counting("img", f"index {project}") as show:
-            summary = index_tasks(runtime, project, items, on_progress=show)
+    with open_runtime(settings) as runtime, counting("img", f"index {project}") as show:
+        summary = embed_or_enqueue(runtime, project, items, on_progress=show)
     print(json.dumps({**counts, **summary}, indent=2))
     return 0
 
