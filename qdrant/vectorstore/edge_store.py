@@ -329,14 +329,7 @@ class EdgeStore(EdgeGenerations):
             )
             for row, limit in zip(rows, limits, strict=True)
         ]
-        found: list[Any] = []
-        for start in range(0, len(requests), _QUERY_BATCH):
-            batch = requests[start : start + _QUERY_BATCH]
-            if len(batch) == 1:
-                found.append(shard.query(batch[0]))
-            else:
-                found += shard.query_batch(edge.QueryBatchRequest(batch))
-        return [[pl.to_neighbour(p) for p in hits] for hits in found]
+        return [[pl.to_neighbour(p) for p in hits] for hits in _query(shard, requests)]
 
     def _search_unlabelled(
         self, info: CollectionInfo, rows: np.ndarray, searches: Sequence[BandSearch], limit: int
@@ -360,12 +353,7 @@ class EdgeStore(EdgeGenerations):
             )
             for row, band in searches
         ]
-        found: list[Any] = []
-        for start in range(0, len(requests), _QUERY_BATCH):
-            found += shard.query_batch(
-                edge.QueryBatchRequest(requests[start : start + _QUERY_BATCH])
-            )
-        return [[pl.to_nearby_task(p) for p in hits] for hits in found]
+        return [[pl.to_nearby_task(p) for p in hits] for hits in _query(shard, requests)]
 
     def count(self, project: int | str, labelled: bool | None = None) -> int:
         with self._guard:
@@ -573,6 +561,19 @@ def _band(band: RadiusBand) -> list[Any]:
     return [
         edge.FieldCondition(key=pl.VOTE_RADIUS, range=edge.RangeFloat(gte=band.low, lt=band.high))
     ]
+
+
+def _query(shard: Any, requests: list[Any]) -> list[Any]:
+    """Each request's points, sent _QUERY_BATCH requests at a time (a lone one, as a single
+    /predict sends it, as a plain query)."""
+    found: list[Any] = []
+    for start in range(0, len(requests), _QUERY_BATCH):
+        batch = requests[start : start + _QUERY_BATCH]
+        if len(batch) == 1:
+            found.append(shard.query(batch[0]))
+        else:
+            found += shard.query_batch(edge.QueryBatchRequest(batch))
+    return found
 
 
 def _query_vector(vector: np.ndarray) -> list[float]:
