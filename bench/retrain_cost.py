@@ -91,13 +91,8 @@ def measure(
             )
             index_s = time.monotonic() - clock
             labelled = runtime.store.count(PROJECT, labelled=True)
-            options = TrainOptions(
-                **{
-                    "min_per_class": settings.min_per_class,
-                    "device": settings.device,
-                    **settings.retrain_options,
-                }
-            )
+            # The options the `retrain` job passes (workers/jobs.py), vote settings included.
+            options = TrainOptions.from_settings(settings, settings.retrain_options)
             load_before = os.getloadavg()
             cpu_before = _cpu_seconds()
             clock = time.monotonic()
