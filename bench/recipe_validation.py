@@ -45,7 +45,7 @@ from echolabel.encoders.trained_files import WEIGHTS_FILE
 from echolabel.settings import Settings
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
-from workers.training.trainer import neighbour_votes
+from workers.training.validation import neighbour_votes
 
 
 def outer_split(

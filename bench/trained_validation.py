@@ -20,7 +20,7 @@ from PIL import Image
 
 from echolabel.encoders import load_encoder
 from echolabel.encoders.trained_files import read_config
-from workers.training.trainer import knn_vote_accuracy
+from workers.training.validation import knn_vote_accuracy
 
 
 def main() -> None:

@@ -360,7 +360,7 @@ def test_training_reads_images_as_embedding_does(tmp_path, settings):
     from pydicom.data import get_testdata_file
 
     from echolabel.encoders.trained import resize_crop
-    from workers.training.trainer import load_images
+    from workers.training.data import load_images
 
     cine = tmp_path / "cine.dcm"  # a 30-frame ultrasound loop with burned-in text
     shutil.copyfile(get_testdata_file("examples_ybr_color.dcm"), cine)

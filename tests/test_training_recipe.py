@@ -264,7 +264,7 @@ def test_the_table_pools_folds_by_image_counts():
 
 
 def test_neighbour_vote_scores_are_the_products_vote_with_abstentions_as_misses():
-    from workers.training.trainer import neighbour_vote_scores
+    from workers.training.validation import neighbour_vote_scores
 
     settings = Settings(top_k=5, min_neighbours=3, min_score=0.6)
     rng = np.random.default_rng(0)
@@ -315,9 +315,9 @@ def test_neighbour_vote_scores_are_the_products_vote_with_abstentions_as_misses(
 
 
 def scripted_validate(monkeypatch, head: list[float], neighbours: list[float]) -> list[Any]:
-    """Replace the trainer's validation with scripted scores per epoch (constant loss), and
+    """Replace the epoch loop's validation with scripted scores per epoch (constant loss), and
     record what each call was given to vote with."""
-    from workers.training import trainer
+    from workers.training import fitting
 
     given: list[Any] = []
 
@@ -329,7 +329,7 @@ def scripted_validate(monkeypatch, head: list[float], neighbours: list[float]) -
             scores |= {"val_neighbour_vote_accuracy": neighbours[epoch], "neighbour_s": 0.01}
         return {**scores, "val_fields": {}}
 
-    monkeypatch.setattr(trainer, "_validate", validate)
+    monkeypatch.setattr(fitting, "validate", validate)
     return given
 
 

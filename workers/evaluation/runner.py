@@ -17,9 +17,10 @@ from echolabel.embedding import Embedder, ImageLoader, TaskImage
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
+from workers.training.options import TrainOptions
 from workers.training.samples import Sample
 from workers.training.selection import RetrainPolicy
-from workers.training.trainer import TrainOptions, train_encoder
+from workers.training.trainer import train_encoder
 
 from .held_out import held_out, note, trained_on
 from .learning_curve import batch_sizes

@@ -1,21 +1,21 @@
 """Training an encoder on a project's own labels (`echolabel train-encoder`).
 
 The trainer (torch, timm) is imported when first asked for, so that importing the policy
-(`selection`) or the samples does not.
+(`selection`), the samples or the options does not.
 """
 
 from typing import Any
 
+from workers.training.options import TrainOptions
+from workers.training.progress import TrainingProgress
 from workers.training.samples import Sample, TrainingRefused, check_trainable, class_counts
-
-_TRAINER = ("TrainingProgress", "TrainOptions", "train_encoder")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TRAINER:
-        from workers.training import trainer
+    if name == "train_encoder":
+        from workers.training.trainer import train_encoder
 
-        return getattr(trainer, name)
+        return train_encoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

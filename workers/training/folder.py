@@ -11,9 +11,11 @@ from typing import Any
 
 from echolabel.core.runtime import Runtime
 from echolabel.settings import Settings
+from workers.training.options import TrainOptions
+from workers.training.progress import TrainingProgress
 from workers.training.samples import Sample
 from workers.training.sources import folder_samples
-from workers.training.trainer import TrainingProgress, TrainOptions, train_encoder
+from workers.training.trainer import train_encoder
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from echolabel.images import ImageFetcher
 from echolabel.vote import is_multi_choice
 from vectorstore import Point, VectorStore
 from workers.evaluation.held_out import trained_on
+from workers.training.options import TrainOptions
 from workers.training.samples import Sample, TrainingRefused
 from workers.training.selection import (
     Candidate,
@@ -31,7 +32,7 @@ from workers.training.selection import (
     product_vote_correct,
     retraining_due,
 )
-from workers.training.trainer import TrainOptions, train_encoder
+from workers.training.trainer import train_encoder
 
 log = logging.getLogger(__name__)
 

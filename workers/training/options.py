@@ -1,0 +1,70 @@
+"""The training recipe (`TrainOptions`) and the validation scores `select_by` may pick the best
+epoch by: a module of its own because every step of training reads it; it imports no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from echolabel.settings import Settings
+
+# What `select_by` may name, and the validation score (a key of each epoch's curve) it picks
+# the best epoch by: the heads' accuracy, or the product's vote of the training images.
+SELECTION_SCORES = {"head": "val_accuracy", "neighbours": "val_neighbour_vote_accuracy"}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    start: str = "efficientnet_lite0"  # pretrained encoder whose backbone is fine-tuned
+    epochs: int = 10
+    patience: int = 3  # epochs without a better validation score before stopping
+    batch_size: int = 32
+    input_size: int = 160
+    # The stem and this many first stages stay frozen. 4 (of 7) beat 5 on BUSI's validation
+    # fold: product vote 0.802 vs 0.777, malignant recall 32/42 vs 29/42, no abstention
+    # (docs/training.md, bench/recipe_validation.py).
+    freeze_blocks: int = 4
+    views: int = 4  # augmented views per image whose frozen features are computed once
+    lr: float = 3e-4  # backbone; heads learn 10x faster (they start from scratch)
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    # Weight of the supervised-contrastive term (0: off). 0.5 beat 0 on the BUSI validation
+    # split: kNN vote 0.86 vs 0.80, head accuracy 0.86 vs 0.83 (docs/training.md).
+    metric_weight: float = 0.5
+    val_fraction: float = 0.15
+    hflip: bool = True
+    # Embed (and validate) each image as the mean of its features and its mirror's: the
+    # encoder then sees one geometry whichever way the probe was held.
+    tta_hflip: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    min_per_class: int = 10  # the settings' default (ECHOLABEL_MIN_PER_CLASS)
+    # Which validation score keeps the best epoch and drives `patience` (ties: lower loss):
+    # "head", the heads' accuracy; or "neighbours", the vote the product makes: each
+    # early-stopping image voted by its top-k nearest training images (embedded as the encoder
+    # will embed them) with `echolabel.vote`, an abstention a miss. The head is never used to
+    # predict; "neighbours" costs one forward of the trained part over the training images
+    # per epoch. It did not beat "head" on BUSI's 4 validation folds: product vote +4, 0, 0,
+    # -4 images, mean -0.000 +- 0.010 (docs/training.md, bench/recipe_validation.py).
+    select_by: str = "head"
+    # The vote "neighbours" scores: the settings' defaults (ECHOLABEL_TOP_K,
+    # ECHOLABEL_MIN_NEIGHBOURS, ECHOLABEL_MIN_SCORE).
+    vote_top_k: int = 10
+    vote_min_neighbours: int = 3
+    vote_min_score: float = 0.5
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, options: Mapping[str, Any] | None = None
+    ) -> TrainOptions:
+        """The recipe with the settings' device, minimum per class and vote (top-k, minimum
+        neighbours, minimum share), and `options` (TrainOptions fields) over them."""
+        chosen = {
+            "device": settings.device,
+            "min_per_class": settings.min_per_class,
+            "vote_top_k": settings.top_k,
+            "vote_min_neighbours": settings.min_neighbours,
+            "vote_min_score": settings.min_score,
+        }
+        return cls(**{**chosen, **(options or {})})
