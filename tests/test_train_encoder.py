@@ -43,8 +43,11 @@ from workers.training import (
 from workers.training.samples import validation_split
 from workers.training.sources import folder_samples
 
-# Small enough to train in seconds on a busy CPU: 64 px, one augmented view, two epochs.
-TINY = TrainOptions(input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20)
+# Small enough to train in seconds on a busy CPU: 64 px, one augmented view, two epochs; with
+# an early-stopping split, whose scores these tests read (the recipe has none by default).
+TINY = TrainOptions(
+    input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20, val_fraction=0.15
+)
 CONFIG = DARK_BRIGHT_CONFIG
 
 
@@ -170,6 +173,42 @@ def test_refuses_with_the_class_counts_when_a_class_is_too_small(tmp_path, setti
         assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "at least 13 labelled images" in err and "organ: bright 12, dark 12" in err
+
+
+def test_without_an_early_stopping_split_every_epoch_runs_and_the_last_is_kept(
+    tmp_path, settings
+):
+    root = folder(tmp_path / "data")
+    samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
+    seen = []
+    summary = train_on_folder(
+        settings,
+        root,
+        samples,
+        "all",
+        dataclasses.replace(TINY, val_fraction=0.0, epochs=3, patience=1),
+        on_progress=lambda p: seen.append(p.as_meta()),
+    )
+    report = json.loads((Path(summary["path"]) / "report.json").read_text())
+    # Patience 1 would have stopped a validated run early; here nothing is validated.
+    assert [c["epoch"] for c in report["curves"]] == [1, 2, 3]
+    assert summary["best_epoch"] == 3 and summary["epochs_run"] == 3
+    assert summary["val_accuracy"] is None and summary["selected_by"] == "last epoch"
+    assert report["validation_split"] == "none" and report["validation"] is None
+    assert report["class_counts"]["train"]["organ"] == {"bright": 20, "dark": 20}
+    assert all("val_accuracy" not in c for c in report["curves"])
+    config = read_config(Path(summary["path"]))
+    assert {i["role"] for i in config["training"]["images"]} == {"train"}
+    epochs = [m for m in seen if m["stage"].startswith("epoch")]
+    assert [m["val_accuracy"] for m in epochs] == [None, None, None]
+    with pytest.raises(ValueError, match="select_by='neighbours' picks the epoch on validation"):
+        train_on_folder(
+            settings,
+            root,
+            samples,
+            "all",
+            dataclasses.replace(TINY, val_fraction=0.0, select_by="neighbours"),
+        )
 
 
 def test_validation_split_is_patient_disjoint_and_stratified():

@@ -83,7 +83,12 @@ def _add_train_encoder(sub: Any) -> None:
         type=float,
         help=f"weight of a supervised-contrastive term (0: off); {recipe}",
     )
-    train.add_argument("--val-fraction", type=float, help=recipe)
+    train.add_argument(
+        "--val-fraction",
+        type=float,
+        help="share held out to pick the best epoch and stop early (0: none, every epoch runs "
+        f"and the last is kept; rows marked validation are used all the same); {recipe}",
+    )
     train.add_argument("--no-hflip", action="store_true", help="no mirrored images")
     train.add_argument(
         "--tta-hflip",

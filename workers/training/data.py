@@ -99,8 +99,13 @@ def prepare_data(
     train_set, val_set = validation_split(
         loaded.samples, fields, options.val_fraction, options.seed
     )
-    if not val_set:
+    if not val_set and options.val_fraction > 0:
         raise TrainingRefused("no validation images: give a validation split or --val-fraction")
+    if not val_set and options.select_by != "head":
+        raise ValueError(
+            f"select_by={options.select_by!r} picks the epoch on validation images: give a "
+            "validation split or --val-fraction"
+        )
     classes = [sorted(class_counts(loaded.samples, fields)[f]) for f in fields]
     index_of = {s.id: i for i, s in enumerate(loaded.samples)}
 

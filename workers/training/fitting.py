@@ -1,5 +1,6 @@
 """The epoch loop: train on the frozen trunk's cached features, validate after every epoch, stop
-early, and keep the best epoch's weights."""
+early, and keep the best epoch's weights; without validation images, run every epoch and keep
+the last."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def fit(
 ) -> FitResult:
     """Train epoch after epoch, validate after each, stop after `patience` epochs without a
     better validation score (`options.select_by`; ties: lower loss), and leave the best
-    epoch's weights loaded.
+    epoch's weights loaded. Without validation images (`val_views` of none), every epoch runs
+    and the last is kept.
 
     `labelled_views` (`plain_trunk_features` of the training images) are the neighbours the
     product's vote is scored with; `select_by="neighbours"` needs them."""
@@ -141,15 +143,20 @@ def fit(
         epoch_started = time.monotonic()
         losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
         scheduler.step()
-        scores = validate(
-            model,
-            val_views,
-            data.val_y,
-            data.classes,
-            data.fields,
-            device,
-            labelled=labelled,
-            options=options,
+        validating = val_views.shape[1] > 0
+        scores = (
+            validate(
+                model,
+                val_views,
+                data.val_y,
+                data.classes,
+                data.fields,
+                device,
+                labelled=labelled,
+                options=options,
+            )
+            if validating
+            else {}
         )
         seconds = time.monotonic() - epoch_started
         curves.append(
@@ -160,30 +167,32 @@ def fit(
                 **scores,
             }
         )
-        improved = best is None or (scores[criterion], -scores["val_loss"]) > (
-            best[criterion],
-            -best["val_loss"],
+        improved = (
+            not validating
+            or best is None
+            or (scores[criterion], -scores["val_loss"]) > (best[criterion], -best["val_loss"])
         )
         if improved:
             best = curves[-1]
-            best_state = copy.deepcopy(model.state_dict())
+            # Without validation the last epoch is kept: no copy until the loop ends.
+            best_state = copy.deepcopy(model.state_dict()) if validating else None
             epochs_without_gain = 0
         else:
             epochs_without_gain += 1
         progress.epoch = progress.done = epoch
         progress.loss = curves[-1]["loss"]
-        progress.val_accuracy = scores["val_accuracy"]
+        progress.val_accuracy = scores.get("val_accuracy")
         progress.eta_s = round(seconds * (options.epochs - epoch), 1)
-        progress.stage = (
-            f"epoch {epoch}/{options.epochs}: loss {progress.loss:.3f}, "
-            f"val acc {scores['val_accuracy']:.3f}"
-        )
-        if labelled is not None:
+        progress.stage = f"epoch {epoch}/{options.epochs}: loss {progress.loss:.3f}"
+        if validating:
+            progress.stage += f", val acc {scores['val_accuracy']:.3f}"
+        if validating and labelled is not None:
             progress.stage += f", neighbours' vote {scores['val_neighbour_vote_accuracy']:.3f}"
         on_progress(progress)
         log.info("epoch", extra={k: v for k, v in curves[-1].items() if k != "val_fields"})
         if epochs_without_gain >= options.patience:
             break
-    assert best is not None and best_state is not None
-    model.load_state_dict(best_state)
+    assert best is not None
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return FitResult(curves, best, time.monotonic() - started)

@@ -140,6 +140,8 @@ def cache_trunk_features(
             for _ in range(options.views)
         ]
     )
+    if not len(data.val_idx):
+        return views, views[:, :0]  # no early-stopping split
     val_views = plain_trunk_features(
         model, data.pixels[data.val_idx], options, mean, std, device, on_batch
     )

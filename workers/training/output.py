@@ -81,16 +81,23 @@ def build_report(
         "validation_split": (
             "given"
             if any(s.role == "validation" for s in samples)
+            else "none"
+            if not data.val_set
             else "patient-disjoint"
             if any(s.group for s in samples)
             else "stratified random"
         ),
         "curves": result.curves,
         "best_epoch": result.best["epoch"],
-        # The curves' score that picked the best epoch and drove the early stopping.
-        "selected_by": {"option": options.select_by, "score": SELECTION_SCORES[options.select_by]},
+        # The curves' score that picked the best epoch and drove the early stopping; without
+        # validation images every epoch ran and the last was kept.
+        "selected_by": (
+            {"option": options.select_by, "score": SELECTION_SCORES[options.select_by]}
+            if data.val_set
+            else {"option": "last epoch", "score": None}
+        ),
         "stopped_early": len(result.curves) < options.epochs,
-        "validation": result.best,
+        "validation": result.best if data.val_set else None,
         "failed_images": data.loaded.failed,
         "options": asdict(options),
         "device": device,

@@ -1,6 +1,7 @@
 """Fine-tune a pretrained backbone on labelled images (one classification head per choices
-field, summed cross-entropy, optionally a supervised-contrastive term on the embedding), stop
-early on the validation split, and save a versioned encoder the registry loads.
+field, summed cross-entropy, optionally a supervised-contrastive term on the embedding), for a
+fixed number of epochs or stopping early on a validation split, and save a versioned encoder
+the registry loads.
 
 `train_encoder` runs the steps in order; each lives in a module of its own: `data`, `model`,
 `fitting` (with `validation` after every epoch) and `output`.
@@ -144,10 +145,11 @@ def train_encoder(
         "path": str(path),
         "best_epoch": result.best["epoch"],
         "epochs_run": len(result.curves),
-        "val_accuracy": result.best["val_accuracy"],
-        "selected_by": options.select_by,
-        "val_selection_score": result.best[SELECTION_SCORES[options.select_by]],
-        "val_fields": result.best["val_fields"],
+        # None without validation images: the last epoch is kept (report["selected_by"]).
+        "val_accuracy": result.best.get("val_accuracy"),
+        "selected_by": report["selected_by"]["option"],
+        "val_selection_score": result.best.get(SELECTION_SCORES[options.select_by]),
+        "val_fields": result.best.get("val_fields", {}),
         "class_counts": report["class_counts"],
         "validation_split": report["validation_split"],
         "failed_images": len(data.loaded.failed),
