@@ -44,7 +44,7 @@ from workers.training.samples import validation_split
 from workers.training.sources import folder_samples
 
 # Small enough to train in seconds on a busy CPU: 64 px, one augmented view, two epochs; with
-# an early-stopping split, whose scores these tests read (the recipe has none by default).
+# the recipe's early-stopping split, whose scores these tests read.
 TINY = TrainOptions(
     input_size=64, epochs=2, views=1, batch_size=16, min_per_class=20, val_fraction=0.15
 )
@@ -175,9 +175,7 @@ def test_refuses_with_the_class_counts_when_a_class_is_too_small(tmp_path, setti
     assert "at least 13 labelled images" in err and "organ: bright 12, dark 12" in err
 
 
-def test_without_an_early_stopping_split_every_epoch_runs_and_the_last_is_kept(
-    tmp_path, settings
-):
+def test_without_an_early_stopping_split_every_epoch_runs_and_the_last_is_kept(tmp_path, settings):
     root = folder(tmp_path / "data")
     samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
     seen = []
