@@ -136,6 +136,7 @@ def fit(
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_gain = 0
+    validating = val_views.shape[1] > 0  # (passes, images, ...): no images, no early stopping
     started = time.monotonic()
     progress.stage, progress.total, progress.done = "training", options.epochs, 0
     on_progress(progress)
@@ -143,7 +144,6 @@ def fit(
         epoch_started = time.monotonic()
         losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
         scheduler.step()
-        validating = val_views.shape[1] > 0
         scores = (
             validate(
                 model,
