@@ -122,8 +122,8 @@ def fit(
 ) -> FitResult:
     """Train epoch after epoch, validate after each, stop after `patience` epochs without a
     better validation score (`options.select_by`; ties: lower loss), and leave the best
-    epoch's weights loaded. Without validation images (`val_views` of none), every epoch runs
-    and the last is kept.
+    epoch's weights loaded. Without validation images, every epoch runs and the last is
+    kept.
 
     `labelled_views` (`plain_trunk_features` of the training images) are the neighbours the
     product's vote is scored with; `select_by="neighbours"` needs them."""
@@ -136,7 +136,7 @@ def fit(
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_gain = 0
-    validating = val_views.shape[1] > 0  # (passes, images, ...): no images, no early stopping
+    validating = bool(data.val_set)  # no validation images: every epoch runs, the last kept
     started = time.monotonic()
     progress.stage, progress.total, progress.done = "training", options.epochs, 0
     on_progress(progress)

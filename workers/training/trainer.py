@@ -68,9 +68,9 @@ def train_encoder(
     name, path, validation scores, class counts, timings).
 
     The steps: prepare the data (load, split, targets), build the model (pretrained backbone,
-    frozen trunk, heads), cache the frozen trunk's features, fit (the epoch loop with
-    validation and early stopping), save. Raises TrainingRefused when a class has fewer than
-    `options.min_per_class` images."""
+    frozen trunk, heads), cache the frozen trunk's features, fit (the epoch loop, with
+    validation and early stopping where there are validation images), save. Raises
+    TrainingRefused when a class has fewer than `options.min_per_class` images."""
     check_base_name(name)
     check_options(options)
     fields = list(fields)
