@@ -82,6 +82,9 @@ class Settings:
     # the last decision; `patient_key` (a task data key) keeps patients on one side of its split.
     auto_retrain: bool = True
     retrain_growth: float = 0.25
+    # Share of the labelled images (by a stable hash of patient or task) a challenger is judged
+    # on and no encoder of the loop trains on.
+    retrain_holdout: float = 0.2
     retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
     index_check_s: float = 60.0  # how often it looks for vote indexes the labels outgrew
     # TrainOptions for the loop's challengers (JSON, e.g. {"epochs": 5}); the recipe otherwise.
@@ -193,6 +196,7 @@ class Settings:
             min_per_class=reader.integer("ECHOLABEL_MIN_PER_CLASS", cls.min_per_class, 1),
             auto_retrain=reader.flag("ECHOLABEL_AUTO_RETRAIN", cls.auto_retrain),
             retrain_growth=reader.fraction("ECHOLABEL_RETRAIN_GROWTH", cls.retrain_growth),
+            retrain_holdout=reader.fraction("ECHOLABEL_RETRAIN_HOLDOUT", cls.retrain_holdout),
             index_check_s=float(
                 reader.integer("ECHOLABEL_INDEX_CHECK_S", int(cls.index_check_s), 0)
             ),
@@ -206,6 +210,11 @@ class Settings:
             ),
             log_json=reader.flag("ECHOLABEL_LOG_JSON", cls.log_json),
         )
+        if not 0 < settings.retrain_holdout < 1:
+            raise ConfigError(
+                f"ECHOLABEL_RETRAIN_HOLDOUT={settings.retrain_holdout} must be above 0 and "
+                "below 1: the loop needs images to judge on and images to train on"
+            )
         if settings.basic_auth_user and not settings.basic_auth_pass:
             raise ConfigError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty")
         if settings.top_k < settings.min_neighbours:

@@ -62,6 +62,7 @@ class RetrainPolicy:
         return cls(
             enabled=settings.auto_retrain,
             growth=settings.retrain_growth,
+            holdout_fraction=settings.retrain_holdout,
             min_per_class=settings.min_per_class,
             k=settings.top_k,
             min_neighbours=settings.min_neighbours,
