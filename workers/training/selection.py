@@ -58,7 +58,8 @@ class RetrainPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetrainPolicy:
-        """The policy the backend runs: switch, growth, guard-rail and vote from the settings."""
+        """The policy the backend runs: switch, growth, held-out share, guard-rail and vote from
+        the settings."""
         return cls(
             enabled=settings.auto_retrain,
             growth=settings.retrain_growth,
