@@ -37,14 +37,15 @@ from workers.training.samples import Sample, TrainingRefused, check_trainable, c
 class RetrainPolicy:
     """When a challenger is trained and what it must show to be promoted."""
 
-    enabled: bool = True
-    growth: float = 0.25  # labels must grow by this share since the last decision
-    min_per_class: int = 10  # the guard-rail: every class needs this many labelled images
-    holdout_fraction: float = 0.2
+    # What `from_settings` fills defaults to the settings' own defaults: one source for each.
+    enabled: bool = Settings.auto_retrain
+    growth: float = Settings.retrain_growth  # labels grow by this share since the last decision
+    min_per_class: int = Settings.min_per_class  # the guard-rail: images every class needs
+    holdout_fraction: float = Settings.retrain_holdout
     min_holdout_per_class: int = 5
-    k: int = 10
-    min_neighbours: int = 3
-    min_score: float = 0.5
+    k: int = Settings.top_k
+    min_neighbours: int = Settings.min_neighbours
+    min_score: float = Settings.min_score
     resamples: int = 2000
     confidence: float = 0.95
     seed: int = 0
