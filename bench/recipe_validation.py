@@ -114,13 +114,18 @@ def score_votes(
     settings: Settings,
     head: torch.Tensor | None = None,
     head_weight: float = 0.5,
+    prior_power: float = 0.0,
 ) -> dict[str, Any]:
     """Accuracy (abstentions as misses), coverage, accuracy where voted and per-class recall
     of the product's vote for every query among the labelled vectors (rows L2-normalised).
 
     With `head` ((queries, classes) probabilities), each class's score is the neighbours'
     share and the head's probability mixed by `head_weight`; the same abstention rules apply
-    to the mixed score (support below the minimum, winner under the minimum share)."""
+    to the mixed score (support below the minimum, winner under the minimum share).
+
+    With `prior_power` > 0, each class's weight is divided by its share of the labelled images
+    to that power before the shares are taken (1: every class counts as if equally common),
+    with the same abstention rules."""
     votes = neighbour_votes(
         labelled,
         [{field: y} for y in labelled_y],
@@ -130,9 +135,17 @@ def score_votes(
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
     )
+    prior = {cls: list(labelled_y).count(cls) / len(labelled_y) for cls in classes}
     outcome: list[str | None] = []
     for row, by_field in enumerate(votes):
         voted = by_field[field]
+        if prior_power and voted.weights:
+            corrected = {c: w / prior[c] ** prior_power for c, w in voted.weights.items()}
+            winner = min(corrected, key=lambda cls: (-corrected[cls], cls))
+            share = corrected[winner] / sum(corrected.values())
+            ok = voted.support >= settings.min_neighbours and share >= settings.min_score
+            outcome.append(winner if ok else None)
+            continue
         if head is None:
             outcome.append(voted.label)
             continue
@@ -227,7 +240,12 @@ def run(
         features = (plain + mirrored) / 2 if tta else plain
         vectors = torch.nn.functional.normalize(features, dim=1)
         head = head_probabilities(path, features[n:])
-        for mode in ("neighbours", "neighbours+head"):
+        for mode, power in (
+            ("neighbours", 0.0),
+            ("neighbours+head", 0.0),
+            ("neighbours, prior^0.5", 0.5),
+            ("neighbours, prior^1", 1.0),
+        ):
             scores = score_votes(
                 vectors[:n],
                 y[:n],
@@ -238,6 +256,7 @@ def run(
                 settings,
                 head=head if mode == "neighbours+head" else None,
                 head_weight=head_weight,
+                prior_power=power,
             )
             results.append(
                 {

@@ -25,6 +25,25 @@ class UltrasoundAugment:
     gamma: tuple[float, float] = (0.8, 1.25)  # display curve
     hflip: bool = True  # mirrored probe orientation; off where left/right carries the label
 
+    @classmethod
+    def scaled(cls, strength: float, *, hflip: bool = True) -> UltrasoundAugment:
+        """The default ranges widened (or narrowed) by `strength`: angle, shift and the log of
+        the zoom, gain and gamma factors all scale with it; 0 leaves only the mirror."""
+        base = cls()
+
+        def around_one(bounds: tuple[float, float]) -> tuple[float, float]:
+            low, high = bounds
+            return (math.exp(strength * math.log(low)), math.exp(strength * math.log(high)))
+
+        return cls(
+            degrees=base.degrees * strength,
+            translate=base.translate * strength,
+            scale=around_one(base.scale),
+            gain=around_one(base.gain),
+            gamma=around_one(base.gamma),
+            hflip=hflip,
+        )
+
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = batch.shape[0]
         u = torch.rand(n, 7, generator=generator)

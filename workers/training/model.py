@@ -126,7 +126,7 @@ def cache_trunk_features(
 
     The frozen trunk costs most of the compute (it runs at the highest resolutions), so it
     runs once per augmented view instead of once per epoch."""
-    augment = UltrasoundAugment(hflip=options.hflip)
+    augment = UltrasoundAugment.scaled(options.augment_strength, hflip=options.hflip)
     views = torch.stack(
         [
             _trunk_features(

@@ -44,6 +44,9 @@ class TrainOptions:
     # 10 seeds, worse on 3, better on 1): not kept (docs/training.md).
     val_fraction: float = 0.15
     hflip: bool = True
+    # How far the training views move from the image (`UltrasoundAugment.scaled`): 1 is the
+    # default's ±5°, ±5 % shift, zoom 0.9–1.1, gain and gamma 0.8–1.25.
+    augment_strength: float = 1.0
     # Embed (and validate) each image as the mean of its features and its mirror's: the
     # encoder then sees one geometry whichever way the probe was held.
     tta_hflip: bool = False
