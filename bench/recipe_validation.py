@@ -115,6 +115,7 @@ def score_votes(
     head: torch.Tensor | None = None,
     head_weight: float = 0.5,
     prior_power: float = 0.0,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
     """Accuracy (abstentions as misses), coverage, accuracy where voted and per-class recall
     of the product's vote for every query among the labelled vectors (rows L2-normalised).
@@ -125,7 +126,11 @@ def score_votes(
 
     With `prior_power` > 0, each class's weight is divided by its share of the labelled images
     to that power before the shares are taken (1: every class counts as if equally common),
-    with the same abstention rules."""
+    with the same abstention rules.
+
+    With `temperature` > 0, a neighbour of cosine similarity s weighs exp((s - 1) / temperature)
+    instead of s: the nearest neighbours count for more."""
+    sharpen = (lambda s: torch.exp((s - 1) / temperature)) if temperature else None
     votes = neighbour_votes(
         labelled,
         [{field: y} for y in labelled_y],
@@ -134,6 +139,7 @@ def score_votes(
         top_k=settings.top_k,
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
+        weigh=sharpen,
     )
     prior = {cls: list(labelled_y).count(cls) / len(labelled_y) for cls in classes}
     outcome: list[str | None] = []
@@ -240,11 +246,13 @@ def run(
         features = (plain + mirrored) / 2 if tta else plain
         vectors = torch.nn.functional.normalize(features, dim=1)
         head = head_probabilities(path, features[n:])
-        for mode, power in (
-            ("neighbours", 0.0),
-            ("neighbours+head", 0.0),
-            ("neighbours, prior^0.5", 0.5),
-            ("neighbours, prior^1", 1.0),
+        for mode, power, temperature in (
+            ("neighbours", 0.0, 0.0),
+            ("neighbours+head", 0.0, 0.0),
+            ("neighbours, prior^0.5", 0.5, 0.0),
+            ("neighbours, prior^1", 1.0, 0.0),
+            ("neighbours, exp(s/0.1)", 0.0, 0.1),
+            ("neighbours, exp(s/0.03)", 0.0, 0.03),
         ):
             scores = score_votes(
                 vectors[:n],
@@ -257,6 +265,7 @@ def run(
                 head=head if mode == "neighbours+head" else None,
                 head_weight=head_weight,
                 prior_power=power,
+                temperature=temperature,
             )
             results.append(
                 {

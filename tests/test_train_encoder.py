@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from backend.admin import Admin
@@ -22,6 +23,7 @@ from echolabel.core.model import SimilarityModel
 from echolabel.core.runtime import Runtime
 from echolabel.embedding import TaskImage
 from echolabel.encoders import load_encoder
+from echolabel.encoders.trained import load_trained
 from echolabel.encoders.trained_files import read_config
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
@@ -40,6 +42,7 @@ from workers.training import (
     TrainOptions,
     train_encoder,
 )
+from workers.training.fitting import weight_average
 from workers.training.samples import validation_split
 from workers.training.sources import folder_samples
 
@@ -414,3 +417,33 @@ def test_training_reads_images_as_embedding_does(tmp_path, settings):
         assert trained_on[crop].equal(resize_crop(fetcher.load(str(cine), min_side=64), 64))
         fetcher.close()
     assert not trained_on["off"].equal(trained_on["dicom"]), "the crop reached training"
+
+
+def test_weight_average_follows_the_weights_and_batch_norm_statistics():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert weight_average(net, TINY, steps_per_epoch=4) is None  # off by default
+    # Half-life one step: each update moves the average halfway to the live weights.
+    averaged = weight_average(
+        net, dataclasses.replace(TINY, ema_halflife_epochs=1.0), steps_per_epoch=1
+    )
+    assert averaged is not None
+    first = net[0].weight.detach().clone()
+    averaged.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+    averaged.update_parameters(net)
+    assert torch.allclose(averaged.module[0].weight, first + 0.5)
+    assert torch.allclose(averaged.module[1].running_mean, torch.full((2,), 1.0))
+
+
+def test_training_with_a_weight_average_records_it_and_the_encoder_loads(tmp_path, settings):
+    root = folder(tmp_path / "data")
+    samples, _ = folder_samples(root, root / "labels.csv", ["organ"], split_column="split")
+    options = dataclasses.replace(TINY, ema_halflife_epochs=0.5)
+    summary = train_on_folder(settings, root, samples, "averaged", options)
+    encoder = load_trained(Path(summary["path"]))
+    report = json.loads((Path(summary["path"]) / "report.json").read_text())
+    assert report["options"]["ema_halflife_epochs"] == 0.5
+    assert summary["val_accuracy"] is not None
+    assert encoder.embed([Image.new("RGB", (48, 48), (200, 200, 200))]).shape[0] == 1

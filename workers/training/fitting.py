@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from workers.training.data import TrainingData
 from workers.training.model import Model
@@ -75,9 +76,10 @@ def train_epoch(
     options: TrainOptions,
     generator: torch.Generator,
     device: str,
+    after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """One pass over the training images in a random order, each from a random cached view;
-    the loss of every batch."""
+    the loss of every batch. `after_step` runs after every optimiser step."""
     model.train()
     model.trunk.eval()
     count = views.shape[1]
@@ -104,8 +106,22 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def weight_average(
+    model: Model, options: TrainOptions, steps_per_epoch: int
+) -> AveragedModel | None:
+    """An exponential moving average of the model's weights and batch-norm statistics whose
+    half-life is `options.ema_halflife_epochs` epochs (None: off). Scored and kept instead of
+    the live weights, it smooths the last steps' noise out of the chosen epoch."""
+    if options.ema_halflife_epochs <= 0:
+        return None
+    decay = 0.5 ** (1 / (options.ema_halflife_epochs * max(steps_per_epoch, 1)))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def fit(
@@ -132,6 +148,9 @@ def fit(
         raise ValueError("select_by='neighbours' needs the training images' trunk features")
     labelled = None if labelled_views is None else (labelled_views, data.train_y)
     optimizer, scheduler = make_optimizer(model, options)
+    averaged = weight_average(model, options, -(-views.shape[1] // options.batch_size))
+    scored = model if averaged is None else averaged.module
+    after_step = None if averaged is None else (lambda: averaged.update_parameters(model))
     curves: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -142,11 +161,13 @@ def fit(
     on_progress(progress)
     for epoch in range(1, options.epochs + 1):
         epoch_started = time.monotonic()
-        losses = train_epoch(model, optimizer, views, data.train_y, options, generator, device)
+        losses = train_epoch(
+            model, optimizer, views, data.train_y, options, generator, device, after_step
+        )
         scheduler.step()
         scores = (
             validate(
-                model,
+                scored,
                 val_views,
                 data.val_y,
                 data.classes,
@@ -175,7 +196,7 @@ def fit(
         if improved:
             best = curves[-1]
             # Without validation the last epoch is kept: no copy until the loop ends.
-            best_state = copy.deepcopy(model.state_dict()) if validating else None
+            best_state = copy.deepcopy(scored.state_dict()) if validating else None
             epochs_without_gain = 0
         else:
             epochs_without_gain += 1
@@ -193,6 +214,8 @@ def fit(
         if epochs_without_gain >= options.patience:
             break
     assert best is not None
+    if best_state is None and averaged is not None:
+        best_state = averaged.module.state_dict()  # no validation: the last average
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(curves, best, time.monotonic() - started)

@@ -50,6 +50,9 @@ class TrainOptions:
     # Embed (and validate) each image as the mean of its features and its mirror's: the
     # encoder then sees one geometry whichever way the probe was held.
     tta_hflip: bool = False
+    # Score and keep an exponential moving average of the weights with this half-life in
+    # epochs instead of the live weights (0: off).
+    ema_halflife_epochs: float = 0.0
     seed: int = 0
     device: str = "cpu"
     min_per_class: int = 10  # the settings' default (ECHOLABEL_MIN_PER_CLASS)

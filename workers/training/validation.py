@@ -5,7 +5,7 @@ embedding's own kNN vote, and the vote the product makes with the training image
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,10 +121,14 @@ def neighbour_votes(
     top_k: int,
     min_neighbours: int,
     min_score: float,
+    weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, FieldVote]]:
     """The vote the product makes for each query (rows L2-normalised): its `top_k` most
-    similar labelled rows, each with its `labels`, voted by `echolabel.vote`."""
+    similar labelled rows, each with its `labels`, voted by `echolabel.vote`; `weigh` maps
+    the similarities to the vote's weights (default: the similarities, as the product)."""
     sims, indices = (queries @ labelled.T).topk(min(top_k, len(labelled)), dim=1)
+    if weigh is not None:
+        sims = weigh(sims)
     return [
         vote(
             [
