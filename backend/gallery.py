@@ -97,7 +97,7 @@ def render_gallery(gallery: dict[str, Any]) -> str:
 <img src="{escape(gallery["thumbnail"])}" alt="task {escape(str(task))}">
 <figcaption>this task: {own}<br>{own_link}</figcaption></figure>
 <div><h2>Vote of its {len(gallery["neighbours"])} nearest labelled neighbours</h2>
-<table><tr><th>field</th><th>suggestion (share of similarity)</th><th>weights</th></tr>
+<table><tr><th>field</th><th>suggestion (share of the neighbours' weight)</th><th>weights</th></tr>
 {votes}</table>
 <p>task certainty (the prediction's score): <b>{gallery["vote"]["score"]:.3f}</b>
 · model {escape(str(gallery["model_version"]))}</p></div></section>

@@ -43,6 +43,7 @@ from echolabel.core.runtime import Runtime
 from echolabel.encoders.trained import TrainedEncoder, load_trained
 from echolabel.encoders.trained_files import WEIGHTS_FILE
 from echolabel.settings import Settings
+from echolabel.vote import TEMPERATURE
 from workers.training import Sample, TrainOptions, train_encoder
 from workers.training.sources import folder_samples
 from workers.training.validation import neighbour_votes
@@ -115,7 +116,8 @@ def score_votes(
     head: torch.Tensor | None = None,
     head_weight: float = 0.5,
     prior_power: float = 0.0,
-    temperature: float = 0.0,
+    temperature: float = TEMPERATURE,
+    exclude_above: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy (abstentions as misses), coverage, accuracy where voted and per-class recall
     of the product's vote for every query among the labelled vectors (rows L2-normalised).
@@ -128,9 +130,9 @@ def score_votes(
     to that power before the shares are taken (1: every class counts as if equally common),
     with the same abstention rules.
 
-    With `temperature` > 0, a neighbour of cosine similarity s weighs exp((s - 1) / temperature)
-    instead of s: the nearest neighbours count for more."""
-    sharpen = (lambda s: torch.exp((s - 1) / temperature)) if temperature else None
+    `temperature` is how the vote weighs the neighbours (`echolabel.vote`; 0: their
+    similarity). With `exclude_above`, labelled rows at or above that similarity to a query
+    are not among its neighbours."""
     votes = neighbour_votes(
         labelled,
         [{field: y} for y in labelled_y],
@@ -139,7 +141,8 @@ def score_votes(
         top_k=settings.top_k,
         min_neighbours=settings.min_neighbours,
         min_score=settings.min_score,
-        weigh=sharpen,
+        temperature=temperature,
+        exclude_above=exclude_above,
     )
     prior = {cls: list(labelled_y).count(cls) / len(labelled_y) for cls in classes}
     outcome: list[str | None] = []
@@ -186,6 +189,19 @@ def score_votes(
     }
 
 
+def kept_summary(path: Path) -> dict[str, Any]:
+    """What `train_encoder` returned for a kept encoder, read back from its report.json."""
+    report = json.loads((path / "report.json").read_text())
+    curves = report["curves"]
+    best = report["validation"] or curves[-1]
+    return {
+        "path": str(path),
+        "epochs_run": len(curves),
+        "best_epoch": best["epoch"],
+        "timing_s": report["timing_s"],
+    }
+
+
 def machine() -> dict[str, Any]:
     return {
         "host": platform.node(),
@@ -209,8 +225,11 @@ def run(
     head_weight: float,
     settings: Settings,
     tag: str,
+    trained: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Train on the training part, score on the validation part; one result per scoring."""
+    """Train on the training part, score on the validation part; one result per scoring.
+    With `trained` (an encoder this command trained and kept for the same fold), score it
+    again without training."""
     root = images.resolve()
     samples, _ = folder_samples(root, labels, [field], split_column="split")
     train_part, validation = outer_split(samples, field, folds, fold, split_seed)
@@ -220,16 +239,28 @@ def run(
     # The runtime's fetcher, as `echolabel train-encoder` reads a folder (only inside it).
     with Runtime.build(fetch_settings) as runtime:
         fetcher = runtime.fetcher
-        summary = train_encoder(
-            train_part,
-            [field],
-            fetcher=fetcher,
-            encoders_dir=encoders_dir,
-            name=f"recipe-{tag}",
-            options=options,
-            source={"kind": "recipe-validation", "folds": folds, "fold": fold},
+        summary = (
+            kept_summary(trained)
+            if trained
+            else train_encoder(
+                train_part,
+                [field],
+                fetcher=fetcher,
+                encoders_dir=encoders_dir,
+                name=f"recipe-{tag}",
+                options=options,
+                source={"kind": "recipe-validation", "folds": folds, "fold": fold},
+            )
         )
-        train_s = time.monotonic() - started
+        train_s = (
+            sum(
+                v
+                for k, v in summary["timing_s"].items()
+                if k in ("loading", "frozen_features", "training")
+            )
+            if trained
+            else time.monotonic() - started
+        )
         load_after = os.getloadavg()
         path = Path(summary["path"])
         encoder = load_trained(path)
@@ -246,13 +277,18 @@ def run(
         features = (plain + mirrored) / 2 if tta else plain
         vectors = torch.nn.functional.normalize(features, dim=1)
         head = head_probabilities(path, features[n:])
+        # The product's vote (neighbours weighed at `echolabel.vote.TEMPERATURE`), the head
+        # mixed in, and the weightings it was chosen against: the similarity itself (the vote
+        # until 2026-12-07), that with the class prior divided out, other temperatures.
         for mode, power, temperature in (
-            ("neighbours", 0.0, 0.0),
-            ("neighbours+head", 0.0, 0.0),
-            ("neighbours, prior^0.5", 0.5, 0.0),
-            ("neighbours, prior^1", 1.0, 0.0),
+            ("neighbours", 0.0, TEMPERATURE),
+            ("neighbours+head", 0.0, TEMPERATURE),
+            ("neighbours, weighed by s", 0.0, 0.0),
+            ("neighbours, s, prior^0.5", 0.5, 0.0),
+            ("neighbours, s, prior^1", 1.0, 0.0),
             ("neighbours, exp(s/0.1)", 0.0, 0.1),
             ("neighbours, exp(s/0.03)", 0.0, 0.03),
+            ("neighbours, exp(s/0.01)", 0.0, 0.01),
         ):
             scores = score_votes(
                 vectors[:n],
@@ -308,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head-weight", type=float, default=0.5)
     parser.add_argument("--tag", help="name of this variant (default: from the options)")
     parser.add_argument("--encoders-dir", type=Path, help="keep the trained encoders here")
+    parser.add_argument(
+        "--trained",
+        type=Path,
+        help="score this kept encoder (trained on the same --fold) again instead of training",
+    )
     parser.add_argument("--out", type=Path, help="append one JSON line per scoring")
     args = parser.parse_args(argv)
     if args.table:
@@ -331,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_weight=args.head_weight,
             settings=settings,
             tag=tag,
+            trained=args.trained,
         )
     for r in results:
         print(

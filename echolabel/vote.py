@@ -1,5 +1,10 @@
 """Similarity-weighted vote of labelled neighbours, per choices field, with abstention.
 
+Each neighbour weighs exp((s - s_max) / temperature), where s is its cosine similarity to the
+task and s_max the nearest neighbour's: the nearest weighs 1 and every 0.05 of similarity
+further away costs a factor e. With temperature 0 a neighbour weighs its similarity (the vote
+before 2026-12-07).
+
 A single-choice field elects one winner: the label with the largest share of the neighbours'
 weight. A multi-choice field (`<Choices choice="multiple">`, stored as a list of choices) votes
 each choice on its own: a choice's share is the weight of the neighbours that ticked it over
@@ -9,13 +14,23 @@ threshold is suggested.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# Cosine similarity can be ≤ 0 for unrelated images; such neighbours still count a little so
-# that a field with support never has zero total weight.
+# Cosine similarity can be ≤ 0 for unrelated images, and a far neighbour's exponential weight
+# can underflow; such neighbours still count a little so that a field with support never has
+# zero total weight.
 _MIN_WEIGHT = 1e-6
+
+# 0.05 beat the plain similarity on BUSI's validation folds with every encoder scored: the
+# frozen EfficientNet-Lite0 (4-fold vote of the training rows 0.619 → 0.681, 0.655 → 0.744
+# leaving one out; still +0.021 with neighbours above 0.95 similarity removed, which stand in
+# for a patient's other images) and trained encoders (docs/evaluation.md,
+# bench/vote_weighting.py, bench/recipe_validation.py). 0.01 scored higher with every
+# near-duplicate in reach but lower without them: too close to trusting one neighbour.
+TEMPERATURE = 0.05
 
 
 class Neighbour(Protocol):
@@ -39,7 +54,7 @@ class FieldVote:
     # certain per-choice decision, min over choices of max(share, 1 - share). 0: no support.
     score: float
     support: int  # neighbours that carry a label for this field
-    weights: dict[str, float] = field(default_factory=dict)  # summed similarity per choice
+    weights: dict[str, float] = field(default_factory=dict)  # summed weight per choice
     abstain_reason: str | None = None
     min_neighbours: int = 1  # the support the vote needed (see `certainty`)
     multiple: bool = False  # a multi-choice field
@@ -65,30 +80,47 @@ def vote(
     min_neighbours: int,
     min_score: float,
     multiple: Collection[str] = (),
+    temperature: float = TEMPERATURE,
 ) -> dict[str, FieldVote]:
     """Vote every field; abstain when support < min_neighbours or the share < min_score.
 
     Fields named in `multiple` are multi-choice: each choice whose share is ≥ min_score is
-    suggested, and the field abstains when none is (see the module docstring)."""
+    suggested, and the field abstains when none is. Neighbours weigh as the module docstring
+    says (`temperature` 0: their similarity)."""
+    weighted = list(zip(neighbour_weights(neighbours, temperature), neighbours, strict=True))
     return {
         name: (_vote_multiple if name in multiple else _vote_single)(
-            name, neighbours, min_neighbours, min_score
+            name, weighted, min_neighbours, min_score
         )
         for name in fields
     }
 
 
+def neighbour_weights(neighbours: Sequence[Neighbour], temperature: float) -> list[float]:
+    """Each neighbour's weight in the vote: exp((s - s_max) / temperature), or its similarity
+    s when `temperature` is 0; never below a tiny floor."""
+    if not neighbours:
+        return []
+    if temperature <= 0:
+        return [max(n.similarity, _MIN_WEIGHT) for n in neighbours]
+    nearest = max(n.similarity for n in neighbours)
+    return [max(math.exp((n.similarity - nearest) / temperature), _MIN_WEIGHT) for n in neighbours]
+
+
 def _vote_single(
-    name: str, neighbours: Sequence[Neighbour], min_neighbours: int, min_score: float
+    name: str,
+    weighted: Sequence[tuple[float, Neighbour]],
+    min_neighbours: int,
+    min_score: float,
 ) -> FieldVote:
     weights: dict[str, float] = {}
     support = 0
-    for neighbour in neighbours:
+    for weight, neighbour in weighted:
         label = _single(neighbour.labels.get(name))
         if label is None:
             continue
         support += 1
-        weights[label] = weights.get(label, 0.0) + max(neighbour.similarity, _MIN_WEIGHT)
+        weights[label] = weights.get(label, 0.0) + weight
     if not weights:
         return FieldVote(name, None, 0.0, 0, {}, "no labelled neighbours", min_neighbours)
     # Ties go to the label name first in sort order, so results are reproducible.
@@ -114,17 +146,19 @@ def _vote_single(
 
 
 def _vote_multiple(
-    name: str, neighbours: Sequence[Neighbour], min_neighbours: int, min_score: float
+    name: str,
+    weighted: Sequence[tuple[float, Neighbour]],
+    min_neighbours: int,
+    min_score: float,
 ) -> FieldVote:
     weights: dict[str, float] = {}
     total = 0.0
     support = 0
-    for neighbour in neighbours:
+    for weight, neighbour in weighted:
         chosen = choice_set(neighbour.labels.get(name))
         if not chosen:
             continue
         support += 1
-        weight = max(neighbour.similarity, _MIN_WEIGHT)
         total += weight
         for choice in chosen:
             weights[choice] = weights.get(choice, 0.0) + weight

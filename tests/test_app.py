@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 
 import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
+from echolabel.vote import TEMPERATURE
 from tests.helpers import annotation_webhook, dark_and_bright
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -372,7 +374,7 @@ def test_multiple_choice_field_learns_every_choice_and_suggests_those_above_the_
     client, images, settings
 ):
     """A `choice="multiple"` field through the protocol: webhooks store every ticked choice,
-    /predict suggests each choice whose similarity-weighted share among the top-k labelled
+    /predict suggests each choice whose weighted share among the top-k labelled
     neighbours reaches ECHOLABEL_MIN_SCORE (0.5 here), scored by the least certain choice's
     max(share, 1 - share). Expected shares are recomputed here from the store's neighbours."""
     response = client.post(
@@ -418,11 +420,14 @@ def test_multiple_choice_field_learns_every_choice_and_suggests_those_above_the_
     vectors = store(client).vectors(7, [t["id"] for t in held_out])
     for sent, prediction in zip(held_out, results, strict=True):
         neighbours = store(client).nearest(7, vectors[sent["id"]], settings.top_k, [sent["id"]])
-        total = sum(max(n.similarity, 1e-6) for n in neighbours)
+        # Each neighbour weighs exp((s - s_max) / temperature): the nearest 1.
+        nearest = max(n.similarity for n in neighbours)
+        weight = {
+            n.task: max(math.exp((n.similarity - nearest) / TEMPERATURE), 1e-6) for n in neighbours
+        }
+        total = sum(weight.values())
         shares = {
-            choice: sum(
-                max(n.similarity, 1e-6) for n in neighbours if choice in n.labels["findings"]
-            )
+            choice: sum(weight[n.task] for n in neighbours if choice in n.labels["findings"])
             / total
             for choice in ("shadow", "cyst", "mass", "calcification")
         }

@@ -33,6 +33,9 @@ ANGLES = [0, 20, -20, 90, 130, 210]
 LABELS = ["A", "A", "A", "B", "B", "C"]
 ORDER = [[1, 2, 3, 4, 5], [0, 2, 3, 4, 5], [0, 1, 3, 5, 4], [4, 1, 0, 2, 5], [3, 5, 1, 0, 2]]
 ORDER += [[4, 3, 2, 0, 1]]
+# The hand-computed shares below weigh each neighbour by its similarity (the vote's
+# temperature 0); tests/test_vote.py checks the product's exponential weights.
+PLAIN = {"temperature": 0.0}
 
 
 def cos(degrees: float) -> float:
@@ -252,7 +255,7 @@ SCORES = [1.0, 1.7057 / 2.0477, 1.0, 0.7660 / 1.1081, 0.7660 / 0.9397, 1.0]
 
 def test_vote_accuracy_coverage_f1_and_confusion_with_one_abstention(top3):
     indices, sims = top3
-    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=3, min_score=0.7)
+    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=3, min_score=0.7, **PLAIN)
     assert (result["queries"], result["voted"], result["abstained"]) == (6, 5, 1)
     assert result["coverage"] == pytest.approx(5 / 6)
     # voted 0 1 2 4 5; correct 0 1 2 4 → 4/5
@@ -270,7 +273,7 @@ def test_vote_accuracy_coverage_f1_and_confusion_with_one_abstention(top3):
 
 def test_coverage_curve_and_calibration(top3):
     indices, sims = top3
-    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=3, min_score=0.7)
+    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=3, min_score=0.7, **PLAIN)
     curve = {round(point["threshold"], 2): point for point in result["coverage_curve"]}
     assert len(curve) == 21
     coverages = [point["coverage"] for point in result["coverage_curve"]]
@@ -317,7 +320,7 @@ def test_unlabelled_neighbours_give_no_support(top3):
 
 def test_nothing_voted_gives_no_accuracy(top3):
     indices, sims = top3
-    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=4, min_score=0.0)
+    result = vote_metrics(LABELS, indices, sims, k=3, min_neighbours=4, min_score=0.0, **PLAIN)
     assert result["coverage"] == 0.0 and result["abstained"] == 6
     assert result["accuracy"] is None and result["macro_f1"] is None
     assert all(point["accuracy"] is None for point in result["coverage_curve"])
@@ -360,9 +363,10 @@ def test_bad_input_is_refused_with_a_clear_message(call, message):
 def test_choose_k_prefers_the_k_that_votes_best_on_the_validation_split():
     from workers.evaluation.metrics import choose_k
 
-    # A small class A (0°, 3°) beside a large class B (20°..60°): one neighbour is right for
-    # every query; nine neighbours outvote A's queries with B's.
-    angles = [0, 3, 20, 25, 30, 35, 40, 45, 50, 55, 60]
+    # A small class A (0°, 1°) beside a large class B (4°..12°), close enough that eight B
+    # neighbours outweigh A's nearest even with the vote's exponential weights: one neighbour
+    # is right for every query; nine outvote A's queries with B's.
+    angles = [0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     labels = ["A", "A"] + ["B"] * 9
     vectors = np.array(
         [[np.cos(np.radians(a)), np.sin(np.radians(a))] for a in angles], dtype=np.float32

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 
 import httpx
@@ -18,6 +19,7 @@ from backend.thumbnails import ThumbnailCache
 from echolabel.core.model import SimilarityModel
 from echolabel.embedding import TaskImage
 from echolabel.images import ImageFetcher
+from echolabel.vote import TEMPERATURE
 from tests.browser import chromium_page, needs_chromium
 from tests.helpers import SHARED_DATA, TINY_ENCODER, png_bytes, serving
 from vectorstore import Point
@@ -108,10 +110,15 @@ def test_gallery_json_is_the_vote_predict_gives(busi_services, busi_settings):
         assert n["labels"] == {"finding": truth[n["task"]]}
         assert n["label_studio"] == f"{LS_URL}/projects/{PROJECT}/data?task={n['task']}"
         assert n["thumbnail"] == f"/projects/{PROJECT}/tasks/{n['task']}/thumbnail"
-    # The weights are the neighbours' similarities summed per label: the page shows the vote.
+    # The weights are the neighbours' weights, exp((s - s_max) / temperature), summed per
+    # label: the page shows the vote.
     finding = gallery["vote"]["fields"]["finding"]
     for label, weight in finding["weights"].items():
-        expected = sum(n["similarity"] for n in neighbours if n["labels"]["finding"] == label)
+        expected = sum(
+            math.exp((n["similarity"] - similarities[0]) / TEMPERATURE)
+            for n in neighbours
+            if n["labels"]["finding"] == label
+        )
         assert weight == pytest.approx(expected, abs=1e-3)
     # The same vote as /predict (one implementation): label, field score and task score.
     choices = [r for r in predicted["result"] if r["type"] == "choices"]

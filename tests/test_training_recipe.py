@@ -221,11 +221,18 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
         settings=Settings(local_files_root=root),
         tag="tiny",
     )
+    votes = [
+        "neighbours",
+        "neighbours+head",
+        "neighbours, weighed by s",
+        "neighbours, s, prior^0.5",
+        "neighbours, s, prior^1",
+        "neighbours, exp(s/0.1)",
+        "neighbours, exp(s/0.03)",
+        "neighbours, exp(s/0.01)",
+    ]
     assert [(r["tta_hflip"], r["vote"]) for r in results] == [
-        (False, "neighbours"),
-        (False, "neighbours+head"),
-        (True, "neighbours"),
-        (True, "neighbours+head"),
+        (tta, vote) for tta in (False, True) for vote in votes
     ]
     assert all(r["images"] == 12 and r["train_images"] == 36 for r in results)
     # The validation part was never trained on, not even for early stopping; no test row read.

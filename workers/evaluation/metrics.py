@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from echolabel.vote import FieldVote, vote
+from echolabel.vote import TEMPERATURE, FieldVote, vote
 from vectorstore import Neighbour
 
 MISSING = -1  # index padding where fewer than k candidates remain
@@ -186,8 +186,10 @@ def vote_metrics(
     min_score: float,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     bins: int = 10,
+    temperature: float = TEMPERATURE,
 ) -> dict[str, Any]:
-    """Quality of the backend's vote (`echolabel.vote.vote`) on each labelled query's top k.
+    """Quality of the backend's vote (`echolabel.vote.vote`, neighbours weighed at
+    `temperature`) on each labelled query's top k.
 
     At the given `min_neighbours` / `min_score`: `queries` (labelled items), `voted`,
     `abstained`, `coverage` (voted / queries), `accuracy` (on voted queries), `macro_f1` (mean
@@ -224,8 +226,16 @@ def vote_metrics(
     free_score = np.zeros(len(queries))
     for i, q in enumerate(queries):
         neighbours = _neighbours(names, idx[q, :k], sims[q, :k], field)
-        chosen = vote(neighbours, [field], min_neighbours=min_neighbours, min_score=min_score)
-        free = vote(neighbours, [field], min_neighbours=min_neighbours, min_score=0.0)
+        chosen, free = (
+            vote(
+                neighbours,
+                [field],
+                min_neighbours=min_neighbours,
+                min_score=threshold,
+                temperature=temperature,
+            )
+            for threshold in (min_score, 0.0)
+        )
         if not chosen[field].abstained:
             predicted[i] = position[chosen[field].label]
         if not free[field].abstained:

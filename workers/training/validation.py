@@ -5,14 +5,14 @@ embedding's own kNN vote, and the vote the product makes with the training image
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echolabel.vote import FieldVote, vote
+from echolabel.vote import TEMPERATURE, FieldVote, vote
 from vectorstore import Neighbour
 from workers.training.model import Model
 from workers.training.options import TrainOptions
@@ -121,23 +121,28 @@ def neighbour_votes(
     top_k: int,
     min_neighbours: int,
     min_score: float,
-    weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = TEMPERATURE,
+    exclude_above: float | None = None,
 ) -> list[dict[str, FieldVote]]:
     """The vote the product makes for each query (rows L2-normalised): its `top_k` most
-    similar labelled rows, each with its `labels`, voted by `echolabel.vote`; `weigh` maps
-    the similarities to the vote's weights (default: the similarities, as the product)."""
-    sims, indices = (queries @ labelled.T).topk(min(top_k, len(labelled)), dim=1)
-    if weigh is not None:
-        sims = weigh(sims)
+    similar labelled rows, each with its `labels`, voted by `echolabel.vote` (`temperature`:
+    how the vote weighs them; the product's by default). With `exclude_above`, rows at or
+    above that similarity to a query are not its neighbours (near-duplicates left out)."""
+    similarity = queries @ labelled.T
+    if exclude_above is not None:
+        similarity = similarity.masked_fill(similarity >= exclude_above, float("-inf"))
+    sims, indices = similarity.topk(min(top_k, len(labelled)), dim=1)
     return [
         vote(
             [
                 Neighbour(task=int(i), similarity=float(s), labels=labels[int(i)])
                 for s, i in zip(sims[row], indices[row], strict=True)
+                if s > float("-inf")  # fewer than top_k left after exclude_above
             ],
             fields,
             min_neighbours=min_neighbours,
             min_score=min_score,
+            temperature=temperature,
         )
         for row in range(len(queries))
     ]
