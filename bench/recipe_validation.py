@@ -287,7 +287,7 @@ def run(
             ("neighbours, s, prior^0.5", 0.5, 0.0),
             ("neighbours, s, prior^1", 1.0, 0.0),
             ("neighbours, exp(s/0.1)", 0.0, 0.1),
-            ("neighbours, exp(s/0.03)", 0.0, 0.03),
+            ("neighbours, exp(s/0.05)", 0.0, 0.05),
             ("neighbours, exp(s/0.01)", 0.0, 0.01),
         ):
             scores = score_votes(

@@ -5,7 +5,7 @@ The training rows (`split` = `train`) are dealt into stratified folds as
 other folds, with the product's vote (`echolabel.vote`, the settings' top-k, minimum neighbours
 and minimum share), an abstention a miss. Each weighting is scored on the same embeddings:
 the cosine similarity s (the vote until 2026-12-07), s with the class prior divided out, and
-exp((s - s_max) / temperature) for each `--temperature` (the product's is 0.05).
+exp((s - s_max) / temperature) for each `--temperature` (the product's is 0.03).
 
 BUSI has no patient ids, and a quarter of its training images have a neighbour above 0.96
 similarity: mostly the same lesion again. `--without-above 0.95` drops such neighbours from

@@ -228,7 +228,7 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
         "neighbours, s, prior^0.5",
         "neighbours, s, prior^1",
         "neighbours, exp(s/0.1)",
-        "neighbours, exp(s/0.03)",
+        "neighbours, exp(s/0.05)",
         "neighbours, exp(s/0.01)",
     ]
     assert [(r["tta_hflip"], r["vote"]) for r in results] == [

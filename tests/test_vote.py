@@ -237,26 +237,26 @@ def test_stored_label_shapes_across_a_changed_config():
 
 
 def test_default_weights_fall_by_e_every_temperature_of_similarity():
-    assert voting.TEMPERATURE == 0.05
-    near = [n(0.9, f="a"), n(0.85, f="b"), n(0.8, f="a")]
-    assert neighbour_weights(near, 0.05) == pytest.approx([1.0, math.exp(-1), math.exp(-2)])
+    assert voting.TEMPERATURE == 0.03
+    near = [n(0.9, f="a"), n(0.87, f="b"), n(0.84, f="a")]
+    assert neighbour_weights(near, 0.03) == pytest.approx([1.0, math.exp(-1), math.exp(-2)])
     votes = voting.vote(near, ["f"], min_neighbours=3, min_score=0.5)
     expected = (1 + math.exp(-2)) / (1 + math.exp(-1) + math.exp(-2))
     assert votes["f"].label == "a" and votes["f"].score == pytest.approx(expected)
 
 
 def test_default_weights_let_the_nearest_outvote_two_further_ones():
-    # Similarity weights: a 0.8 + 0.8 = 1.6 beats b 0.9; exponential: 2e^-2 ≈ 0.27 loses to 1.
-    near = [n(0.8, f="a"), n(0.8, f="a"), n(0.9, f="b")]
+    # Similarity weights: a 0.84 + 0.84 beats b 0.9; exponential: 2e^-2 ≈ 0.27 loses to 1.
+    near = [n(0.84, f="a"), n(0.84, f="a"), n(0.9, f="b")]
     assert vote(near, ["f"], min_neighbours=1, min_score=0.0)["f"].label == "a"
     sharp = voting.vote(near, ["f"], min_neighbours=1, min_score=0.0)["f"]
     assert sharp.label == "b" and sharp.score == pytest.approx(1 / (1 + 2 * math.exp(-2)))
 
 
 def test_far_neighbours_keep_a_floor_weight_so_every_labelled_field_has_a_vote():
-    # The nearest carries no label for "g"; the others are 0.5 further: e^-10 each, above the
+    # The nearest carries no label for "g"; the others are 0.3 further: e^-10 each, above the
     # floor, so "g" is voted by its own neighbours alone.
-    near = [n(0.99, f="a"), n(0.49, g="x"), n(0.49, g="y"), n(0.49, g="x")]
+    near = [n(0.99, f="a"), n(0.69, g="x"), n(0.69, g="y"), n(0.69, g="x")]
     votes = voting.vote(near, ["f", "g"], min_neighbours=1, min_score=0.5)
     assert votes["g"].label == "x" and votes["g"].score == pytest.approx(2 / 3)
     # Beyond what a float holds (e^-2000): the floor, all equal.
