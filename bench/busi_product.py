@@ -31,6 +31,7 @@ from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from echolabel.settings import Settings
+from echolabel.vote import TEMPERATURE
 
 PROJECT = 1
 
@@ -142,6 +143,7 @@ def evaluate(
             "top_k": settings.top_k,
             "min_neighbours": settings.min_neighbours,
             "min_score": settings.min_score,
+            "temperature": TEMPERATURE,
         },
         "timing_s": {"learn": round(learned_s, 1), "predict": round(predict_s, 1)},
         "load_avg_before": [round(x, 2) for x in load_before],

@@ -65,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         vectors = torch.from_numpy(np.asarray(encoder.embed(pictures), dtype=np.float32))
     vectors = torch.nn.functional.normalize(vectors, dim=1)
     embed_s = time.monotonic() - started
+    # How bunched the similarities are: each image's nearest and 10th nearest other image.
+    others = (vectors @ vectors.T).fill_diagonal_(-2.0)
+    nearest = others.topk(10, dim=1).values
+    for rank, column in (("nearest", 0), ("10th nearest", 9)):
+        quartiles = np.quantile(nearest[:, column].numpy(), [0.25, 0.5, 0.75])
+        print(f"{name}\t{rank} other image's similarity, quartiles: {np.round(quartiles, 3)}")
     position = {id(s): i for i, s in enumerate(samples)}
     labels = [str(s.labels[args.field]) for s in samples]
     classes = sorted(set(labels))
