@@ -305,9 +305,11 @@ def neighbour_votes(
     k: int = 10,
     min_neighbours: int,
     min_score: float,
+    temperature: float = TEMPERATURE,
 ) -> list[FieldVote]:
-    """The backend's vote (`echolabel.vote.vote`) of every row's top k, labelled or not:
-    what each item would be shown, e.g. each slice of a volume before the slices vote."""
+    """The backend's vote (`echolabel.vote.vote`, neighbours weighed at `temperature`) of
+    every row's top k, labelled or not: what each item would be shown, e.g. each slice of a
+    volume before the slices vote."""
     idx, sims, names = np.asarray(indices), np.asarray(similarities), list(labels)
     return [
         vote(
@@ -315,6 +317,7 @@ def neighbour_votes(
             [field],
             min_neighbours=min_neighbours,
             min_score=min_score,
+            temperature=temperature,
         )[field]
         for q in range(idx.shape[0])
     ]

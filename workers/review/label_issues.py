@@ -43,6 +43,9 @@ def vote_probabilities(
     probs = np.full((len(labels), len(classes)), 1.0 / len(classes))
     support = np.zeros(len(labels), dtype=np.int64)
     # Every label the neighbours carry counts: no abstaining, the weights are the probabilities.
+    # They stay the similarities (temperature 0), as when flip_bench chose the method: the
+    # vote's sharper weights put most votes near 1, which raises cleanlab's per-class
+    # thresholds until labels the vote agrees with are flagged too.
     outcomes = neighbour_votes(
         labels,
         indices,
@@ -51,6 +54,7 @@ def vote_probabilities(
         k=indices.shape[1],
         min_neighbours=1,
         min_score=0.0,
+        temperature=0.0,
     )
     for q, outcome in enumerate(outcomes):
         support[q] = outcome.support
@@ -75,7 +79,7 @@ def rank_label_issues(
     Neighbours are the k most similar *other rows labelled in this field* (the store votes
     with labelled points only). Returns {field, k, method, classes, labelled, flagged,
     rows: [{index, label, vote, vote_score, label_score, rank, flagged, support}]} where
-    `vote` / `vote_score` are the neighbours' winner and its share of the weight,
+    `vote` / `vote_score` are the neighbours' winner and its share of their similarity,
     `label_score` is cleanlab's label quality score of the given label (0 worst, 1 best),
     `rank` starts at 1, and `flagged` is cleanlab's `find_label_issues` verdict.
     """
