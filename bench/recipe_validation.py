@@ -7,12 +7,17 @@ early stopping: the trainer splits its own early-stopping share off the other fo
 rows are never read. The trained encoder then embeds every training-row image, and each
 validation image is voted by its top-k nearest labelled images of the training part with the
 vote /predict uses (`echolabel.vote`, the settings' top-k, minimum neighbours and minimum
-share); an abstention counts as a miss. Each trained encoder is scored four ways:
+share); an abstention counts as a miss. Each trained encoder is scored with and without:
 
 - `tta`: embedding with test-time mirror averaging (mean of the image's and its mirror's
-  pooled features), or without;
-- `vote`: the neighbours' labels alone (today's product), or the neighbours' shares averaged
-  with the trained head's class probabilities (`--head-weight`).
+  pooled features);
+- `vote`: the neighbours' labels alone (today's product), the neighbours' shares averaged
+  with the trained head's class probabilities (`--head-weight`), and the weightings of the
+  neighbours the product's was chosen against (similarity, with or without the class prior
+  divided out, other temperatures).
+
+`--encoders-dir` keeps the trained encoders; `--trained DIR` scores a kept one again (on the
+fold it was trained for) without training.
 
     python -m bench.recipe_validation --images ../shared/data/busi \\
         --labels ../shared/data/busi/labels.csv --field finding \\
@@ -41,7 +46,7 @@ from safetensors.torch import load_file
 
 from echolabel.core.runtime import Runtime
 from echolabel.encoders.trained import TrainedEncoder, load_trained
-from echolabel.encoders.trained_files import WEIGHTS_FILE
+from echolabel.encoders.trained_files import WEIGHTS_FILE, read_config
 from echolabel.settings import Settings
 from echolabel.vote import TEMPERATURE
 from workers.training import Sample, TrainOptions, train_encoder
@@ -239,6 +244,14 @@ def run(
     # The runtime's fetcher, as `echolabel train-encoder` reads a folder (only inside it).
     with Runtime.build(fetch_settings) as runtime:
         fetcher = runtime.fetcher
+        if trained:
+            source = read_config(trained)["training"]["source"]
+            if (source.get("folds"), source.get("fold")) != (folds, fold):
+                raise ValueError(
+                    f"{trained} was trained for fold {source.get('fold')} of "
+                    f"{source.get('folds')}, not fold {fold} of {folds}: its validation "
+                    "images would include images it was trained on"
+                )
         summary = (
             kept_summary(trained)
             if trained

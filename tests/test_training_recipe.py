@@ -179,7 +179,9 @@ def test_score_votes_counts_abstentions_as_misses_and_mixes_in_the_head():
     # Query 2 sits between: neighbours b (0.780), a (0.768), b (0.714): b's share is 0.66,
     # under 0.7, so it abstains, and the abstention is a miss.
     queries = unit((1, 0.05), (1, 1.02))
-    scored = score_votes(labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings)
+    scored = score_votes(
+        labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings, temperature=0.0
+    )
     assert scored["accuracy"] == 0.5 and scored["coverage"] == 0.5
     assert scored["voted_accuracy"] == 1.0
     assert scored["recall"] == {"a": "1/1", "b": "0/1"} and scored["min_recall"] == 0.0
@@ -187,7 +189,15 @@ def test_score_votes_counts_abstentions_as_misses_and_mixes_in_the_head():
     # 1.0 = 0.83; a on query 1 stays above the threshold (0.5 × 0.93 + 0.5 × 0.6 = 0.77).
     head = torch.tensor([[0.6, 0.4], [0.0, 1.0]])
     mixed = score_votes(
-        labelled, labelled_y, queries, ["a", "b"], ["a", "b"], "f", settings, head=head
+        labelled,
+        labelled_y,
+        queries,
+        ["a", "b"],
+        ["a", "b"],
+        "f",
+        settings,
+        head=head,
+        temperature=0.0,
     )
     assert mixed["accuracy"] == 1.0 and mixed["coverage"] == 1.0
     # A head that disagrees pulls query 1 under the threshold: abstained, a miss.
@@ -203,6 +213,23 @@ def test_score_votes_counts_abstentions_as_misses_and_mixes_in_the_head():
         ]
         == 0.0
     )
+
+
+def test_score_votes_divides_out_the_class_prior_and_leaves_out_near_duplicates():
+    settings = Settings(top_k=4, min_neighbours=1, min_score=0.0)
+    # Three a's at (1, 0), one b at (0, 1); the query leans to b: a 3 × 0.640 = 1.92 against
+    # b 0.768 by similarity, but 1.92 / 0.75 = 2.56 against 0.768 / 0.25 = 3.07 with the
+    # prior (a 3/4, b 1/4) divided out.
+    labelled = unit((1, 0), (1, 0), (1, 0), (0, 1))
+    query = unit((1, 1.2))
+    args = (labelled, ["a", "a", "a", "b"], query, ["b"], ["a", "b"], "f", settings)
+    assert score_votes(*args, temperature=0.0)["accuracy"] == 0.0
+    assert score_votes(*args, temperature=0.0, prior_power=1.0)["accuracy"] == 1.0
+    # Leaving out neighbours at or above 0.99 similarity: the query's twin no longer votes.
+    one = Settings(top_k=1, min_neighbours=1, min_score=0.0)
+    twin = (unit((1, 0), (0, 1)), ["a", "b"], unit((1, 0)), ["a"], ["a", "b"], "f", one)
+    assert score_votes(*twin)["accuracy"] == 1.0
+    assert score_votes(*twin, exclude_above=0.99)["accuracy"] == 0.0
 
 
 def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
@@ -243,6 +270,40 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
     assert len(trained_on) == 36 and not trained_on & {s.id for s in validation}
     assert trained_on | {s.id for s in validation} == {s.id for s in samples}  # no test row
     assert json.dumps(results)  # one JSON line each
+
+    # A kept encoder scored again gives the same scores; on another fold it is refused.
+    kept = Path(results[0]["encoder"])
+    again = run_recipe(
+        root,
+        root / "labels.csv",
+        "organ",
+        options,
+        folds=4,
+        fold=0,
+        split_seed=0,
+        encoders_dir=tmp_path / "unused",
+        head_weight=0.5,
+        settings=Settings(local_files_root=root),
+        tag="tiny",
+        trained=kept,
+    )
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in results]
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="trained for fold 0 of 4, not fold 1 of 4"):
+        run_recipe(
+            root,
+            root / "labels.csv",
+            "organ",
+            options,
+            folds=4,
+            fold=1,
+            split_seed=0,
+            encoders_dir=tmp_path / "unused",
+            head_weight=0.5,
+            settings=Settings(local_files_root=root),
+            tag="tiny",
+            trained=kept,
+        )
 
 
 def test_the_table_pools_folds_by_image_counts():
