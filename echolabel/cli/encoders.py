@@ -91,6 +91,16 @@ def _add_train_encoder(sub: Any) -> None:
     )
     train.add_argument("--no-hflip", action="store_true", help="no mirrored images")
     train.add_argument(
+        "--augment-strength",
+        type=float,
+        help=f"how far augmented views move from the image (1: ±5°, ±5 %% shift); {recipe}",
+    )
+    train.add_argument(
+        "--ema-halflife-epochs",
+        type=float,
+        help=f"keep a moving average of the weights with this half-life (0: off); {recipe}",
+    )
+    train.add_argument(
         "--tta-hflip",
         action=argparse.BooleanOptionalAction,
         help=f"embed each image as the mean of it and its mirror; {recipe}",
@@ -139,6 +149,8 @@ def _train_encoder(args: argparse.Namespace, settings: Settings) -> int:
         "val_fraction": args.val_fraction,
         "hflip": False if args.no_hflip else None,
         "tta_hflip": args.tta_hflip,
+        "augment_strength": args.augment_strength,
+        "ema_halflife_epochs": args.ema_halflife_epochs,
         "seed": args.seed,
         "select_by": args.select_by,
     }
