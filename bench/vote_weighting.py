@@ -78,15 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"exp((s-s_max)/{t:g})", 0.0, t)
         for t in (args.temperature or [0.2, 0.1, 0.05, 0.03, 0.02, 0.01])
     ]
+    # (labelled, voted) row numbers of each fold, dealt once for every weighting.
+    folds = [
+        tuple([position[id(s)] for s in part] for part in parts)
+        for parts in (
+            outer_split(samples, args.field, args.folds, fold, args.split_seed)
+            for fold in range(args.folds)
+        )
+    ]
     for label, power, temperature in weightings:
         hits = {c: 0 for c in classes}
         voted = 0
-        for fold in range(args.folds):
-            train_part, validation = outer_split(
-                samples, args.field, args.folds, fold, args.split_seed
-            )
-            known = [position[id(s)] for s in train_part]
-            asked = [position[id(s)] for s in validation]
+        for known, asked in folds:
             scores = score_votes(
                 vectors[known],
                 [labels[i] for i in known],

@@ -5,6 +5,7 @@ images."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -235,19 +236,19 @@ def test_score_votes_divides_out_the_class_prior_and_leaves_out_near_duplicates(
 def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
     root = folder(tmp_path / "data", train=24, test=4)
     options = dataclasses.replace(TINY, epochs=1, min_per_class=5)
-    results = run_recipe(
+    recipe = functools.partial(
+        run_recipe,
         root,
         root / "labels.csv",
         "organ",
         options,
         folds=4,
-        fold=0,
         split_seed=0,
-        encoders_dir=tmp_path / "encoders",
         head_weight=0.5,
         settings=Settings(local_files_root=root),
         tag="tiny",
     )
+    results = recipe(fold=0, encoders_dir=tmp_path / "encoders")
     votes = [
         "neighbours",
         "neighbours+head",
@@ -273,37 +274,11 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
 
     # A kept encoder scored again gives the same scores; on another fold it is refused.
     kept = Path(results[0]["encoder"])
-    again = run_recipe(
-        root,
-        root / "labels.csv",
-        "organ",
-        options,
-        folds=4,
-        fold=0,
-        split_seed=0,
-        encoders_dir=tmp_path / "unused",
-        head_weight=0.5,
-        settings=Settings(local_files_root=root),
-        tag="tiny",
-        trained=kept,
-    )
+    again = recipe(fold=0, encoders_dir=tmp_path / "unused", trained=kept)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in results]
     assert not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="trained for fold 0 of 4, not fold 1 of 4"):
-        run_recipe(
-            root,
-            root / "labels.csv",
-            "organ",
-            options,
-            folds=4,
-            fold=1,
-            split_seed=0,
-            encoders_dir=tmp_path / "unused",
-            head_weight=0.5,
-            settings=Settings(local_files_root=root),
-            tag="tiny",
-            trained=kept,
-        )
+        recipe(fold=1, encoders_dir=tmp_path / "unused", trained=kept)
 
 
 def test_the_table_pools_folds_by_image_counts():
