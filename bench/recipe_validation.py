@@ -123,6 +123,7 @@ def score_votes(
     prior_power: float = 0.0,
     temperature: float = TEMPERATURE,
     exclude_above: float | None = None,
+    centre: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (abstentions as misses), coverage, accuracy where voted and per-class recall
     of the product's vote for every query among the labelled vectors (rows L2-normalised).
@@ -137,7 +138,8 @@ def score_votes(
 
     `temperature` is how the vote weighs the neighbours (`echolabel.vote`; 0: their
     similarity). With `exclude_above`, labelled rows at or above that similarity to a query
-    are not among its neighbours."""
+    are not among its neighbours. With `centre`, the similarities are taken after the
+    labelled rows' mean is subtracted (`neighbour_votes`)."""
     votes = neighbour_votes(
         labelled,
         [{field: y} for y in labelled_y],
@@ -148,6 +150,7 @@ def score_votes(
         min_score=settings.min_score,
         temperature=temperature,
         exclude_above=exclude_above,
+        centre=centre,
     )
     prior = {cls: list(labelled_y).count(cls) / len(labelled_y) for cls in classes}
     outcome: list[str | None] = []
@@ -292,16 +295,19 @@ def run(
         head = head_probabilities(path, features[n:])
         # The product's vote (neighbours weighed at `echolabel.vote.TEMPERATURE`), the head
         # mixed in, and the weightings it was chosen against: the similarity itself (the vote
-        # until 2026-12-07), that with the class prior divided out, other temperatures.
-        for mode, power, temperature in (
-            ("neighbours", 0.0, TEMPERATURE),
-            ("neighbours+head", 0.0, TEMPERATURE),
-            ("neighbours, weighed by s", 0.0, 0.0),
-            ("neighbours, s, prior^0.5", 0.5, 0.0),
-            ("neighbours, s, prior^1", 1.0, 0.0),
-            ("neighbours, exp(s/0.1)", 0.0, 0.1),
-            ("neighbours, exp(s/0.05)", 0.0, 0.05),
-            ("neighbours, exp(s/0.01)", 0.0, 0.01),
+        # until 2026-12-07), that with the class prior divided out, other temperatures, and
+        # the similarities taken after the labelled rows' mean is subtracted (centred).
+        for mode, power, temperature, centre in (
+            ("neighbours", 0.0, TEMPERATURE, False),
+            ("neighbours+head", 0.0, TEMPERATURE, False),
+            ("neighbours, weighed by s", 0.0, 0.0, False),
+            ("neighbours, s, prior^0.5", 0.5, 0.0, False),
+            ("neighbours, s, prior^1", 1.0, 0.0, False),
+            ("neighbours, exp(s/0.1)", 0.0, 0.1, False),
+            ("neighbours, exp(s/0.05)", 0.0, 0.05, False),
+            ("neighbours, exp(s/0.01)", 0.0, 0.01, False),
+            ("neighbours, centred", 0.0, TEMPERATURE, True),
+            ("neighbours, centred, exp(s/0.05)", 0.0, 0.05, True),
         ):
             scores = score_votes(
                 vectors[:n],
@@ -315,6 +321,7 @@ def run(
                 head_weight=head_weight,
                 prior_power=power,
                 temperature=temperature,
+                centre=centre,
             )
             results.append(
                 {

@@ -5,7 +5,10 @@ The training rows (`split` = `train`) are dealt into stratified folds as
 other folds, with the product's vote (`echolabel.vote`, the settings' top-k, minimum neighbours
 and minimum share), an abstention a miss. Each weighting is scored on the same embeddings:
 the cosine similarity s (the vote until 2026-12-07), s with the class prior divided out, and
-exp((s - s_max) / temperature) for each `--temperature` (the product's is 0.03).
+exp((s - s_max) / temperature) for each `--temperature` (the product's is 0.03). With
+`--centre`, each weighting is scored a second time with the similarities taken after the
+labelled folds' mean vector is subtracted (label-free centring; near-duplicates are still
+those of the encoder's own similarity).
 
 BUSI has no patient ids, and a quarter of its training images have a neighbour above 0.96
 similarity: mostly the same lesion again. `--without-above 0.95` drops such neighbours from
@@ -50,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         help="leave out neighbours at or above this cosine similarity (near-duplicates)",
     )
+    parser.add_argument(
+        "--centre",
+        action="store_true",
+        help="also score every weighting with the labelled rows' mean subtracted",
+    )
     parser.add_argument("--out", type=Path, help="append one JSON line per weighting")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
@@ -86,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for fold in range(args.folds)
         )
     ]
-    for label, power, temperature in weightings:
+    centrings = (False, True) if args.centre else (False,)
+    for (label, power, temperature), centre in (
+        (weighting, centre) for centre in centrings for weighting in weightings
+    ):
         hits = {c: 0 for c in classes}
         voted = 0
         for known, asked in folds:
@@ -101,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prior_power=power,
                 temperature=temperature,
                 exclude_above=args.without_above,
+                centre=centre,
             )
             voted += round(scores["coverage"] * scores["images"])
             for cls, frac in scores["recall"].items():
@@ -114,12 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "images": len(samples),
             "folds": args.folds,
             "without_above": args.without_above,
+            "centred": centre,
             "embed_s": round(embed_s, 1),
             "load_avg": [round(x, 2) for x in os.getloadavg()],
             "machine": machine(),
         }
         print(
-            f"{name}\twithout above {args.without_above}\t{label:<22}"
+            f"{name}\twithout above {args.without_above}\t{'centred' if centre else 'as is'}"
+            f"\t{label:<22}"
             f"\tacc {row['accuracy']:.3f}\tcov {row['coverage']:.2f}\trecall {row['recall']}"
         )
         if args.out:

@@ -233,6 +233,22 @@ def test_score_votes_divides_out_the_class_prior_and_leaves_out_near_duplicates(
     assert score_votes(*twin, exclude_above=0.99)["accuracy"] == 0.0
 
 
+def test_centring_ranks_by_the_direction_away_from_the_labelled_mean():
+    one = Settings(top_k=1, min_neighbours=1, min_score=0.0)
+    # a, a at (1, 0), b at (0, 1): their mean m is (2/3, 1/3). The query (1, 0.9)/|.| is nearer
+    # a as given (0.743 against 0.669), but from m it points b's way: (q - m) · (a - m) =
+    # -0.087, (q - m) · (b - m) = +0.173.
+    labelled = unit((1, 0), (1, 0), (0, 1))
+    args = (labelled, ["a", "a", "b"], unit((1, 0.9)), ["b"], ["a", "b"], "f", one)
+    assert score_votes(*args)["accuracy"] == 0.0
+    assert score_votes(*args, centre=True)["accuracy"] == 1.0
+    # Near-duplicates are still those of the similarity as given: a query at b itself, with
+    # every neighbour at or above 0.99 left out, is voted by an a.
+    at_b = (labelled, ["a", "a", "b"], unit((0, 1)), ["b"], ["a", "b"], "f", one)
+    assert score_votes(*at_b, centre=True)["accuracy"] == 1.0
+    assert score_votes(*at_b, centre=True, exclude_above=0.99)["accuracy"] == 0.0
+
+
 def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
     root = folder(tmp_path / "data", train=24, test=4)
     options = dataclasses.replace(TINY, epochs=1, min_per_class=5)
@@ -258,6 +274,8 @@ def test_recipe_bench_trains_on_the_training_part_and_scores_the_rest(tmp_path):
         "neighbours, exp(s/0.1)",
         "neighbours, exp(s/0.05)",
         "neighbours, exp(s/0.01)",
+        "neighbours, centred",
+        "neighbours, centred, exp(s/0.05)",
     ]
     assert [(r["tta_hflip"], r["vote"]) for r in results] == [
         (tta, vote) for tta in (False, True) for vote in votes

@@ -123,14 +123,24 @@ def neighbour_votes(
     min_score: float,
     temperature: float = TEMPERATURE,
     exclude_above: float | None = None,
+    centre: bool = False,
 ) -> list[dict[str, FieldVote]]:
     """The vote the product makes for each query (rows L2-normalised): its `top_k` most
     similar labelled rows, each with its `labels`, voted by `echolabel.vote` (`temperature`:
     how the vote weighs them; the product's by default). With `exclude_above`, rows at or
-    above that similarity to a query are not its neighbours (near-duplicates left out)."""
+    above that similarity to a query are not its neighbours (near-duplicates left out).
+
+    With `centre`, the labelled rows' mean is subtracted from every row and the rows are
+    normalised again before the neighbours are ranked and weighed (label-free: it uses no
+    label; `exclude_above` still compares the rows as given). Not the product's vote: an
+    experiment (docs/evaluation.md, "Centring the embeddings")."""
     similarity = queries @ labelled.T
-    if exclude_above is not None:
-        similarity = similarity.masked_fill(similarity >= exclude_above, float("-inf"))
+    excluded = similarity >= exclude_above if exclude_above is not None else None
+    if centre:
+        mean = labelled.mean(dim=0)
+        similarity = F.normalize(queries - mean, dim=1) @ F.normalize(labelled - mean, dim=1).T
+    if excluded is not None:
+        similarity = similarity.masked_fill(excluded, float("-inf"))
     sims, indices = similarity.topk(min(top_k, len(labelled)), dim=1)
     return [
         vote(
