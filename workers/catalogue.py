@@ -134,6 +134,17 @@ CATALOGUE: dict[str, JobSpec] = {
             ),
             progress_unit="step",
         ),
+        JobSpec(
+            "centre-encoder",
+            "workers.jobs.centre_encoder",
+            REEMBED,
+            "centre-encoder-{project}",
+            lambda a: (
+                f"centre the encoder of project {a['project']} on its images"
+                + (" and re-embed" if a.get("reembed_after") else "")
+            ),
+            progress_unit="img",
+        ),
         # One round of the self-improving loop; a promotion re-embeds in the same job, so it
         # runs where re-embedding does.
         JobSpec(

@@ -192,6 +192,48 @@ def train_encoder(
     return summary
 
 
+def centre_encoder(
+    project: int | str,
+    reembed_after: bool = False,
+    on_progress: Callable[[Any], None] | None = None,
+) -> dict:
+    """Centre the project's pretrained encoder on its own images (echolabel.encoders.centred):
+    the mean of every stored vector of its live generation, labelled or not, saved under
+    <artefacts>/encoders/project-<id>-centred-v<N>/; with `reembed_after`, re-embed the project
+    with it (zero downtime)."""
+    from echolabel.encoders.centred import can_centre, fit_centre, save_centred
+
+    runtime = current()
+    info = runtime.store.collection(project)
+    if info is None:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no collection: index it first")
+    if not can_centre(info.encoder):
+        _no_retry()
+        raise PermanentJobError(
+            f"project {project} runs on {info.encoder}: only a pretrained encoder is centred "
+            "(a trained one gained nothing on validation; docs/evaluation.md)"
+        )
+    vectors = [p.vector for p in runtime.store.iter_points(project, with_vectors=True)]
+    if not vectors:
+        _no_retry()
+        raise PermanentJobError(f"project {project} has no embedded image to centre on")
+    name = save_centred(
+        runtime.settings.encoders_dir,
+        f"project-{project}-centred",
+        start=info.encoder,
+        start_weights_id=info.weights_id,
+        centre=fit_centre(np.stack(vectors)),
+        images=len(vectors),
+        source={"project": str(project), "generation": info.generation},
+    )
+    log.info("encoder centred", extra={"project": str(project), "encoder": name})
+    summary: dict[str, Any] = {"encoder": name, "images": len(vectors), "start": info.encoder}
+    if reembed_after:
+        summary["reembed"] = reembed(project, name, on_progress=on_progress)
+    return summary
+
+
 def evaluate_project(
     project: int | str,
     k: int = 10,

@@ -26,6 +26,18 @@ def add_commands(sub: Any) -> None:
 
     _add_train_encoder(sub)
 
+    centre = sub.add_parser(
+        "centre-encoder",
+        help="centre the project's pretrained encoder on its own images (label-free) and save "
+        "it as encoder centred:project-<id>-centred-v<N> (docs/encoders.md)",
+    )
+    centre.add_argument("--project", required=True)
+    centre.add_argument(
+        "--reembed", action="store_true", help="then re-embed the project with it (zero downtime)"
+    )
+    centre.add_argument("--no-wait", action="store_true", help="queue it and return")
+    centre.set_defaults(run=_centre_encoder)
+
     weights = sub.add_parser("weights", help="encoder weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True)
     download = weights_sub.add_parser("download", help="download weights (needs internet)")
@@ -131,6 +143,17 @@ def _reembed(args: argparse.Namespace, settings: Settings) -> int:
     """Queue the re-embedding and follow its progress (Ctrl-C detaches, the job goes on)."""
     return print_job(
         settings, "reembed", no_wait=args.no_wait, project=args.project, encoder=args.encoder
+    )
+
+
+def _centre_encoder(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue the centring (and the re-embedding) and follow its progress."""
+    return print_job(
+        settings,
+        "centre-encoder",
+        no_wait=args.no_wait,
+        project=args.project,
+        reembed_after=args.reembed,
     )
 
 

@@ -67,8 +67,9 @@ class WeightsMissingError(EncoderError):
 EncoderFactory = Callable[[Path, str, int], Encoder]
 """Builds an encoder from (weights_dir, device, batch_size); device is already resolved."""
 
-EncoderFamily = Callable[[str, Path, str, int], Encoder]
-"""Builds the encoder `<prefix>:<member>` from (member, encoders_dir, device, batch_size)."""
+EncoderFamily = Callable[[str, Path, Path, str, int], Encoder]
+"""Builds the encoder `<prefix>:<member>` from (member, encoders_dir, weights_dir, device,
+batch_size); weights_dir is where a member built on a pretrained encoder finds its weights."""
 
 _FACTORIES: dict[str, EncoderFactory] = {}
 _FAMILIES: dict[str, EncoderFamily] = {}
@@ -80,6 +81,7 @@ _BUILT_IN = (
     "echolabel.encoders.timm_encoders",
     "echolabel.encoders.dreamsim_encoder",
     "echolabel.encoders.trained",
+    "echolabel.encoders.centred",
 )
 _built_in_lock = threading.Lock()
 _built_in_loaded = False
@@ -174,14 +176,16 @@ def load_encoder(
         raise EncoderError(f"unknown encoder {name!r}; known encoders: {known}")
     if batch_size < 1:
         raise EncoderError(f"batch_size must be at least 1, got {batch_size}")
+    weights_dir = default_weights_dir() if weights_dir is None else Path(weights_dir)
     if family is not None:
         if encoders_dir is None:
             raise EncoderError(
                 f"encoder {name!r} needs the encoders directory (<artefacts>/encoders)"
             )
         member = name.partition(":")[2]
-        return _FAMILIES[family](member, Path(encoders_dir), resolve_device(device), batch_size)
-    weights_dir = default_weights_dir() if weights_dir is None else Path(weights_dir)
+        return _FAMILIES[family](
+            member, Path(encoders_dir), weights_dir, resolve_device(device), batch_size
+        )
     return _FACTORIES[name](weights_dir, resolve_device(device), batch_size)
 
 

@@ -136,5 +136,7 @@ def load_trained(path: Path, device: str = "cpu", batch_size: int = 16) -> Train
 
 
 @register_encoder_family(PREFIX)
-def _trained(member: str, encoders_dir: Path, device: str, batch_size: int) -> TrainedEncoder:
+def _trained(
+    member: str, encoders_dir: Path, weights_dir: Path, device: str, batch_size: int
+) -> TrainedEncoder:
     return load_trained(encoder_dir(member, encoders_dir), device, batch_size)

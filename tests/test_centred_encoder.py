@@ -1,0 +1,129 @@
+"""Encoders centred on a project's own images: the arithmetic, the files, the job and the
+command that switch a project to one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echolabel import cli
+from echolabel.core.model import SimilarityModel
+from echolabel.embedding import TaskImage
+from echolabel.encoders import EncoderError, load_encoder
+from echolabel.encoders.centred import (
+    CENTRE_FILE,
+    can_centre,
+    centre_rows,
+    fit_centre,
+    save_centred,
+)
+from tests.helpers import TINY_ENCODER, TinyEncoder, dark_and_bright
+from tests.label_configs import DARK_BRIGHT_CONFIG
+from workers.runtime import open_runtime
+
+
+def test_centring_subtracts_the_mean_and_normalises_again():
+    rows = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
+    centre = fit_centre(rows)
+    assert np.allclose(centre, [2 / 3, 1 / 3])
+    # (1, 0) - (2/3, 1/3) = (1/3, -1/3) → (0.707, -0.707); (0, 1) → (-0.707, 0.707).
+    assert np.allclose(centre_rows(rows, centre), [[0.7071, -0.7071]] * 2 + [[-0.7071, 0.7071]])
+    with pytest.raises(ValueError, match="at least one"):
+        fit_centre(np.zeros((0, 2)))
+    assert can_centre("efficientnet_lite0")
+    assert not can_centre("trained:busi-v1") and not can_centre("centred:project-1-centred-v1")
+
+
+def test_a_saved_centre_loads_as_an_encoder_of_its_own_weights(settings):
+    encoders = settings.encoders_dir
+    centre = np.linspace(-0.1, 0.1, 16).astype(np.float32)
+    name = save_centred(
+        encoders,
+        "project-7-centred",
+        start=TINY_ENCODER,
+        start_weights_id=TinyEncoder.weights_id,
+        centre=centre,
+        images=3,
+        source={"project": "7"},
+    )
+    assert name == "centred:project-7-centred-v1"
+    images = [Image.new("RGB", (8, 8), (v, v, v)) for v in (20, 200)]
+    images[1].paste((0, 0, 0), (0, 0, 4, 4))
+    encoder = load_encoder(name, encoders_dir=encoders)
+    assert encoder.dim == 16 and encoder.name == name
+    assert np.allclose(encoder.embed(images), centre_rows(TinyEncoder().embed(images), centre))
+    assert np.allclose(np.linalg.norm(encoder.embed(images), axis=1), 1.0)
+    # Another centre is other weights: vectors of the two are told apart.
+    other = save_centred(
+        encoders,
+        "project-7-centred",
+        start=TINY_ENCODER,
+        start_weights_id=TinyEncoder.weights_id,
+        centre=-centre,
+        images=3,
+        source={"project": "7"},
+    )
+    assert other == "centred:project-7-centred-v2"
+    assert load_encoder(other, encoders_dir=encoders).weights_id != encoder.weights_id
+
+    with pytest.raises(EncoderError, match="only those are centred"):
+        save_centred(
+            encoders, "x", start=name, start_weights_id="a", centre=centre, images=1, source={}
+        )
+    # Fitted on other weights of the base encoder: refused, saying what to do.
+    config = json.loads((encoders / "project-7-centred-v1" / CENTRE_FILE).read_text())
+    (encoders / "stale-v1").mkdir()
+    stale = {**config, "start_weights_id": "0123456789ab"}
+    (encoders / "stale-v1" / CENTRE_FILE).write_text(json.dumps(stale))
+    with pytest.raises(EncoderError, match=r"weights 0123456789ab.*fit the centre again"):
+        load_encoder("centred:stale-v1", encoders_dir=encoders)
+    with pytest.raises(EncoderError, match=r"cannot read .*missing-v1/centre\.json"):
+        load_encoder("centred:missing-v1", encoders_dir=encoders)
+
+
+def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, capsys):
+    paths = dark_and_bright(settings.local_files_root, 6, size=(48, 48))
+    services = open_runtime(settings)
+    SimilarityModel(services, 5, DARK_BRIGHT_CONFIG).embed(
+        [
+            TaskImage(n, paths[name], {"organ": name.split("_")[0]})
+            for n, name in enumerate(sorted(paths))
+        ]
+        + [TaskImage(1000, paths["dark_0"])]  # unlabelled: in the centre too
+    )
+    before = {p.task: p.vector for p in services.store.iter_points(5, with_vectors=True)}
+    services.close()
+    env = {
+        "MODEL_DIR": str(settings.model_dir),
+        "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
+        "ECHOLABEL_ENCODER": TINY_ENCODER,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("REDIS_URL", raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert cli.main(["centre-encoder", "--project", "5", "--reembed"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["encoder"] == "centred:project-5-centred-v1" and result["images"] == 13
+        assert result["reembed"]["stage"] == "switched"
+        # Centred already: a second centring is refused, and nothing is written.
+        assert cli.main(["centre-encoder", "--project", "5"]) != 0
+        assert "only a pretrained encoder is centred" in capsys.readouterr().err
+    assert not (settings.encoders_dir / "project-5-centred-v2").exists()
+    services = open_runtime(settings)
+    try:
+        info = services.store.collection(5)
+        assert info.encoder == "centred:project-5-centred-v1"
+        after = {p.task: p.vector for p in services.store.iter_points(5, with_vectors=True)}
+        centre = fit_centre(np.stack(list(before.values())))
+        for task, vector in before.items():
+            assert np.allclose(after[task], centre_rows(vector[None], centre)[0], atol=1e-5)
+        labelled = services.store.iter_points(5, labelled=True, with_vectors=False)
+        assert {p.task: p.labels["organ"] for p in labelled} == {
+            n: name.split("_")[0] for n, name in enumerate(sorted(paths))
+        }
+    finally:
+        services.close()
