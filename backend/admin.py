@@ -20,6 +20,7 @@ from typing import Any
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from echolabel.core.runtime import Runtime
+from echolabel.encoders.centred import can_centre
 from workers.queues import STORE_QUEUES, list_rq_jobs, queue
 from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
 from workers.training.selection import RetrainPolicy, SelectionLog
@@ -136,6 +137,26 @@ class Admin:
 
         self._start_timer("retraining-timer", every_s, due, self.start_retraining)
 
+    def start_centring_timer(self, every_s: float) -> None:
+        """Every `every_s` seconds, centre the pretrained encoder of each project that holds
+        ECHOLABEL_CENTRE_MIN_IMAGES embedded images and was never centred (a rollback from a
+        centred encoder stays): the `centre-encoder` job, switching as a promotion does."""
+        settings = self.runtime.settings
+        if every_s <= 0 or not settings.auto_centre:
+            return
+        selection = SelectionLog(settings.selection_dir)
+
+        def due(project: int | str) -> bool:
+            info = self.runtime.store.collection(project)
+            return (
+                info is not None
+                and can_centre(info.encoder)
+                and self.runtime.store.count(project) >= settings.centre_min_images
+                and not selection.centred_before(project)
+            )
+
+        self._start_timer("centring-timer", every_s, due, self.start_centring)
+
     def start_index_timer(self, every_s: float) -> None:
         """Every `every_s` seconds, build the vote index of each project whose labels outgrew
         it (the embedded store: `VectorStore.index_due`; a server indexes by itself)."""
@@ -176,6 +197,10 @@ class Admin:
                 thread.join(timeout=timeout_s)
                 if thread.is_alive():
                     log.warning("job interrupted by shutdown", extra={"worker": thread.name})
+
+    def start_centring(self, project: int | str) -> dict[str, Any]:
+        """Queue (or, without Redis, start) centring the project's encoder and switching to it."""
+        return self._start("centre-encoder", project=project, reembed_after=True)
 
     def start_reembed(self, project: int | str, encoder: str) -> dict[str, Any]:
         """Queue (or, without Redis, start) the re-embedding of a project."""

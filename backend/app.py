@@ -96,6 +96,7 @@ def create_app(
         # What a crash (or a stop that did not wait) interrupted in this process's threads.
         admin.resume_interrupted()
         admin.start_retraining_timer(settings.retrain_check_s)
+        admin.start_centring_timer(settings.retrain_check_s)
         admin.start_index_timer(settings.index_check_s)
         inbox = WebhookInbox(
             settings.model_dir / "webhooks",

@@ -86,6 +86,10 @@ class Settings:
     # on and no encoder of the loop trains on.
     retrain_holdout: float = 0.2
     retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
+    # A project on a pretrained encoder is centred on its own images once it holds this many
+    # (echolabel/encoders/centred.py); checked as often as retraining.
+    auto_centre: bool = True
+    centre_min_images: int = 50
     index_check_s: float = 60.0  # how often it looks for vote indexes the labels outgrew
     # TrainOptions for the loop's challengers (JSON, e.g. {"epochs": 5}); the recipe otherwise.
     retrain_options: Mapping[str, Any] = field(default_factory=dict)
@@ -202,6 +206,10 @@ class Settings:
             ),
             retrain_check_s=float(
                 reader.integer("ECHOLABEL_RETRAIN_CHECK_S", int(cls.retrain_check_s), 0)
+            ),
+            auto_centre=reader.flag("ECHOLABEL_AUTO_CENTRE", cls.auto_centre),
+            centre_min_images=reader.integer(
+                "ECHOLABEL_CENTRE_MIN_IMAGES", cls.centre_min_images, 1
             ),
             patient_key=reader.text("ECHOLABEL_PATIENT_KEY"),
             retrain_options=reader.json_object("ECHOLABEL_RETRAIN_OPTIONS"),

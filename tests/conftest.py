@@ -37,6 +37,7 @@ def settings(tmp_path: Path) -> Settings:
         max_image_bytes=200_000,
         max_image_pixels=1_000_000,
         auto_retrain=False,
+        auto_centre=False,
     )
 
 

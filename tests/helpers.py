@@ -46,6 +46,8 @@ REDIS_URL = _worker_redis_url(
 # The self-improving loop trains encoders in the background of a backend that runs long
 # enough; only its own tests (test_retraining*.py) turn it on. Subprocesses inherit this.
 os.environ.setdefault("ECHOLABEL_AUTO_RETRAIN", "0")
+# Likewise the centring of a pretrained encoder (test_centred_encoder.py turns it on).
+os.environ.setdefault("ECHOLABEL_AUTO_CENTRE", "0")
 TINY_ENCODER = "tiny-test"
 TINY_ENCODER_B = "tiny-test-b"
 

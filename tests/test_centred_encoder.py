@@ -3,6 +3,7 @@ command that switch a project to one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, 
         assert cli.main(["centre-encoder", "--project", "5", "--reembed"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["encoder"] == "centred:project-5-centred-v1" and result["images"] == 13
-        assert result["reembed"]["stage"] == "switched"
+        assert result["reembed"] == "switched"
         # Centred already: a second centring is refused, and nothing is written.
         assert cli.main(["centre-encoder", "--project", "5"]) != 0
         assert "only a pretrained encoder is centred" in capsys.readouterr().err
@@ -127,3 +128,57 @@ def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, 
         }
     finally:
         services.close()
+
+
+def test_the_backend_centres_a_grown_project_once_and_a_rollback_stays(settings):
+    """The timer centres a project on a pretrained encoder once it holds enough images (not
+    one below the minimum), records it, and leaves the clock of the retraining loop alone; after
+    a rollback it does not centre the project again."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+    from workers.training.selection import SelectionLog
+
+    paths = dark_and_bright(settings.local_files_root, 6, size=(48, 48))
+    services = open_runtime(settings)
+    SimilarityModel(services, 5, DARK_BRIGHT_CONFIG).embed(
+        [
+            TaskImage(n, paths[name], {"organ": name.split("_")[0]})
+            for n, name in enumerate(sorted(paths))
+        ]
+    )
+    SimilarityModel(services, 6, DARK_BRIGHT_CONFIG).embed(
+        [TaskImage(n, paths[name]) for n, name in enumerate(sorted(paths)[:3])]
+    )
+    services.close()
+    centring = dataclasses.replace(
+        settings, auto_centre=True, centre_min_images=10, retrain_check_s=0.2
+    )
+    selection = SelectionLog(centring.selection_dir)
+
+    def live(project: int) -> str | None:
+        state = selection.read(project)["live"]
+        return state["encoder"] if state else None
+
+    with TestClient(create_app(centring)) as client:
+        assert client.post("/setup", json={"project": "5", "schema": DARK_BRIGHT_CONFIG}).is_success
+        assert client.post("/setup", json={"project": "6", "schema": DARK_BRIGHT_CONFIG}).is_success
+        deadline = time.monotonic() + 60
+        while live(5) != "centred:project-5-centred-v1":
+            assert time.monotonic() < deadline, client.get("/jobs").json()
+            time.sleep(0.1)
+        (record,) = client.get("/projects/5/encoder-selection").json()["candidates"]
+        assert record["decision"] == "centred" and record["champion"] == TINY_ENCODER
+        assert record["labelled"] == 12 and "12 images" in record["reason"]
+        assert selection.labelled_at_last_decision(5) == 0  # the loop's clock did not move
+        assert live(6) is None and selection.read(6)["candidates"] == []  # 3 images: not yet
+
+        assert client.post("/projects/5/rollback-encoder").is_success
+        while live(5) != TINY_ENCODER:
+            assert time.monotonic() < deadline, client.get("/jobs").json()
+            time.sleep(0.1)
+        time.sleep(1.0)  # five more checks
+        decisions = [c["decision"] for c in selection.read(5)["candidates"]]
+        assert decisions == ["centred", "rolled back"] and live(5) == TINY_ENCODER

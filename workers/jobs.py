@@ -199,11 +199,14 @@ def centre_encoder(
 ) -> dict:
     """Centre the project's pretrained encoder on its own images (echolabel.encoders.centred):
     the mean of every stored vector of its live generation, labelled or not, saved under
-    <artefacts>/encoders/project-<id>-centred-v<N>/; with `reembed_after`, re-embed the project
-    with it (zero downtime)."""
+    <artefacts>/encoders/project-<id>-centred-v<N>/. With `reembed_after`, switch the project
+    to it as a promotion does (zero-downtime re-embedding, a fresh push where predictions were
+    pushed), recorded as "centred" in its encoder selection."""
     from echolabel.encoders.centred import can_centre, fit_centre, save_centred
+    from workers.training.selection import Candidate, SelectionLog
 
     runtime = current()
+    started = _now()
     info = runtime.store.collection(project)
     if info is None:
         _no_retry()
@@ -230,7 +233,18 @@ def centre_encoder(
     log.info("encoder centred", extra={"project": str(project), "encoder": name})
     summary: dict[str, Any] = {"encoder": name, "images": len(vectors), "start": info.encoder}
     if reembed_after:
-        summary["reembed"] = reembed(project, name, on_progress=on_progress)
+        candidate = Candidate(
+            challenger=name,
+            champion=info.encoder,
+            labelled=runtime.store.count(project, labelled=True),
+            started_at=started,
+            decision="centred",
+            reason=f"{info.encoder} centred on the project's {len(vectors)} images (label-free)",
+        )
+        selection = SelectionLog(runtime.settings.selection_dir)
+        switched = _switch_encoder(project, name, selection, candidate, on_progress)
+        summary["reembed"] = switched.details.get("reembed")
+        summary["push"] = switched.details.get("push")
     return summary
 
 
@@ -474,7 +488,13 @@ def build_vote_index(project: int | str) -> dict[str, Any]:
     }
 
 
-def _switch_encoder(project: int | str, encoder: str, selection: Any, candidate: Any) -> Any:
+def _switch_encoder(
+    project: int | str,
+    encoder: str,
+    selection: Any,
+    candidate: Any,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Any:
     """Re-embed with `encoder` (zero downtime), push again where predictions were pushed, then
     record the switch; a failed re-embedding is recorded as "failed" and raised."""
     from workers.catalogue import job_spec
@@ -483,7 +503,7 @@ def _switch_encoder(project: int | str, encoder: str, selection: Any, candidate:
     runtime = current()
     before = runtime.store.collection(project)
     try:
-        switched = reembed(project, encoder)
+        switched = reembed(project, encoder, on_progress=on_progress)
     except Exception as exc:
         selection.record(
             project,

@@ -239,7 +239,7 @@ class Candidate:
     champion: str
     labelled: int
     started_at: str
-    decision: str  # "promoted", "kept", "refused", "failed", "rolled back"
+    decision: str  # "promoted", "kept", "refused", "failed", "rolled back", "centred"
     reason: str
     comparison: dict[str, Any] | None = None
     train_seconds: float | None = None
@@ -277,16 +277,25 @@ class SelectionLog:
         """Labelled images when the last round ended, whatever its decision (a failure too: the
         next try waits for more labels instead of failing again at every check); 0 if none."""
         state = self.read(project)
-        counts = [c["labelled"] for c in state["candidates"]]
+        # Centring (label-free, not a round) leaves the loop's clock where it was.
+        counts = [c["labelled"] for c in state["candidates"] if c["decision"] != "centred"]
         if state["live"]:
             counts.append(state["live"]["labelled"])
         return max(counts, default=0)
 
+    def centred_before(self, project: int | str) -> bool:
+        """Whether the project was ever switched (or tried to switch) to a centred encoder: the
+        backend centres a project once, so a rollback from it stays."""
+        return any(
+            (c["challenger"] or "").startswith("centred:") for c in self.read(project)["candidates"]
+        )
+
     def record(self, project: int | str, candidate: Candidate) -> None:
         """Append one round; a promotion or rollback also moves the live encoder."""
         state = self.read(project)
+        clock = self.labelled_at_last_decision(project)
         state["candidates"].append(asdict(candidate))
-        if candidate.decision in ("promoted", "rolled back") and candidate.challenger:
+        if candidate.decision in ("promoted", "rolled back", "centred") and candidate.challenger:
             # The encoder the project started with has no round of its own: it enters the
             # lineage when it is first replaced, so a rollback can return to it.
             replaced = state["live"] or {
@@ -297,7 +306,7 @@ class SelectionLog:
             state["lineage"].append(replaced)
             state["live"] = {
                 "encoder": candidate.challenger,
-                "labelled": candidate.labelled,
+                "labelled": clock if candidate.decision == "centred" else candidate.labelled,
                 "since": candidate.started_at,
             }
         self._write(project, state)
