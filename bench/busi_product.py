@@ -8,8 +8,11 @@ for every `train` row, then /predict for the `test` rows), abstentions counted a
 The encoder is any registry name; trained encoders are read from ECHOLABEL_ARTEFACTS_DIR/encoders
 (default MODEL_DIR/encoders). The store is a fresh one in a temporary directory, the
 vote settings (top-k, minimum neighbours, minimum share) come from the environment as the
-backend reads them. Prints one JSON object: accuracy, coverage, accuracy where voted,
-per-class recall, the confusion counts, timings, the machine and its load average.
+backend reads them. A pretrained encoder is centred on the imported images before the
+predictions, as the backend's timer does (ECHOLABEL_AUTO_CENTRE=0: not); the retraining loop
+stays off, so the encoder named is the one measured. Prints one JSON object: accuracy,
+coverage, accuracy where voted, per-class recall, the confusion counts, timings, the machine
+and its load average.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
+from echolabel.encoders.centred import can_centre
 from echolabel.settings import Settings
 from echolabel.vote import TEMPERATURE
 
@@ -64,6 +68,27 @@ def webhook(task: dict[str, Any], field: str, label: str, annotation: int) -> di
             ],
         },
     }
+
+
+def centre_as_the_backend_does(client: TestClient, settings: Settings) -> str | None:
+    """Where the backend's timer would centre the project's encoder (within
+    ECHOLABEL_RETRAIN_CHECK_S of the import), centre it now and wait; the centred encoder."""
+    state = client.app.state.echolabel
+    store = state["runtime"].store
+    info = store.collection(PROJECT)
+    if not (
+        settings.auto_centre
+        and info is not None
+        and can_centre(info.encoder)
+        and store.count(PROJECT) >= settings.centre_min_images
+    ):
+        return None
+    job = state["admin"].local_jobs[state["admin"].start_centring(PROJECT)["job"]]
+    while job.status == "started":
+        time.sleep(0.2)
+    if job.status != "finished":
+        raise RuntimeError(f"centring failed: {job.error}")
+    return store.collection(PROJECT).encoder
 
 
 def evaluate(
@@ -107,6 +132,7 @@ def evaluate(
         inbox = client.app.state.echolabel["inbox"]
         if not inbox.wait_idle(timeout=3600) or inbox.failed():
             raise RuntimeError(f"webhooks did not all apply: {inbox.failed()}")
+        centred = centre_as_the_backend_does(client, settings)
         learned_s = time.monotonic() - started
         predicted_started = time.monotonic()
         outcome: dict[int, str | None] = {}
@@ -127,6 +153,7 @@ def evaluate(
     counts = Counter(truth.values())
     return {
         "encoder": settings.encoder,
+        "centred": centred,
         "train_rows": len(train),
         "test_rows": len(test),
         "accuracy": round(sum(correct.values()) / len(test), 4),
@@ -174,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             local_files_root=args.images.resolve(),
             encoder=args.encoder or configured.encoder,
             redis_url=None,
+            auto_retrain=False,
         )
         result = evaluate(
             args.images,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -182,3 +183,59 @@ def test_the_backend_centres_a_grown_project_once_and_a_rollback_stays(settings)
         time.sleep(1.0)  # five more checks
         decisions = [c["decision"] for c in selection.read(5)["candidates"]]
         assert decisions == ["centred", "rolled back"] and live(5) == TINY_ENCODER
+
+
+def test_evaluation_measures_a_pretrained_encoder_centred_as_the_backend_would(settings):
+    from echolabel.folders import read_folder
+    from workers.evaluation.report import evaluate_vectors, headline
+    from workers.evaluation.runner import evaluate_folder
+
+    # Bright images that differ by a little noise: every vector shares a large component, so
+    # centring changes which neighbours come first.
+    root = settings.local_files_root
+    rng = np.random.default_rng(0)
+    names = [f"img_{i:02d}" for i in range(20)]
+    for name in names:
+        pixels = (200 + rng.integers(-40, 40, (4, 4))).astype(np.uint8)
+        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert("RGB").save(
+            root / f"{name}.png"
+        )
+    (root / "labels.csv").write_text(
+        "image,organ\n" + "".join(f"{n}.png,{'ab'[i % 2]}\n" for i, n in enumerate(names))
+    )
+    items = read_folder(root, root / "labels.csv", fields=("organ",))
+    centring = dataclasses.replace(settings, auto_centre=True, centre_min_images=20)
+
+    def organ(chosen: Any) -> dict[str, Any]:
+        return evaluate_folder(items, ["organ"], [TINY_ENCODER], chosen, root=root, **small)
+
+    small = {"min_class_size": 2}
+
+    report = organ(centring)
+    block = report["encoders"][TINY_ENCODER]
+    assert block["centred_on"] == 20
+    assert f"{TINY_ENCODER}: centred on the 20 images" in headline(report)
+    # The metrics of the encoder's vectors centred by hand, not those of its plain vectors.
+    order = [names.index(item.path.stem) for item in items]
+    raw = TinyEncoder().embed([Image.open(root / f"{n}.png") for n in names])[order]
+    labels = {"organ": [item.labels["organ"] for item in items]}
+    common = {"min_class_size": 2, "min_neighbours": 2, "min_score": 0.5}
+    centred = evaluate_vectors(centre_rows(raw, fit_centre(raw)), labels, **common)
+    plain = evaluate_vectors(raw, labels, **common)
+    got = block["fields"]["organ"]
+    want = centred["fields"]["organ"]
+    assert got["weighted_same_in_top10"] == pytest.approx(want["weighted_same_in_top10"])
+    assert got["vote"]["accuracy"] == pytest.approx(want["vote"]["accuracy"])
+    assert want["weighted_same_in_top10"] != pytest.approx(
+        plain["fields"]["organ"]["weighted_same_in_top10"]
+    )
+    # One image short of the minimum, or turned off: measured as it is.
+    for as_is in (
+        dataclasses.replace(centring, centre_min_images=21),
+        dataclasses.replace(centring, auto_centre=False),
+    ):
+        block = organ(as_is)["encoders"][TINY_ENCODER]
+        assert block["centred_on"] is None
+        assert block["fields"]["organ"]["weighted_same_in_top10"] == pytest.approx(
+            plain["fields"]["organ"]["weighted_same_in_top10"]
+        )

@@ -186,6 +186,11 @@ def headline(report: Mapping[str, Any]) -> str:
     for encoder, result in report["encoders"].items():
         for name, reason in result.get("skipped_fields", {}).items():
             rows.append(f"{name:12} {encoder:20} skipped: {reason}")
+        if result.get("centred_on"):
+            rows.append(
+                f"{encoder}: centred on the {result['centred_on']} images, as the backend "
+                "centres a pretrained encoder (ECHOLABEL_AUTO_CENTRE=0: not)"
+            )
     held_out = report["dataset"].get("held_out")
     if held_out:
         rows.append(

@@ -14,6 +14,7 @@ from PIL import Image
 
 from echolabel.core.runtime import Runtime
 from echolabel.embedding import Embedder, ImageLoader, TaskImage
+from echolabel.encoders.centred import can_centre, centre_rows, fit_centre
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
@@ -86,7 +87,11 @@ def evaluate_folder(
     With a trained encoder among `encoders`, the images it was trained on are left out for
     every encoder (held-out images only; see held_out.py). With `retraining`, each pretrained
     encoder's block also gets `learning_curve_retraining`: the session replayed with the
-    self-improving loop starting from that encoder (`retraining_curve.py`)."""
+    self-improving loop starting from that encoder (`retraining_curve.py`).
+
+    A pretrained encoder is measured as the backend uses it: centred on the folder's images
+    when ECHOLABEL_AUTO_CENTRE is on and they are at least ECHOLABEL_CENTRE_MIN_IMAGES
+    (echolabel/encoders/centred.py); its block says so under `centred_on`."""
     # The folder is the only place images are read from.
     settings = dataclasses.replace(settings, local_files_root=root)
     runtime = Runtime.build(settings)  # no store: the folder is the data
@@ -126,6 +131,13 @@ def evaluate_folder(
         for name in encoders:
             model = embedder.encoder(name)
             vectors, kept, failed = embed_all(embedder, load, name, items, on_progress)
+            centred_on = None
+            if (
+                settings.auto_centre
+                and can_centre(name)
+                and len(kept) >= settings.centre_min_images
+            ):
+                vectors, centred_on = centre_rows(vectors, fit_centre(vectors)), len(kept)
             labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
             groups = [kept_item.group for kept_item in kept]
             result = evaluate_vectors(
@@ -165,6 +177,7 @@ def evaluate_folder(
                 "weights_id": model.weights_id,
                 "dim": model.dim,
                 "images": len(kept),
+                "centred_on": centred_on,
                 "failed": failed,
                 **({"trained": trained[name].describe()} if name in trained else {}),
                 **result,
