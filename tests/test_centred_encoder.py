@@ -21,6 +21,7 @@ from echolabel.encoders.centred import (
     centre_rows,
     fit_centre,
     save_centred,
+    uncentre_rows,
 )
 from tests.helpers import TINY_ENCODER, TinyEncoder, dark_and_bright
 from tests.label_configs import DARK_BRIGHT_CONFIG
@@ -35,6 +36,12 @@ def test_centring_subtracts_the_mean_and_normalises_again():
     assert np.allclose(centre_rows(rows, centre), [[0.7071, -0.7071]] * 2 + [[-0.7071, 0.7071]])
     with pytest.raises(ValueError, match="at least one"):
         fit_centre(np.zeros((0, 2)))
+    # The base encoder's rows come back from the centred ones and the centre.
+    rng = np.random.default_rng(1)
+    unit = rng.normal(size=(50, 8)) + 2.0
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    mean = fit_centre(unit)
+    assert np.allclose(uncentre_rows(centre_rows(unit, mean), mean), unit, atol=1e-6)
     assert can_centre("efficientnet_lite0")
     assert not can_centre("trained:busi-v1") and not can_centre("centred:project-1-centred-v1")
 
@@ -103,10 +110,13 @@ def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, 
         "ECHOLABEL_LOCAL_FILES_ROOT": str(settings.local_files_root),
         "ECHOLABEL_ENCODER": TINY_ENCODER,
     }
+    duplicates = ["duplicates", "--project", "5", "--threshold", "0.9"]
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("REDIS_URL", raising=False)
         for key, value in env.items():
             patch.setenv(key, value)
+        assert cli.main(duplicates) == 0
+        pairs_before = capsys.readouterr().out
         assert cli.main(["centre-encoder", "--project", "5", "--reembed"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["encoder"] == "centred:project-5-centred-v1" and result["images"] == 13
@@ -114,6 +124,9 @@ def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, 
         # Centred already: a second centring is refused, and nothing is written.
         assert cli.main(["centre-encoder", "--project", "5"]) != 0
         assert "only a pretrained encoder is centred" in capsys.readouterr().err
+        # Near-duplicates are found by the base encoder's similarity, whose threshold it is.
+        assert cli.main(duplicates) == 0
+        assert capsys.readouterr().out == pairs_before
     assert not (settings.encoders_dir / "project-5-centred-v2").exists()
     services = open_runtime(settings)
     try:
@@ -206,10 +219,10 @@ def test_evaluation_measures_a_pretrained_encoder_centred_as_the_backend_would(s
     items = read_folder(root, root / "labels.csv", fields=("organ",))
     centring = dataclasses.replace(settings, auto_centre=True, centre_min_images=20)
 
-    def organ(chosen: Any) -> dict[str, Any]:
-        return evaluate_folder(items, ["organ"], [TINY_ENCODER], chosen, root=root, **small)
-
-    small = {"min_class_size": 2}
+    def organ(chosen: Any, **options: Any) -> dict[str, Any]:
+        return evaluate_folder(
+            items, ["organ"], [TINY_ENCODER], chosen, root=root, min_class_size=2, **options
+        )
 
     report = organ(centring)
     block = report["encoders"][TINY_ENCODER]
@@ -228,6 +241,21 @@ def test_evaluation_measures_a_pretrained_encoder_centred_as_the_backend_would(s
     assert got["vote"]["accuracy"] == pytest.approx(want["vote"]["accuracy"])
     assert want["weighted_same_in_top10"] != pytest.approx(
         plain["fields"]["organ"]["weighted_same_in_top10"]
+    )
+    # Near-duplicates left out are those of the encoder's own similarity, whose threshold it
+    # is: 6 pairs at 0.97 here, where the centred vectors have none.
+    apart = organ(centring, near_duplicate_threshold=0.97)["encoders"][TINY_ENCODER]
+    assert apart["near_duplicates_excluded"] == {"threshold": 0.97, "pairs": 6}
+    want = evaluate_vectors(
+        centre_rows(raw, fit_centre(raw)),
+        labels,
+        near_duplicate_threshold=0.97,
+        near_duplicates_by=raw,
+        **common,
+    )["fields"]["organ"]
+    assert apart["fields"]["organ"]["vote"]["accuracy"] == pytest.approx(want["vote"]["accuracy"])
+    assert apart["fields"]["organ"]["weighted_same_in_top10"] == pytest.approx(
+        want["weighted_same_in_top10"]
     )
     # One image short of the minimum, or turned off: measured as it is.
     for as_is in (

@@ -357,6 +357,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
 def find_project_duplicates(project: int | str, threshold: float | None = None) -> dict:
     """Near-duplicate pairs among all of a project's embedded tasks (JSON-able, for a page or
     the CLI): see workers.review.duplicates.find_duplicates."""
+    from echolabel.encoders.centred import read_centre, uncentre_rows
     from workers.review import browser_label_studio_url, task_link
     from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
@@ -369,8 +370,12 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
         _no_retry()
         raise PermanentJobError(f"project {project} has {len(points)} task(s): need 2+")
     settings = current().settings
+    vectors = np.stack([p.vector for p in points])
+    centre = read_centre(settings.encoders_dir, store.collection(project).encoder)
+    if centre is not None:  # the threshold is the base encoder's (docs/review.md)
+        vectors = uncentre_rows(vectors, centre)
     result = find_duplicates(
-        np.stack([p.vector for p in points]),
+        vectors,
         [p.task for p in points],
         [p.labels for p in points],
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,

@@ -46,6 +46,18 @@ def centre_rows(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return (shifted / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
+def uncentre_rows(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The base encoder's unit rows back from centred ones: u = c + s·x with |u| = 1, where
+    s = |u - c| > 0 is the positive root of s² + 2s(c·x) + |c|² - 1 = 0 (|c| < 1, the mean of
+    unit rows). Similarity thresholds measured on the base encoder (near-duplicates) apply to
+    these."""
+    rows = np.asarray(vectors, dtype=np.float64)
+    c = np.asarray(centre, dtype=np.float64)
+    along = rows @ c
+    s = -along + np.sqrt(np.maximum(along**2 - c @ c + 1.0, 0.0))
+    return (c + s[:, None] * rows).astype(np.float32)
+
+
 def fit_centre(vectors: np.ndarray) -> np.ndarray:
     """The centre of a project's vectors: their mean."""
     rows = np.asarray(vectors, dtype=np.float32)
@@ -110,6 +122,19 @@ def save_centred(
     partial.write_text(json.dumps(config))
     os.replace(partial, path / CENTRE_FILE)
     return f"{PREFIX}:{path.name}"
+
+
+def read_centre(encoders_dir: Path, encoder: str) -> np.ndarray | None:
+    """The centre of encoder `encoder` when it is a centred one (None otherwise), read from
+    its file without loading any model."""
+    prefix, sep, member = encoder.partition(":")
+    if not sep or prefix != PREFIX:
+        return None
+    file = encoders_dir / member / CENTRE_FILE
+    try:
+        return np.asarray(json.loads(file.read_text())["centre"], dtype=np.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EncoderError(f"centred encoder {encoder!r}: cannot read {file} ({exc})") from None
 
 
 def load_centred(

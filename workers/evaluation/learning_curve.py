@@ -54,6 +54,7 @@ def replay(
     min_neighbours: int = 3,
     min_score: float = 0.5,
     exclude_above: float | None = None,
+    exclude_by: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One session: after each batch, {labelled, fields: {field: {classes_labelled,
     remaining, voted, coverage, accuracy}}}: the classes among the labelled tasks, the rest
@@ -78,7 +79,7 @@ def replay(
     points = []
     for step, size in enumerate(sizes):
         votes, scores = _suggestions(
-            vectors, labels, revealed, k, min_neighbours, min_score, exclude_above
+            vectors, labels, revealed, k, min_neighbours, min_score, exclude_above, exclude_by
         )
         hidden = np.flatnonzero(~revealed)
         per_field = {}
@@ -119,6 +120,7 @@ def learning_curve(
     min_neighbours: int = 3,
     min_score: float = 0.5,
     exclude_above: float | None = None,
+    exclude_by: np.ndarray | None = None,
     orders: Sequence[str] = ORDERS,
 ) -> dict[str, Any]:
     """Every order over all seeds: {sizes, seeds, k, orders: {order: {field: {labelled,
@@ -138,6 +140,7 @@ def learning_curve(
                 min_neighbours=min_neighbours,
                 min_score=min_score,
                 exclude_above=exclude_above,
+                exclude_by=exclude_by,
             )
             for seed in seeds
         ]
@@ -175,10 +178,11 @@ def _suggestions(
     min_neighbours: int,
     min_score: float,
     exclude_above: float | None,
+    exclude_by: np.ndarray | None = None,
 ) -> tuple[list[Any], np.ndarray]:
     """Every task's vote from its k nearest revealed tasks, and its task score."""
     indices, sims = leave_one_out_neighbours(
-        vectors, k, candidates=revealed, exclude_above=exclude_above
+        vectors, k, candidates=revealed, exclude_above=exclude_above, exclude_by=exclude_by
     )
     fields = list(labels)
     votes: list[Any] = []

@@ -32,6 +32,7 @@ def leave_one_out_neighbours(
     block: int = 1024,
     *,
     exclude_above: float | None = None,
+    exclude_by: np.ndarray | None = None,
     candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k most cosine-similar other rows, best first, by exact search.
@@ -41,8 +42,10 @@ def leave_one_out_neighbours(
     near-duplicate frames of one patient cannot inflate the scores (leave-patient-out); a None
     group means "no group" and excludes only the row itself. With `exclude_above`, rows at a
     cosine similarity ≥ it (the query's near-duplicates, e.g. repeated frames) are excluded
-    the same way. `candidates` (bool per row) restricts the neighbours to those rows, e.g. the
-    tasks labelled so far in a replayed annotation session.
+    the same way; the similarity compared is that of the rows of `exclude_by` when given (the
+    base encoder's vectors of centred ones, whose threshold it is). `candidates` (bool per
+    row) restricts the neighbours to those rows, e.g. the tasks labelled so far in a replayed
+    annotation session.
 
     Returns (indices (n, k) int64, similarities (n, k) float32). Equal similarities are ordered
     by index, never by the sort algorithm, so a run is reproducible. BLAS may round the last bit
@@ -52,6 +55,9 @@ def leave_one_out_neighbours(
     """
     x = _unit_rows(vectors)
     n = x.shape[0]
+    by = x if exclude_by is None else _unit_rows(exclude_by)
+    if by.shape[0] != n:
+        raise ValueError(f"exclude_by has {by.shape[0]} rows for {n} vectors")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if block < 1:
@@ -74,7 +80,8 @@ def leave_one_out_neighbours(
             query = codes[start:stop, None]
             sims[(query == codes[None, :]) & (query >= 0)] = -np.inf
         if exclude_above is not None:
-            sims[sims >= exclude_above] = -np.inf
+            alike = sims if by is x else by[start:stop] @ by.T
+            sims[alike >= exclude_above] = -np.inf
         if pool is not None:
             sims[:, ~pool] = -np.inf
         _top_k(sims, k, indices[start:stop], similarities[start:stop])

@@ -48,12 +48,14 @@ def evaluate_vectors(
     thumbnails: np.ndarray | None = None,
     k_candidates: Sequence[int] = (),
     near_duplicate_threshold: float | None = None,
+    near_duplicates_by: np.ndarray | None = None,
     learning_curve_seeds: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Every metric for one encoder's vectors, per label field (leave-one-out; with `groups`,
     leave-patient-out too); with `thumbnails`, pixel metrics of the retrieved sets; with
     `k_candidates`, the k that a validation split prefers (`choose_k`). With
-    `near_duplicate_threshold`, a query's near-duplicates (cosine ≥ it) are never its
+    `near_duplicate_threshold`, a query's near-duplicates (cosine ≥ it, between the rows of
+    `near_duplicates_by` when given: a centred encoder's base vectors) are never its
     neighbours; with `learning_curve_seeds`, an annotation session is replayed per seed
     (`learning_curve`).
 
@@ -73,7 +75,11 @@ def evaluate_vectors(
     for view, view_groups in views.items():
         retrieve = max([k, *k_candidates])
         all_indices, all_sims = leave_one_out_neighbours(
-            vectors, retrieve, groups=view_groups, exclude_above=near_duplicate_threshold
+            vectors,
+            retrieve,
+            groups=view_groups,
+            exclude_above=near_duplicate_threshold,
+            exclude_by=near_duplicates_by,
         )
         indices, sims = all_indices[:, :k], all_sims[:, :k]
         if thumbnails is not None:
@@ -118,7 +124,13 @@ def evaluate_vectors(
     if near_duplicate_threshold is not None:
         out["near_duplicates_excluded"] = {
             "threshold": near_duplicate_threshold,
-            "pairs": len(near_duplicate_pairs(vectors, near_duplicate_threshold, k)),
+            "pairs": len(
+                near_duplicate_pairs(
+                    vectors if near_duplicates_by is None else near_duplicates_by,
+                    near_duplicate_threshold,
+                    k,
+                )
+            ),
         }
     if learning_curve_seeds:
         out["learning_curve"] = learning_curve(
@@ -129,6 +141,7 @@ def evaluate_vectors(
             min_neighbours=min_neighbours,
             min_score=min_score,
             exclude_above=near_duplicate_threshold,
+            exclude_by=near_duplicates_by,
         )
     return out
 

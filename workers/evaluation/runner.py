@@ -131,13 +131,15 @@ def evaluate_folder(
         for name in encoders:
             model = embedder.encoder(name)
             vectors, kept, failed = embed_all(embedder, load, name, items, on_progress)
-            centred_on = None
+            centred_on, plain = None, None
             if (
                 settings.auto_centre
                 and can_centre(name)
                 and len(kept) >= settings.centre_min_images
             ):
-                vectors, centred_on = centre_rows(vectors, fit_centre(vectors)), len(kept)
+                # Near-duplicates stay those of the encoder's own similarity (its threshold).
+                plain, centred_on = vectors, len(kept)
+                vectors = centre_rows(vectors, fit_centre(vectors))
             labels = {f: [kept_item.labels.get(f) for kept_item in kept] for f in fields}
             groups = [kept_item.group for kept_item in kept]
             result = evaluate_vectors(
@@ -151,6 +153,7 @@ def evaluate_folder(
                 thumbnails=np.stack([thumbnails[str(i.path)] for i in kept]),
                 k_candidates=k_candidates,
                 near_duplicate_threshold=near_duplicate_threshold,
+                near_duplicates_by=plain,
                 learning_curve_seeds=learning_curve_seeds,
             )
             if retraining is not None and name not in trained:

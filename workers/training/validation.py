@@ -132,8 +132,9 @@ def neighbour_votes(
 
     With `centre`, the labelled rows' mean is subtracted from every row and the rows are
     normalised again before the neighbours are ranked and weighed (label-free: it uses no
-    label; `exclude_above` still compares the rows as given). Not the product's vote: an
-    experiment (docs/evaluation.md, "Centring the embeddings")."""
+    label; `exclude_above` still compares the rows as given). The backend centres a
+    pretrained encoder's vectors before they are stored instead (echolabel/encoders/centred.py);
+    this scores the choice on validation (docs/evaluation.md, "Centring the embeddings")."""
     similarity = queries @ labelled.T
     excluded = similarity >= exclude_above if exclude_above is not None else None
     if centre:
