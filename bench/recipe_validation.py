@@ -124,6 +124,7 @@ def score_votes(
     temperature: float = TEMPERATURE,
     exclude_above: float | None = None,
     centre: bool = False,
+    centre_on: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Accuracy (abstentions as misses), coverage, accuracy where voted and per-class recall
     of the product's vote for every query among the labelled vectors (rows L2-normalised).
@@ -139,7 +140,7 @@ def score_votes(
     `temperature` is how the vote weighs the neighbours (`echolabel.vote`; 0: their
     similarity). With `exclude_above`, labelled rows at or above that similarity to a query
     are not among its neighbours. With `centre`, the similarities are taken after the
-    labelled rows' mean is subtracted (`neighbour_votes`)."""
+    labelled rows' mean (or `centre_on`'s) is subtracted (`neighbour_votes`)."""
     votes = neighbour_votes(
         labelled,
         [{field: y} for y in labelled_y],
@@ -151,6 +152,7 @@ def score_votes(
         temperature=temperature,
         exclude_above=exclude_above,
         centre=centre,
+        centre_on=centre_on,
     )
     prior = {cls: list(labelled_y).count(cls) / len(labelled_y) for cls in classes}
     outcome: list[str | None] = []

@@ -8,7 +8,9 @@ the cosine similarity s (the vote until 2026-12-07), s with the class prior divi
 exp((s - s_max) / temperature) for each `--temperature` (the product's is 0.03). With
 `--centre`, each weighting is scored a second time with the similarities taken after the
 labelled folds' mean vector is subtracted (label-free centring; near-duplicates are still
-those of the encoder's own similarity).
+those of the encoder's own similarity); with `--centre-from N`, the centre is the mean of N
+of the labelled folds' images drawn at random (`--centre-draws` draws, each scored), to see
+how few images a centre needs.
 
 BUSI has no patient ids, and a quarter of its training images have a neighbour above 0.96
 similarity: mostly the same lesion again. `--without-above 0.95` drops such neighbours from
@@ -58,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also score every weighting with the labelled rows' mean subtracted",
     )
+    parser.add_argument(
+        "--centre-from", type=int, help="with --centre: fit each centre on N random images"
+    )
+    parser.add_argument("--centre-draws", type=int, default=5)
     parser.add_argument("--out", type=Path, help="append one JSON line per weighting")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
@@ -94,13 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             for fold in range(args.folds)
         )
     ]
-    centrings = (False, True) if args.centre else (False,)
-    for (label, power, temperature), centre in (
-        (weighting, centre) for centre in centrings for weighting in weightings
+    # (centred, draw): draw None centres on every labelled image.
+    draws: list[int | None] = list(range(args.centre_draws)) if args.centre_from else [None]
+    centrings = [(False, None)] + ([(True, d) for d in draws] if args.centre else [])
+    for (label, power, temperature), (centre, draw) in (
+        (weighting, centring) for centring in centrings for weighting in weightings
     ):
         hits = {c: 0 for c in classes}
         voted = 0
         for known, asked in folds:
+            centre_on = None
+            if draw is not None:
+                picked = np.random.default_rng(draw).choice(known, args.centre_from, replace=False)
+                centre_on = vectors[picked]
             scores = score_votes(
                 vectors[known],
                 [labels[i] for i in known],
@@ -113,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 temperature=temperature,
                 exclude_above=args.without_above,
                 centre=centre,
+                centre_on=centre_on,
             )
             voted += round(scores["coverage"] * scores["images"])
             for cls, frac in scores["recall"].items():
@@ -127,13 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "folds": args.folds,
             "without_above": args.without_above,
             "centred": centre,
+            "centre_from": args.centre_from if draw is not None else None,
+            "centre_draw": draw,
             "embed_s": round(embed_s, 1),
             "load_avg": [round(x, 2) for x in os.getloadavg()],
             "machine": machine(),
         }
+        how = "as is" if not centre else "centred"
+        if draw is not None:
+            how += f" on {args.centre_from}, draw {draw}"
         print(
-            f"{name}\twithout above {args.without_above}\t{'centred' if centre else 'as is'}"
-            f"\t{label:<22}"
+            f"{name}\twithout above {args.without_above}\t{how}\t{label:<22}"
             f"\tacc {row['accuracy']:.3f}\tcov {row['coverage']:.2f}\trecall {row['recall']}"
         )
         if args.out:

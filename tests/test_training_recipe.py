@@ -242,6 +242,8 @@ def test_centring_ranks_by_the_direction_away_from_the_labelled_mean():
     args = (labelled, ["a", "a", "b"], unit((1, 0.9)), ["b"], ["a", "b"], "f", one)
     assert score_votes(*args)["accuracy"] == 0.0
     assert score_votes(*args, centre=True)["accuracy"] == 1.0
+    # A centre from other rows: from b alone, (q - b) points a's way.
+    assert score_votes(*args, centre=True, centre_on=unit((0, 1)))["accuracy"] == 0.0
     # Near-duplicates are still those of the similarity as given: a query at b itself, with
     # every neighbour at or above 0.99 left out, is voted by an a.
     at_b = (labelled, ["a", "a", "b"], unit((0, 1)), ["b"], ["a", "b"], "f", one)

@@ -124,21 +124,23 @@ def neighbour_votes(
     temperature: float = TEMPERATURE,
     exclude_above: float | None = None,
     centre: bool = False,
+    centre_on: torch.Tensor | None = None,
 ) -> list[dict[str, FieldVote]]:
     """The vote the product makes for each query (rows L2-normalised): its `top_k` most
     similar labelled rows, each with its `labels`, voted by `echolabel.vote` (`temperature`:
     how the vote weighs them; the product's by default). With `exclude_above`, rows at or
     above that similarity to a query are not its neighbours (near-duplicates left out).
 
-    With `centre`, the labelled rows' mean is subtracted from every row and the rows are
-    normalised again before the neighbours are ranked and weighed (label-free: it uses no
-    label; `exclude_above` still compares the rows as given). The backend centres a
-    pretrained encoder's vectors before they are stored instead (echolabel/encoders/centred.py);
-    this scores the choice on validation (docs/evaluation.md, "Centring the embeddings")."""
+    With `centre`, the labelled rows' mean (or that of `centre_on`'s rows) is subtracted from
+    every row and the rows are normalised again before the neighbours are ranked and weighed
+    (label-free: it uses no label; `exclude_above` still compares the rows as given). The
+    backend centres a pretrained encoder's vectors before they are stored instead
+    (echolabel/encoders/centred.py); this scores the choice on validation
+    (docs/evaluation.md, "Centring the embeddings")."""
     similarity = queries @ labelled.T
     excluded = similarity >= exclude_above if exclude_above is not None else None
     if centre:
-        mean = labelled.mean(dim=0)
+        mean = (labelled if centre_on is None else centre_on).mean(dim=0)
         similarity = F.normalize(queries - mean, dim=1) @ F.normalize(labelled - mean, dim=1).T
     if excluded is not None:
         similarity = similarity.masked_fill(excluded, float("-inf"))
