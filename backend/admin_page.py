@@ -225,6 +225,12 @@ def render_admin(
     message: str = "",
 ) -> str:
     project_rows = "".join(_project_row(p, settings, csrf_token) for p in projects)
+    centring = (
+        " A project on a pretrained encoder is first <em>centred</em> on its own images once it"
+        f" holds {settings.centre_min_images} (no label used)."
+        if settings.auto_centre
+        else ""
+    )
     if not projects:
         project_rows = '<tr><td colspan="8">no project yet: connect Label Studio</td></tr>'
     job_html = "".join(_job_tr(row) for row in rows) or _NO_JOBS
@@ -239,7 +245,7 @@ def render_admin(
 {project_rows}</table>
 <h2>Encoder selection</h2>
 <p>Retraining rounds: a challenger is promoted only when the bootstrap interval of its margin
-(product vote on held-out images, abstentions as misses) excludes 0.</p>
+(product vote on held-out images, abstentions as misses) excludes 0.{centring}</p>
 <table id="selection"><tr><th>project</th><th>started</th><th>labelled</th><th>decision</th>
 <th>challenger</th><th>champion</th><th>accuracy (challenger / champion)</th>
 <th>margin [interval]</th><th>reason</th></tr>

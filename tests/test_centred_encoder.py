@@ -3,6 +3,7 @@ command that switch a project to one."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from typing import Any
@@ -168,8 +169,14 @@ def test_the_backend_centres_a_grown_project_once_and_a_rollback_stays(settings)
     )
     services.close()
     centring = dataclasses.replace(
-        settings, auto_centre=True, centre_min_images=10, retrain_check_s=0.2
+        settings,
+        auto_centre=True,
+        centre_min_images=10,
+        retrain_check_s=0.2,
+        basic_auth_user="admin",
+        basic_auth_pass="secret",
     )
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
     selection = SelectionLog(centring.selection_dir)
 
     def live(project: int) -> str | None:
@@ -177,21 +184,25 @@ def test_the_backend_centres_a_grown_project_once_and_a_rollback_stays(settings)
         return state["encoder"] if state else None
 
     with TestClient(create_app(centring)) as client:
-        assert client.post("/setup", json={"project": "5", "schema": DARK_BRIGHT_CONFIG}).is_success
-        assert client.post("/setup", json={"project": "6", "schema": DARK_BRIGHT_CONFIG}).is_success
+        for project in ("5", "6"):
+            body = {"project": project, "schema": DARK_BRIGHT_CONFIG}
+            assert client.post("/setup", json=body, headers=auth).is_success
         deadline = time.monotonic() + 60
         while live(5) != "centred:project-5-centred-v1":
-            assert time.monotonic() < deadline, client.get("/jobs").json()
+            assert time.monotonic() < deadline, client.get("/jobs", headers=auth).json()
             time.sleep(0.1)
-        (record,) = client.get("/projects/5/encoder-selection").json()["candidates"]
+        (record,) = client.get("/projects/5/encoder-selection", headers=auth).json()["candidates"]
         assert record["decision"] == "centred" and record["champion"] == TINY_ENCODER
         assert record["labelled"] == 12 and "12 images" in record["reason"]
         assert selection.labelled_at_last_decision(5) == 0  # the loop's clock did not move
         assert live(6) is None and selection.read(6)["candidates"] == []  # 3 images: not yet
+        page = client.get("/admin", headers=auth)
+        assert page.status_code == 200, page.text
+        assert "centred:project-5-centred-v1" in page.text and "once it holds 10" in page.text
 
-        assert client.post("/projects/5/rollback-encoder").is_success
+        assert client.post("/projects/5/rollback-encoder", headers=auth).is_success
         while live(5) != TINY_ENCODER:
-            assert time.monotonic() < deadline, client.get("/jobs").json()
+            assert time.monotonic() < deadline, client.get("/jobs", headers=auth).json()
             time.sleep(0.1)
         time.sleep(1.0)  # five more checks
         decisions = [c["decision"] for c in selection.read(5)["candidates"]]
