@@ -118,7 +118,11 @@ def test_the_command_centres_a_project_on_all_its_images_and_reembeds(settings, 
             patch.setenv(key, value)
         assert cli.main(duplicates) == 0
         pairs_before = capsys.readouterr().out
+        embedded: list[int] = []
+        plain = TinyEncoder.embed
+        patch.setattr(TinyEncoder, "embed", lambda me, ims: embedded.append(1) or plain(me, ims))
         assert cli.main(["centre-encoder", "--project", "5", "--reembed"]) == 0
+        assert embedded == []  # the live vectors centred: no image read or embedded again
         result = json.loads(capsys.readouterr().out)
         assert result["encoder"] == "centred:project-5-centred-v1" and result["images"] == 13
         assert result["reembed"] == "switched"

@@ -136,8 +136,25 @@ def reembed(
         encoder,
         batch_size=runtime.settings.batch_size,
         on_progress=report,
+        derive=_centring_of_live(runtime.settings.encoders_dir, store, project, encoder),
     )
     return done.as_meta()
+
+
+def _centring_of_live(
+    encoders_dir: Path, store: Any, project: int | str, encoder: str
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """When `encoder` is the live encoder centred (same base, same weights), its vectors are
+    the live ones centred: no image is read or embedded again."""
+    from echolabel.encoders.centred import centre_rows, centred_config
+
+    config = centred_config(encoders_dir, encoder)
+    live = store.collection(project)
+    if config is None or live is None:
+        return None
+    if (live.encoder, live.weights_id) != (config["start"], config["start_weights_id"]):
+        return None
+    return lambda rows: centre_rows(rows, config["centre"])
 
 
 def train_encoder(
@@ -357,7 +374,7 @@ def review_project(project: int | str, k: int = 10) -> dict:
 def find_project_duplicates(project: int | str, threshold: float | None = None) -> dict:
     """Near-duplicate pairs among all of a project's embedded tasks (JSON-able, for a page or
     the CLI): see workers.review.duplicates.find_duplicates."""
-    from echolabel.encoders.centred import read_centre, uncentre_rows
+    from echolabel.encoders.centred import centred_config, uncentre_rows
     from workers.review import browser_label_studio_url, task_link
     from workers.review.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
@@ -371,9 +388,9 @@ def find_project_duplicates(project: int | str, threshold: float | None = None) 
         raise PermanentJobError(f"project {project} has {len(points)} task(s): need 2+")
     settings = current().settings
     vectors = np.stack([p.vector for p in points])
-    centre = read_centre(settings.encoders_dir, store.collection(project).encoder)
-    if centre is not None:  # the threshold is the base encoder's (docs/review.md)
-        vectors = uncentre_rows(vectors, centre)
+    centred = centred_config(settings.encoders_dir, store.collection(project).encoder)
+    if centred is not None:  # the threshold is the base encoder's (docs/review.md)
+        vectors = uncentre_rows(vectors, centred["centre"])
     result = find_duplicates(
         vectors,
         [p.task for p in points],

@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from echolabel.embedding import Embedder, ImageLoader, TaskImage
+import numpy as np
+
+from echolabel.embedding import Embedder, EmbedResult, ImageLoader, TaskImage
 from vectorstore import CollectionInfo, Point, StoreError, VectorStore
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,13 @@ def reembed_project(
     *,
     batch_size: int,
     on_progress: Callable[[Progress], None] = lambda progress: None,
+    derive: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Progress:
-    """Rebuild the project's collection with `encoder` and switch to it."""
+    """Rebuild the project's collection with `encoder` and switch to it.
+
+    With `derive`, the new vectors are computed from the live generation's own (rows in, rows
+    out) instead of from the images: for an encoder that is the live one followed by a fixed
+    map (a centred encoder over its base), no image is read again."""
     if store.collection(project) is None:
         raise StoreError(f"project {project} has no collection: nothing to re-embed")
     model = embedder.encoder(encoder)
@@ -88,9 +95,12 @@ def reembed_project(
             break
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]
-            result = embedder.embed_tasks(
-                encoder, [TaskImage(t, live[t].image) for t in batch], load_image
-            )
+            if derive is None:
+                result = embedder.embed_tasks(
+                    encoder, [TaskImage(t, live[t].image) for t in batch], load_image
+                )
+            else:
+                result = _derived(store, project, batch, derive)
             # Labels as they are now in the live generation (they may have changed meanwhile).
             current = store.points(project, batch, with_vectors=False)
             store.upsert(
@@ -136,6 +146,23 @@ def reembed_project(
         extra={"project": project, "encoder": encoder, "generation": target.generation},
     )
     return progress
+
+
+def _derived(
+    store: VectorStore,
+    project: int | str,
+    batch: list[object],
+    derive: Callable[[np.ndarray], np.ndarray],
+) -> EmbedResult:
+    """The batch's new points from the live generation's vectors."""
+    stored = store.points(project, batch, with_vectors=True)
+    points = [stored[t] for t in batch if t in stored]
+    if not points:
+        return EmbedResult()
+    vectors = derive(np.stack([p.vector for p in points]))
+    return EmbedResult(
+        points=[Point(p.task, v, p.image) for p, v in zip(points, vectors, strict=True)]
+    )
 
 
 def _sync_labels(store: VectorStore, project: int | str, target: CollectionInfo) -> None:

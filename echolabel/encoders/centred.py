@@ -124,17 +124,19 @@ def save_centred(
     return f"{PREFIX}:{path.name}"
 
 
-def read_centre(encoders_dir: Path, encoder: str) -> np.ndarray | None:
-    """The centre of encoder `encoder` when it is a centred one (None otherwise), read from
-    its file without loading any model."""
+def centred_config(encoders_dir: Path, encoder: str) -> dict[str, Any] | None:
+    """The saved file of encoder `encoder` when it is a centred one (None otherwise): its base
+    encoder (`start`), the base's weights id and the centre. Read without loading any model."""
     prefix, sep, member = encoder.partition(":")
     if not sep or prefix != PREFIX:
         return None
     file = encoders_dir / member / CENTRE_FILE
     try:
-        return np.asarray(json.loads(file.read_text())["centre"], dtype=np.float32)
+        config = json.loads(file.read_text())
+        config["centre"] = np.asarray(config["centre"], dtype=np.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise EncoderError(f"centred encoder {encoder!r}: cannot read {file} ({exc})") from None
+    return config
 
 
 def load_centred(
