@@ -73,7 +73,7 @@ def can_centre(encoder: str) -> bool:
 
 
 class CentredEncoder:
-    """A pretrained encoder whose embeddings are taken from the project's centre."""
+    """A pretrained encoder whose embeddings point away from the project's centre."""
 
     def __init__(self, name: str, base: Encoder, centre: np.ndarray, weights_id: str) -> None:
         if centre.shape != (base.dim,):
