@@ -20,7 +20,7 @@ from typing import Any
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from echolabel.core.runtime import Runtime
-from echolabel.encoders.centred import can_centre
+from echolabel.encoders.centred import centres
 from workers.queues import STORE_QUEUES, list_rq_jobs, queue
 from workers.runtime import Launched, RunHere, redis_dispatcher, run_or_enqueue
 from workers.training.selection import RetrainPolicy, SelectionLog
@@ -141,21 +141,19 @@ class Admin:
         """Every `every_s` seconds, centre the pretrained encoder of each project that holds
         ECHOLABEL_CENTRE_MIN_IMAGES embedded images and was never centred (a rollback from a
         centred encoder stays): the `centre-encoder` job, switching as a promotion does."""
-        settings = self.runtime.settings
-        if every_s <= 0 or not settings.auto_centre:
+        if every_s <= 0 or not self.runtime.settings.auto_centre:
             return
-        selection = SelectionLog(settings.selection_dir)
+        self._start_timer("centring-timer", every_s, self.centring_due, self.start_centring)
 
-        def due(project: int | str) -> bool:
-            info = self.runtime.store.collection(project)
-            return (
-                info is not None
-                and can_centre(info.encoder)
-                and self.runtime.store.count(project) >= settings.centre_min_images
-                and not selection.centred_before(project)
-            )
-
-        self._start_timer("centring-timer", every_s, due, self.start_centring)
+    def centring_due(self, project: int | str) -> bool:
+        """Whether the project's encoder is to be centred now (`centres`), never twice."""
+        settings = self.runtime.settings
+        info = self.runtime.store.collection(project)
+        return (
+            info is not None
+            and centres(settings, info.encoder, self.runtime.store.count(project))
+            and not SelectionLog(settings.selection_dir).centred_before(project)
+        )
 
     def start_index_timer(self, every_s: float) -> None:
         """Every `every_s` seconds, build the vote index of each project whose labels outgrew

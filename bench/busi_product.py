@@ -33,7 +33,6 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from echolabel.encoders.centred import can_centre
 from echolabel.settings import Settings
 from echolabel.vote import TEMPERATURE
 
@@ -70,25 +69,19 @@ def webhook(task: dict[str, Any], field: str, label: str, annotation: int) -> di
     }
 
 
-def centre_as_the_backend_does(client: TestClient, settings: Settings) -> str | None:
+def centre_as_the_backend_does(client: TestClient) -> str | None:
     """Where the backend's timer would centre the project's encoder (within
     ECHOLABEL_RETRAIN_CHECK_S of the import), centre it now and wait; the centred encoder."""
     state = client.app.state.echolabel
-    store = state["runtime"].store
-    info = store.collection(PROJECT)
-    if not (
-        settings.auto_centre
-        and info is not None
-        and can_centre(info.encoder)
-        and store.count(PROJECT) >= settings.centre_min_images
-    ):
+    admin = state["admin"]
+    if not admin.centring_due(PROJECT):
         return None
-    job = state["admin"].local_jobs[state["admin"].start_centring(PROJECT)["job"]]
+    job = admin.local_jobs[admin.start_centring(PROJECT)["job"]]
     while job.status == "started":
         time.sleep(0.2)
     if job.status != "finished":
         raise RuntimeError(f"centring failed: {job.error}")
-    return store.collection(PROJECT).encoder
+    return state["runtime"].store.collection(PROJECT).encoder
 
 
 def evaluate(
@@ -132,7 +125,7 @@ def evaluate(
         inbox = client.app.state.echolabel["inbox"]
         if not inbox.wait_idle(timeout=3600) or inbox.failed():
             raise RuntimeError(f"webhooks did not all apply: {inbox.failed()}")
-        centred = centre_as_the_backend_does(client, settings)
+        centred = centre_as_the_backend_does(client)
         learned_s = time.monotonic() - started
         predicted_started = time.monotonic()
         outcome: dict[int, str | None] = {}

@@ -37,6 +37,10 @@ def test_centring_subtracts_the_mean_and_normalises_again():
     assert np.allclose(centre_rows(rows, centre), [[0.7071, -0.7071]] * 2 + [[-0.7071, 0.7071]])
     with pytest.raises(ValueError, match="at least one"):
         fit_centre(np.zeros((0, 2)))
+    # Rows one by one (a store's points) give the same mean.
+    assert np.allclose(fit_centre(iter(rows)), centre)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_centre(iter([]))
     # The base encoder's rows come back from the centred ones and the centre.
     rng = np.random.default_rng(1)
     unit = rng.normal(size=(50, 8)) + 2.0

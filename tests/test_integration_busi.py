@@ -114,7 +114,7 @@ def test_votes_on_real_ultrasound_beat_the_majority_class(deployment):
         if settings.redis_url is None:
             # What the backend's timer does once the images are in: the default encoder
             # centred on them, switched to with zero downtime.
-            assert centre_as_the_backend_does(client, settings) == "centred:project-1-centred-v1"
+            assert centre_as_the_backend_does(client) == "centred:project-1-centred-v1"
 
         tasks = [{"id": i, "data": {"image": str(BUSI / r["image"])}} for i, r in test]
         response = client.post(

@@ -234,21 +234,22 @@ def centre_encoder(
             f"project {project} runs on {info.encoder}: only a pretrained encoder is centred "
             "(a trained one gained nothing on validation; docs/evaluation.md)"
         )
-    vectors = [p.vector for p in runtime.store.iter_points(project, with_vectors=True)]
-    if not vectors:
+    images = runtime.store.count(project)
+    if not images:
         _no_retry()
         raise PermanentJobError(f"project {project} has no embedded image to centre on")
+    points = runtime.store.iter_points(project, with_vectors=True, collection=info)
     name = save_centred(
         runtime.settings.encoders_dir,
         f"project-{project}-centred",
         start=info.encoder,
         start_weights_id=info.weights_id,
-        centre=fit_centre(np.stack(vectors)),
-        images=len(vectors),
+        centre=fit_centre(p.vector for p in points),
+        images=images,
         source={"project": str(project), "generation": info.generation},
     )
     log.info("encoder centred", extra={"project": str(project), "encoder": name})
-    summary: dict[str, Any] = {"encoder": name, "images": len(vectors), "start": info.encoder}
+    summary: dict[str, Any] = {"encoder": name, "images": images, "start": info.encoder}
     if reembed_after:
         candidate = Candidate(
             challenger=name,
@@ -256,7 +257,7 @@ def centre_encoder(
             labelled=runtime.store.count(project, labelled=True),
             started_at=started,
             decision="centred",
-            reason=f"{info.encoder} centred on the project's {len(vectors)} images (label-free)",
+            reason=f"{info.encoder} centred on the project's {images} images (label-free)",
         )
         selection = SelectionLog(runtime.settings.selection_dir)
         switched = _switch_encoder(project, name, selection, candidate, on_progress)

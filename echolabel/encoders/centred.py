@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from echolabel.encoders.base import (
     register_encoder_family,
 )
 from echolabel.encoders.trained_files import next_version_dir
+from echolabel.settings import Settings
 
 PREFIX = "centred"
 FORMAT = "echolabel-centred-encoder/1"
@@ -57,12 +58,24 @@ def uncentre_rows(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return (c + s[:, None] * rows).astype(np.float32)
 
 
-def fit_centre(vectors: np.ndarray) -> np.ndarray:
-    """The centre of a project's vectors: their mean."""
-    rows = np.asarray(vectors, dtype=np.float32)
-    if rows.ndim != 2 or len(rows) == 0:
-        raise ValueError(f"a centre needs at least one (n, d) vector, got shape {rows.shape}")
-    return rows.mean(axis=0)
+def fit_centre(vectors: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+    """The centre of a project's vectors: their mean. An (n, d) array, or rows one by one (a
+    store's points, summed as they come: they need not fit in memory together)."""
+    if isinstance(vectors, np.ndarray):
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ValueError(
+                f"a centre needs at least one (n, d) vector, got shape {vectors.shape}"
+            )
+        return vectors.astype(np.float32, copy=False).mean(axis=0)
+    total: np.ndarray | None = None
+    count = 0
+    for row in vectors:
+        values = np.asarray(row, dtype=np.float64)
+        total = values.copy() if total is None else total + values
+        count += 1
+    if total is None:
+        raise ValueError("a centre needs at least one vector, got none")
+    return (total / count).astype(np.float32)
 
 
 def can_centre(encoder: str) -> bool:
@@ -70,6 +83,12 @@ def can_centre(encoder: str) -> bool:
     as a trained one gained nothing on validation and a centred one is centred already. Read
     from the name alone, so the backend's timer asks without importing any model."""
     return ":" not in encoder
+
+
+def centres(settings: Settings, encoder: str, images: int) -> bool:
+    """Whether the backend centres `encoder` for a project holding `images` embedded images
+    (and `echolabel evaluate` measures it centred on as many)."""
+    return settings.auto_centre and can_centre(encoder) and images >= settings.centre_min_images
 
 
 class CentredEncoder:
@@ -124,19 +143,28 @@ def save_centred(
     return f"{PREFIX}:{path.name}"
 
 
+def _read(file: Path, name: str) -> dict[str, Any]:
+    """A centred encoder's file, its centre as an array; EncoderError naming the file."""
+    try:
+        config = json.loads(file.read_text())
+        config["centre"] = np.asarray(config["centre"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EncoderError(
+            f"centred encoder {name!r}: cannot read {file} ({exc}); fit one with "
+            "`echolabel centre-encoder --project P`"
+        ) from None
+    if config.get("format") != FORMAT:
+        raise EncoderError(f"{file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
 def centred_config(encoders_dir: Path, encoder: str) -> dict[str, Any] | None:
     """The saved file of encoder `encoder` when it is a centred one (None otherwise): its base
     encoder (`start`), the base's weights id and the centre. Read without loading any model."""
     prefix, sep, member = encoder.partition(":")
     if not sep or prefix != PREFIX:
         return None
-    file = encoders_dir / member / CENTRE_FILE
-    try:
-        config = json.loads(file.read_text())
-        config["centre"] = np.asarray(config["centre"], dtype=np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EncoderError(f"centred encoder {encoder!r}: cannot read {file} ({exc})") from None
-    return config
+    return _read(encoders_dir / member / CENTRE_FILE, encoder)
 
 
 def load_centred(
@@ -144,15 +172,7 @@ def load_centred(
 ) -> CentredEncoder:
     """Load the centred encoder saved in directory `path`, its base from `weights_dir`."""
     file = path / CENTRE_FILE
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise EncoderError(
-            f"centred encoder {path.name!r}: cannot read {file} ({exc}); fit one with "
-            "`echolabel centre-encoder --project P`"
-        ) from None
-    if config.get("format") != FORMAT:
-        raise EncoderError(f"{file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    config = _read(file, path.name)
     base = load_encoder(
         config["start"], weights_dir=weights_dir, device=device, batch_size=batch_size
     )
@@ -161,8 +181,7 @@ def load_centred(
             f"{file} was fitted on {config['start']} weights {config['start_weights_id']}, but "
             f"the weights here are {base.weights_id}: fit the centre again"
         )
-    centre = np.asarray(config["centre"], dtype=np.float32)
-    return CentredEncoder(f"{PREFIX}:{path.name}", base, centre, weights_id=file_id(file))
+    return CentredEncoder(f"{PREFIX}:{path.name}", base, config["centre"], file_id(file))
 
 
 @register_encoder_family(PREFIX)

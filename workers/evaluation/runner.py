@@ -14,7 +14,7 @@ from PIL import Image
 
 from echolabel.core.runtime import Runtime
 from echolabel.embedding import Embedder, ImageLoader, TaskImage
-from echolabel.encoders.centred import can_centre, centre_rows, fit_centre
+from echolabel.encoders.centred import centre_rows, centres, fit_centre
 from echolabel.folders import Item, fingerprint
 from echolabel.images import ImageFetcher
 from echolabel.settings import Settings
@@ -132,11 +132,7 @@ def evaluate_folder(
             model = embedder.encoder(name)
             vectors, kept, failed = embed_all(embedder, load, name, items, on_progress)
             centred_on, plain = None, None
-            if (
-                settings.auto_centre
-                and can_centre(name)
-                and len(kept) >= settings.centre_min_images
-            ):
+            if centres(settings, name, len(kept)):
                 # Near-duplicates stay those of the encoder's own similarity (its threshold).
                 plain, centred_on = vectors, len(kept)
                 vectors = centre_rows(vectors, fit_centre(vectors))
