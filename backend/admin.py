@@ -297,16 +297,20 @@ class Admin:
             local.progress = dict(progress)
 
         def work() -> None:
+            # The journal forgets the job before its end is shown: whoever sees it ended
+            # (a caller polling the status) never finds it still waiting to be resumed.
             try:
-                local.result = run(report)
-                local.status = "finished"
+                result = run(report)
             except Exception as exc:
                 if self._stop.is_set():  # the store closed under it: the next start resumes
                     local.status = "interrupted"
                     return
-                local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.warning("job failed", extra={"job": launched.id, "error": str(exc)})
+                self.journal.ended(launched.id)
+                local.status, local.error = "failed", f"{type(exc).__name__}: {exc}"
+                return
             self.journal.ended(launched.id)
+            local.result, local.status = result, "finished"
 
         threading.Thread(target=work, name=launched.id, daemon=True).start()
 
