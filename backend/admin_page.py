@@ -226,10 +226,17 @@ def render_admin(
 ) -> str:
     project_rows = "".join(_project_row(p, settings, csrf_token) for p in projects)
     centring = (
-        " A project on a pretrained encoder is first <em>centred</em> on its own images once it"
+        "A project on a pretrained encoder is first <em>centred</em> on its own images once it"
         f" holds {settings.centre_min_images} (no label used)."
         if settings.auto_centre
         else ""
+    )
+    judged = (
+        "the bootstrap interval of its vote's accuracy margin (abstentions as misses) excludes 0"
+        if settings.retrain_judge == "vote"
+        else "the bootstrap interval of its label-match margin (the share of each image's"
+        " nearest labelled neighbours that carry its label) excludes 0 and its vote's"
+        " accuracy (abstentions as misses) is not lower"
     )
     if not projects:
         project_rows = '<tr><td colspan="8">no project yet: connect Label Studio</td></tr>'
@@ -244,11 +251,12 @@ def render_admin(
 <th>points</th><th>labelled</th><th>latest results</th><th>actions</th></tr>
 {project_rows}</table>
 <h2>Encoder selection</h2>
-<p>Retraining rounds: a challenger is promoted only when the bootstrap interval of its margin
-(product vote on held-out images, abstentions as misses) excludes 0.{centring}</p>
+<p>Retraining rounds: on the held-out images, a challenger is promoted only when {judged}.
+{centring}</p>
 <table id="selection"><tr><th>project</th><th>started</th><th>labelled</th><th>decision</th>
-<th>challenger</th><th>champion</th><th>accuracy (challenger / champion)</th>
-<th>margin [interval]</th><th>reason</th></tr>
+<th>challenger</th><th>champion</th><th>label match (challenger / champion)</th>
+<th>label-match margin [interval]</th><th>vote accuracy (challenger / champion)</th>
+<th>reason</th></tr>
 {_selection_rows(projects)}</table>
 <h2>Jobs</h2>
 <table id="jobs"><thead><tr><th>status</th><th>job</th><th>what</th><th>progress</th>
@@ -263,14 +271,19 @@ def _selection_rows(projects: Sequence[Mapping[str, Any]]) -> str:
     for project in projects:
         for c in reversed(project.get("selection", {}).get("candidates", [])):
             comparison = c.get("comparison") or {}
-            scores = margin = ""
+            match = margin = accuracy = ""
             if comparison:
-                scores = (
+                accuracy = (
                     f"{comparison['challenger_accuracy']:.3f} / "
-                    f"{comparison['champion_accuracy']:.3f}"
+                    f"{comparison['champion_accuracy']:.3f} ({comparison['margin']:+.3f})"
                 )
-                low, high = comparison["interval"]
-                margin = f"{comparison['margin']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            if "label_match_interval" in comparison:  # rounds judged before 2026-12-07 lack it
+                match = (
+                    f"{comparison['challenger_label_match']:.3f} / "
+                    f"{comparison['champion_label_match']:.3f}"
+                )
+                low, high = comparison["label_match_interval"]
+                margin = f"{comparison['label_match_margin']:+.3f} [{low:+.3f}, {high:+.3f}]"
             cells = [
                 project["project"],
                 c["started_at"],
@@ -278,13 +291,14 @@ def _selection_rows(projects: Sequence[Mapping[str, Any]]) -> str:
                 c["decision"],
                 c.get("challenger") or "",
                 c["champion"],
-                scores,
+                match,
                 margin,
+                accuracy,
                 c["reason"],
             ]
             tds = "".join(f"<td>{escape(str(cell))}</td>" for cell in cells)
             rows.append(f'<tr class="{escape(c["decision"].replace(" ", "-"))}">{tds}</tr>')
-    return "".join(rows) or '<tr><td colspan="9">no retraining round yet</td></tr>'
+    return "".join(rows) or '<tr><td colspan="10">no retraining round yet</td></tr>'
 
 
 def duplicates_url(project: int | str) -> str:

@@ -85,6 +85,10 @@ class Settings:
     # Share of the labelled images (by a stable hash of patient or task) a challenger is judged
     # on and no encoder of the loop trains on.
     retrain_holdout: float = 0.2
+    # What a challenger must win on (workers/training/selection.py, `JUDGES`): "label-match",
+    # the share of each held-out image's k nearest neighbours carrying its label, as long as
+    # the vote's accuracy does not fall; or "vote", the vote's accuracy alone.
+    retrain_judge: str = "label-match"
     retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
     # A project on a pretrained encoder is centred on its own images once it holds this many
     # (echolabel/encoders/centred.py); checked as often as retraining.
@@ -201,6 +205,9 @@ class Settings:
             auto_retrain=reader.flag("ECHOLABEL_AUTO_RETRAIN", cls.auto_retrain),
             retrain_growth=reader.fraction("ECHOLABEL_RETRAIN_GROWTH", cls.retrain_growth),
             retrain_holdout=reader.fraction("ECHOLABEL_RETRAIN_HOLDOUT", cls.retrain_holdout),
+            retrain_judge=reader.choice(
+                "ECHOLABEL_RETRAIN_JUDGE", ("label-match", "vote"), cls.retrain_judge
+            ),
             index_check_s=float(
                 reader.integer("ECHOLABEL_INDEX_CHECK_S", int(cls.index_check_s), 0)
             ),

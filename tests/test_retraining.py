@@ -89,9 +89,9 @@ def test_a_better_challenger_wins_and_is_recorded_only_once_live(settings, tmp_p
     assert candidate.champion == NOISE_ENCODER
     assert candidate.challenger == "trained:project-5-v1"
     comparison = candidate.comparison
-    assert comparison["interval"][0] > 0
+    assert comparison["label_match_interval"][0] > 0
     assert comparison["challenger_accuracy"] > comparison["champion_accuracy"]
-    assert "excludes 0" in candidate.reason
+    assert "excludes 0 and the vote is not worse" in candidate.reason
     # The held-out images were never trained on.
     assert candidate.details["trained_on"] + comparison["images"] == 80
     # A promotion is recorded by whoever makes it live (the re-embedding), not by the round.
@@ -112,7 +112,7 @@ def test_a_challenger_trained_on_shuffled_labels_is_not_promoted(settings, tmp_p
     finally:
         services.close()
     assert candidate.decision == "kept", candidate.reason
-    assert not candidate.comparison["interval"][0] > 0
+    assert not candidate.comparison["label_match_interval"][0] > 0
     recorded = selection.read(5)
     assert recorded["live"] is None
     assert [c["decision"] for c in recorded["candidates"]] == ["kept"]
@@ -248,7 +248,7 @@ def test_the_loop_end_to_end_with_redis_promotes_pushes_and_rolls_back(
         assert any(challenger.replace(":", "-") in v or challenger in v for v in versions)
         assert round_["details"]["push"]["model_version"] != first_version
         shown = client.get("/projects/5/encoder-selection").json()
-        assert shown["candidates"][0]["comparison"]["interval"][0] > 0
+        assert shown["candidates"][0]["comparison"]["label_match_interval"][0] > 0
 
         # Rollback: the champion that knew nothing is back, recorded.
         assert client.post("/projects/5/rollback-encoder").status_code == 200

@@ -53,7 +53,7 @@ def test_a_good_challenger_is_promoted_and_the_curve_continues_on_it(order):
     assert rounds[0]["labelled"] == 20 and rounds[0]["decision"] == "refused"
     promoted = [r for r in rounds if r["decision"] == "promoted"]
     assert promoted, rounds
-    assert promoted[0]["comparison"]["interval"][0] > 0
+    assert promoted[0]["comparison"]["label_match_interval"][0] > 0
     # After the first, every round is at the policy's point: 25 % more than the last decision.
     for before, after in itertools.pairwise(rounds):
         assert after["labelled"] == int(np.ceil(before["labelled"] * 1.25))

@@ -8,12 +8,13 @@ import pytest
 from workers.training.samples import Sample, TrainingRefused
 from workers.training.selection import (
     Candidate,
+    HeldOutScores,
     RetrainPolicy,
     SelectionLog,
     challenge_split,
     compare,
     held_out,
-    product_vote_correct,
+    held_out_scores,
     retraining_due,
 )
 
@@ -67,7 +68,7 @@ def test_split_refuses_a_class_with_too_few_held_out_images() -> None:
         challenge_split(pool, FIELDS, RetrainPolicy(min_holdout_per_class=5))
 
 
-def test_product_vote_counts_abstentions_as_misses() -> None:
+def test_held_out_scores_count_abstentions_as_misses_and_match_each_neighbour() -> None:
     # Two tight clusters, by hand: rows 0-3 near e1 ("a"), rows 4-7 near e2 ("b").
     vectors = np.array(
         [[1, 0.01 * i, 0] for i in range(4)] + [[0, 1, 0.01 * i] for i in range(4)], dtype=float
@@ -75,30 +76,68 @@ def test_product_vote_counts_abstentions_as_misses() -> None:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     pool = [Sample(id=str(i), ref="", labels={"finding": "a" if i < 4 else "b"}) for i in range(8)]
     policy = RetrainPolicy(k=3, min_neighbours=3, min_score=0.7)
-    assert product_vote_correct(vectors, pool, FIELDS, [0, 5], policy).tolist() == [1.0, 1.0]
-    # One of row 0's three neighbours relabelled: the winner's share, 2/3, is under 0.7 → a miss.
+    clean = held_out_scores(vectors, pool, FIELDS, [0, 5], policy)
+    assert clean.correct.tolist() == [1.0, 1.0] and clean.label_match.tolist() == [1.0, 1.0]
+    # One of row 0's three neighbours relabelled: the winner's share, 2/3, is under 0.7 → a
+    # miss; two of its three neighbours still carry its label.
     mixed = list(pool)
     mixed[1] = Sample(id="1", ref="", labels={"finding": "b"})
-    assert product_vote_correct(vectors, mixed, FIELDS, [0], policy).tolist() == [0.0]
-    # Too few neighbours (k=2 < min_neighbours=3) → abstain → a miss.
+    scores = held_out_scores(vectors, mixed, FIELDS, [0], policy)
+    assert scores.correct.tolist() == [0.0]
+    assert scores.label_match.tolist() == pytest.approx([2 / 3])
+    # Too few neighbours (k=2 < min_neighbours=3) → abstain → a miss; both neighbours match.
     few = RetrainPolicy(k=2, min_neighbours=3, min_score=0.5)
-    assert product_vote_correct(vectors, pool, FIELDS, [0], few).tolist() == [0.0]
+    scores = held_out_scores(vectors, pool, FIELDS, [0], few)
+    assert scores.correct.tolist() == [0.0] and scores.label_match.tolist() == [1.0]
 
 
-def test_compare_promotes_only_a_clear_winner() -> None:
+def scores(correct: np.ndarray, label_match: np.ndarray | None = None) -> HeldOutScores:
+    return HeldOutScores(correct, correct if label_match is None else label_match)
+
+
+@pytest.mark.parametrize("judge", ["label-match", "vote"])
+def test_compare_promotes_only_a_clear_winner(judge: str) -> None:
+    policy = RetrainPolicy(judge_by=judge)
     rng = np.random.default_rng(0)
     champion = (rng.random(300) < 0.7).astype(float)
     groups = [None] * 300
-    same = compare(champion, champion.copy(), groups, RetrainPolicy())
-    assert same.margin == 0 and not same.challenger_wins
+    same = compare(scores(champion), scores(champion.copy()), groups, policy)
+    assert same.margin == 0 and same.label_match_margin == 0 and not same.challenger_wins
     better = champion.copy()
     better[np.flatnonzero(champion == 0)[:45]] = 1  # +15 points
-    won = compare(champion, better, groups, RetrainPolicy())
+    won = compare(scores(champion), scores(better), groups, policy)
     assert won.challenger_wins and won.interval[0] > 0 and won.margin == pytest.approx(0.15)
+    assert "excludes 0" in won.explain()
     # As good, right on other images: no promotion.
-    shuffled = compare(champion, rng.permutation(champion), groups, RetrainPolicy())
+    shuffled = compare(scores(champion), scores(rng.permutation(champion)), groups, policy)
     assert shuffled.margin == 0 and shuffled.interval[0] < 0 < shuffled.interval[1]
     assert not shuffled.challenger_wins
+
+
+def test_label_match_wins_only_where_the_vote_is_not_worse() -> None:
+    # Neighbours match the image's label more often with the challenger, clearly (+0.1 on
+    # every image), while its vote's accuracy moves by a few images either way.
+    rng = np.random.default_rng(1)
+    match = rng.uniform(0.3, 0.8, 200)
+    correct = (rng.random(200) < 0.7).astype(float)
+    better_match = match + 0.1
+    right, wrong = np.flatnonzero(correct == 1), np.flatnonzero(correct == 0)
+    up, down = correct.copy(), correct.copy()
+    up[wrong[:4]], up[right[:2]] = 1, 0  # 2 images more
+    down[wrong[:2]], down[right[:4]] = 1, 0  # 2 images fewer
+    champion = scores(correct, match)
+    wins = compare(champion, scores(up, better_match), [None] * 200, RetrainPolicy())
+    assert wins.label_match_interval[0] > 0 and wins.interval[0] < 0 < wins.interval[1]
+    assert wins.challenger_wins
+    worse_vote = compare(champion, scores(down, better_match), [None] * 200, RetrainPolicy())
+    assert worse_vote.label_match_interval[0] > 0 and worse_vote.margin < 0
+    assert not worse_vote.challenger_wins and "the vote is worse" in worse_vote.explain()
+    # Judged by the vote alone, neither wins: its interval includes 0.
+    assert not compare(
+        champion, scores(up, better_match), [None] * 200, RetrainPolicy(judge_by="vote")
+    ).challenger_wins
+    with pytest.raises(ValueError, match="judge_by"):
+        compare(champion, champion, [None] * 200, RetrainPolicy(judge_by="head"))
 
 
 def test_compare_resamples_patients_not_images() -> None:
@@ -107,10 +146,12 @@ def test_compare_resamples_patients_not_images() -> None:
     champion = np.zeros(300)
     challenger = np.zeros(300)
     challenger[:60] = 1
-    by_image = compare(champion, challenger, [None] * 300, RetrainPolicy())
-    by_patient = compare(champion, challenger, [f"p{i // 30}" for i in range(300)], RetrainPolicy())
+    by_image = compare(scores(champion), scores(challenger), [None] * 300, RetrainPolicy())
+    by_patient = compare(
+        scores(champion), scores(challenger), [f"p{i // 30}" for i in range(300)], RetrainPolicy()
+    )
     assert by_patient.patients == 10 and by_image.patients == 300
-    width = lambda c: c.interval[1] - c.interval[0]  # noqa: E731
+    width = lambda c: c.label_match_interval[1] - c.label_match_interval[0]  # noqa: E731
     assert width(by_patient) > 2 * width(by_image)
 
 

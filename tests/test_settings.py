@@ -33,9 +33,11 @@ def test_values_are_parsed():
             "ECHOLABEL_REFRESH_INTERVAL_S": "0",
             "ECHOLABEL_PREANNOTATE_ON_IMPORT": "true",
             "ECHOLABEL_RETRAIN_HOLDOUT": "0.3",
+            "ECHOLABEL_RETRAIN_JUDGE": "vote",
         }
     )
     assert RetrainPolicy.from_settings(settings).holdout_fraction == 0.3
+    assert RetrainPolicy.from_settings(settings).judge_by == "vote"
     assert (settings.refresh_after, settings.refresh_interval_s) == (25, 0.0)
     assert settings.preannotate_on_import
     assert (settings.qdrant_shards, settings.qdrant_replication_factor) == (6, 2)
@@ -56,6 +58,7 @@ def test_values_are_parsed():
         ({"ECHOLABEL_TOP_K": "2"}, "every field would abstain"),
         ({"ECHOLABEL_RETRAIN_HOLDOUT": "0"}, "ECHOLABEL_RETRAIN_HOLDOUT=0.0 must be above 0"),
         ({"ECHOLABEL_RETRAIN_HOLDOUT": "1"}, "images to train on"),
+        ({"ECHOLABEL_RETRAIN_JUDGE": "head"}, "ECHOLABEL_RETRAIN_JUDGE.*label-match, vote"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

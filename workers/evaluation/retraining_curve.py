@@ -25,7 +25,7 @@ from workers.training.selection import (
     RetrainPolicy,
     challenge_split,
     compare,
-    product_vote_correct,
+    held_out_scores,
 )
 
 from .learning_curve import _suggestions
@@ -171,12 +171,10 @@ def _round(
     held = {s.id for s in validation}
     queries = [i for i, s in enumerate(samples) if s.id in held]
     revealed = list(rows)
-    champion_correct = product_vote_correct(current[revealed], samples, fields, queries, policy)
-    challenger_correct = product_vote_correct(
-        challenger[revealed], samples, fields, queries, policy
-    )
+    champion_scores = held_out_scores(current[revealed], samples, fields, queries, policy)
+    challenger_scores = held_out_scores(challenger[revealed], samples, fields, queries, policy)
     comparison = compare(
-        champion_correct, challenger_correct, [samples[q].group for q in queries], policy
+        champion_scores, challenger_scores, [samples[q].group for q in queries], policy
     )
     record = {
         "decision": "promoted" if comparison.challenger_wins else "kept",

@@ -29,7 +29,7 @@ from workers.training.selection import (
     SelectionLog,
     challenge_split,
     compare,
-    product_vote_correct,
+    held_out_scores,
     retraining_due,
 )
 from workers.training.trainer import train_encoder
@@ -157,24 +157,13 @@ def run_round(
     queries = [row for row, s in enumerate(samples) if s.id in held]
     champion_matrix = np.stack([inputs.points[i].vector for i in rows])
     challenger_matrix = np.stack([challenger_vectors[inputs.points[i].task] for i in rows])
-    champion_correct = product_vote_correct(
-        champion_matrix, samples, inputs.fields, queries, policy
-    )
-    challenger_correct = product_vote_correct(
-        challenger_matrix, samples, inputs.fields, queries, policy
-    )
+    champion_scores = held_out_scores(champion_matrix, samples, inputs.fields, queries, policy)
+    challenger_scores = held_out_scores(challenger_matrix, samples, inputs.fields, queries, policy)
     comparison = compare(
-        champion_correct, challenger_correct, [samples[q].group for q in queries], policy
+        champion_scores, challenger_scores, [samples[q].group for q in queries], policy
     )
     score_seconds = time.monotonic() - clock
-    low, high = comparison.interval
-    reason = (
-        f"product vote on {comparison.images} held-out images: challenger "
-        f"{comparison.challenger_accuracy:.3f} vs champion {comparison.champion_accuracy:.3f}, "
-        f"margin {comparison.margin:+.3f}, {comparison.confidence:.0%} interval "
-        f"[{low:+.3f}, {high:+.3f}]"
-        + (" excludes 0" if comparison.challenger_wins else " includes 0 or lies below it")
-    )
+    reason = comparison.explain()
     return record(
         "promoted" if comparison.challenger_wins else "kept",
         reason,
