@@ -8,8 +8,9 @@ whether their similarity-weighted vote is right (an abstention a miss). By defau
 (`judge_by="label-match"`) the challenger wins when a paired bootstrap interval of its label
 match margin excludes 0 and its vote's accuracy is not lower; with `judge_by="vote"`, when the
 interval of its accuracy margin excludes 0. Ten labels per image instead of one right-or-wrong
-vote: on BUSI at 200 labels the label match's interval excluded 0 for 11 of 12 challengers that
-were better on a validation fold, the accuracy's for none (docs/retraining.md).
+vote: replaying the round at 200 BUSI labels 12 times, the label match promoted 8 challengers,
+the accuracy 3, and all 8 were better on a validation fold (bench/judge_power.py,
+docs/retraining.md).
 
 The held-out images are chosen by a stable hash of the patient (or, without patients, of the
 task), so an image held out once is held out in every later round: no encoder this loop trains,
