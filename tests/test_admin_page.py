@@ -14,6 +14,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from backend.admin_page import _selection_rows
 from backend.app import create_app
 from backend.pages import is_loopback
 from echolabel.core.model import SimilarityModel
@@ -332,3 +333,38 @@ def test_train_encoder_form_starts_training_and_shows_the_guard_rail(settings):
             time.sleep(0.2)
         assert job["status"] == "failed" and "and re-embed" in job["cells"][2], job
         assert "below 10" in job["cells"][4] and "dark 6" in job["cells"][4], job
+
+
+def test_encoder_selection_rows_show_both_scores_and_rounds_judged_before_the_label_match():
+    comparison = {
+        "champion_accuracy": 0.6,
+        "challenger_accuracy": 0.7,
+        "margin": 0.1,
+        "interval": [-0.05, 0.25],
+    }
+    label_match = {
+        "champion_label_match": 0.5,
+        "challenger_label_match": 0.62,
+        "label_match_margin": 0.12,
+        "label_match_interval": [0.03, 0.21],
+    }
+    record = {
+        "started_at": "2026-12-07T16:00:00Z",
+        "labelled": 200,
+        "champion": "centred:project-5-centred-v1",
+        "challenger": "trained:project-5-v1",
+        "reason": "…",
+    }
+    rounds = [
+        {**record, "decision": "kept", "comparison": comparison},  # judged before 2026-12-07
+        {**record, "decision": "promoted", "comparison": {**comparison, **label_match}},
+    ]
+    html = _selection_rows([{"project": 5, "selection": {"candidates": rounds}}])
+    promoted, kept = re.findall(r'<tr class="(promoted|kept)">(.*?)</tr>', html)
+    cells = lambda row: re.findall(r"<td>(.*?)</td>", row[1])  # noqa: E731
+    assert cells(promoted)[6:9] == [
+        "0.620 / 0.500",
+        "+0.120 [+0.030, +0.210]",
+        "0.700 / 0.600 (+0.100)",
+    ]
+    assert cells(kept)[6:9] == ["", "", "0.700 / 0.600 (+0.100)"]
