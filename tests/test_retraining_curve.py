@@ -270,3 +270,14 @@ def test_evaluate_cli_bounds_the_retraining_replay_at_a_number_of_labels(
     assert all(r["labelled"] <= 20 for r in session["rounds"])
     assert main([*argv, "--out", str(tmp_path / "none"), "--retraining-up-to", "5"]) != 0
     assert "--retraining-up-to 5: the first point is 10" in capsys.readouterr().err
+
+
+def test_the_replay_trains_its_rounds_as_the_backend_does():
+    """ECHOLABEL_RETRAIN_OPTIONS reaches the replay's rounds as it reaches the backend's; the
+    command line's options go over it."""
+    from echolabel.settings import Settings
+    from workers.evaluation.runner import RetrainingReplay
+
+    settings = Settings.from_env({"ECHOLABEL_RETRAIN_OPTIONS": '{"val_fraction": 0, "epochs": 6}'})
+    replay = RetrainingReplay.from_settings(settings, seeds=[0], options={"epochs": 4})
+    assert (replay.options.val_fraction, replay.options.epochs) == (0, 4)
