@@ -4,9 +4,10 @@ At a given number of labels (`--labelled`, 200 by default), the loop's round is 
 BUSI's `train` rows: for each of `--draws` random sets of labelled images drawn from the
 training part of each of 4 stratified folds (`bench.recipe_validation`'s split), the round's
 own held-out share is set aside (`challenge_split`, the backend's hash), a challenger is
-trained on the rest with the default recipe, and challenger and champion (the pretrained
-encoder centred on every image, as the backend centres it) are compared on the held-out
-images exactly as the round compares them (`held_out_scores`, `compare`), under every judge
+trained on the rest with the loop's recipe (`TrainOptions.for_retraining`), and challenger
+and champion (the pretrained encoder centred on every image, as the backend centres it) are
+compared on the held-out images exactly as the round compares them (`held_out_scores`,
+`compare`), under every judge
 (`RetrainPolicy.judge_by`). The truth is the fold held out of the draw: its images voted by
 the labelled ones with each encoder, abstentions as misses. Test rows are never read.
 
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         fetcher=runtime.fetcher,
                         encoders_dir=Path(scratch),
                         name=f"judge-d{draw}-f{fold}",
-                        options=TrainOptions.from_settings(settings, settings.retrain_options),
+                        options=TrainOptions.for_retraining(settings),
                         source={"kind": "judge-power"},
                     )
                 except TrainingRefused as exc:  # as the round refuses: nothing to judge

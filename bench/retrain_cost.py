@@ -92,7 +92,7 @@ def measure(
             index_s = time.monotonic() - clock
             labelled = runtime.store.count(PROJECT, labelled=True)
             # The options the `retrain` job passes (workers/jobs.py), vote settings included.
-            options = TrainOptions.from_settings(settings, settings.retrain_options)
+            options = TrainOptions.for_retraining(settings)
             load_before = os.getloadavg()
             cpu_before = _cpu_seconds()
             clock = time.monotonic()

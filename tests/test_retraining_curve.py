@@ -15,6 +15,7 @@ from workers.evaluation.retraining_curve import (
     replay_sessions,
     retraining_table,
 )
+from workers.training import TrainOptions
 from workers.training.selection import RetrainPolicy
 
 N = 300
@@ -273,11 +274,14 @@ def test_evaluate_cli_bounds_the_retraining_replay_at_a_number_of_labels(
 
 
 def test_the_replay_trains_its_rounds_as_the_backend_does():
-    """ECHOLABEL_RETRAIN_OPTIONS reaches the replay's rounds as it reaches the backend's; the
-    command line's options go over it."""
+    """The replay's rounds get the loop's recipe (`TrainOptions.for_retraining`): every image
+    for 6 epochs, ECHOLABEL_RETRAIN_OPTIONS over that key by key, the command line's over all."""
     from echolabel.settings import Settings
     from workers.evaluation.runner import RetrainingReplay
 
-    settings = Settings.from_env({"ECHOLABEL_RETRAIN_OPTIONS": '{"val_fraction": 0, "epochs": 6}'})
+    loop = RetrainingReplay.from_settings(Settings(), seeds=[0]).options
+    assert (loop.val_fraction, loop.epochs) == (0, 6)
+    settings = Settings.from_env({"ECHOLABEL_RETRAIN_OPTIONS": '{"val_fraction": 0.15}'})
     replay = RetrainingReplay.from_settings(settings, seeds=[0], options={"epochs": 4})
-    assert (replay.options.val_fraction, replay.options.epochs) == (0, 4)
+    assert (replay.options.val_fraction, replay.options.epochs) == (0.15, 4)
+    assert replay.options == TrainOptions.for_retraining(settings, {"epochs": 4})

@@ -447,7 +447,7 @@ def retrain_round(
             selection=selection,
             project=project,
             policy=RetrainPolicy.from_settings(settings),
-            options=TrainOptions.from_settings(settings, settings.retrain_options),
+            options=TrainOptions.for_retraining(settings),
             patient_key=settings.patient_key,
             on_progress=_meta_reporter(on_progress),
         )

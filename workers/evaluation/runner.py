@@ -57,14 +57,11 @@ class RetrainingReplay:
         cls, settings: Settings, seeds: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> RetrainingReplay:
         """The product's policy (ECHOLABEL_RETRAIN_GROWTH, ECHOLABEL_MIN_PER_CLASS) and training
-        options: the settings' (minimum per class, device, vote, then the loop's own
-        ECHOLABEL_RETRAIN_OPTIONS, as the backend's rounds train), `options` (TrainOptions
-        fields) over them."""
+        options: the loop's, as the backend's rounds train (`TrainOptions.for_retraining`),
+        `options` (TrainOptions fields) over them."""
         return cls(
             policy=RetrainPolicy.from_settings(settings),
-            options=TrainOptions.from_settings(
-                settings, {**settings.retrain_options, **(options or {})}
-            ),
+            options=TrainOptions.for_retraining(settings, options),
             seeds=seeds,
         )
 
