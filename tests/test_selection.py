@@ -89,6 +89,17 @@ def test_held_out_scores_count_abstentions_as_misses_and_match_each_neighbour() 
     few = RetrainPolicy(k=2, min_neighbours=3, min_score=0.5)
     scores = held_out_scores(vectors, pool, FIELDS, [0], few)
     assert scores.correct.tolist() == [0.0] and scores.label_match.tolist() == [1.0]
+    # A second field only some images are labelled for: an image is scored on its own labels,
+    # and a neighbour without the field's label does not match.
+    two = [
+        Sample(id=s.id, ref="", labels={**s.labels, "plane": "x"} if s.id in "013" else s.labels)
+        for s in pool
+    ]
+    scores = held_out_scores(vectors, two, [*FIELDS, "plane"], [0, 2], policy)
+    # Row 0: "x" carried by 2 of its 3 neighbours: support 2 < 3 → abstains, a miss.
+    # Row 2 has no plane: its neighbours' unanimous "x" is neither right nor wrong for it.
+    assert scores.correct.tolist() == [0.5, 1.0]
+    assert scores.label_match.tolist() == pytest.approx([(1 + 2 / 3) / 2, 1.0])
 
 
 def scores(correct: np.ndarray, label_match: np.ndarray | None = None) -> HeldOutScores:

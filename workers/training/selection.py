@@ -158,9 +158,9 @@ def challenge_split(
 
 @dataclass(frozen=True)
 class HeldOutScores:
-    """Per held-out image: the share of its fields the product's vote gets right (an abstention
-    is a miss), and the share of its k nearest labelled neighbours carrying its label (mean
-    over fields; a neighbour without that field's label does not match)."""
+    """Per held-out image: the share of its labelled fields the product's vote gets right (an
+    abstention is a miss), and the share of its k nearest labelled neighbours carrying its
+    label (mean over those fields; a neighbour without that field's label does not match)."""
 
     correct: np.ndarray
     label_match: np.ndarray
@@ -188,12 +188,14 @@ def held_out_scores(
         votes = vote(
             neighbours, fields, min_neighbours=policy.min_neighbours, min_score=policy.min_score
         )
-        truth = samples[q].labels
-        correct[out] = np.mean([votes[f].label == truth.get(f) for f in fields])
+        truth = _single(samples[q].labels, fields)
+        if not truth:  # no single-choice label of these fields: nothing to be right about
+            continue
+        correct[out] = np.mean([votes[f].label == label for f, label in truth.items()])
         label_match[out] = np.mean(
             [
-                np.mean([n.labels.get(f) == truth.get(f) for n in neighbours]) if neighbours else 0
-                for f in fields
+                np.mean([n.labels.get(f) == label for n in neighbours]) if neighbours else 0.0
+                for f, label in truth.items()
             ]
         )
     return HeldOutScores(correct=correct, label_match=label_match)
