@@ -156,15 +156,11 @@ def judge_case(
         for name, v in vectors.items()
     }
     groups = [labelled[q].group for q in queries]
-    verdicts = {}
-    for judge in JUDGES:
-        comparison = compare(
-            scores["champion"],
-            scores["challenger"],
-            groups,
-            dataclasses.replace(policy, judge_by=judge),
-        )
-        verdicts[judge] = comparison.challenger_wins
+    comparison = compare(scores["champion"], scores["challenger"], groups, policy)
+    # One bootstrap holds both margins; each judge only reads them differently.
+    verdicts = {
+        judge: dataclasses.replace(comparison, judge_by=judge).challenger_wins for judge in JUDGES
+    }
     asked = [position[s.id] for s in validation]
     classes = sorted({truth[i] for i in rows + asked})
     right = {}
