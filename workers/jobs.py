@@ -234,17 +234,25 @@ def centre_encoder(
             f"project {project} runs on {info.encoder}: only a pretrained encoder is centred "
             "(a trained one gained nothing on validation; docs/evaluation.md)"
         )
-    images = runtime.store.count(project)
-    if not images:
+    if not runtime.store.count(project):
         _no_retry()
         raise PermanentJobError(f"project {project} has no embedded image to centre on")
-    points = runtime.store.iter_points(project, with_vectors=True, collection=info)
+    images = 0
+
+    def stored_vectors() -> Iterator[np.ndarray]:
+        # Counted as they are read: points added meanwhile are in the mean and in the count.
+        nonlocal images
+        for point in runtime.store.iter_points(project, with_vectors=True, collection=info):
+            images += 1
+            yield point.vector
+
+    centre = fit_centre(stored_vectors())
     name = save_centred(
         runtime.settings.encoders_dir,
         f"project-{project}-centred",
         start=info.encoder,
         start_weights_id=info.weights_id,
-        centre=fit_centre(p.vector for p in points),
+        centre=centre,
         images=images,
         source={"project": str(project), "generation": info.generation},
     )
