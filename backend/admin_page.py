@@ -236,7 +236,8 @@ def render_admin(
         if settings.retrain_judge == "vote"
         else "the bootstrap interval of its label-match margin (the share of each image's"
         " nearest labelled neighbours that carry its label) excludes 0 and its vote's"
-        " accuracy (abstentions as misses) is not lower"
+        " accuracy (abstentions as misses) is not clearly lower (a lower one only while its"
+        " interval reaches above 0)"
     )
     if not projects:
         project_rows = '<tr><td colspan="8">no project yet: connect Label Studio</td></tr>'

@@ -89,6 +89,9 @@ class Settings:
     # the share of each held-out image's k nearest neighbours carrying its label, as long as
     # the vote's accuracy does not fall; or "vote", the vote's accuracy alone.
     retrain_judge: str = "label-match"
+    # Two-sided confidence of the bootstrap intervals a challenger is judged by. Promotion asks
+    # one question (is it better?), so 0.9 is a one-sided test at 5 %.
+    retrain_confidence: float = 0.9
     retrain_check_s: float = 300.0  # how often the backend looks for projects that grew
     # A project on a pretrained encoder is centred on its own images once it holds this many
     # (echolabel/encoders/centred.py); checked as often as retraining.
@@ -208,6 +211,9 @@ class Settings:
             retrain_judge=reader.choice(
                 "ECHOLABEL_RETRAIN_JUDGE", ("label-match", "vote"), cls.retrain_judge
             ),
+            retrain_confidence=reader.fraction(
+                "ECHOLABEL_RETRAIN_CONFIDENCE", cls.retrain_confidence
+            ),
             index_check_s=float(
                 reader.integer("ECHOLABEL_INDEX_CHECK_S", int(cls.index_check_s), 0)
             ),
@@ -229,6 +235,12 @@ class Settings:
             raise ConfigError(
                 f"ECHOLABEL_RETRAIN_HOLDOUT={settings.retrain_holdout} must be above 0 and "
                 "below 1: the loop needs images to judge on and images to train on"
+            )
+        if not 0.5 <= settings.retrain_confidence < 1:
+            raise ConfigError(
+                f"ECHOLABEL_RETRAIN_CONFIDENCE={settings.retrain_confidence} must be at least "
+                "0.5 and below 1: it is the two-sided confidence of the intervals a challenger "
+                "is judged by"
             )
         if settings.basic_auth_user and not settings.basic_auth_pass:
             raise ConfigError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -125,30 +127,55 @@ def test_compare_promotes_only_a_clear_winner(judge: str) -> None:
     assert not shuffled.challenger_wins
 
 
-def test_label_match_wins_only_where_the_vote_is_not_worse() -> None:
+def test_label_match_wins_only_where_the_vote_is_not_clearly_worse() -> None:
     # Neighbours match the image's label more often with the challenger, clearly (+0.1 on
-    # every image), while its vote's accuracy moves by a few images either way.
+    # every image), while its vote's accuracy moves by a few images either way, or falls.
     rng = np.random.default_rng(1)
     match = rng.uniform(0.3, 0.8, 200)
     correct = (rng.random(200) < 0.7).astype(float)
     better_match = match + 0.1
     right, wrong = np.flatnonzero(correct == 1), np.flatnonzero(correct == 0)
-    up, down = correct.copy(), correct.copy()
+    up, down, fallen = correct.copy(), correct.copy(), correct.copy()
     up[wrong[:4]], up[right[:2]] = 1, 0  # 2 images more
-    down[wrong[:2]], down[right[:4]] = 1, 0  # 2 images fewer
+    down[wrong[:2]], down[right[:4]] = 1, 0  # 2 images fewer: within the vote's noise
+    fallen[right[:30]] = 0  # 30 images fewer
     champion = scores(correct, match)
-    wins = compare(champion, scores(up, better_match), [None] * 200, RetrainPolicy())
-    assert wins.label_match_interval[0] > 0 and wins.interval[0] < 0 < wins.interval[1]
-    assert wins.challenger_wins
-    worse_vote = compare(champion, scores(down, better_match), [None] * 200, RetrainPolicy())
-    assert worse_vote.label_match_interval[0] > 0 and worse_vote.margin < 0
-    assert not worse_vote.challenger_wins and "the vote is worse" in worse_vote.explain()
+    for vote in (up, down):
+        wins = compare(champion, scores(vote, better_match), [None] * 200, RetrainPolicy())
+        assert wins.label_match_interval[0] > 0 and wins.interval[0] < 0 < wins.interval[1]
+        assert wins.challenger_wins and "not clearly worse" in wins.explain()
+    worse_vote = compare(champion, scores(fallen, better_match), [None] * 200, RetrainPolicy())
+    assert worse_vote.label_match_interval[0] > 0 and worse_vote.interval[1] < 0
+    assert not worse_vote.challenger_wins and "the vote's lies below 0" in worse_vote.explain()
     # Judged by the vote alone, neither wins: its interval includes 0.
     assert not compare(
         champion, scores(up, better_match), [None] * 200, RetrainPolicy(judge_by="vote")
     ).challenger_wins
+    # At the edge: a lower vote whose interval tops out at 0 is clearly worse; the same votes
+    # on every image (margin and interval 0) are not.
+    edge = dataclasses.replace(wins, margin=-0.05, interval=(-0.105, 0.0))
+    assert not edge.vote_not_clearly_worse and not edge.challenger_wins
+    same_votes = dataclasses.replace(wins, margin=0.0, interval=(0.0, 0.0))
+    assert same_votes.vote_not_clearly_worse and same_votes.challenger_wins
     with pytest.raises(ValueError, match="judge_by"):
         compare(champion, champion, [None] * 200, RetrainPolicy(judge_by="head"))
+
+
+def test_confidence_sets_how_clear_a_win_must_be() -> None:
+    # 14 images better, 6 worse, 80 the same: 1.8 standard errors, which a one-sided test at
+    # 5 % (the 90 % interval's lower bound) finds and the 95 % interval's does not.
+    champion = np.zeros(100)
+    challenger = np.zeros(100)
+    challenger[:14] = 1
+    challenger[14:20] = -1
+    groups = [None] * 100
+    policies = {c: RetrainPolicy(confidence=c) for c in (0.9, 0.95)}
+    results = {
+        c: compare(scores(champion), scores(challenger), groups, p) for c, p in policies.items()
+    }
+    assert results[0.9].label_match_interval[0] > 0 >= results[0.95].label_match_interval[0]
+    assert results[0.9].challenger_wins and not results[0.95].challenger_wins
+    assert RetrainPolicy().confidence == 0.9 and "90% interval" in results[0.9].explain()
 
 
 def test_compare_resamples_patients_not_images() -> None:

@@ -34,10 +34,12 @@ def test_values_are_parsed():
             "ECHOLABEL_PREANNOTATE_ON_IMPORT": "true",
             "ECHOLABEL_RETRAIN_HOLDOUT": "0.3",
             "ECHOLABEL_RETRAIN_JUDGE": "vote",
+            "ECHOLABEL_RETRAIN_CONFIDENCE": "0.95",
         }
     )
     assert RetrainPolicy.from_settings(settings).holdout_fraction == 0.3
     assert RetrainPolicy.from_settings(settings).judge_by == "vote"
+    assert RetrainPolicy.from_settings(settings).confidence == 0.95
     assert (settings.refresh_after, settings.refresh_interval_s) == (25, 0.0)
     assert settings.preannotate_on_import
     assert (settings.qdrant_shards, settings.qdrant_replication_factor) == (6, 2)
@@ -59,6 +61,8 @@ def test_values_are_parsed():
         ({"ECHOLABEL_RETRAIN_HOLDOUT": "0"}, "ECHOLABEL_RETRAIN_HOLDOUT=0.0 must be above 0"),
         ({"ECHOLABEL_RETRAIN_HOLDOUT": "1"}, "images to train on"),
         ({"ECHOLABEL_RETRAIN_JUDGE": "head"}, "ECHOLABEL_RETRAIN_JUDGE.*label-match, vote"),
+        ({"ECHOLABEL_RETRAIN_CONFIDENCE": "0.3"}, "CONFIDENCE=0.3 must be at least 0.5"),
+        ({"ECHOLABEL_RETRAIN_CONFIDENCE": "1"}, "CONFIDENCE=1.0 must be at least 0.5 and below 1"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

@@ -53,7 +53,7 @@ class RetrainPolicy:
     min_neighbours: int = Settings.min_neighbours
     min_score: float = Settings.min_score
     resamples: int = 2000
-    confidence: float = 0.95
+    confidence: float = Settings.retrain_confidence
     judge_by: str = Settings.retrain_judge  # one of JUDGES
     seed: int = 0
 
@@ -77,6 +77,7 @@ class RetrainPolicy:
             min_neighbours=settings.min_neighbours,
             min_score=settings.min_score,
             judge_by=settings.retrain_judge,
+            confidence=settings.retrain_confidence,
         )
 
 
@@ -228,7 +229,14 @@ class Comparison:
     def challenger_wins(self) -> bool:
         if self.judge_by == "vote":
             return self.interval[0] > 0
-        return self.label_match_interval[0] > 0 and self.margin >= 0
+        return self.label_match_interval[0] > 0 and self.vote_not_clearly_worse
+
+    @property
+    def vote_not_clearly_worse(self) -> bool:
+        # On a few dozen images one miss moves the vote's margin by 0.03, so "not lower" kept
+        # challengers whose label match had clearly won; a margin whose interval lies wholly
+        # at or below 0 is "clearly worse".
+        return self.margin >= 0 or self.interval[1] > 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -255,9 +263,9 @@ class Comparison:
                 "excludes 0" if self.interval[0] > 0 else "includes 0 or lies below it"
             )
         elif self.challenger_wins:
-            verdict = "the label match's interval excludes 0 and the vote is not worse"
+            verdict = "the label match's interval excludes 0 and the vote is not clearly worse"
         elif match_low > 0:
-            verdict = "the label match's interval excludes 0 but the vote is worse"
+            verdict = "the label match's interval excludes 0 but the vote's lies below 0"
         else:
             verdict = "the label match's interval includes 0 or lies below it"
         return (
