@@ -87,7 +87,7 @@ class Settings:
     retrain_holdout: float = 0.2
     # What a challenger must win on (workers/training/selection.py, `JUDGES`): "label-match",
     # the share of each held-out image's k nearest neighbours carrying its label, as long as
-    # the vote's accuracy does not fall; or "vote", the vote's accuracy alone.
+    # the vote's accuracy is not clearly lower; or "vote", the vote's accuracy alone.
     retrain_judge: str = "label-match"
     # Two-sided confidence of the bootstrap intervals a challenger is judged by. Promotion asks
     # one question (is it better?), so 0.9 is a one-sided test at 5 %.

@@ -6,11 +6,12 @@ among all the other labelled images, and the two encoders are compared on the sa
 two scores: the share of those neighbours that carry the image's label (its label match) and
 whether their similarity-weighted vote is right (an abstention a miss). By default
 (`judge_by="label-match"`) the challenger wins when a paired bootstrap interval of its label
-match margin excludes 0 and its vote's accuracy is not lower; with `judge_by="vote"`, when the
-interval of its accuracy margin excludes 0. Ten labels per image instead of one right-or-wrong
-vote: replaying the round at 200 BUSI labels 12 times, the label match promoted 8 challengers,
-the accuracy 3, and all 8 were better on a validation fold (bench/judge_power.py,
-docs/retraining.md).
+match margin excludes 0 and its vote's accuracy is not clearly lower; with `judge_by="vote"`,
+when the interval of its accuracy margin excludes 0. The interval is two-sided at
+`confidence` (0.9): its lower bound is a one-sided test at 5 %, as promotion asks only whether
+the challenger is better. Ten labels per image instead of one right-or-wrong vote: replaying
+the round at 200 BUSI labels 12 times, the label match promoted 11 challengers, the accuracy
+6, and all 11 were better on a validation fold (bench/judge_power.py, docs/retraining.md).
 
 The held-out images are chosen by a stable hash of the patient (or, without patients, of the
 task), so an image held out once is held out in every later round: no encoder this loop trains,
