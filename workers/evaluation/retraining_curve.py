@@ -72,6 +72,8 @@ def replay_retraining(
     frozen = current = np.asarray(vectors, dtype=np.float32)
     promoted = 0
     last_decision = 0
+    # The rows the live encoder was trained on: never validated (none for the starting one).
+    champion_trained: frozenset[str] = frozenset()
     rounds: list[dict[str, Any]] = []
     points: list[dict[str, Any]] = []
     labelled = 0
@@ -84,7 +86,7 @@ def replay_retraining(
             labelled = due_at if labelled < due_at < target else target
             if policy.enabled and labelled >= due_at:
                 rows = [int(r) for r in sequence[:labelled]]
-                outcome = _round(current, labels, groups, rows, retrain, policy)
+                outcome = _round(current, labels, groups, rows, retrain, policy, champion_trained)
                 rounds.append({"labelled": labelled, **outcome["record"]})
                 # A full replay takes an hour on two cores: each round is logged as it ends.
                 log.info(
@@ -94,6 +96,7 @@ def replay_retraining(
                 last_decision = labelled
                 if "vectors" in outcome:
                     current = outcome["vectors"]
+                    champion_trained = outcome["trained"]
                     promoted += 1
         revealed = np.zeros(n, dtype=bool)
         revealed[sequence[:labelled]] = True
@@ -143,8 +146,10 @@ def _round(
     rows: Sequence[int],
     retrain: Retrain,
     policy: RetrainPolicy,
+    champion_trained: frozenset[str],
 ) -> dict[str, Any]:
-    """One round on the revealed rows: refused, kept, or promoted (with the new vectors)."""
+    """One round on the revealed rows: refused, kept, or promoted (with the new vectors and
+    the rows they were trained on)."""
     fields = list(labels)
     samples = [
         Sample(
@@ -157,7 +162,7 @@ def _round(
     ]
     try:
         check_trainable(samples, fields, policy.min_per_class)
-        train, validation = challenge_split(samples, fields, policy)
+        train, validation = challenge_split(samples, fields, policy, champion_trained)
     except TrainingRefused as exc:
         return {"record": {"decision": "refused", "reason": str(exc).splitlines()[0]}}
     started = time.monotonic()
@@ -185,6 +190,7 @@ def _round(
     out: dict[str, Any] = {"record": record}
     if comparison.challenger_wins:
         out["vectors"] = np.asarray(challenger, dtype=np.float32)
+        out["trained"] = frozenset(s.id for s in train)
     return out
 
 
