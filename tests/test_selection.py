@@ -200,7 +200,9 @@ def test_label_match_wins_only_where_the_vote_is_not_clearly_worse() -> None:
         assert wins.challenger_wins and "not clearly worse" in wins.explain()
     worse_vote = compare(champion, scores(fallen, better_match), [None] * 200, RetrainPolicy())
     assert worse_vote.label_match_interval[0] > 0 and worse_vote.interval[1] < 0
-    assert not worse_vote.challenger_wins and "the vote's lies below 0" in worse_vote.explain()
+    assert (
+        not worse_vote.challenger_wins and "the vote's lies at or below 0" in worse_vote.explain()
+    )
     # Judged by the vote alone, neither wins: its interval includes 0.
     assert not compare(
         champion, scores(up, better_match), [None] * 200, RetrainPolicy(judge_by="vote")
@@ -209,6 +211,7 @@ def test_label_match_wins_only_where_the_vote_is_not_clearly_worse() -> None:
     # on every image (margin and interval 0) are not.
     edge = dataclasses.replace(wins, margin=-0.05, interval=(-0.105, 0.0))
     assert not edge.vote_not_clearly_worse and not edge.challenger_wins
+    assert "the vote's lies at or below 0" in edge.explain()
     same_votes = dataclasses.replace(wins, margin=0.0, interval=(0.0, 0.0))
     assert same_votes.vote_not_clearly_worse and same_votes.challenger_wins
     with pytest.raises(ValueError, match="judge_by"):

@@ -306,7 +306,7 @@ class Comparison:
         elif self.challenger_wins:
             verdict = "the label match's interval excludes 0 and the vote is not clearly worse"
         elif match_low > 0:
-            verdict = "the label match's interval excludes 0 but the vote's lies below 0"
+            verdict = "the label match's interval excludes 0 but the vote's lies at or below 0"
         else:
             verdict = "the label match's interval includes 0 or lies below it"
         return (
