@@ -15,7 +15,6 @@ from workers.training.selection import (
     SelectionLog,
     challenge_split,
     compare,
-    hash_share,
     held_out,
     held_out_scores,
     retraining_due,
@@ -69,43 +68,6 @@ def test_split_refuses_a_class_with_too_few_held_out_images() -> None:
     pool = samples(40, classes=("a", "a", "a", "a", "a", "a", "a", "b"))
     with pytest.raises(TrainingRefused, match=r"'finding'.*b \(\d\).*need 5 per class"):
         challenge_split(pool, FIELDS, RetrainPolicy(min_holdout_per_class=5))
-
-
-def test_split_tops_up_a_short_class_with_its_lowest_hash_images() -> None:
-    # 24 of class "b": the hash alone holds out about a fifth; ask for 8.
-    pool = samples(96, classes=("a", "a", "a", "b"))
-    policy = RetrainPolicy(min_holdout_per_class=8, min_per_class=10)
-    b_keys = sorted((f"task:{s.id}" for s in pool if s.labels["finding"] == "b"), key=hash_share)
-    by_hash = [k for k in b_keys if held_out(k, policy.holdout_fraction)]
-    assert len(by_hash) < 8  # the case this test is about
-    train, validation = challenge_split(pool, FIELDS, policy)
-    held_b = [f"task:{s.id}" for s in validation if s.labels["finding"] == "b"]
-    assert sorted(held_b, key=hash_share) == b_keys[:8]
-    assert sum(s.labels["finding"] == "b" for s in train) == 16
-    # Class "a" was not short: the hash alone decides it.
-    assert {s.id for s in validation if s.labels["finding"] == "a"} == {
-        s.id
-        for s in pool
-        if s.labels["finding"] == "a" and held_out(f"task:{s.id}", policy.holdout_fraction)
-    }
-
-
-def test_a_top_up_skips_what_the_champion_trained_on() -> None:
-    pool = samples(96, classes=("a", "a", "a", "b"))
-    policy = RetrainPolicy(min_holdout_per_class=8, min_per_class=10)
-    b_keys = sorted((f"task:{s.id}" for s in pool if s.labels["finding"] == "b"), key=hash_share)
-    by_hash = [k for k in b_keys if held_out(k, policy.holdout_fraction)]
-    seen = frozenset(k.removeprefix("task:") for k in b_keys[len(by_hash) : len(by_hash) + 2])
-    train, validation = challenge_split(pool, FIELDS, policy, never_validate=seen)
-    held_b = {s.id for s in validation if s.labels["finding"] == "b"}
-    assert not held_b & seen and len(held_b) == 8
-    assert seen <= {s.id for s in train}
-
-
-def test_a_top_up_never_takes_training_below_the_guard_rail() -> None:
-    pool = samples(56, classes=("a", "a", "a", "b"))  # 14 of "b"
-    with pytest.raises(TrainingRefused, match=r"b \(4\).*need 5 per class"):
-        challenge_split(pool, FIELDS, RetrainPolicy(min_holdout_per_class=5, min_per_class=10))
 
 
 def test_a_patient_the_champion_saw_is_never_validated() -> None:

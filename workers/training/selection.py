@@ -14,12 +14,12 @@ the round at 200 BUSI labels 12 times, the label match promoted 11 challengers, 
 6, and all 11 were better on a validation fold (bench/judge_power.py, docs/retraining.md).
 
 The held-out images are chosen by a stable hash of the patient (or, without patients, of the
-task), so an image the hash holds out once is held out in every later round. Within each class
-the hash draws the same share in expectation; a class the hash leaves short of
-`min_holdout_per_class` is topped up with its lowest-hash patients, and one still short
-refuses the round instead of deciding on noise. No image the champion was trained on is ever
-validated (its training ids are recorded with it), so neither encoder has seen the images it
-is judged on.
+task), so an image held out once is held out in every later round, and no patient the
+champion was trained on (its training ids are recorded with it) is ever validated: neither
+encoder under comparison has seen the images it is judged on. Within each class the hash draws
+the same share, so the split is stratified in expectation; a class with too few held-out images
+refuses the round instead of deciding on noise. (Topping a short class up by hash rank started
+rounds sooner but lowered the 200-label replay: docs/retraining.md.)
 """
 
 from __future__ import annotations
@@ -121,16 +121,10 @@ def retraining_due(
     return Due(True, f"{labelled} labelled images, last decision at {labelled_at_last_decision}")
 
 
-def hash_share(key: str) -> float:
-    """Where a group key falls in [0, 1): a stable hash, the same every round."""
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def held_out(key: str, fraction: float) -> bool:
-    """Whether the image with this group key is held out by the hash alone (before any top-up
-    of a short class)."""
-    return hash_share(key) < fraction
+    """Whether the image with this group key is held out: a stable hash, the same every round."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def challenge_split(
@@ -141,46 +135,23 @@ def challenge_split(
 ) -> tuple[list[Sample], list[Sample]]:
     """(train, validation). A patient is wholly on one side (the patient key when the tasks
     carry one, else each image is its own patient). `never_validate` holds ids an encoder under
-    comparison was trained on (the champion): a patient with any of them is never validated.
+    comparison was trained on (the champion): a patient with any of them is never validated,
+    and trains. An image with no single-choice label of these fields has nothing to be judged
+    on: it is never validated (nor trained on, when the hash holds it out).
 
-    The hash holds out `policy.holdout_fraction` of the patients; a class of a field with fewer
-    than `policy.min_holdout_per_class` held-out images is then topped up with the lowest-hash
-    patients that carry it, as long as its training part keeps `policy.min_per_class` images.
-    A top-up can go back to training in a later round (its class no longer short), which
-    stays honest because the champion's own training ids are passed as `never_validate`.
-    Refuses (TrainingRefused) when a class still has too few held-out images. An image with no
-    single-choice label of these fields has nothing to be judged on: it is never validated."""
+    Refuses (TrainingRefused) when a class of a field has fewer than
+    `policy.min_holdout_per_class` held-out images."""
     patients: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         key = f"patient:{sample.group}" if sample.group else f"task:{sample.id}"
         patients[key].append(sample)
-    eligible = sorted(
-        (
-            key
-            for key, members in patients.items()
-            if not any(s.id in never_validate for s in members)
-        ),
-        key=hash_share,
-    )
-    held = {key for key in eligible if held_out(key, policy.holdout_fraction)}
+    held = {
+        key
+        for key, members in patients.items()
+        if held_out(key, policy.holdout_fraction)
+        and not any(s.id in never_validate for s in members)
+    }
     totals = class_counts(samples, fields)
-    for name, classes in totals.items():
-        for cls, total in classes.items():
-
-            def carried(key: str, name: str = name, cls: str = cls) -> int:
-                return sum(s.labels.get(name) == cls for s in patients[key])
-
-            count = sum(carried(key) for key in held)
-            for key in eligible:
-                if count >= policy.min_holdout_per_class:
-                    break
-                adds = carried(key)
-                if key in held or not adds:
-                    continue
-                if total - count - adds < policy.min_per_class:
-                    continue
-                held.add(key)
-                count += adds
     validation = [
         s for key in patients if key in held for s in patients[key] if _single(s.labels, fields)
     ]
