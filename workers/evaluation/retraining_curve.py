@@ -72,7 +72,8 @@ def replay_retraining(
     frozen = current = np.asarray(vectors, dtype=np.float32)
     promoted = 0
     last_decision = 0
-    # The rows the live encoder was trained on: never validated (none for the starting one).
+    # The rows the live encoder was trained on (none for the starting one), passed to the
+    # split as `run_round` passes the champion's: they are never validated.
     champion_trained: frozenset[str] = frozenset()
     rounds: list[dict[str, Any]] = []
     points: list[dict[str, Any]] = []
