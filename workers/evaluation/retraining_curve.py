@@ -72,9 +72,6 @@ def replay_retraining(
     frozen = current = np.asarray(vectors, dtype=np.float32)
     promoted = 0
     last_decision = 0
-    # The rows the live encoder was trained on (none for the starting one), passed to the
-    # split as `run_round` passes the champion's: they are never validated.
-    champion_trained: frozenset[str] = frozenset()
     rounds: list[dict[str, Any]] = []
     points: list[dict[str, Any]] = []
     labelled = 0
@@ -87,7 +84,7 @@ def replay_retraining(
             labelled = due_at if labelled < due_at < target else target
             if policy.enabled and labelled >= due_at:
                 rows = [int(r) for r in sequence[:labelled]]
-                outcome = _round(current, labels, groups, rows, retrain, policy, champion_trained)
+                outcome = _round(current, labels, groups, rows, retrain, policy)
                 rounds.append({"labelled": labelled, **outcome["record"]})
                 # A full replay takes an hour on two cores: each round is logged as it ends.
                 log.info(
@@ -97,7 +94,6 @@ def replay_retraining(
                 last_decision = labelled
                 if "vectors" in outcome:
                     current = outcome["vectors"]
-                    champion_trained = outcome["trained"]
                     promoted += 1
         revealed = np.zeros(n, dtype=bool)
         revealed[sequence[:labelled]] = True
@@ -147,10 +143,8 @@ def _round(
     rows: Sequence[int],
     retrain: Retrain,
     policy: RetrainPolicy,
-    champion_trained: frozenset[str],
 ) -> dict[str, Any]:
-    """One round on the revealed rows: refused, kept, or promoted (with the new vectors and
-    the rows they were trained on)."""
+    """One round on the revealed rows: refused, kept, or promoted (with the new vectors)."""
     fields = list(labels)
     samples = [
         Sample(
@@ -163,7 +157,7 @@ def _round(
     ]
     try:
         check_trainable(samples, fields, policy.min_per_class)
-        train, validation = challenge_split(samples, fields, policy, champion_trained)
+        train, validation = challenge_split(samples, fields, policy)
     except TrainingRefused as exc:
         return {"record": {"decision": "refused", "reason": str(exc).splitlines()[0]}}
     started = time.monotonic()
@@ -191,7 +185,6 @@ def _round(
     out: dict[str, Any] = {"record": record}
     if comparison.challenger_wins:
         out["vectors"] = np.asarray(challenger, dtype=np.float32)
-        out["trained"] = frozenset(s.id for s in train)
     return out
 
 

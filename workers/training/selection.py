@@ -151,12 +151,11 @@ def challenge_split(
         if held_out(key, policy.holdout_fraction)
         and not any(s.id in never_validate for s in members)
     }
-    totals = class_counts(samples, fields)
     validation = [
         s for key in patients if key in held for s in patients[key] if _single(s.labels, fields)
     ]
     held_counts = class_counts(validation, fields)
-    for name, classes in totals.items():
+    for name, classes in class_counts(samples, fields).items():
         short = {c: held_counts[name].get(c, 0) for c in classes}
         short = {c: n for c, n in short.items() if n < policy.min_holdout_per_class}
         if short:
