@@ -462,3 +462,19 @@ def test_training_options_take_the_products_vote_from_the_settings():
     assert (options.vote_top_k, options.vote_min_neighbours, options.vote_min_score) == (9, 2, 0.6)
     assert (options.select_by, options.min_per_class) == ("neighbours", 4)
     assert TrainOptions.from_settings(Settings()).select_by == TrainOptions().select_by
+
+
+def test_min_steps_raises_the_epochs_of_a_small_training_set(tmp_path, settings):
+    recipe = TrainOptions(epochs=6, batch_size=32, min_steps=96)
+    # 494 images are 16 steps an epoch: 6 epochs already make 96; 155 images make 5 a step.
+    assert (recipe.epochs_for(494), recipe.epochs_for(155), recipe.epochs_for(1)) == (6, 20, 96)
+    assert TrainOptions(epochs=6).epochs_for(10) == 6
+    root = folder(tmp_path / "data")
+    summary = train_tiny(settings, root, epochs=1, min_steps=7, val_fraction=0.0)
+    trained = sum(summary["report"]["class_counts"]["train"]["organ"].values())
+    expected = -(-7 // -(-trained // TINY.batch_size))
+    assert expected > 1
+    assert summary["epochs_run"] == len(summary["report"]["curves"]) == expected
+    assert summary["report"]["options"]["epochs"] == expected
+    with pytest.raises(ValueError, match="min_steps must be at least 0, got -1"):
+        train_tiny(settings, root, min_steps=-1)

@@ -19,6 +19,8 @@ class TrainOptions:
     start: str = "efficientnet_lite0"  # pretrained encoder whose backbone is fine-tuned
     # With no early-stopping split (val_fraction 0), every epoch runs and the last is kept.
     epochs: int = 10
+    # At least this many optimiser steps: `epochs` rises on a small training set (0: off).
+    min_steps: int = 0
     patience: int = 3  # epochs without a better validation score before stopping
     batch_size: int = 32
     input_size: int = 160
@@ -69,6 +71,11 @@ class TrainOptions:
     vote_top_k: int = 10
     vote_min_neighbours: int = 3
     vote_min_score: float = 0.5
+
+    def epochs_for(self, train_images: int) -> int:
+        """`epochs`, raised until `min_steps` optimiser steps run over `train_images`."""
+        steps_per_epoch = max(1, -(-train_images // self.batch_size))
+        return max(self.epochs, -(-self.min_steps // steps_per_epoch))
 
     @classmethod
     def for_retraining(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from workers.training.samples import Sample, check_trainable
 
 def check_options(options: TrainOptions) -> None:
     """Reject counts below 1 and an unknown starting backbone before any image is read."""
+    if options.min_steps < 0:
+        raise ValueError(f"min_steps must be at least 0, got {options.min_steps}")
     for option in ("epochs", "views", "batch_size", "input_size", "patience"):
         if getattr(options, option) < 1:
             raise ValueError(f"{option} must be at least 1, got {getattr(options, option)}")
@@ -86,6 +89,8 @@ def train_encoder(
         on_progress(progress)
 
     data = prepare_data(samples, fields, fetcher, options, loaded_so_far)
+    options = replace(options, epochs=options.epochs_for(len(data.train_idx)))
+    progress.epochs = options.epochs
     load_s = time.monotonic() - started
     model, model_info = build_model(options, data.classes, device)
     generator = torch.Generator().manual_seed(options.seed)
