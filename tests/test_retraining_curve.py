@@ -25,6 +25,9 @@ POLICY = RetrainPolicy(
 )
 SIZES = [20, 50, 100, 200]
 
+# A tiny recipe for the replay's rounds; no floor of optimiser steps on a few dozen images.
+TINY_RETRAIN_OPTIONS = ("input_size=64", "epochs=1", "min_steps=0", "views=1", "batch_size=16")
+
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
@@ -216,7 +219,7 @@ def test_evaluate_cli_learning_curve_replays_retraining_on_the_rows_named(
     argv = ["evaluate", "--images", str(root), "--labels", str(root / "labels.csv")]
     argv += ["--field", "organ", "--where", "split=train", "--learning-curve", "1"]
     argv += ["--min-class-size", "2", "--out", str(tmp_path / "out")]
-    for option in ("input_size=64", "epochs=1", "views=1", "batch_size=16", "min_per_class=8"):
+    for option in (*TINY_RETRAIN_OPTIONS, "min_per_class=8"):
         argv += ["--retrain-option", option]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -258,7 +261,7 @@ def test_evaluate_cli_bounds_the_retraining_replay_at_a_number_of_labels(
     argv = ["evaluate", "--images", str(root), "--labels", str(root / "labels.csv")]
     argv += ["--field", "organ", "--where", "split=train", "--learning-curve", "1"]
     argv += ["--min-class-size", "2", "--retraining-orders", "random"]
-    for option in ("input_size=64", "epochs=1", "views=1", "batch_size=16", "min_per_class=3"):
+    for option in (*TINY_RETRAIN_OPTIONS, "min_per_class=3"):
         argv += ["--retrain-option", option]
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out), "--retraining-up-to", "25"]) == 0
@@ -275,12 +278,13 @@ def test_evaluate_cli_bounds_the_retraining_replay_at_a_number_of_labels(
 
 def test_the_replay_trains_its_rounds_as_the_backend_does():
     """The replay's rounds get the loop's recipe (`TrainOptions.for_retraining`): every image
-    for 6 epochs, ECHOLABEL_RETRAIN_OPTIONS over that key by key, the command line's over all."""
+    for 6 epochs and at least 96 steps, ECHOLABEL_RETRAIN_OPTIONS over that key by key, the
+    command line's over all."""
     from echolabel.settings import Settings
     from workers.evaluation.runner import RetrainingReplay
 
     loop = RetrainingReplay.from_settings(Settings(), seeds=[0]).options
-    assert (loop.val_fraction, loop.epochs) == (0, 6)
+    assert (loop.val_fraction, loop.epochs, loop.min_steps) == (0, 6, 96)
     settings = Settings.from_env({"ECHOLABEL_RETRAIN_OPTIONS": '{"val_fraction": 0.15}'})
     replay = RetrainingReplay.from_settings(settings, seeds=[0], options={"epochs": 4})
     assert (replay.options.val_fraction, replay.options.epochs) == (0.15, 4)
