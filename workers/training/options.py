@@ -73,7 +73,9 @@ class TrainOptions:
     vote_min_score: float = 0.5
 
     def epochs_for(self, train_images: int) -> int:
-        """`epochs`, raised until `min_steps` optimiser steps run over `train_images`."""
+        """`epochs`, raised until `min_steps` batches of `batch_size` (the last one partial)
+        pass over `train_images`: optimiser steps, but for a last batch of one image, which the
+        epoch loop skips (batch norm needs two)."""
         steps_per_epoch = max(1, -(-train_images // self.batch_size))
         return max(self.epochs, -(-self.min_steps // steps_per_epoch))
 
