@@ -466,7 +466,7 @@ def test_training_options_take_the_products_vote_from_the_settings():
 
 def test_min_steps_raises_the_epochs_of_a_small_training_set(tmp_path, settings):
     recipe = TrainOptions(epochs=6, batch_size=32, min_steps=96)
-    # 494 images are 16 steps an epoch: 6 epochs already make 96; 155 images make 5 a step.
+    # 494 images are 16 steps an epoch: 6 epochs already make 96; 155 images are 5 an epoch.
     assert (recipe.epochs_for(494), recipe.epochs_for(155), recipe.epochs_for(1)) == (6, 20, 96)
     assert TrainOptions(epochs=6).epochs_for(10) == 6
     root = folder(tmp_path / "data")

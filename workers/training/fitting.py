@@ -148,7 +148,7 @@ def fit(
         raise ValueError("select_by='neighbours' needs the training images' trunk features")
     labelled = None if labelled_views is None else (labelled_views, data.train_y)
     optimizer, scheduler = make_optimizer(model, options)
-    averaged = weight_average(model, options, -(-views.shape[1] // options.batch_size))
+    averaged = weight_average(model, options, options.batches_per_epoch(views.shape[1]))
     scored = model if averaged is None else averaged.module
     after_step = None if averaged is None else (lambda: averaged.update_parameters(model))
     curves: list[dict[str, Any]] = []

@@ -19,7 +19,8 @@ class TrainOptions:
     start: str = "efficientnet_lite0"  # pretrained encoder whose backbone is fine-tuned
     # With no early-stopping split (val_fraction 0), every epoch runs and the last is kept.
     epochs: int = 10
-    # At least this many optimiser steps: `epochs` rises on a small training set (0: off).
+    # At least this many batches (optimiser steps): `epochs` rises on a small training set
+    # (0: off; `epochs_for`).
     min_steps: int = 0
     patience: int = 3  # epochs without a better validation score before stopping
     batch_size: int = 32
@@ -72,12 +73,15 @@ class TrainOptions:
     vote_min_neighbours: int = 3
     vote_min_score: float = 0.5
 
+    def batches_per_epoch(self, train_images: int) -> int:
+        """Batches of `batch_size` in one pass over `train_images`, the last one partial."""
+        return max(1, -(-train_images // self.batch_size))
+
     def epochs_for(self, train_images: int) -> int:
-        """`epochs`, raised until `min_steps` batches of `batch_size` (the last one partial)
-        pass over `train_images`: optimiser steps, but for a last batch of one image, which the
-        epoch loop skips (batch norm needs two)."""
-        steps_per_epoch = max(1, -(-train_images // self.batch_size))
-        return max(self.epochs, -(-self.min_steps // steps_per_epoch))
+        """`epochs`, raised until `min_steps` batches pass over `train_images`: optimiser
+        steps, but for a last batch of one image, which the epoch loop skips (batch norm needs
+        two)."""
+        return max(self.epochs, -(-self.min_steps // self.batches_per_epoch(train_images)))
 
     @classmethod
     def for_retraining(

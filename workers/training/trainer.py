@@ -89,9 +89,9 @@ def train_encoder(
         on_progress(progress)
 
     data = prepare_data(samples, fields, fetcher, options, loaded_so_far)
+    load_s = time.monotonic() - started
     options = replace(options, epochs=options.epochs_for(len(data.train_idx)))
     progress.epochs = options.epochs
-    load_s = time.monotonic() - started
     model, model_info = build_model(options, data.classes, device)
     generator = torch.Generator().manual_seed(options.seed)
 
